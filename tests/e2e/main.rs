@@ -1,0 +1,5 @@
+//! End-to-end tests of the workspace against golden fixtures from the reference implementations
+//! (bitsandbytes, transformers, PEFT). One test binary; one module per subject.
+
+mod fixture;
+mod nf4_golden;
