@@ -26,10 +26,6 @@ impl Fixture {
         meta.metadata().clone().unwrap_or_default()
     }
 
-    pub fn has(&self, name: &str) -> bool {
-        self.tensors().tensor(name).is_ok()
-    }
-
     pub fn dtype(&self, name: &str) -> Dtype {
         self.tensors().tensor(name).unwrap().dtype()
     }

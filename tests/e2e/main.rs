@@ -2,4 +2,5 @@
 //! (bitsandbytes, transformers, PEFT). One test binary; one module per subject.
 
 mod fixture;
+mod bnb_checkpoint;
 mod nf4_golden;
