@@ -84,3 +84,108 @@ fn transformers_bnb_checkpoint_loads_and_dequantizes_exactly() {
         assert_eq!(seen, 14, "{dir}: quantized weights found");
     }
 }
+
+/// A bf16 checkpoint in two shards (with its index) converts like the same tensors quantized directly.
+#[test]
+fn sharded_bf16_checkpoint_converts() {
+    use half::bf16;
+    use quant::bnb::StoredTensor;
+    let src = tempfile::tempdir().unwrap();
+    let f32_dir = fixture("tiny-llama-f32");
+    std::fs::copy(f32_dir.join("config.json"), src.path().join("config.json")).unwrap();
+    let checkpoint = HfCheckpoint::open(&f32_dir).unwrap();
+    let names: Vec<String> = checkpoint.names().map(String::from).collect();
+    let mut shards: Vec<Vec<(String, StoredTensor)>> = vec![Vec::new(), Vec::new()];
+    let mut weight_map = serde_json::Map::new();
+    for (i, name) in names.iter().enumerate() {
+        let (values, shape) = checkpoint.tensor_f32(name).unwrap();
+        let data = values.iter().flat_map(|v| bf16::from_f32(*v).to_le_bytes()).collect();
+        let shard = i % 2;
+        shards[shard].push((name.clone(), StoredTensor { dtype: safetensors::Dtype::BF16, shape, data }));
+        weight_map.insert(name.clone(), format!("model-0000{}-of-00002.safetensors", shard + 1).into());
+    }
+    for (i, shard) in shards.iter().enumerate() {
+        let bytes = safetensors::serialize(shard.iter().map(|(k, t)| (k.clone(), t)), None).unwrap();
+        std::fs::write(src.path().join(format!("model-0000{}-of-00002.safetensors", i + 1)), bytes).unwrap();
+    }
+    let index = serde_json::json!({ "metadata": {}, "weight_map": weight_map });
+    std::fs::write(src.path().join("model.safetensors.index.json"), index.to_string()).unwrap();
+
+    let out = tempfile::tempdir().unwrap();
+    let report = quantize_checkpoint(src.path(), out.path(), &QuantConfig::new()).unwrap();
+    assert_eq!(report.quantized_tensors, 14);
+    let converted = HfCheckpoint::open(out.path()).unwrap();
+    for name in &names {
+        let (values, shape) = checkpoint.tensor_f32(name).unwrap();
+        match converted.bnb_weight(name).unwrap() {
+            Some(w) => {
+                let as_bf16: Vec<bf16> = values.iter().map(|v| bf16::from_f32(*v)).collect();
+                let direct = quant::QuantizedWeight::quantize(name, &as_bf16, &shape, &QuantConfig::new()).unwrap();
+                assert_eq!(w, direct, "{name}");
+                assert_eq!(w.dtype, nf4::FloatDtype::Bf16);
+            }
+            None => {
+                let (copied, copied_shape) = converted.tensor_f32(name).unwrap();
+                assert_eq!(copied_shape, shape);
+                assert!(copied.iter().zip(&values).all(|(a, b)| *a == bf16::from_f32(*b).to_f32()), "{name}");
+            }
+        }
+    }
+}
+
+/// Damaged bitsandbytes files give typed errors that name the tensor, never a panic.
+#[test]
+fn damaged_bnb_tensors_give_clear_errors() {
+    use quant::bnb::{read_bnb_weight, StoredTensor};
+    let bytes = std::fs::read(fixture("tiny-llama-bnb-nf4-dq").join("model.safetensors")).unwrap();
+    let original = SafeTensors::deserialize(&bytes).unwrap();
+    let name = "model.layers.0.self_attn.q_proj.weight";
+    let all: Vec<(String, StoredTensor)> = original
+        .tensors()
+        .into_iter()
+        .map(|(k, v)| (k, StoredTensor { dtype: v.dtype(), shape: v.shape().to_vec(), data: v.data().to_vec() }))
+        .collect();
+    let read_with = |edit: &dyn Fn(&mut Vec<(String, StoredTensor)>)| -> String {
+        let mut tensors = all.clone();
+        edit(&mut tensors);
+        let bytes = safetensors::serialize(tensors.iter().map(|(k, t)| (k.clone(), t)), None).unwrap();
+        let st = SafeTensors::deserialize(&bytes).unwrap();
+        read_bnb_weight(&st, name, "damaged.safetensors").err().map(|e| e.to_string()).unwrap_or_else(|| "no error".into())
+    };
+    let state_key = format!("{name}.quant_state.bitsandbytes__nf4");
+    let set_state = |t: &mut Vec<(String, StoredTensor)>, json: &str| {
+        let e = t.iter_mut().find(|(k, _)| *k == state_key).unwrap();
+        e.1 = StoredTensor::u8(vec![json.len()], json.as_bytes().to_vec());
+    };
+
+    let missing = read_with(&|t| t.retain(|(k, _)| *k != format!("{name}.nested_absmax")));
+    assert!(missing.contains("missing tensor") && missing.contains("nested_absmax"), "{missing}");
+
+    let no_state = read_with(&|t| t.retain(|(k, _)| *k != state_key));
+    assert!(no_state.contains("quant_state") && no_state.contains(name), "{no_state}");
+
+    let malformed = read_with(&|t| set_state(t, "{\"quant_type\": \"nf4\", \"blocksize\": 64,"));
+    assert!(malformed.contains("malformed bitsandbytes quant_state") && malformed.contains(&state_key), "{malformed}");
+
+    let bad_blocksize = read_with(&|t| set_state(t, r#"{"quant_type": "nf4", "blocksize": 48, "dtype": "float32", "shape": [96, 96], "nested_blocksize": 256, "nested_dtype": "float32", "nested_offset": 0.05}"#));
+    assert!(bad_blocksize.contains("48"), "{bad_blocksize}");
+
+    let wrong_shape = read_with(&|t| set_state(t, r#"{"quant_type": "nf4", "blocksize": 64, "dtype": "float32", "shape": [96, 97], "nested_blocksize": 256, "nested_dtype": "float32", "nested_offset": 0.05}"#));
+    assert!(wrong_shape.contains(name) && wrong_shape.contains("packed bytes"), "{wrong_shape}");
+
+    let truncated = read_with(&|t| {
+        let e = t.iter_mut().find(|(k, _)| k == name).unwrap();
+        e.1.data.truncate(100);
+        e.1.shape = vec![100, 1];
+    });
+    assert!(truncated.contains(name) && truncated.contains("100 bytes"), "{truncated}");
+
+    let mistyped = read_with(&|t| {
+        let e = t.iter_mut().find(|(k, _)| *k == format!("{name}.nested_absmax")).unwrap();
+        e.1.dtype = safetensors::Dtype::I32;
+    });
+    assert!(mistyped.contains("nested_absmax") && mistyped.contains("I32"), "{mistyped}");
+
+    let mismatched = read_with(&|t| set_state(t, r#"{"quant_type": "fp4", "blocksize": 64, "dtype": "float32", "shape": [96, 96]}"#));
+    assert!(mismatched.contains("does not match"), "{mismatched}");
+}

@@ -1,1 +1,12 @@
+//! # train — the QLoRA trainer and the `qlora` binary
+//!
+//! The top of the stack (nf4 → quant → lora / optim → llama → data → train): this crate ties the others
+//! into what a user runs. Its library holds the commands' logic with typed errors; `src/main.rs` is the thin
+//! `qlora` binary (clap + anyhow) over it. Subcommands so far:
+//!
+//! - `qlora quantize`: convert a Hugging Face checkpoint to the bitsandbytes 4-bit layout (NF4/FP4,
+//!   any power-of-two blocksize, double quantization on by default), loadable by transformers + bitsandbytes.
+//!
+//! Training, generation, chat, merge and eval arrive with the crates they need.
 
+pub mod quantize;
