@@ -176,16 +176,17 @@ pub fn dequantize_4bit_into<T: Element>(
             let block = first_block + b;
             let scale = absmax[block];
             let bytes = &packed[block * blocksize / 2..];
-            let lut: [f32; 16] = std::array::from_fn(|c| codebook[c] * scale);
+            // Rounding the 16 products once per block gives the same values as rounding every element.
+            let lut: [T; 16] = std::array::from_fn(|c| T::from_f32(codebook[c] * scale));
             let half = out_block.len() / 2;
             let mut pairs = out_block.chunks_exact_mut(2);
             for (pair, &byte) in (&mut pairs).zip(bytes) {
-                pair[0] = T::from_f32(lut[(byte >> 4) as usize]);
-                pair[1] = T::from_f32(lut[(byte & 0x0f) as usize]);
+                pair[0] = lut[(byte >> 4) as usize];
+                pair[1] = lut[(byte & 0x0f) as usize];
             }
             let rest = pairs.into_remainder();
             if let Some(last) = rest.first_mut() {
-                *last = T::from_f32(lut[(bytes[half] >> 4) as usize]);
+                *last = lut[(bytes[half] >> 4) as usize];
             }
         }
     });
