@@ -2,5 +2,6 @@
 //! (bitsandbytes, transformers, PEFT). One test binary; one module per subject.
 
 mod fixture;
+mod llama_parity;
 mod bnb_checkpoint;
 mod nf4_golden;

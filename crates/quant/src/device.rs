@@ -1,36 +1,44 @@
 //! The quantized weight on a burn device: U8 codes and f32 statistics as tensors, dequantized there.
 
+use burn::module::Module;
 use burn::tensor::{DType, Device, Int, IntDType, Tensor, TensorData};
 use nf4::Absmax;
 
 use crate::QuantizedWeight;
 
 /// The per-block statistics on the device.
-#[derive(Debug, Clone)]
+#[derive(Module, Debug)]
 pub enum DeviceAbsmax {
     /// One f32 absmax per block.
     Plain(Tensor<1>),
-    /// Double quantized: `code_map[codes[b]] * nested_absmax[b / nested_blocksize] + offset`.
-    Double {
-        codes: Tensor<1, Int>,
-        code_map: Tensor<1>,
-        nested_absmax: Tensor<1>,
-        offset: f32,
-        nested_blocksize: usize,
-    },
+    /// Double quantized.
+    Double(DeviceDoubleQuant),
+}
+
+/// Double-quantized statistics on the device: `absmax[b] = code_map[codes[b]] * nested_absmax[b / nested_blocksize] + offset`.
+#[derive(Module, Debug)]
+pub struct DeviceDoubleQuant {
+    pub codes: Tensor<1, Int>,
+    pub code_map: Tensor<1>,
+    pub nested_absmax: Tensor<1>,
+    pub offset: f32,
+    pub nested_blocksize: usize,
 }
 
 /// A 4-bit weight resident on a burn device: packed codes as a U8 int tensor, statistics as float tensors.
 /// It takes ~4.1 bits per parameter of device memory; [`dequantize`](Self::dequantize) rebuilds the float
-/// weight on the device when an op needs it.
-#[derive(Debug, Clone)]
+/// weight on the device when an op needs it. As a burn module it holds no parameters: nothing here trains.
+#[derive(Module, Debug)]
 pub struct DeviceQuantizedWeight {
     /// `ceil(numel / 2)` bytes, element `2i` in the high nibble.
     pub packed: Tensor<1, Int>,
     pub absmax: DeviceAbsmax,
     /// The 16 code values.
     pub codebook: Tensor<1>,
-    pub shape: [usize; 2],
+    /// Rows of the weight (`out_features`).
+    pub rows: usize,
+    /// Columns of the weight (`in_features`).
+    pub cols: usize,
     pub numel: usize,
     pub blocksize: usize,
 }
@@ -38,8 +46,8 @@ pub struct DeviceQuantizedWeight {
 impl QuantizedWeight {
     /// Moves the weight to `device` (a 2-D `[out, in]` weight; higher ranks are flattened to `[rows, last]`).
     pub fn to_device(&self, device: &Device) -> DeviceQuantizedWeight {
-        let last = *self.shape.last().expect("non-empty shape");
-        let shape = [self.numel() / last.max(1), last];
+        let cols = *self.shape.last().expect("non-empty shape");
+        let rows = self.numel() / cols.max(1);
         let u8_tensor = |bytes: Vec<u8>| {
             let n = bytes.len();
             Tensor::<1, Int>::from_data(TensorData::new(bytes, [n]), (device, DType::U8))
@@ -47,19 +55,20 @@ impl QuantizedWeight {
         let f32_tensor = |values: &[f32]| Tensor::<1>::from_data(TensorData::new(values.to_vec(), [values.len()]), device);
         let absmax = match &self.data.absmax {
             Absmax::Plain(values) => DeviceAbsmax::Plain(f32_tensor(values)),
-            Absmax::Double(dq) => DeviceAbsmax::Double {
+            Absmax::Double(dq) => DeviceAbsmax::Double(DeviceDoubleQuant {
                 codes: u8_tensor(dq.codes.clone()),
                 code_map: f32_tensor(&dq.code[..]),
                 nested_absmax: f32_tensor(&dq.nested_absmax),
                 offset: dq.offset,
                 nested_blocksize: dq.nested_blocksize,
-            },
+            }),
         };
         DeviceQuantizedWeight {
             packed: u8_tensor(self.data.packed.clone()),
             absmax,
             codebook: f32_tensor(self.quant_type().codebook()),
-            shape,
+            rows,
+            cols,
             numel: self.numel(),
             blocksize: self.blocksize(),
         }
@@ -81,9 +90,9 @@ impl DeviceQuantizedWeight {
     pub fn absmax_f32(&self) -> Tensor<1> {
         match &self.absmax {
             DeviceAbsmax::Plain(values) => values.clone(),
-            DeviceAbsmax::Double { codes, code_map, nested_absmax, offset, nested_blocksize } => {
-                let values = code_map.clone().select(0, codes.clone().cast(IntDType::I64));
-                scale_blocks(values, nested_absmax.clone(), *nested_blocksize).add_scalar(*offset)
+            DeviceAbsmax::Double(dq) => {
+                let values = dq.code_map.clone().select(0, dq.codes.clone().cast(IntDType::I64));
+                scale_blocks(values, dq.nested_absmax.clone(), dq.nested_blocksize).add_scalar(dq.offset)
             }
         }
     }
@@ -91,14 +100,14 @@ impl DeviceQuantizedWeight {
     /// The dequantized weight `[out, in]` in f32: `code[q] * absmax[block]`, equal to bitsandbytes' values.
     pub fn dequantize(&self) -> Tensor<2> {
         let values = self.codebook.clone().select(0, self.codes());
-        scale_blocks(values, self.absmax_f32(), self.blocksize).reshape(self.shape)
+        scale_blocks(values, self.absmax_f32(), self.blocksize).reshape([self.rows, self.cols])
     }
 
     /// Device bytes held by this weight (codes + statistics + code books).
     pub fn device_bytes(&self) -> usize {
         let stats = match &self.absmax {
             DeviceAbsmax::Plain(v) => v.dims()[0] * 4,
-            DeviceAbsmax::Double { codes, nested_absmax, .. } => codes.dims()[0] + nested_absmax.dims()[0] * 4 + 256 * 4,
+            DeviceAbsmax::Double(dq) => dq.codes.dims()[0] + dq.nested_absmax.dims()[0] * 4 + 256 * 4,
         };
         self.packed.dims()[0] + stats + 16 * 4
     }

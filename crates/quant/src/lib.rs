@@ -15,6 +15,6 @@ mod error;
 mod weight;
 
 
-pub use device::{DeviceAbsmax, DeviceQuantizedWeight};
+pub use device::{DeviceAbsmax, DeviceDoubleQuant, DeviceQuantizedWeight};
 pub use error::QuantError;
 pub use weight::{QuantConfig, QuantizedWeight};

@@ -1,0 +1,146 @@
+//! Building a [`LlamaModel`] from a Hugging Face checkpoint directory.
+
+use std::path::Path;
+
+use burn::tensor::{DType, Device, Tensor, TensorData};
+use lora::FrozenLinear;
+use quant::checkpoint::HfCheckpoint;
+use quant::{QuantConfig, QuantizedWeight};
+
+use crate::model::{Attention, DecoderLayer, Mlp, RmsNorm, Rotary};
+use crate::{LlamaConfig, LlamaError, LlamaModel};
+
+/// How to load: the compute dtype, and whether to quantize dense linear weights on load.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// f32, bf16 or f16.
+    pub dtype: DType,
+    /// Quantize every decoder linear weight on load (`None`: keep dense; a checkpoint already in
+    /// bitsandbytes 4-bit form stays 4-bit either way, without re-quantizing).
+    pub quant: Option<QuantConfig>,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions { dtype: DType::F32, quant: None }
+    }
+}
+
+/// Loads config.json and the weights of an HF directory onto `device`.
+pub fn load_hf(dir: &Path, options: &LoadOptions, device: &Device) -> Result<(LlamaConfig, LlamaModel), LlamaError> {
+    let config = LlamaConfig::from_hf_config(&dir.join("config.json"))?;
+    let checkpoint = HfCheckpoint::open(dir)?;
+    let model = Loader { checkpoint: &checkpoint, config: &config, options, device }.model()?;
+    Ok((config, model))
+}
+
+struct Loader<'a> {
+    checkpoint: &'a HfCheckpoint,
+    config: &'a LlamaConfig,
+    options: &'a LoadOptions,
+    device: &'a Device,
+}
+
+impl Loader<'_> {
+    fn file(&self, name: &str) -> String {
+        self.checkpoint.shard_of(name).map(|(_, p)| p.display().to_string()).unwrap_or_else(|| self.checkpoint.dir.display().to_string())
+    }
+
+    fn dense(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>, LlamaError> {
+        if !self.checkpoint.contains(name) {
+            return Err(LlamaError::MissingTensor { file: self.checkpoint.dir.display().to_string(), tensor: name.into() });
+        }
+        let (values, shape) = self.checkpoint.tensor_f32(name)?;
+        if shape != expected {
+            return Err(LlamaError::ShapeMismatch { file: self.file(name), tensor: name.into(), expected: expected.to_vec(), found: shape });
+        }
+        Ok(values)
+    }
+
+    fn tensor1(&self, name: &str, len: usize) -> Result<Tensor<1>, LlamaError> {
+        let values = self.dense(name, &[len])?;
+        Ok(Tensor::<1>::from_data(TensorData::new(values, [len]), self.device).cast(self.options.dtype))
+    }
+
+    fn tensor2(&self, name: &str, rows: usize, cols: usize) -> Result<Tensor<2>, LlamaError> {
+        let values = self.dense(name, &[rows, cols])?;
+        Ok(Tensor::<2>::from_data(TensorData::new(values, [rows, cols]), self.device).cast(self.options.dtype))
+    }
+
+    fn norm(&self, name: &str) -> Result<RmsNorm, LlamaError> {
+        Ok(RmsNorm { weight: self.tensor1(name, self.config.hidden_size)?, eps: self.config.rms_norm_eps })
+    }
+
+    /// A linear layer `prefix.weight` `[out, in]` (+ `prefix.bias`): 4-bit when the checkpoint stores it so or
+    /// when quantizing on load, dense otherwise.
+    fn linear(&self, prefix: &str, out_features: usize, in_features: usize, bias: bool) -> Result<FrozenLinear, LlamaError> {
+        let name = format!("{prefix}.weight");
+        let bias = if bias { Some(self.tensor1(&format!("{prefix}.bias"), out_features)?) } else { None };
+        if let Some(weight) = self.checkpoint.bnb_weight(&name)? {
+            return self.quantized(&name, weight, out_features, in_features, bias);
+        }
+        match &self.options.quant {
+            Some(qconfig) => {
+                let values = self.dense(&name, &[out_features, in_features])?;
+                let weight = QuantizedWeight::quantize(&name, &values, &[out_features, in_features], qconfig)?;
+                self.quantized(&name, weight, out_features, in_features, bias)
+            }
+            None => Ok(FrozenLinear::dense(self.tensor2(&name, out_features, in_features)?, bias)),
+        }
+    }
+
+    fn quantized(&self, name: &str, weight: QuantizedWeight, out_features: usize, in_features: usize, bias: Option<Tensor<1>>) -> Result<FrozenLinear, LlamaError> {
+        if weight.shape != [out_features, in_features] {
+            return Err(LlamaError::ShapeMismatch { file: self.file(name), tensor: name.into(), expected: vec![out_features, in_features], found: weight.shape });
+        }
+        Ok(FrozenLinear::quantized(weight.to_device(self.device), bias))
+    }
+
+    fn model(&self) -> Result<LlamaModel, LlamaError> {
+        let c = self.config;
+        let (hidden, head_dim) = (c.hidden_size, c.head_dim());
+        let (q_out, kv_out) = (c.num_attention_heads * head_dim, c.num_key_value_heads * head_dim);
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for i in 0..c.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            layers.push(DecoderLayer {
+                input_layernorm: self.norm(&format!("{p}.input_layernorm.weight"))?,
+                self_attn: Attention {
+                    q_proj: self.linear(&format!("{p}.self_attn.q_proj"), q_out, hidden, c.qkv_bias)?,
+                    k_proj: self.linear(&format!("{p}.self_attn.k_proj"), kv_out, hidden, c.qkv_bias)?,
+                    v_proj: self.linear(&format!("{p}.self_attn.v_proj"), kv_out, hidden, c.qkv_bias)?,
+                    o_proj: self.linear(&format!("{p}.self_attn.o_proj"), hidden, q_out, c.o_bias)?,
+                    num_heads: c.num_attention_heads,
+                    num_kv_heads: c.num_key_value_heads,
+                    head_dim,
+                },
+                post_attention_layernorm: self.norm(&format!("{p}.post_attention_layernorm.weight"))?,
+                mlp: Mlp {
+                    gate_proj: self.linear(&format!("{p}.mlp.gate_proj"), c.intermediate_size, hidden, c.mlp_bias)?,
+                    up_proj: self.linear(&format!("{p}.mlp.up_proj"), c.intermediate_size, hidden, c.mlp_bias)?,
+                    down_proj: self.linear(&format!("{p}.mlp.down_proj"), hidden, c.intermediate_size, c.mlp_bias)?,
+                },
+            });
+        }
+        let tied = c.tie_word_embeddings || !self.checkpoint.contains("lm_head.weight");
+        let lm_head = if tied {
+            None
+        } else {
+            // lm_head stays dense (QLoRA leaves it unquantized), unless the checkpoint itself stores it in 4 bits.
+            let name = "lm_head.weight";
+            match self.checkpoint.bnb_weight(name)? {
+                Some(w) => Some(self.quantized(name, w, c.vocab_size, hidden, None)?),
+                None => Some(FrozenLinear::dense(self.tensor2(name, c.vocab_size, hidden)?, None)),
+            }
+        };
+        Ok(LlamaModel {
+            embed_tokens: self.tensor2("model.embed_tokens.weight", c.vocab_size, hidden)?,
+            layers,
+            norm: self.norm("model.norm.weight")?,
+            lm_head,
+            rotary: Rotary::new(c),
+            vocab_size: c.vocab_size,
+            hidden_size: hidden,
+        })
+    }
+}

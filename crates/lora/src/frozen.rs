@@ -1,0 +1,64 @@
+//! The frozen base of a linear layer.
+
+use burn::module::Module;
+use burn::tensor::{DType, Tensor};
+use quant::DeviceQuantizedWeight;
+
+/// The base weight: dense `[in, out]` (stored transposed for `x·W`), or 4-bit `[out, in]` codes.
+#[derive(Module, Debug)]
+pub enum BaseWeight {
+    /// Dense weight stored as `Wᵀ`, `[in_features, out_features]`, in the compute dtype.
+    Dense(Tensor<2>),
+    /// 4-bit weight, dequantized on the fly for each matmul.
+    Quantized(DeviceQuantizedWeight),
+}
+
+/// A linear layer whose weight never trains: `y = x·Wᵀ + b`.
+#[derive(Module, Debug)]
+pub struct FrozenLinear {
+    pub weight: BaseWeight,
+    pub bias: Option<Tensor<1>>,
+    pub in_features: usize,
+    pub out_features: usize,
+}
+
+impl FrozenLinear {
+    /// A dense layer from an HF-layout weight `[out, in]` (transposed once here).
+    pub fn dense(weight_out_in: Tensor<2>, bias: Option<Tensor<1>>) -> Self {
+        let [out_features, in_features] = weight_out_in.dims();
+        FrozenLinear { weight: BaseWeight::Dense(weight_out_in.transpose()), bias, in_features, out_features }
+    }
+
+    /// A 4-bit layer.
+    pub fn quantized(weight: DeviceQuantizedWeight, bias: Option<Tensor<1>>) -> Self {
+        let (out_features, in_features) = (weight.rows, weight.cols);
+        FrozenLinear { weight: BaseWeight::Quantized(weight), bias, in_features, out_features }
+    }
+
+    /// The weight as a dense `[in, out]` tensor in `dtype` (dequantized for a 4-bit base).
+    pub fn weight_in_out(&self, dtype: DType) -> Tensor<2> {
+        match &self.weight {
+            BaseWeight::Dense(w) => w.clone(),
+            BaseWeight::Quantized(q) => q.dequantize().cast(dtype).transpose(),
+        }
+    }
+
+    /// `x·Wᵀ + b` for `x` of shape `[..., in_features]`.
+    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        let dims = x.dims();
+        let rows: usize = dims[..D - 1].iter().product();
+        let x2: Tensor<2> = x.reshape([rows, self.in_features]);
+        let mut y = x2.clone().matmul(self.weight_in_out(x2.dtype()));
+        if let Some(b) = &self.bias {
+            y = y + b.clone().unsqueeze::<2>();
+        }
+        let mut out_dims = dims;
+        out_dims[D - 1] = self.out_features;
+        y.reshape(out_dims)
+    }
+
+    /// Whether the base is stored in 4 bits.
+    pub fn is_quantized(&self) -> bool {
+        matches!(self.weight, BaseWeight::Quantized(_))
+    }
+}
