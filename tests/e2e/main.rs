@@ -5,3 +5,4 @@ mod fixture;
 mod llama_parity;
 mod bnb_checkpoint;
 mod nf4_golden;
+mod smollm2;

@@ -19,8 +19,16 @@ pub enum LlamaError {
     ShapeMismatch { file: String, tensor: String, expected: Vec<usize>, found: Vec<usize> },
     #[error(transparent)]
     Quant(#[from] quant::QuantError),
+    #[error(transparent)]
+    Gguf(#[from] crate::gguf::GgufError),
     #[error("token id {id} is outside the vocabulary ({vocab} tokens)")]
     TokenOutOfRange { id: u32, vocab: usize },
     #[error("{0}")]
     Generation(String),
+    #[error("{file}: {reason}")]
+    Tokenizer { file: String, reason: String },
+    #[error("hub model `{id}`: {reason}")]
+    Hub { id: String, reason: String },
+    #[error("fetching the model: {0}")]
+    Fetch(String),
 }

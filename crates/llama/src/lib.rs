@@ -12,10 +12,14 @@
 mod config;
 mod error;
 pub mod generate;
+pub mod gguf;
+pub mod gguf_tokenizer;
 mod load;
 mod model;
+pub mod source;
+pub mod tokenizer;
 
 pub use config::{Llama3RopeScaling, LlamaConfig};
 pub use error::LlamaError;
-pub use load::{load_hf, LoadOptions};
+pub use load::{load, load_hf, GgufWeights, LoadOptions, LoadedModel, WeightSource};
 pub use model::{Attention, DecoderLayer, KvCache, LlamaModel, Mlp, RmsNorm, Rotary};

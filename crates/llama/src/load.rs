@@ -1,5 +1,6 @@
 //! Building a [`LlamaModel`] from a Hugging Face checkpoint directory.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use burn::tensor::{DType, Device, Tensor, TensorData};
@@ -7,8 +8,141 @@ use lora::FrozenLinear;
 use quant::checkpoint::HfCheckpoint;
 use quant::{QuantConfig, QuantizedWeight};
 
+use crate::gguf::{GgufFile, GgufLlamaParams};
 use crate::model::{Attention, DecoderLayer, Mlp, RmsNorm, Rotary};
+use crate::source::ModelSource;
+use crate::tokenizer::TextTokenizer;
 use crate::{LlamaConfig, LlamaError, LlamaModel};
+
+/// Where the loader reads weights from, under their Hugging Face names.
+pub trait WeightSource {
+    /// A label for errors (the file holding `name`, or the checkpoint).
+    fn file_of(&self, name: &str) -> String;
+    fn contains(&self, name: &str) -> bool;
+    /// Values (as f32) and shape of a dense tensor.
+    fn tensor_f32(&self, name: &str) -> Result<(Vec<f32>, Vec<usize>), LlamaError>;
+    /// The weight in bitsandbytes 4-bit form, when the source stores it so.
+    fn bnb_weight(&self, name: &str) -> Result<Option<QuantizedWeight>, LlamaError>;
+}
+
+impl WeightSource for HfCheckpoint {
+    fn file_of(&self, name: &str) -> String {
+        self.shard_of(name).map(|(_, p)| p.display().to_string()).unwrap_or_else(|| self.dir.display().to_string())
+    }
+    fn contains(&self, name: &str) -> bool {
+        HfCheckpoint::contains(self, name)
+    }
+    fn tensor_f32(&self, name: &str) -> Result<(Vec<f32>, Vec<usize>), LlamaError> {
+        Ok(HfCheckpoint::tensor_f32(self, name)?)
+    }
+    fn bnb_weight(&self, name: &str) -> Result<Option<QuantizedWeight>, LlamaError> {
+        Ok(HfCheckpoint::bnb_weight(self, name)?)
+    }
+}
+
+/// A GGUF file seen through Hugging Face names: tensors dequantized, llama.cpp's Q/K permutation undone.
+pub struct GgufWeights {
+    pub file: GgufFile,
+    pub params: GgufLlamaParams,
+    /// HF name → GGUF name.
+    names: BTreeMap<String, String>,
+}
+
+impl GgufWeights {
+    pub fn new(file: GgufFile) -> Result<Self, LlamaError> {
+        let params = file.llama_params()?;
+        let names = file
+            .tensors
+            .iter()
+            .filter_map(|t| crate::gguf::hf_tensor_name(&t.name).map(|hf| (hf, t.name.clone())))
+            .collect();
+        Ok(GgufWeights { file, params, names })
+    }
+
+    /// The decoder's config from the GGUF hyperparameters (and its tokenizer's bos/eos).
+    pub fn config(&self) -> Result<LlamaConfig, LlamaError> {
+        let p = &self.params;
+        let file = self.file.path().display().to_string();
+        if !["llama", "mistral", "qwen2", "smollm3"].contains(&p.arch.as_str()) {
+            return Err(LlamaError::InvalidConfig { file, reason: format!("GGUF architecture `{}` is not a Llama-family decoder", p.arch) });
+        }
+        let id = |key: &str| self.file.get_u64(key).ok().map(|v| v as u32);
+        let config = LlamaConfig {
+            vocab_size: p.vocab,
+            hidden_size: p.hidden,
+            intermediate_size: p.intermediate,
+            num_hidden_layers: p.n_layers,
+            num_attention_heads: p.n_heads,
+            num_key_value_heads: p.n_kv_heads,
+            head_dim: Some(p.head_dim),
+            rms_norm_eps: p.rms_eps as f64,
+            rope_theta: p.rope_theta as f64,
+            rope_scaling: None,
+            max_position_embeddings: p.context_length,
+            tie_word_embeddings: p.tie_embeddings,
+            qkv_bias: self.names.contains_key("model.layers.0.self_attn.q_proj.bias"),
+            o_bias: self.names.contains_key("model.layers.0.self_attn.o_proj.bias"),
+            mlp_bias: self.names.contains_key("model.layers.0.mlp.up_proj.bias"),
+            bos_token_id: id("tokenizer.ggml.bos_token_id"),
+            eos_token_ids: id("tokenizer.ggml.eos_token_id").into_iter().collect(),
+        };
+        config.validate(&file)?;
+        Ok(config)
+    }
+}
+
+impl WeightSource for GgufWeights {
+    fn file_of(&self, _name: &str) -> String {
+        self.file.path().display().to_string()
+    }
+    fn contains(&self, name: &str) -> bool {
+        self.names.contains_key(name)
+    }
+    fn tensor_f32(&self, name: &str) -> Result<(Vec<f32>, Vec<usize>), LlamaError> {
+        let gguf_name = self.names.get(name).ok_or_else(|| LlamaError::MissingTensor { file: self.file_of(name), tensor: name.into() })?;
+        let (_, values, shape) = self.file.hf_tensor_f32(gguf_name, &self.params)?;
+        Ok((values, shape))
+    }
+    fn bnb_weight(&self, _name: &str) -> Result<Option<QuantizedWeight>, LlamaError> {
+        Ok(None)
+    }
+}
+
+/// A model ready to run: config, weights on the device, tokenizer (absent for a directory without
+/// tokenizer.json, which can still run on token ids).
+pub struct LoadedModel {
+    pub config: LlamaConfig,
+    pub model: LlamaModel,
+    pub tokenizer: Option<TextTokenizer>,
+}
+
+impl LoadedModel {
+    /// The tokenizer, or an error saying the model has none.
+    pub fn tokenizer(&self) -> Result<&TextTokenizer, LlamaError> {
+        self.tokenizer.as_ref().ok_or_else(|| LlamaError::Tokenizer {
+            file: "tokenizer.json".into(),
+            reason: "the model directory has no tokenizer.json: pass token ids instead of text".into(),
+        })
+    }
+}
+
+/// Loads a model from any [`ModelSource`] (HF directory, bitsandbytes checkpoint, GGUF).
+pub fn load(source: &ModelSource, options: &LoadOptions, device: &Device) -> Result<LoadedModel, LlamaError> {
+    match source {
+        ModelSource::HfDir(dir) => {
+            let (config, model) = load_hf(dir, options, device)?;
+            let tokenizer = if dir.join("tokenizer.json").exists() { Some(TextTokenizer::from_dir(dir)?) } else { None };
+            Ok(LoadedModel { config, model, tokenizer })
+        }
+        ModelSource::Gguf(path) => {
+            let weights = GgufWeights::new(GgufFile::open(path)?)?;
+            let config = weights.config()?;
+            let tokenizer = Some(TextTokenizer::from_gguf(&weights.file)?);
+            let model = Loader { source: &weights, config: &config, options, device }.model()?;
+            Ok(LoadedModel { config, model, tokenizer })
+        }
+    }
+}
 
 /// How to load: the compute dtype, and whether to quantize dense linear weights on load.
 #[derive(Debug, Clone)]
@@ -30,12 +164,12 @@ impl Default for LoadOptions {
 pub fn load_hf(dir: &Path, options: &LoadOptions, device: &Device) -> Result<(LlamaConfig, LlamaModel), LlamaError> {
     let config = LlamaConfig::from_hf_config(&dir.join("config.json"))?;
     let checkpoint = HfCheckpoint::open(dir)?;
-    let model = Loader { checkpoint: &checkpoint, config: &config, options, device }.model()?;
+    let model = Loader { source: &checkpoint, config: &config, options, device }.model()?;
     Ok((config, model))
 }
 
 struct Loader<'a> {
-    checkpoint: &'a HfCheckpoint,
+    source: &'a dyn WeightSource,
     config: &'a LlamaConfig,
     options: &'a LoadOptions,
     device: &'a Device,
@@ -43,14 +177,14 @@ struct Loader<'a> {
 
 impl Loader<'_> {
     fn file(&self, name: &str) -> String {
-        self.checkpoint.shard_of(name).map(|(_, p)| p.display().to_string()).unwrap_or_else(|| self.checkpoint.dir.display().to_string())
+        self.source.file_of(name)
     }
 
     fn dense(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>, LlamaError> {
-        if !self.checkpoint.contains(name) {
-            return Err(LlamaError::MissingTensor { file: self.checkpoint.dir.display().to_string(), tensor: name.into() });
+        if !self.source.contains(name) {
+            return Err(LlamaError::MissingTensor { file: self.file(name), tensor: name.into() });
         }
-        let (values, shape) = self.checkpoint.tensor_f32(name)?;
+        let (values, shape) = self.source.tensor_f32(name)?;
         if shape != expected {
             return Err(LlamaError::ShapeMismatch { file: self.file(name), tensor: name.into(), expected: expected.to_vec(), found: shape });
         }
@@ -76,7 +210,7 @@ impl Loader<'_> {
     fn linear(&self, prefix: &str, out_features: usize, in_features: usize, bias: bool) -> Result<FrozenLinear, LlamaError> {
         let name = format!("{prefix}.weight");
         let bias = if bias { Some(self.tensor1(&format!("{prefix}.bias"), out_features)?) } else { None };
-        if let Some(weight) = self.checkpoint.bnb_weight(&name)? {
+        if let Some(weight) = self.source.bnb_weight(&name)? {
             return self.quantized(&name, weight, out_features, in_features, bias);
         }
         match &self.options.quant {
@@ -122,13 +256,13 @@ impl Loader<'_> {
                 },
             });
         }
-        let tied = c.tie_word_embeddings || !self.checkpoint.contains("lm_head.weight");
+        let tied = c.tie_word_embeddings || !self.source.contains("lm_head.weight");
         let lm_head = if tied {
             None
         } else {
             // lm_head stays dense (QLoRA leaves it unquantized), unless the checkpoint itself stores it in 4 bits.
             let name = "lm_head.weight";
-            match self.checkpoint.bnb_weight(name)? {
+            match self.source.bnb_weight(name)? {
                 Some(w) => Some(self.quantized(name, w, c.vocab_size, hidden, None)?),
                 None => Some(FrozenLinear::dense(self.tensor2(name, c.vocab_size, hidden)?, None)),
             }

