@@ -90,3 +90,67 @@ fn greedy_tokens_match_transformers_and_the_cache_changes_nothing() {
         assert_eq!(recomputed, expected, "{name}: greedy tokens recomputing the sequence");
     }
 }
+
+/// Damaged checkpoints give errors that name the file and the tensor.
+#[test]
+fn bad_checkpoints_name_file_and_tensor() {
+    use quant::bnb::StoredTensor;
+    use quant::checkpoint::HfCheckpoint;
+    let src = dir("tiny-llama-f32");
+    let checkpoint = HfCheckpoint::open(&src).unwrap();
+    let write = |edit: &dyn Fn(&str, Vec<f32>, Vec<usize>) -> Option<(Vec<f32>, Vec<usize>)>| -> tempfile::TempDir {
+        let out = tempfile::tempdir().unwrap();
+        std::fs::copy(src.join("config.json"), out.path().join("config.json")).unwrap();
+        let mut tensors = Vec::new();
+        for name in checkpoint.names() {
+            let (v, s) = checkpoint.tensor_f32(name).unwrap();
+            if let Some((v, s)) = edit(name, v, s) {
+                tensors.push((name.to_string(), StoredTensor::f32(s, &v)));
+            }
+        }
+        let bytes = safetensors::serialize(tensors.iter().map(|(k, t)| (k.clone(), t)), None).unwrap();
+        std::fs::write(out.path().join("model.safetensors"), bytes).unwrap();
+        out
+    };
+    let err = |d: &tempfile::TempDir| load_hf(d.path(), &LoadOptions::default(), &Device::flex()).err().expect("must fail").to_string();
+
+    let missing = write(&|name, v, s| (name != "model.layers.1.mlp.up_proj.weight").then_some((v, s)));
+    let e = err(&missing);
+    assert!(e.contains("model.layers.1.mlp.up_proj.weight") && e.contains("missing"), "{e}");
+
+    let reshaped = write(&|name, v, s| Some(if name == "model.layers.0.self_attn.k_proj.weight" { (v[..v.len() - 96].to_vec(), vec![s[0] - 1, s[1]]) } else { (v, s) }));
+    let e = err(&reshaped);
+    assert!(e.contains("model.layers.0.self_attn.k_proj.weight") && e.contains("model.safetensors") && e.contains("[32, 96]"), "{e}");
+
+    let bad_config = write(&|_, v, s| Some((v, s)));
+    std::fs::write(bad_config.path().join("config.json"), r#"{"model_type": "llama", "hidden_size": 96}"#).unwrap();
+    let e = err(&bad_config);
+    assert!(e.contains("config.json") && e.contains("vocab_size"), "{e}");
+
+    let truncated = write(&|_, v, s| Some((v, s)));
+    let p = truncated.path().join("model.safetensors");
+    let bytes = std::fs::read(&p).unwrap();
+    std::fs::write(&p, &bytes[..bytes.len() / 2]).unwrap();
+    let e = err(&truncated);
+    assert!(e.contains("model.safetensors"), "{e}");
+}
+
+/// `qlora forward` writes input_ids and logits that equal transformers' (through the library entry point).
+#[test]
+fn forward_command_writes_transformers_logits() {
+    let loaded = train::infer::load_model(dir("tiny-llama-f32").to_str().unwrap(), &LoadOptions::default()).unwrap();
+    assert!(loaded.tokenizer.is_none());
+    let reference = reference("tiny-llama-f32");
+    let (ids, _) = ids_of(&reference, "input_ids");
+    let prompt: Vec<u32> = ids[..ids.len() / 2].iter().map(|&i| i as u32).collect();
+    let out = tempfile::tempdir().unwrap();
+    let path = out.path().join("logits.safetensors");
+    train::infer::forward_to_file(&loaded, &prompt, &path).unwrap();
+    let written = Fixture::open(&path);
+    assert_eq!(ids_of(&written, "input_ids").0, ids[..ids.len() / 2].to_vec());
+    let ours = written.f32("logits");
+    let theirs = reference.f32("logits");
+    assert!(ours.iter().zip(&theirs).all(|(a, b)| (a - b).abs() < 1e-4));
+    let e = train::infer::forward_to_file(&loaded, &[9999], &path).err().unwrap().to_string();
+    assert!(e.contains("9999") && e.contains("vocabulary"), "{e}");
+}
