@@ -160,6 +160,17 @@ pub fn dequantize_4bit_into<T: Element>(
     quant_type: QuantType,
     out: &mut [T],
 ) -> Result<(), Nf4Error> {
+    dequantize_4bit_with_codebook_into(packed, absmax, blocksize, quant_type.codebook(), out)
+}
+
+/// [`dequantize_4bit_into`] with an explicit 16-entry code book.
+pub fn dequantize_4bit_with_codebook_into<T: Element>(
+    packed: &[u8],
+    absmax: &[f32],
+    blocksize: usize,
+    codebook: &[f32; 16],
+    out: &mut [T],
+) -> Result<(), Nf4Error> {
     check_blocksize(blocksize)?;
     let numel = out.len();
     if packed.len() != packed_len(numel) {
@@ -168,7 +179,6 @@ pub fn dequantize_4bit_into<T: Element>(
     if absmax.len() != num_blocks(numel, blocksize) {
         return Err(Nf4Error::LengthMismatch { what: "absmax (one per block)", expected: num_blocks(numel, blocksize), found: absmax.len() });
     }
-    let codebook = quant_type.codebook();
     let task_elems = BLOCKS_PER_TASK * blocksize;
     out.par_chunks_mut(task_elems).enumerate().for_each(|(task, out_chunk)| {
         let first_block = task * BLOCKS_PER_TASK;

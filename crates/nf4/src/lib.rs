@@ -20,7 +20,7 @@ mod normal;
 mod torch_sum;
 
 pub use blockwise::{
-    check_blocksize, dequantize_4bit, dequantize_4bit_into, num_blocks, packed_len, quantize_4bit, Quantized4bit,
+    check_blocksize, dequantize_4bit, dequantize_4bit_into, dequantize_4bit_with_codebook_into, num_blocks, packed_len, quantize_4bit, Quantized4bit,
 };
 pub use blockwise8::{dequantize_blockwise_8bit, quantize_blockwise_8bit, Codebook8, Quantized8bit};
 pub use codebook::{

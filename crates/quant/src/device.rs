@@ -98,9 +98,44 @@ impl DeviceQuantizedWeight {
     }
 
     /// The dequantized weight `[out, in]` in f32: `code[q] * absmax[block]`, equal to bitsandbytes' values.
+    /// On the CPU (flex) the decode runs in the `nf4` crate's threaded kernel; elsewhere in tensor ops.
     pub fn dequantize(&self) -> Tensor<2> {
+        let device = self.packed.device();
+        if device.clone().without_autodiff() == Device::flex() {
+            return self.dequantize_on_host(&device);
+        }
         let values = self.codebook.clone().select(0, self.codes());
         scale_blocks(values, self.absmax_f32(), self.blocksize).reshape([self.rows, self.cols])
+    }
+
+    /// The same values through tensor ops only, on any device (the reference for the host path).
+    pub fn dequantize_with_tensor_ops(&self) -> Tensor<2> {
+        let values = self.codebook.clone().select(0, self.codes());
+        scale_blocks(values, self.absmax_f32(), self.blocksize).reshape([self.rows, self.cols])
+    }
+
+    fn dequantize_on_host(&self, device: &Device) -> Tensor<2> {
+        let bytes = |t: &Tensor<1, Int>| -> Vec<u8> { t.to_data().try_into_vec::<u8>().expect("u8 codes") };
+        let floats = |t: &Tensor<1>| -> Vec<f32> { t.to_data().try_into_vec::<f32>().expect("f32 values") };
+        let absmax = match &self.absmax {
+            DeviceAbsmax::Plain(values) => floats(values),
+            DeviceAbsmax::Double(dq) => {
+                let code: [f32; 256] = floats(&dq.code_map).try_into().expect("256-entry map");
+                let stats = nf4::DoubleQuantized {
+                    codes: bytes(&dq.codes),
+                    nested_absmax: floats(&dq.nested_absmax),
+                    offset: dq.offset,
+                    nested_blocksize: dq.nested_blocksize,
+                    code: Box::new(code),
+                };
+                stats.dequantize().expect("consistent by construction")
+            }
+        };
+        let codebook: [f32; 16] = floats(&self.codebook).try_into().expect("16-entry code book");
+        let mut out = vec![0.0f32; self.numel];
+        nf4::dequantize_4bit_with_codebook_into(&bytes(&self.packed), &absmax, self.blocksize, &codebook, &mut out)
+            .expect("consistent by construction");
+        Tensor::<2>::from_data(TensorData::new(out, [self.rows, self.cols]), device)
     }
 
     /// Device bytes held by this weight (codes + statistics + code books).
@@ -140,11 +175,13 @@ mod tests {
         let w = QuantizedWeight::quantize("w", &values, &shape, &config).unwrap();
         let host = w.dequantize_f32().unwrap();
         let device = Device::flex();
-        let on_device = w.to_device(&device).dequantize();
-        assert_eq!(on_device.dims(), shape);
-        let got: Vec<f32> = on_device.into_data().try_into_vec().unwrap();
-        for (i, (a, b)) in got.iter().zip(&host).enumerate() {
-            assert_eq!(a.to_bits(), b.to_bits(), "{config:?} {shape:?} element {i}: device {a} host {b}");
+        let on_device = w.to_device(&device);
+        for (path, tensor) in [("host kernel", on_device.dequantize()), ("tensor ops", on_device.dequantize_with_tensor_ops())] {
+            assert_eq!(tensor.dims(), shape);
+            let got: Vec<f32> = tensor.into_data().try_into_vec().unwrap();
+            for (i, (a, b)) in got.iter().zip(&host).enumerate() {
+                assert_eq!(a.to_bits(), b.to_bits(), "{config:?} {shape:?} {path} element {i}: device {a} host {b}");
+            }
         }
     }
 
