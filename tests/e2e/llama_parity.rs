@@ -125,7 +125,7 @@ fn bad_checkpoints_name_file_and_tensor() {
     let bad_config = write(&|_, v, s| Some((v, s)));
     std::fs::write(bad_config.path().join("config.json"), r#"{"model_type": "llama", "hidden_size": 96}"#).unwrap();
     let e = err(&bad_config);
-    assert!(e.contains("config.json") && e.contains("vocab_size"), "{e}");
+    assert!(e.contains("config.json") && e.contains("missing `num_attention_heads`"), "{e}");
 
     let truncated = write(&|_, v, s| Some((v, s)));
     let p = truncated.path().join("model.safetensors");
