@@ -54,7 +54,7 @@ fn f32_logits_match_transformers() {
 #[test]
 fn bnb_nf4_checkpoint_logits_match_transformers_bitsandbytes() {
     let model = load("tiny-llama-bnb-nf4-dq", &LoadOptions::default());
-    assert!(model.layers[0].self_attn.q_proj.is_quantized(), "a 4-bit checkpoint stays 4-bit");
+    assert!(model.layers[0].self_attn.q_proj.base.is_quantized(), "a 4-bit checkpoint stays 4-bit");
     let reference = reference("tiny-llama-bnb-nf4-dq");
     let diff = logits_diff(&model, &reference);
     println!("bnb nf4 checkpoint: max diff {diff:e}");

@@ -3,6 +3,7 @@
 
 mod fixture;
 mod llama_parity;
+mod lora_peft;
 mod bnb_checkpoint;
 mod nf4_golden;
 mod smollm2;

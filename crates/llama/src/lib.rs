@@ -9,6 +9,7 @@
 //! without re-quantizing, or quantize on load (NF4/FP4, double quant). Generation: greedy and sampled
 //! (temperature, top-k, top-p, repetition penalty) with stop tokens, through the KV cache.
 
+mod adapters;
 mod config;
 mod error;
 pub mod generate;

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use burn::tensor::{DType, Device, Tensor, TensorData};
-use lora::FrozenLinear;
+use lora::{FrozenLinear, LoraLinear};
 use quant::checkpoint::HfCheckpoint;
 use quant::{QuantConfig, QuantizedWeight};
 
@@ -240,19 +240,19 @@ impl Loader<'_> {
             layers.push(DecoderLayer {
                 input_layernorm: self.norm(&format!("{p}.input_layernorm.weight"))?,
                 self_attn: Attention {
-                    q_proj: self.linear(&format!("{p}.self_attn.q_proj"), q_out, hidden, c.qkv_bias)?,
-                    k_proj: self.linear(&format!("{p}.self_attn.k_proj"), kv_out, hidden, c.qkv_bias)?,
-                    v_proj: self.linear(&format!("{p}.self_attn.v_proj"), kv_out, hidden, c.qkv_bias)?,
-                    o_proj: self.linear(&format!("{p}.self_attn.o_proj"), hidden, q_out, c.o_bias)?,
+                    q_proj: LoraLinear::frozen(self.linear(&format!("{p}.self_attn.q_proj"), q_out, hidden, c.qkv_bias)?),
+                    k_proj: LoraLinear::frozen(self.linear(&format!("{p}.self_attn.k_proj"), kv_out, hidden, c.qkv_bias)?),
+                    v_proj: LoraLinear::frozen(self.linear(&format!("{p}.self_attn.v_proj"), kv_out, hidden, c.qkv_bias)?),
+                    o_proj: LoraLinear::frozen(self.linear(&format!("{p}.self_attn.o_proj"), hidden, q_out, c.o_bias)?),
                     num_heads: c.num_attention_heads,
                     num_kv_heads: c.num_key_value_heads,
                     head_dim,
                 },
                 post_attention_layernorm: self.norm(&format!("{p}.post_attention_layernorm.weight"))?,
                 mlp: Mlp {
-                    gate_proj: self.linear(&format!("{p}.mlp.gate_proj"), c.intermediate_size, hidden, c.mlp_bias)?,
-                    up_proj: self.linear(&format!("{p}.mlp.up_proj"), c.intermediate_size, hidden, c.mlp_bias)?,
-                    down_proj: self.linear(&format!("{p}.mlp.down_proj"), hidden, c.intermediate_size, c.mlp_bias)?,
+                    gate_proj: LoraLinear::frozen(self.linear(&format!("{p}.mlp.gate_proj"), c.intermediate_size, hidden, c.mlp_bias)?),
+                    up_proj: LoraLinear::frozen(self.linear(&format!("{p}.mlp.up_proj"), c.intermediate_size, hidden, c.mlp_bias)?),
+                    down_proj: LoraLinear::frozen(self.linear(&format!("{p}.mlp.down_proj"), hidden, c.intermediate_size, c.mlp_bias)?),
                 },
             });
         }

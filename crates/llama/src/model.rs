@@ -4,7 +4,7 @@
 use burn::module::Module;
 use burn::tensor::activation::{silu, softmax};
 use burn::tensor::{Bool, DType, Device, Int, Tensor, TensorData};
-use lora::FrozenLinear;
+use lora::{FrozenLinear, LoraLinear};
 
 use crate::config::{Llama3RopeScaling, LlamaConfig};
 
@@ -129,10 +129,10 @@ impl KvCache {
 /// Grouped-query self-attention.
 #[derive(Module, Debug)]
 pub struct Attention {
-    pub q_proj: FrozenLinear,
-    pub k_proj: FrozenLinear,
-    pub v_proj: FrozenLinear,
-    pub o_proj: FrozenLinear,
+    pub q_proj: LoraLinear,
+    pub k_proj: LoraLinear,
+    pub v_proj: LoraLinear,
+    pub o_proj: LoraLinear,
     pub num_heads: usize,
     pub num_kv_heads: usize,
     pub head_dim: usize,
@@ -177,9 +177,9 @@ fn repeat_kv(x: Tensor<4>, rep: usize) -> Tensor<4> {
 /// SwiGLU MLP: `down(silu(gate(x)) * up(x))`.
 #[derive(Module, Debug)]
 pub struct Mlp {
-    pub gate_proj: FrozenLinear,
-    pub up_proj: FrozenLinear,
-    pub down_proj: FrozenLinear,
+    pub gate_proj: LoraLinear,
+    pub up_proj: LoraLinear,
+    pub down_proj: LoraLinear,
 }
 
 impl Mlp {

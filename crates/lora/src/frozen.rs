@@ -43,12 +43,16 @@ impl FrozenLinear {
         }
     }
 
-    /// `x·Wᵀ + b` for `x` of shape `[..., in_features]`.
+    /// `x·Wᵀ + b` for `x` of shape `[..., in_features]`. A 4-bit weight goes through
+    /// [`quant_matmul_t`](crate::quant_matmul::quant_matmul_t): no dense copy outlives the call.
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         let dims = x.dims();
         let rows: usize = dims[..D - 1].iter().product();
         let x2: Tensor<2> = x.reshape([rows, self.in_features]);
-        let mut y = x2.clone().matmul(self.weight_in_out(x2.dtype()));
+        let mut y = match &self.weight {
+            BaseWeight::Dense(w) => x2.matmul(w.clone()),
+            BaseWeight::Quantized(q) => crate::quant_matmul::quant_matmul_t(x2, q),
+        };
         if let Some(b) = &self.bias {
             y = y + b.clone().unsqueeze::<2>();
         }

@@ -68,6 +68,23 @@ enum Command {
         #[command(flatten)]
         sampling: SamplingArgs,
     },
+    /// Merge a PEFT adapter into its base checkpoint: dense (f32/bf16) or re-quantized to NF4/FP4.
+    Merge {
+        /// The base: an HF directory or a bitsandbytes 4-bit checkpoint.
+        #[arg(long)]
+        model: PathBuf,
+        /// The PEFT adapter directory.
+        #[arg(long)]
+        adapter: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// Quantize the merged weights again (NF4 + double quant, blocksize 64) and report the error.
+        #[arg(long)]
+        requantize: bool,
+        /// Dtype of a dense output.
+        #[arg(long, value_enum, default_value = "f32")]
+        dtype: DtypeChoice,
+    },
     /// Chat with the model in the terminal, using its chat template.
     Chat {
         #[command(flatten)]
@@ -112,6 +129,9 @@ struct ModelArgs {
     /// Compute dtype.
     #[arg(long, value_enum, default_value = "f32")]
     dtype: DtypeChoice,
+    /// A PEFT LoRA adapter directory to apply.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
 }
 
 impl ModelArgs {
@@ -133,7 +153,12 @@ impl ModelArgs {
 
     fn load(&self) -> anyhow::Result<llama::LoadedModel> {
         let options = self.options()?;
-        Ok(infer::load_model(&self.model, &options).with_context(|| format!("loading {}", self.model))?)
+        let mut loaded = infer::load_model(&self.model, &options).with_context(|| format!("loading {}", self.model))?;
+        if let Some(dir) = &self.adapter {
+            let adapter = loaded.model.load_peft_adapter(dir)?;
+            eprintln!("applied adapter {} ({} modules, r = {})", dir.display(), adapter.modules.len(), adapter.config.r);
+        }
+        Ok(loaded)
     }
 }
 
@@ -218,6 +243,19 @@ fn main() -> anyhow::Result<()> {
             let secs = started.elapsed().as_secs_f64();
             eprintln!("[{} tokens in {secs:.2} s, {:.1} tokens/s, stop: {:?}]", out.tokens.len(), out.tokens.len() as f64 / secs, out.stop);
         }
+        Command::Merge { model, adapter, out, requantize, dtype } => {
+            let output = match (requantize, dtype) {
+                (true, _) => lora::merge::MergeOutput::Requantize(QuantConfig::new()),
+                (false, DtypeChoice::Bf16) => lora::merge::MergeOutput::DenseBf16,
+                (false, DtypeChoice::F32) => lora::merge::MergeOutput::DenseF32,
+                (false, DtypeChoice::F16) => anyhow::bail!("merged output is f32 or bf16"),
+            };
+            let report = lora::merge::merge_checkpoint(&model, &adapter, &out, &output).with_context(|| format!("merging {}", adapter.display()))?;
+            println!("merged {} adapter modules into {}", report.merged_modules, out.display());
+            if requantize {
+                println!("re-quantization error on the merged weights: max {:.3e}, mean {:.3e}", report.requant_max_abs_error, report.requant_mean_abs_error);
+            }
+        }
         Command::Chat { model, system, sampling } => {
             let loaded = model.load()?;
             let stdin = std::io::stdin();
@@ -237,7 +275,8 @@ mod tests {
         ok(&["qlora", "quantize", "--model", "m", "--out", "o", "--quant-type", "fp4", "--blocksize", "128", "--no-double-quant"]);
         ok(&["qlora", "forward", "--model", "m", "--tokens", "1,2,3", "--out", "x.safetensors"]);
         ok(&["qlora", "generate", "--prompt", "hi", "--chat", "--temperature", "0.7", "--top-k", "40", "--top-p", "0.9", "--stop", "\n\n"]);
-        ok(&["qlora", "chat", "--model", "m", "--quant", "nf4", "--dtype", "bf16"]);
+        ok(&["qlora", "chat", "--model", "m", "--quant", "nf4", "--dtype", "bf16", "--adapter", "a"]);
+        ok(&["qlora", "merge", "--model", "m", "--adapter", "a", "--out", "o", "--requantize"]);
         assert!(Cli::try_parse_from(["qlora", "quantize", "--model", "m", "--out", "o", "--quant-type", "int4"]).is_err());
         assert!(Cli::try_parse_from(["qlora", "forward", "--model", "m", "--out", "x"]).is_err(), "needs --text or --tokens");
     }

@@ -1,0 +1,111 @@
+//! LoRA on the model: which linear layers there are (by their Hugging Face module names), attaching fresh
+//! adapters per a [`LoraConfig`], and reading / writing PEFT adapter directories.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use burn::tensor::{DType, Device};
+use lora::peft::{read_peft_adapter, write_peft_adapter, PeftAdapter, StoredAdapter};
+use lora::{LoraAdapter, LoraConfig, LoraError, LoraLinear};
+
+use crate::LlamaModel;
+
+const ATTENTION: [&str; 4] = ["q_proj", "k_proj", "v_proj", "o_proj"];
+const MLP: [&str; 3] = ["gate_proj", "up_proj", "down_proj"];
+
+impl LlamaModel {
+    /// Every decoder linear layer with its HF module name (`model.layers.N.self_attn.q_proj`, ...).
+    pub fn linears(&self) -> Vec<(String, &LoraLinear)> {
+        let mut out = Vec::new();
+        for (i, layer) in self.layers.iter().enumerate() {
+            let a = &layer.self_attn;
+            for (name, l) in ATTENTION.iter().zip([&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj]) {
+                out.push((format!("model.layers.{i}.self_attn.{name}"), l));
+            }
+            let m = &layer.mlp;
+            for (name, l) in MLP.iter().zip([&m.gate_proj, &m.up_proj, &m.down_proj]) {
+                out.push((format!("model.layers.{i}.mlp.{name}"), l));
+            }
+        }
+        out
+    }
+
+    /// [`linears`](Self::linears), mutably.
+    pub fn linears_mut(&mut self) -> Vec<(String, &mut LoraLinear)> {
+        let mut out = Vec::new();
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            let a = &mut layer.self_attn;
+            for (name, l) in ATTENTION.iter().zip([&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.o_proj]) {
+                out.push((format!("model.layers.{i}.self_attn.{name}"), l));
+            }
+            let m = &mut layer.mlp;
+            for (name, l) in MLP.iter().zip([&mut m.gate_proj, &mut m.up_proj, &mut m.down_proj]) {
+                out.push((format!("model.layers.{i}.mlp.{name}"), l));
+            }
+        }
+        out
+    }
+
+    /// Attaches fresh adapters to the targeted layers (lm_head never). Returns how many; an error when the
+    /// targets match no layer or the rank does not fit a layer.
+    pub fn add_lora(&mut self, config: &LoraConfig, device: &Device) -> Result<usize, LoraError> {
+        let mut count = 0;
+        for (name, linear) in self.linears_mut() {
+            if config.target_modules.matches(&name, false)? {
+                linear.adapter = Some(config.init_adapter(&name, linear.in_features(), linear.out_features(), device)?);
+                count += 1;
+            }
+        }
+        if count == 0 {
+            return Err(LoraError::Config(format!("target_modules {:?} match no linear layer of the model", config.target_modules)));
+        }
+        Ok(count)
+    }
+
+    /// Loads a PEFT adapter directory onto the model; every module in it must exist with matching shapes.
+    pub fn load_peft_adapter(&mut self, dir: &Path) -> Result<PeftAdapter, LoraError> {
+        let adapter = read_peft_adapter(dir)?;
+        let device = self.device();
+        let scaling = adapter.config.scaling();
+        let mut linears: BTreeMap<String, &mut LoraLinear> = self.linears_mut().into_iter().collect();
+        for (module, stored) in &adapter.modules {
+            let linear = linears.get_mut(module).ok_or_else(|| {
+                LoraError::Adapter(format!("{}: module `{module}` is not a linear layer of this model", dir.display()))
+            })?;
+            let (r, a_in) = (stored.a.1[0], stored.a.1[1]);
+            let (b_out, b_r) = (stored.b.1[0], stored.b.1[1]);
+            if a_in != linear.in_features() || b_out != linear.out_features() || r != b_r {
+                return Err(LoraError::Adapter(format!(
+                    "{}: `{module}` has lora_A {:?} and lora_B {:?}, but the layer is {} in, {} out",
+                    dir.display(),
+                    stored.a.1,
+                    stored.b.1,
+                    linear.in_features(),
+                    linear.out_features()
+                )));
+            }
+            linear.adapter = Some(LoraAdapter::from_values(stored.a.clone(), stored.b.clone(), scaling, adapter.config.dropout, &device));
+        }
+        Ok(adapter)
+    }
+
+    /// Writes the model's adapters as a PEFT adapter directory.
+    pub fn save_peft_adapter(&self, dir: &Path, config: &LoraConfig, base_model_name_or_path: Option<&str>) -> Result<usize, LoraError> {
+        let mut modules = BTreeMap::new();
+        for (name, linear) in self.linears() {
+            if let Some(adapter) = &linear.adapter {
+                let values = |t: burn::tensor::Tensor<2>| -> (Vec<f32>, [usize; 2]) {
+                    let dims = t.dims();
+                    (t.cast(DType::F32).into_data().try_into_vec::<f32>().expect("f32"), dims)
+                };
+                modules.insert(name, StoredAdapter { a: values(adapter.lora_a.val()), b: values(adapter.lora_b.val()) });
+            }
+        }
+        if modules.is_empty() {
+            return Err(LoraError::Adapter("the model has no adapters to save".into()));
+        }
+        let count = modules.len();
+        write_peft_adapter(dir, config, base_model_name_or_path, &modules)?;
+        Ok(count)
+    }
+}

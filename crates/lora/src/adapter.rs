@@ -1,0 +1,177 @@
+//! LoRA adapters on a frozen base: `y = base(x) + scaling · dropout(x) · Aᵀ · Bᵀ`, PEFT's semantics.
+
+use burn::config::Config;
+use burn::module::{Module, Param};
+use burn::nn::{Dropout, DropoutConfig};
+use burn::tensor::{DType, Device, Distribution, Tensor, TensorData};
+
+use crate::{FrozenLinear, LoraError};
+
+/// How A is initialised (B always starts at zero, so a fresh adapter changes nothing).
+#[derive(Config, Debug, PartialEq, Eq, Copy)]
+pub enum LoraInit {
+    /// PEFT's default: kaiming-uniform with a = √5, i.e. U(-1/√in, 1/√in).
+    Kaiming,
+    /// `init_lora_weights="gaussian"`: N(0, (1/r)²).
+    Gaussian,
+}
+
+/// Which linear layers get adapters (PEFT's `target_modules`).
+#[derive(Config, Debug, PartialEq)]
+pub enum TargetModules {
+    /// Every linear layer of the decoder, not the output layer (`"all-linear"`).
+    AllLinear,
+    /// Module names; a module matches when its full name equals one, or ends with `.` + one.
+    Names(Vec<String>),
+    /// A regular expression the whole module name must match.
+    Regex(String),
+}
+
+impl TargetModules {
+    /// Whether the module `name` (e.g. `model.layers.0.self_attn.q_proj`) is targeted. `is_output` marks the
+    /// output layer, which `AllLinear` leaves out.
+    pub fn matches(&self, name: &str, is_output: bool) -> Result<bool, LoraError> {
+        Ok(match self {
+            TargetModules::AllLinear => !is_output,
+            TargetModules::Names(names) => names.iter().any(|t| name == t || name.ends_with(&format!(".{t}"))),
+            TargetModules::Regex(pattern) => {
+                let re = regex::Regex::new(&format!("^(?:{pattern})$")).map_err(|e| LoraError::Config(format!("target_modules regex `{pattern}`: {e}")))?;
+                re.is_match(name)
+            }
+        })
+    }
+}
+
+/// A LoRA configuration. Defaults are QLoRA's: r = 64, α = 16, dropout 0.05, all linear layers.
+#[derive(Config, Debug, PartialEq)]
+pub struct LoraConfig {
+    #[config(default = 64)]
+    pub r: usize,
+    #[config(default = 16.0)]
+    pub alpha: f64,
+    #[config(default = 0.05)]
+    pub dropout: f64,
+    #[config(default = "TargetModules::AllLinear")]
+    pub target_modules: TargetModules,
+    /// Scale by α/√r instead of α/r.
+    #[config(default = false)]
+    pub use_rslora: bool,
+    #[config(default = "LoraInit::Kaiming")]
+    pub init: LoraInit,
+}
+
+impl LoraConfig {
+    /// The factor applied to the adapter's output.
+    pub fn scaling(&self) -> f64 {
+        if self.use_rslora { self.alpha / (self.r as f64).sqrt() } else { self.alpha / self.r as f64 }
+    }
+
+    /// Checks the rank against a layer's dimensions.
+    pub fn check(&self, module: &str, in_features: usize, out_features: usize) -> Result<(), LoraError> {
+        if self.r == 0 {
+            return Err(LoraError::Config("rank r must be at least 1".into()));
+        }
+        if self.r > in_features.min(out_features) {
+            return Err(LoraError::Config(format!(
+                "rank r = {} exceeds the dimensions of `{module}` ({in_features} in, {out_features} out)",
+                self.r
+            )));
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(LoraError::Config(format!("lora dropout {} must be in [0, 1)", self.dropout)));
+        }
+        Ok(())
+    }
+
+    /// A fresh adapter for a layer, A initialised per `init`, B zero, in f32.
+    pub fn init_adapter(&self, module: &str, in_features: usize, out_features: usize, device: &Device) -> Result<LoraAdapter, LoraError> {
+        self.check(module, in_features, out_features)?;
+        let a = match self.init {
+            LoraInit::Kaiming => {
+                let bound = 1.0 / (in_features as f64).sqrt();
+                Tensor::<2>::random([self.r, in_features], Distribution::Uniform(-bound, bound), device)
+            }
+            LoraInit::Gaussian => Tensor::<2>::random([self.r, in_features], Distribution::Normal(0.0, 1.0 / self.r as f64), device),
+        };
+        let b = Tensor::<2>::zeros([out_features, self.r], device);
+        Ok(LoraAdapter::new(a, b, self.scaling(), self.dropout))
+    }
+}
+
+/// The trainable pair: A `[r, in]`, B `[out, r]` (PEFT's `lora_A.weight`, `lora_B.weight`).
+#[derive(Module, Debug)]
+pub struct LoraAdapter {
+    pub lora_a: Param<Tensor<2>>,
+    pub lora_b: Param<Tensor<2>>,
+    pub scaling: f64,
+    pub dropout: Dropout,
+}
+
+impl LoraAdapter {
+    pub fn new(a: Tensor<2>, b: Tensor<2>, scaling: f64, dropout: f64) -> Self {
+        LoraAdapter {
+            lora_a: Param::from_tensor(a),
+            lora_b: Param::from_tensor(b),
+            scaling,
+            dropout: DropoutConfig::new(dropout).init(),
+        }
+    }
+
+    /// From PEFT-layout values: A `[r, in]`, B `[out, r]`.
+    pub fn from_values(a: (Vec<f32>, [usize; 2]), b: (Vec<f32>, [usize; 2]), scaling: f64, dropout: f64, device: &Device) -> Self {
+        let ta = Tensor::<2>::from_data(TensorData::new(a.0, a.1), device);
+        let tb = Tensor::<2>::from_data(TensorData::new(b.0, b.1), device);
+        LoraAdapter::new(ta, tb, scaling, dropout)
+    }
+
+    pub fn rank(&self) -> usize {
+        self.lora_a.val().dims()[0]
+    }
+
+    /// `scaling · dropout(x) · Aᵀ · Bᵀ` for `x [rows, in]`, computed in x's dtype.
+    pub fn delta(&self, x: Tensor<2>) -> Tensor<2> {
+        let dtype = x.dtype();
+        let a = self.lora_a.val().cast(dtype);
+        let b = self.lora_b.val().cast(dtype);
+        self.dropout.forward(x).matmul(a.transpose()).matmul(b.transpose()).mul_scalar(self.scaling)
+    }
+
+    /// `scaling · B · A` `[out, in]` in f32, what merging adds to the base weight.
+    pub fn merged_delta(&self) -> Tensor<2> {
+        self.lora_b.val().cast(DType::F32).matmul(self.lora_a.val().cast(DType::F32)).mul_scalar(self.scaling)
+    }
+}
+
+/// A linear layer of the model: a frozen base with an optional LoRA adapter.
+#[derive(Module, Debug)]
+pub struct LoraLinear {
+    pub base: FrozenLinear,
+    pub adapter: Option<LoraAdapter>,
+}
+
+impl LoraLinear {
+    /// A layer without an adapter.
+    pub fn frozen(base: FrozenLinear) -> Self {
+        LoraLinear { base, adapter: None }
+    }
+
+    pub fn in_features(&self) -> usize {
+        self.base.in_features
+    }
+
+    pub fn out_features(&self) -> usize {
+        self.base.out_features
+    }
+
+    /// `base(x) + adapter(x)` for `x [..., in]`.
+    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        let Some(adapter) = &self.adapter else { return self.base.forward(x) };
+        let dims = x.dims();
+        let rows: usize = dims[..D - 1].iter().product();
+        let x2: Tensor<2> = x.reshape([rows, self.base.in_features]);
+        let y = self.base.forward(x2.clone()) + adapter.delta(x2);
+        let mut out = dims;
+        out[D - 1] = self.base.out_features;
+        y.reshape(out)
+    }
+}
