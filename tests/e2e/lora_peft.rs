@@ -153,3 +153,50 @@ fn merged_checkpoints_give_peft_logits() {
     let requantized = load_hf(out.path(), &LoadOptions::default(), &device).unwrap().1;
     assert!(requantized.layers[0].mlp.up_proj.base.is_quantized());
 }
+
+/// Makes `tests/fixtures/peft/adapter-trained-here`: an adapter trained here (three normalised gradient
+/// steps on the probe loss, on the NF4 base), saved with our writer. Run once with
+/// `cargo test -p qlora-tests make_trained_here_adapter -- --ignored`, then
+/// `python xtask/fixtures/make_peft_fixtures.py --trained-here tests/fixtures` records PEFT's logits for it.
+#[test]
+#[ignore = "fixture generator"]
+fn make_trained_here_adapter() {
+    use burn::module::Param;
+    let reference = reference();
+    let device = Device::flex().autodiff();
+    let mut model = base(true, &device);
+    let config = LoraConfig::new().with_r(8).with_alpha(16.0).with_dropout(0.0).with_init(lora::LoraInit::Gaussian);
+    model.add_lora(&config, &device).unwrap();
+    let probe_values = reference.f32("probe");
+    for _ in 0..3 {
+        let logits = model.forward(input(&reference, &device), None);
+        let probe = Tensor::<3>::from_data(TensorData::new(probe_values.clone(), logits.dims()), &device);
+        let grads = (logits * probe).sum().backward();
+        for (_, linear) in model.linears_mut() {
+            let adapter = linear.adapter.as_mut().unwrap();
+            for param in [&mut adapter.lora_a, &mut adapter.lora_b] {
+                let g = param.val().grad(&grads).unwrap();
+                let step = g.clone().abs().max().into_scalar::<f32>() + 1e-12;
+                let updated = param.val().inner() - g.div_scalar(step).mul_scalar(0.01);
+                *param = Param::from_tensor(Tensor::from_inner(updated).require_grad());
+            }
+        }
+    }
+    let out = fixtures().join("peft/adapter-trained-here");
+    model.save_peft_adapter(&out, &config, Some("tests/fixtures/tiny-llama-bnb-nf4-dq")).unwrap();
+}
+
+/// The adapter trained here, loaded in PEFT, gives our logits.
+#[test]
+fn adapter_trained_here_gives_our_logits_in_peft() {
+    let peft = Fixture::open(&fixtures().join("peft/trained_here_reference.safetensors"));
+    for (nf4, key) in [(true, "logits_nf4"), (false, "logits_dense")] {
+        let device = Device::flex();
+        let mut model = base(nf4, &device);
+        model.load_peft_adapter(&fixtures().join("peft/adapter-trained-here")).unwrap();
+        let ours: Vec<f32> = model.forward(input(&peft, &device), None).into_data().try_into_vec().unwrap();
+        let diff = max_diff(&ours, &peft.f32(key));
+        println!("adapter trained here, {key}: max |ours - PEFT| = {diff:e}");
+        assert!(diff < 1e-4, "{key}: {diff}");
+    }
+}
