@@ -1,7 +1,7 @@
 //! The frozen base of a linear layer.
 
 use burn::module::Module;
-use burn::tensor::{DType, Tensor};
+use burn::tensor::Tensor;
 use quant::DeviceQuantizedWeight;
 
 /// The base weight: dense `[in, out]` (stored transposed for `x·W`), or 4-bit `[out, in]` codes.
@@ -33,14 +33,6 @@ impl FrozenLinear {
     pub fn quantized(weight: DeviceQuantizedWeight, bias: Option<Tensor<1>>) -> Self {
         let (out_features, in_features) = (weight.rows, weight.cols);
         FrozenLinear { weight: BaseWeight::Quantized(weight), bias, in_features, out_features }
-    }
-
-    /// The weight as a dense `[in, out]` tensor in `dtype` (dequantized for a 4-bit base).
-    pub fn weight_in_out(&self, dtype: DType) -> Tensor<2> {
-        match &self.weight {
-            BaseWeight::Dense(w) => w.clone(),
-            BaseWeight::Quantized(q) => q.dequantize().cast(dtype).transpose(),
-        }
     }
 
     /// `x·Wᵀ + b` for `x` of shape `[..., in_features]`. A 4-bit weight goes through

@@ -104,8 +104,7 @@ impl DeviceQuantizedWeight {
         if device.clone().without_autodiff() == Device::flex() {
             return self.dequantize_on_host(&device);
         }
-        let values = self.codebook.clone().select(0, self.codes());
-        scale_blocks(values, self.absmax_f32(), self.blocksize).reshape([self.rows, self.cols])
+        self.dequantize_with_tensor_ops()
     }
 
     /// The same values through tensor ops only, on any device (the reference for the host path).
