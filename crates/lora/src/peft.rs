@@ -93,7 +93,7 @@ pub fn read_peft_adapter(dir: &Path) -> Result<PeftAdapter, LoraError> {
             return Err(cfg_err(&path, format!("tensor `{key}` is not a lora_A or lora_B weight")));
         };
         let shape: [usize; 2] = view.shape().try_into().map_err(|_| cfg_err(&path, format!("tensor `{key}` is not 2-D: {:?}", view.shape())))?;
-        let values = to_f32(&view).map_err(|reason| cfg_err(&path, format!("tensor `{key}`: {reason}")))?;
+        let values = quant::checkpoint::read_float(&view, &key, &path.display().to_string()).map_err(|e| LoraError::Adapter(e.to_string()))?.into_f32();
         let rank_dim = if which == 0 { shape[0] } else { shape[1] };
         if rank_dim != config.r {
             return Err(cfg_err(&path, format!("tensor `{key}` has shape {shape:?}, but r = {}", config.r)));
@@ -114,16 +114,6 @@ pub fn read_peft_adapter(dir: &Path) -> Result<PeftAdapter, LoraError> {
         return Err(cfg_err(&path, "no LoRA tensors"));
     }
     Ok(PeftAdapter { config, base_model_name_or_path: base, modules })
-}
-
-fn to_f32(view: &safetensors::tensor::TensorView<'_>) -> Result<Vec<f32>, String> {
-    let d = view.data();
-    Ok(match view.dtype() {
-        safetensors::Dtype::F32 => d.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-        safetensors::Dtype::BF16 => d.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-        safetensors::Dtype::F16 => d.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-        other => return Err(format!("dtype {other:?} is not a float")),
-    })
 }
 
 /// Writes a PEFT adapter: `adapter_config.json` (PEFT 0.21's fields) and `adapter_model.safetensors` (f32),

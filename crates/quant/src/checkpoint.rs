@@ -133,11 +133,7 @@ impl HfCheckpoint {
     /// Tensor `name` as f32 values (from F32, BF16 or F16), with its shape.
     pub fn tensor_f32(&self, name: &str) -> Result<(Vec<f32>, Vec<usize>), QuantError> {
         let (view, path) = self.tensor(name)?;
-        let values = match read_float(&view, name, &path.display().to_string())? {
-            FloatValues::F32(v) => v,
-            FloatValues::Bf16(v) => v.into_iter().map(f32::from).collect(),
-            FloatValues::F16(v) => v.into_iter().map(f32::from).collect(),
-        };
+        let values = read_float(&view, name, &path.display().to_string())?.into_f32();
         Ok((values, view.shape().to_vec()))
     }
 
@@ -156,6 +152,17 @@ pub enum FloatValues {
     F32(Vec<f32>),
     Bf16(Vec<bf16>),
     F16(Vec<f16>),
+}
+
+impl FloatValues {
+    /// The values widened to f32 (exact).
+    pub fn into_f32(self) -> Vec<f32> {
+        match self {
+            FloatValues::F32(v) => v,
+            FloatValues::Bf16(v) => v.into_iter().map(f32::from).collect(),
+            FloatValues::F16(v) => v.into_iter().map(f32::from).collect(),
+        }
+    }
 }
 
 /// Reads a float tensor (F32, BF16 or F16, little-endian).
