@@ -6,4 +6,5 @@ mod llama_parity;
 mod lora_peft;
 mod bnb_checkpoint;
 mod nf4_golden;
+mod optim_reference;
 mod smollm2;
