@@ -66,6 +66,7 @@ fn main() -> Result<()> {
             run(Command::new(&python).args(["-m", "pip", "install", "-q", "-r", "xtask/fixtures/requirements.txt"]))?;
             run(Command::new(&python).args(["xtask/fixtures/make_nf4_fixtures.py", "tests/fixtures/nf4"]))?;
             run(Command::new(&python).args(["xtask/fixtures/make_quant_fixtures.py", "tests/fixtures"]))?;
+            run(Command::new(&python).args(["xtask/fixtures/make_optim_fixtures.py", "tests/fixtures/optim"]))?;
         }
         Task::Bench => {
             run(cargo().args(["bench", "-p", "qlora-nf4", "--bench", "dequantize"]))?;

@@ -95,3 +95,6 @@ impl<D: PageDevice> PagedAdamW<D> {
         Ok((module, StepReport { grad_norm: norm, lr, pager }))
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,8 +1,8 @@
 //! The pager: optimizer state in host pages, at most `budget` bytes of it resident on the compute device.
 //!
 //! Every step visits the pages in the same order, so the pager evicts with Belady's rule (the resident page
-//! whose next use is furthest away): with room for k of n pages, k - 1 of them stay resident from step to
-//! step and only the rest stream through, where least-recently-used eviction would move every page every
+//! whose next use is furthest away): with room for k of n pages, k of them stay resident from step to step
+//! and only the other n - k stream through (the minimum), where least-recently-used eviction would move every page every
 //! step. With a budget of at least the whole state nothing moves after the first step.
 
 use crate::page::{PageInfo, PageState};
