@@ -70,6 +70,7 @@ fn main() -> Result<()> {
         }
         Task::Bench => {
             run(cargo().args(["bench", "-p", "qlora-nf4", "--bench", "dequantize"]))?;
+            run(cargo().args(["bench", "-p", "qlora-optim", "--bench", "optimizer_step"]))?;
         }
     }
     Ok(())
