@@ -1,0 +1,41 @@
+//! # data — instruction-tuning datasets
+//!
+//! Between `llama` (whose tokenizer and chat template it uses) and `train` in the stack
+//! (nf4 → quant → lora / optim → llama → data → train). Reads JSONL in four formats — Alpaca
+//! (`instruction`/`input`/`output`, QLoRA's prompt), OASST1 message trees rendered as Guanaco's
+//! `### Human: … ### Assistant: …`, chat `messages` through the model's chat template, and plain `text` —
+//! reporting malformed lines by number ([`records`]). [`tokenize`] turns examples into token ids with a target
+//! mask (loss on the response only unless `train_on_source`), with QLoRA's source/target length limits.
+//! [`batches`] orders each epoch (seeded shuffle that never depends on a library version, transformers'
+//! group-by-length) and pads micro-batches. [`embedded`] ships the default dataset (WordNet 3.0 pairs).
+
+pub mod batches;
+pub mod embedded;
+pub mod records;
+pub mod tokenize;
+
+pub use batches::{epoch_order, Batch, BatchStream, DataCursor, OrderConfig};
+pub use records::{parse_jsonl, read_jsonl, DatasetFormat, Example, ReadReport, Turn};
+pub use tokenize::{tokenize_all, tokenize_example, Limits, TokenizeReport, TokenizedExample};
+
+/// Everything that can be wrong with a dataset.
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    #[error("{file}:{line}: {reason}")]
+    Line { file: String, line: usize, reason: String },
+    #[error("{file}: no usable examples{}", if *.skipped > 0 { format!(" ({skipped} malformed lines skipped)") } else { String::new() })]
+    Empty { file: String, skipped: usize },
+    #[error("unknown dataset format {0}")]
+    UnknownFormat(String),
+    #[error("reading {file}: {reason}")]
+    Io { file: String, reason: String },
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    #[error("chat template: {0}")]
+    Template(String),
+    #[error("no example has a target token within the length limits ({dropped} dropped): raise --target-max-len / --source-max-len")]
+    NothingToTrain { dropped: usize },
+}
+
+#[cfg(test)]
+mod tests;
