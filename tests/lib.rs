@@ -7,3 +7,10 @@ use std::path::{Path, PathBuf};
 pub fn fixtures_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
 }
+
+/// burn's flex backend has one process-wide random generator: tests that seed it and expect the same draws
+/// (dropout masks of a resumed run, LoRA initialisation) hold this lock while they use it.
+pub fn rng_lock() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}

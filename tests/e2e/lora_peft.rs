@@ -8,6 +8,7 @@ use llama::{load_hf, LlamaModel, LoadOptions};
 use lora::{LoraConfig, TargetModules};
 
 use crate::fixture::Fixture;
+use qlora_tests::rng_lock;
 
 fn fixtures() -> PathBuf {
     qlora_tests::fixtures_dir()
@@ -82,6 +83,7 @@ fn rslora_scaling_matches_peft() {
 
 #[test]
 fn adapter_round_trip_is_bit_exact_and_fresh_adapters_change_nothing() {
+    let _rng = rng_lock(); // add_lora draws from the process-wide generator
     let device = Device::flex();
     let mut model = base(false, &device);
     let loaded = model.load_peft_adapter(&fixtures().join("peft/adapter-tiny-llama")).unwrap();
@@ -105,6 +107,7 @@ fn adapter_round_trip_is_bit_exact_and_fresh_adapters_change_nothing() {
 
 #[test]
 fn bad_lora_settings_are_clear_errors() {
+    let _rng = rng_lock(); // add_lora draws from the process-wide generator
     let device = Device::flex();
     let mut model = base(false, &device);
     let e = model.add_lora(&LoraConfig::new().with_r(0), &device).unwrap_err().to_string();

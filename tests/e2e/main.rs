@@ -8,3 +8,4 @@ mod bnb_checkpoint;
 mod nf4_golden;
 mod optim_reference;
 mod smollm2;
+mod trainer;

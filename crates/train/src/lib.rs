@@ -9,10 +9,16 @@
 //! - `qlora forward | generate | chat`: run a model (HF directory, bitsandbytes checkpoint, GGUF, hub id or
 //!   `smollm2`), dense or quantized on load.
 //!
-//! Training, merge and eval arrive with the crates they need.
+//! - `qlora train`: QLoRA finetuning ([`trainer`]) with checkpoints ([`checkpoint`]), metrics and a loss
+//!   plot ([`metrics`]), configured by [`config::TrainConfig`] (flags or a TOML file).
+//! - `qlora merge`: fold an adapter into its base.
 
+pub mod checkpoint;
+pub mod config;
 pub mod infer;
+pub mod metrics;
 pub mod quantize;
+pub mod trainer;
 
 use std::path::PathBuf;
 
@@ -31,4 +37,12 @@ pub enum TrainError {
     },
     #[error("{0}")]
     Input(String),
+    #[error(transparent)]
+    Data(#[from] data::DataError),
+    #[error(transparent)]
+    Optim(#[from] optim::OptimError),
+    #[error(transparent)]
+    Lora(#[from] lora::LoraError),
+    #[error("training diverged: {0}")]
+    Diverged(String),
 }

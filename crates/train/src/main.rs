@@ -11,6 +11,7 @@ use llama::tokenizer::ChatMessage;
 use llama::LoadOptions;
 use nf4::QuantType;
 use quant::QuantConfig;
+use train::config::TrainConfig;
 use train::infer;
 use train::quantize::{self, QuantizeArgs};
 
@@ -84,6 +85,19 @@ enum Command {
         /// Dtype of a dense output.
         #[arg(long, value_enum, default_value = "f32")]
         dtype: DtypeChoice,
+    },
+    /// Finetune with QLoRA: 4-bit base, LoRA on all linear layers, paged AdamW, QLoRA's recipe by default.
+    /// With no arguments: SmolLM2-135M-Instruct on the embedded WordNet dataset.
+    Train {
+        #[command(flatten)]
+        config: TrainConfig,
+        /// A TOML config (e.g. a run's train_config.toml); flags given on the command line override it.
+        #[arg(long = "config")]
+        config_file: Option<PathBuf>,
+        /// Continue a run from its output directory (newest checkpoint) or a checkpoint directory; without
+        /// --config the run's own train_config.toml is used.
+        #[arg(long)]
+        resume: Option<PathBuf>,
     },
     /// Chat with the model in the terminal, using its chat template.
     Chat {
@@ -206,8 +220,58 @@ fn parse_quant_type(s: &str) -> Result<QuantType, String> {
     }
 }
 
+/// A progress bar with loss, learning rate, tokens/s and memory.
+struct Bar(Option<indicatif::ProgressBar>);
+
+impl train::trainer::Progress for Bar {
+    fn start(&mut self, total: u64, first: u64) {
+        let bar = indicatif::ProgressBar::new(total);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{elapsed_precise} [{bar:30}] step {pos}/{len} (eta {eta}) {msg}")
+                .expect("template")
+                .progress_chars("=> "),
+        );
+        bar.set_position(first);
+        self.0 = Some(bar);
+    }
+    fn step(&mut self, m: &train::metrics::StepMetrics) {
+        if let Some(bar) = &self.0 {
+            bar.set_message(format!(
+                "loss {:.4} lr {:.2e} |g| {:.3} {:.0} tok/s {:.0} MiB",
+                m.loss, m.lr, m.grad_norm, m.tokens_per_s, m.peak_rss_mib
+            ));
+            bar.set_position(m.step);
+        }
+    }
+    fn message(&mut self, text: &str) {
+        match &self.0 {
+            Some(bar) => bar.println(text),
+            None => eprintln!("{text}"),
+        }
+    }
+    fn finish(&mut self) {
+        if let Some(bar) = self.0.take() {
+            bar.finish();
+        }
+    }
+}
+
+/// The config file a resumed run was started with.
+fn config_of_run(resume: &std::path::Path) -> Option<PathBuf> {
+    [resume.join("train_config.toml"), resume.parent()?.join("train_config.toml")].into_iter().find(|p| p.exists())
+}
+
 fn main() -> anyhow::Result<()> {
-    match Cli::parse().command {
+    let matches = <Cli as clap::CommandFactory>::command().get_matches();
+    let cli = <Cli as clap::FromArgMatches>::from_arg_matches(&matches)?;
+    match cli.command {
+        Command::Train { config: _, config_file, resume } => {
+            let sub = matches.subcommand_matches("train").expect("train subcommand");
+            let file = config_file.or_else(|| resume.as_deref().and_then(config_of_run));
+            let config = TrainConfig::from_matches_over_file(sub, file.as_deref())?;
+            let summary = train::trainer::train(&config, resume.as_deref(), &mut Bar(None)).context("training")?;
+            println!("{}", train::trainer::report(&config, &summary));
+        }
         Command::Quantize { model, out, quant_type, blocksize, no_double_quant } => {
             nf4::check_blocksize(blocksize)?;
             let args = QuantizeArgs {
@@ -277,6 +341,8 @@ mod tests {
         ok(&["qlora", "generate", "--prompt", "hi", "--chat", "--temperature", "0.7", "--top-k", "40", "--top-p", "0.9", "--stop", "\n\n"]);
         ok(&["qlora", "chat", "--model", "m", "--quant", "nf4", "--dtype", "bf16", "--adapter", "a"]);
         ok(&["qlora", "merge", "--model", "m", "--adapter", "a", "--out", "o", "--requantize"]);
+        ok(&["qlora", "train"]);
+        ok(&["qlora", "train", "--data", "d.jsonl", "--group-by-length", "false", "--max-steps", "3", "--resume", "runs/x", "--config", "c.toml"]);
         assert!(Cli::try_parse_from(["qlora", "quantize", "--model", "m", "--out", "o", "--quant-type", "int4"]).is_err());
         assert!(Cli::try_parse_from(["qlora", "forward", "--model", "m", "--out", "x"]).is_err(), "needs --text or --tokens");
     }
