@@ -128,6 +128,7 @@ fn resuming_from_a_checkpoint_gives_the_same_losses() {
 
 #[test]
 fn bad_training_input_is_a_clear_error() {
+    let _rng = rng_lock();
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("bad.jsonl");
     std::fs::write(&bad, "{\"text\": \"fine\"}\n{\"text\": \n").unwrap();

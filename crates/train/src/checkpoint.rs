@@ -33,6 +33,14 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
 /// Creates the output directory and checks that it is writable, before any work is done.
 pub fn prepare_output_dir(out: &Path) -> Result<(), TrainError> {
     fs::create_dir_all(out).map_err(|e| TrainError::Input(format!("cannot create the output directory {}: {e}", out.display())))?;
+    // Temporary directories of a run that was killed mid-write are incomplete by construction: remove them.
+    for entry in fs::read_dir(out).map_err(io(out))?.flatten() {
+        let name = entry.file_name().to_string_lossy().to_string();
+        if name.starts_with('.') && (name.contains(".partial-") || name.contains(".old-")) {
+            let path = entry.path();
+            if path.is_dir() { fs::remove_dir_all(&path) } else { fs::remove_file(&path) }.map_err(io(&path))?;
+        }
+    }
     let probe = out.join(format!(".write-test-{}", std::process::id()));
     fs::write(&probe, b"ok").map_err(|e| TrainError::Input(format!("the output directory {} is not writable: {e}", out.display())))?;
     let _ = fs::remove_file(&probe);
