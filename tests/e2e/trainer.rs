@@ -151,3 +151,54 @@ fn bad_training_input_is_a_clear_error() {
     let err = run(TrainConfig { data: tiny().join("text.jsonl").display().to_string(), output_dir: blocked.join("out"), ..base });
     assert!(err.contains("cannot create the output directory"), "{err}");
 }
+
+/// `qlora eval`: loss mode agrees with the trainer's eval; multiple choice picks the likeliest choice, batched
+/// with padding exactly as one choice at a time.
+#[test]
+fn eval_loss_and_multiple_choice() {
+    use train::eval::{self, EvalArgs, EvalReport};
+    let loaded = train::infer::load_model(&tiny().join("model-nf4").display().to_string(), &llama::LoadOptions::default()).unwrap();
+    let limits = data::Limits::default();
+    let args = EvalArgs { data: tiny().join("chat-heldout.jsonl"), format: data::DatasetFormat::Auto, limits, micro_batch_size: 3, shots: 0 };
+    let EvalReport::Loss { loss, examples, .. } = eval::run(&loaded, &args).unwrap() else { panic!("loss mode") };
+    assert_eq!(examples, 24);
+    let report = data::read_jsonl(&args.data, data::DatasetFormat::Auto, false).unwrap();
+    let tokenized = data::tokenize_all(&report.examples, loaded.tokenizer().unwrap(), &limits).unwrap().examples;
+    let trainer_loss = trainer::eval_loss(&loaded.model, &tokenized, 5, 0).unwrap();
+    assert!((loss - trainer_loss).abs() < 1e-5, "{loss} vs {trainer_loss}");
+
+    // Answers defined as the choice the model scores best one at a time: batched scoring must agree (100%),
+    // and marking the worst choice as the answer must give 0%.
+    let tokenizer = loaded.tokenizer().unwrap();
+    let questions = ["What is a camp?", "What does abandon mean?", "Pick a colour.", "Which is a verb?", "Say hi."];
+    let choices = [vec!["a place", "temporary living quarters", "x"], vec!["to leave", "give up completely", "stay", "q"], vec!["red", "blue"], vec!["run", "table", "quickly"], vec!["hi", "hello there"]];
+    let mut best_lines = String::new();
+    let mut worst_lines = String::new();
+    for (q, cs) in questions.iter().zip(&choices) {
+        let prompt = tokenizer.encode(&format!("<s>Question: {q}\nAnswer:"), false).unwrap();
+        let scores: Vec<f64> = cs
+            .iter()
+            .map(|c| {
+                let cont = tokenizer.encode(&format!(" {c}"), false).unwrap();
+                let ex = data::TokenizedExample { ids: prompt.iter().copied().chain(cont.iter().copied()).collect(), target: (0..prompt.len() + cont.len()).map(|i| i >= prompt.len()).collect() };
+                eval::nll_per_example(&loaded.model, &data::Batch::new(&[&ex], 0))[0]
+            })
+            .collect();
+        let best = (0..cs.len()).min_by(|&a, &b| scores[a].total_cmp(&scores[b])).unwrap();
+        let worst = (0..cs.len()).max_by(|&a, &b| scores[a].total_cmp(&scores[b])).unwrap();
+        best_lines += &format!("{}\n", serde_json::json!({"question": q, "choices": cs, "answer": best}));
+        let letter = ((b'A' + worst as u8) as char).to_string();
+        worst_lines += &format!("{}\n", serde_json::json!({"question": q, "choices": cs, "answer": letter}));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    for (name, lines, expected) in [("best.jsonl", &best_lines, 1.0), ("worst.jsonl", &worst_lines, 0.0)] {
+        std::fs::write(dir.path().join(name), lines).unwrap();
+        let report = eval::run(&loaded, &EvalArgs { data: dir.path().join(name), shots: 0, ..args.clone() }).unwrap();
+        assert_eq!(report, EvalReport::MultipleChoice { accuracy: expected, correct: (expected * 5.0) as usize, total: 5, shots: 0 }, "{name}");
+    }
+    let two_shot = eval::run(&loaded, &EvalArgs { data: dir.path().join("best.jsonl"), shots: 2, ..args.clone() }).unwrap();
+    assert!(matches!(two_shot, EvalReport::MultipleChoice { total: 3, shots: 2, .. }), "{two_shot:?}");
+    std::fs::write(dir.path().join("bad.jsonl"), "{\"question\": \"q\", \"choices\": [\"a\", \"b\"], \"answer\": 7}\n").unwrap();
+    let err = eval::run(&loaded, &EvalArgs { data: dir.path().join("bad.jsonl"), ..args.clone() }).unwrap_err().to_string();
+    assert!(err.ends_with("bad.jsonl:1: `answer` must be an index below 2 or a letter"), "{err}");
+}

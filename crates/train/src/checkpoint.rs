@@ -36,8 +36,16 @@ pub fn prepare_output_dir(out: &Path) -> Result<(), TrainError> {
     // Temporary directories of a run that was killed mid-write are incomplete by construction: remove them.
     for entry in fs::read_dir(out).map_err(io(out))?.flatten() {
         let name = entry.file_name().to_string_lossy().to_string();
+        let path = entry.path();
+        if let Some((original, _)) = name.strip_prefix('.').and_then(|n| n.rsplit_once(".old-")) {
+            // Killed between moving the previous version aside and putting the new one in place: restore it.
+            let target = out.join(original);
+            if !target.exists() {
+                fs::rename(&path, &target).map_err(io(&path))?;
+                continue;
+            }
+        }
         if name.starts_with('.') && (name.contains(".partial-") || name.contains(".old-")) {
-            let path = entry.path();
             if path.is_dir() { fs::remove_dir_all(&path) } else { fs::remove_file(&path) }.map_err(io(&path))?;
         }
     }

@@ -11,10 +11,12 @@
 //!
 //! - `qlora train`: QLoRA finetuning ([`trainer`]) with checkpoints ([`checkpoint`]), metrics and a loss
 //!   plot ([`metrics`]), configured by [`config::TrainConfig`] (flags or a TOML file).
+//! - `qlora eval`: loss / perplexity on a dataset, or multiple-choice accuracy ([`eval`]).
 //! - `qlora merge`: fold an adapter into its base.
 
 pub mod checkpoint;
 pub mod config;
+pub mod eval;
 pub mod infer;
 pub mod metrics;
 pub mod quantize;

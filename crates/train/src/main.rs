@@ -99,6 +99,26 @@ enum Command {
         #[arg(long)]
         resume: Option<PathBuf>,
     },
+    /// Held-out loss and perplexity on a dataset (any `qlora train` format), or multiple-choice accuracy on
+    /// MMLU-style JSONL (`question`, `choices`, `answer`) by each choice's log-likelihood.
+    Eval {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[arg(long)]
+        data: PathBuf,
+        /// auto, alpaca, oasst, chat or text (loss mode).
+        #[arg(long, default_value = "auto")]
+        format: String,
+        /// Multiple choice: the first K questions are demonstrations.
+        #[arg(long, default_value_t = 0)]
+        shots: usize,
+        #[arg(long, default_value_t = 384)]
+        source_max_len: usize,
+        #[arg(long, default_value_t = 128)]
+        target_max_len: usize,
+        #[arg(long, default_value_t = 4)]
+        micro_batch_size: usize,
+    },
     /// Chat with the model in the terminal, using its chat template.
     Chat {
         #[command(flatten)]
@@ -320,6 +340,17 @@ fn main() -> anyhow::Result<()> {
                 println!("re-quantization error on the merged weights: max {:.3e}, mean {:.3e}", report.requant_max_abs_error, report.requant_mean_abs_error);
             }
         }
+        Command::Eval { model, data, format, shots, source_max_len, target_max_len, micro_batch_size } => {
+            let loaded = model.load()?;
+            let args = train::eval::EvalArgs {
+                data,
+                format: format.parse()?,
+                limits: data::Limits { source_max_len, target_max_len, train_on_source: false },
+                micro_batch_size,
+                shots,
+            };
+            println!("{}", train::eval::run(&loaded, &args)?);
+        }
         Command::Chat { model, system, sampling } => {
             let loaded = model.load()?;
             let stdin = std::io::stdin();
@@ -342,6 +373,7 @@ mod tests {
         ok(&["qlora", "chat", "--model", "m", "--quant", "nf4", "--dtype", "bf16", "--adapter", "a"]);
         ok(&["qlora", "merge", "--model", "m", "--adapter", "a", "--out", "o", "--requantize"]);
         ok(&["qlora", "train"]);
+        ok(&["qlora", "eval", "--model", "m", "--adapter", "a", "--data", "mmlu.jsonl", "--shots", "5"]);
         ok(&["qlora", "train", "--data", "d.jsonl", "--group-by-length", "false", "--max-steps", "3", "--resume", "runs/x", "--config", "c.toml"]);
         assert!(Cli::try_parse_from(["qlora", "quantize", "--model", "m", "--out", "o", "--quant-type", "int4"]).is_err());
         assert!(Cli::try_parse_from(["qlora", "forward", "--model", "m", "--out", "x"]).is_err(), "needs --text or --tokens");

@@ -1,0 +1,157 @@
+//! `qlora eval`: held-out loss and perplexity, or multiple-choice accuracy (MMLU-style JSONL: `question`,
+//! `choices`, `answer`) by comparing the log-likelihood of each choice after the question, k-shot.
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::activation::log_softmax;
+use burn::tensor::{DType, Int, Tensor, TensorData};
+use data::{Batch, DatasetFormat, Limits, TokenizedExample};
+use llama::{LlamaModel, LoadedModel};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::TrainError;
+
+/// One multiple-choice question.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Question {
+    pub question: String,
+    pub choices: Vec<String>,
+    pub answer: usize,
+}
+
+/// The result of `qlora eval`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum EvalReport {
+    Loss { loss: f64, perplexity: f64, examples: usize, target_tokens: usize },
+    MultipleChoice { accuracy: f64, correct: usize, total: usize, shots: usize },
+}
+
+impl std::fmt::Display for EvalReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            EvalReport::Loss { loss, perplexity, examples, target_tokens } => {
+                write!(f, "loss {loss:.4}, perplexity {perplexity:.3} ({examples} examples, {target_tokens} target tokens)")
+            }
+            EvalReport::MultipleChoice { accuracy, correct, total, shots } => {
+                write!(f, "accuracy {:.2}% ({correct}/{total}, {shots}-shot)", accuracy * 100.0)
+            }
+        }
+    }
+}
+
+/// Is this JSONL file multiple-choice (its first non-empty line has `question` and `choices`)?
+pub fn is_multiple_choice(text: &str) -> bool {
+    text.lines()
+        .find(|l| !l.trim().is_empty())
+        .and_then(|l| serde_json::from_str::<Value>(l).ok())
+        .is_some_and(|v| v.get("question").is_some() && v.get("choices").is_some())
+}
+
+/// Parses MMLU-style lines; `answer` is an index or a letter (A, B, …).
+pub fn parse_questions(text: &str, file: &str) -> Result<Vec<Question>, TrainError> {
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let bad = |reason: String| TrainError::Input(format!("{file}:{}: {reason}", i + 1));
+        let v: Value = serde_json::from_str(line).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+        let question = v.get("question").and_then(Value::as_str).ok_or_else(|| bad("`question` must be a string".into()))?.to_string();
+        let choices: Vec<String> = v
+            .get("choices")
+            .and_then(Value::as_array)
+            .map(|a| a.iter().map(|c| c.as_str().map(String::from)).collect::<Option<Vec<_>>>())
+            .flatten()
+            .ok_or_else(|| bad("`choices` must be a list of strings".into()))?;
+        if choices.len() < 2 {
+            return Err(bad("a question needs at least two choices".into()));
+        }
+        let answer = match v.get("answer") {
+            Some(Value::Number(n)) => n.as_u64().map(|n| n as usize),
+            Some(Value::String(s)) if s.len() == 1 && s.as_bytes()[0].is_ascii_uppercase() => Some((s.as_bytes()[0] - b'A') as usize),
+            _ => None,
+        }
+        .filter(|&a| a < choices.len())
+        .ok_or_else(|| bad(format!("`answer` must be an index below {} or a letter", choices.len())))?;
+        out.push(Question { question, choices, answer });
+    }
+    if out.is_empty() {
+        return Err(TrainError::Input(format!("{file}: no questions")));
+    }
+    Ok(out)
+}
+
+/// Sum of the negative log-likelihood of each row's target tokens.
+pub fn nll_per_example(model: &LlamaModel, batch: &Batch) -> Vec<f64> {
+    let device = model.device();
+    let (b, t) = (batch.batch, batch.len);
+    let ids = Tensor::<2, Int>::from_data(TensorData::new(batch.ids.iter().map(|&i| i as i64).collect::<Vec<_>>(), [b, t]), &device);
+    let labels = Tensor::<3, Int>::from_data(TensorData::new(batch.labels.iter().map(|&i| i as i64).collect::<Vec<_>>(), [b, t, 1]), &device);
+    let mask = Tensor::<2>::from_data(TensorData::new(batch.label_mask.clone(), [b, t]), &device);
+    let log_probs = log_softmax(model.forward(ids, None).cast(DType::F32), 2);
+    let nll = (log_probs.gather(2, labels).reshape([b, t]) * mask).sum_dim(1).neg();
+    nll.into_data().convert::<f64>().try_to_vec::<f64>().expect("f64")
+}
+
+fn shot_text(q: &Question) -> String {
+    format!("Question: {}\nAnswer: {}\n\n", q.question, q.choices[q.answer])
+}
+
+/// Multiple-choice accuracy: the first `shots` questions are the demonstrations, the rest are scored.
+pub fn multiple_choice(loaded: &LoadedModel, questions: &[Question], shots: usize) -> Result<EvalReport, TrainError> {
+    if shots >= questions.len() {
+        return Err(TrainError::Input(format!("{shots} shots leave none of the {} questions to score", questions.len())));
+    }
+    let tokenizer = loaded.tokenizer()?;
+    let model = &loaded.model;
+    let prefix: String = questions[..shots].iter().map(shot_text).collect();
+    let bos = tokenizer.bos_token.clone().unwrap_or_default();
+    let mut correct = 0;
+    for q in &questions[shots..] {
+        let prompt = tokenizer.encode(&format!("{bos}{prefix}Question: {}\nAnswer:", q.question), false)?;
+        let rows: Vec<TokenizedExample> = q
+            .choices
+            .iter()
+            .map(|c| {
+                let cont = tokenizer.encode(&format!(" {c}"), false)?;
+                let target = std::iter::repeat_n(false, prompt.len()).chain(std::iter::repeat_n(true, cont.len())).collect();
+                Ok(TokenizedExample { ids: prompt.iter().copied().chain(cont).collect(), target })
+            })
+            .collect::<Result<_, TrainError>>()?;
+        let batch = Batch::new(&rows.iter().collect::<Vec<_>>(), 0);
+        let nll = nll_per_example(model, &batch);
+        let best = nll.iter().enumerate().min_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i).expect("choices");
+        correct += usize::from(best == q.answer);
+    }
+    let total = questions.len() - shots;
+    Ok(EvalReport::MultipleChoice { accuracy: correct as f64 / total as f64, correct, total, shots })
+}
+
+/// What `qlora eval` needs.
+#[derive(Debug, Clone)]
+pub struct EvalArgs {
+    pub data: PathBuf,
+    pub format: DatasetFormat,
+    pub limits: Limits,
+    pub micro_batch_size: usize,
+    pub shots: usize,
+}
+
+/// Runs `qlora eval` on a loaded model (with its adapter applied, if any).
+pub fn run(loaded: &LoadedModel, args: &EvalArgs) -> Result<EvalReport, TrainError> {
+    let path: &Path = &args.data;
+    let text = std::fs::read_to_string(path).map_err(|source| TrainError::Io { path: path.to_path_buf(), source })?;
+    let file = path.display().to_string();
+    if is_multiple_choice(&text) {
+        return multiple_choice(loaded, &parse_questions(&text, &file)?, args.shots);
+    }
+    let report = data::parse_jsonl(&text, &file, args.format, false)?;
+    let tokenized = data::tokenize_all(&report.examples, loaded.tokenizer()?, &args.limits)?;
+    let (mut sum, mut tokens) = (0.0f64, 0usize);
+    for chunk in tokenized.examples.chunks(args.micro_batch_size.max(1)) {
+        let batch = Batch::new(&chunk.iter().collect::<Vec<_>>(), 0);
+        sum += nll_per_example(&loaded.model, &batch).iter().sum::<f64>();
+        tokens += batch.targets;
+    }
+    let loss = sum / tokens.max(1) as f64;
+    Ok(EvalReport::Loss { loss, perplexity: loss.exp(), examples: tokenized.examples.len(), target_tokens: tokens })
+}
