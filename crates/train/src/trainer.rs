@@ -240,6 +240,13 @@ pub fn sample_answer(loaded: &LoadedModel, model: &LlamaModel, prompt: &str, max
 /// Runs (or resumes) a training run as configured; `resume` is an output or checkpoint directory.
 pub fn train(config: &TrainConfig, resume: Option<&Path>, progress: &mut dyn Progress) -> Result<TrainSummary, TrainError> {
     check_config(config)?;
+    // A run killed before its first checkpoint has nothing to resume: it starts over.
+    let restart = resume.is_some_and(|dir| checkpoint::latest(dir).is_err() && dir.join("train_config.toml").exists());
+    if restart {
+        progress.message("no checkpoint was written before the run stopped: starting it over");
+    }
+    let resume = resume.filter(|_| !restart);
+    let config = &TrainConfig { overwrite_output_dir: config.overwrite_output_dir || restart, ..config.clone() };
     let out = &config.output_dir;
     if resume.is_none() && !config.overwrite_output_dir && (out.join("metrics.jsonl").exists() || !checkpoint::checkpoints(out).is_empty()) {
         return Err(TrainError::Input(format!(
