@@ -202,3 +202,31 @@ fn eval_loss_and_multiple_choice() {
     let err = eval::run(&loaded, &EvalArgs { data: dir.path().join("bad.jsonl"), ..args.clone() }).unwrap_err().to_string();
     assert!(err.ends_with("bad.jsonl:1: `answer` must be an index below 2 or a letter"), "{err}");
 }
+
+/// A diverging run stops with a clear message before updating on a non-finite loss; its checkpoints stay.
+#[test]
+fn a_diverging_run_stops_and_keeps_its_last_good_checkpoint() {
+    let _rng = rng_lock();
+    let dir = tempfile::tempdir().unwrap();
+    let config = TrainConfig {
+        data: tiny().join("text.jsonl").display().to_string(),
+        micro_batch_size: 1,
+        grad_accum: 1,
+        lr: 1e35, // every parameter moves by ~1e35: the next forward overflows
+        warmup_ratio: 0.0,
+        max_grad_norm: 0.0,
+        max_steps: 6,
+        save_steps: 1,
+        ..base_config(dir.path())
+    };
+    let err = trainer::train(&config, None, &mut Quiet).unwrap_err().to_string();
+    println!("  {err}");
+    assert!(err.contains("training diverged") && err.contains("the last good checkpoint is"), "{err}");
+    let checkpoints = train::checkpoint::checkpoints(dir.path());
+    assert!(!checkpoints.is_empty(), "a checkpoint was written before the divergence");
+    let (_, state) = train::checkpoint::latest(dir.path()).unwrap();
+    assert!(err.contains(&format!("checkpoint-{}", state.step)), "{err}");
+    let (_, ckpt) = &checkpoints[checkpoints.len() - 1];
+    let adapter = std::fs::read(ckpt.join("adapter/adapter_model.safetensors")).unwrap();
+    safetensors::SafeTensors::deserialize(&adapter).unwrap();
+}
