@@ -54,20 +54,42 @@ pub fn adamw_torch(param: &mut [f32], grad: &[f32], exp_avg: &mut [f32], exp_avg
     );
 }
 
+/// The scalars both bitsandbytes updates derive from the hyperparameters (Python floats → f32 where the
+/// kernels take them; bias corrections in f64 as Python computes them).
+struct BnbScalars {
+    beta1: f32,
+    one_minus_beta1: f32,
+    beta2: f32,
+    one_minus_beta2: f32,
+    correction1: f64,
+    /// `sqrt(1 - beta2^t)`
+    correction2: f64,
+    decay: f32,
+    apply_decay: bool,
+}
+
+impl BnbScalars {
+    fn new(h: &AdamHyper) -> Self {
+        let step = h.step as f64;
+        BnbScalars {
+            beta1: h.beta1 as f32,
+            one_minus_beta1: (1.0 - h.beta1) as f32,
+            beta2: h.beta2 as f32,
+            one_minus_beta2: (1.0 - h.beta2) as f32,
+            correction1: 1.0 - h.beta1.powf(step),
+            correction2: (1.0 - h.beta2.powf(step)).sqrt(),
+            decay: (1.0 - h.lr * h.weight_decay) as f32,
+            apply_decay: h.weight_decay > 0.0,
+        }
+    }
+}
+
 /// bitsandbytes' 32-bit Adam/AdamW CPU update (`optimizer_update_32bit`): what `AdamW8bit` uses for tensors
 /// under its `min_8bit_size`. Note its different epsilon placement (`eps * sqrt(1 - beta2^t)`).
 pub fn adamw_bnb32(param: &mut [f32], grad: &[f32], state1: &mut [f32], state2: &mut [f32], h: &AdamHyper) {
-    let beta1 = h.beta1 as f32;
-    let one_minus_beta1 = (1.0 - h.beta1) as f32;
-    let beta2 = h.beta2 as f32;
-    let one_minus_beta2 = (1.0 - h.beta2) as f32;
-    let step = h.step as f64;
-    let correction1 = 1.0 - h.beta1.powf(step);
-    let correction2 = (1.0 - h.beta2.powf(step)).sqrt();
+    let BnbScalars { beta1, one_minus_beta1, beta2, one_minus_beta2, correction1, correction2, decay, apply_decay } = BnbScalars::new(h);
     let step_size = (-h.lr * correction2 / correction1) as f32;
     let eps_scaled = (h.eps * correction2) as f32;
-    let decay = (1.0 - h.lr * h.weight_decay) as f32;
-    let apply_decay = h.weight_decay > 0.0;
     param.par_chunks_mut(CHUNK).zip(grad.par_chunks(CHUNK)).zip(state1.par_chunks_mut(CHUNK)).zip(state2.par_chunks_mut(CHUNK)).for_each(
         |(((p, g), m), v)| {
             for i in 0..p.len() {
@@ -95,17 +117,10 @@ pub struct Blockwise8Mut<'a> {
 /// bitsandbytes' 8-bit blockwise AdamW CPU update (`optimizer_update_8bit_blockwise`): dequantize both
 /// moments, update them in f32, update the parameter, re-quantize with the lookup-table quantizer.
 pub fn adamw_bnb8(param: &mut [f32], grad: &[f32], state: Blockwise8Mut<'_>, signed: &Codebook8, unsigned: &Codebook8, h: &AdamHyper) {
-    let beta1 = h.beta1 as f32;
-    let one_minus_beta1 = (1.0 - h.beta1) as f32;
-    let beta2 = h.beta2 as f32;
-    let one_minus_beta2 = (1.0 - h.beta2) as f32;
-    let step = h.step as f64;
-    let correction1 = 1.0 - h.beta1.powf(step);
-    let correction2 = (1.0 - h.beta2.powf(step)).sqrt() as f32;
+    let BnbScalars { beta1, one_minus_beta1, beta2, one_minus_beta2, correction1, correction2, decay, apply_decay } = BnbScalars::new(h);
+    let correction2 = correction2 as f32;
     let neg_step_size = (-h.lr / correction1) as f32;
     let eps = h.eps as f32;
-    let decay = (1.0 - h.lr * h.weight_decay) as f32;
-    let apply_decay = h.weight_decay > 0.0;
     let Blockwise8Mut { codes1, absmax1, codes2, absmax2 } = state;
     let blocks_per_chunk = CHUNK / STATE_BLOCKSIZE;
     param
