@@ -34,6 +34,15 @@ enum Task {
     },
     /// Run the criterion benchmarks (never while a build runs on the same machine).
     Bench,
+    /// Fuzz every parser of outside data (cargo-fuzz, nightly): seed corpora from the fixtures, N runs each.
+    Fuzz {
+        /// Executions per target.
+        #[arg(long, default_value_t = 10_000)]
+        runs: u64,
+        /// Only these targets (default: all).
+        #[arg(long = "target")]
+        targets: Vec<String>,
+    },
     /// Finetune SmolLM2-135M-Instruct with QLoRA on the embedded WordNet dataset (flags pass to `qlora train`).
     #[command(disable_help_flag = true)]
     Train {
@@ -110,6 +119,7 @@ fn main() -> Result<()> {
             full.extend(args);
             run(Command::new(root().join("target/release/qlora")).args(&full))?;
         }
+        Task::Fuzz { runs, targets } => fuzz(runs, targets)?,
         Task::Bench => {
             run(cargo().args(["bench", "-p", "qlora-nf4", "--bench", "dequantize"]))?;
             run(cargo().args(["bench", "-p", "qlora-optim", "--bench", "optimizer_step"]))?;
@@ -118,3 +128,90 @@ fn main() -> Result<()> {
     Ok(())
 }
 
+
+const FUZZ_TARGETS: [&str; 7] = ["datasets", "hf_checkpoint", "gguf", "peft_adapter", "tokenizer", "optimizer_state", "trainer_state"];
+const SEPARATOR: &[u8] = b"\n--8<--\n";
+
+/// Seed corpora: fixture files (single, and joined with the multi-file separator where a target reads
+/// several files), plus optimizer and trainer states from a short run of `qlora train` on the tiny model.
+fn fuzz_seeds(corpus: &Path) -> Result<()> {
+    let fx = root().join("tests/fixtures");
+    let read = |p: &str| std::fs::read(fx.join(p)).with_context(|| format!("reading fixture {p}"));
+    let join = |a: &[u8], b: &[u8]| [a, SEPARATOR, b].concat();
+    let mut seeds: Vec<(&str, String, Vec<u8>)> = Vec::new();
+    for f in ["tiny-train/text.jsonl", "tiny-train/chat-heldout.jsonl"] {
+        seeds.push(("datasets", f.replace('/', "_"), read(f)?));
+    }
+    seeds.push(("datasets", "alpaca".into(), br#"{"instruction": "Name a colour.", "input": "", "output": "Blue."}"#.to_vec()));
+    seeds.push(("datasets", "oasst_rows".into(), b"{\"message_id\": \"a\", \"parent_id\": null, \"role\": \"prompter\", \"text\": \"Q\"}\n{\"message_id\": \"b\", \"parent_id\": \"a\", \"role\": \"assistant\", \"text\": \"A\", \"rank\": 0}\n".to_vec()));
+    seeds.push(("datasets", "oasst_tree".into(), br#"{"prompt": {"role": "prompter", "text": "Q", "replies": [{"role": "assistant", "text": "A", "rank": 0}]}}"#.to_vec()));
+    for model in ["tiny-train/model-nf4", "tiny-llama-f32", "tiny-llama-bnb-nf4-dq", "tiny-llama-bnb-fp4"] {
+        let config = read(&format!("{model}/config.json"))?;
+        let weights = read(&format!("{model}/model.safetensors"))?;
+        seeds.push(("hf_checkpoint", model.replace('/', "_"), join(&config, &weights)));
+    }
+    seeds.push(("gguf", "tiny.gguf".into(), std::fs::read(root().join("fuzz/seeds/gguf/tiny.gguf"))?));
+    let (ac, aw) = (read("tiny-train/init-adapter/adapter_config.json")?, read("tiny-train/init-adapter/adapter_model.safetensors")?);
+    seeds.push(("peft_adapter", "config".into(), ac.clone()));
+    seeds.push(("peft_adapter", "both".into(), join(&ac, &aw)));
+    seeds.push(("peft_adapter", "rslora".into(), read("peft/adapter-tiny-llama-rslora/adapter_config.json")?));
+    let (tj, tc) = (read("tiny-train/model-nf4/tokenizer.json")?, read("tiny-train/model-nf4/tokenizer_config.json")?);
+    seeds.push(("tokenizer", "config".into(), tc.clone()));
+    seeds.push(("tokenizer", "both".into(), join(&tj, &tc)));
+    // Optimizer and trainer states from a real (tiny) run, 32-bit and 8-bit.
+    run(cargo().args(["build", "--release", "-p", "qlora-train", "--bin", "qlora"]))?;
+    for optimizer in ["paged_adamw_32bit", "paged_adamw_8bit"] {
+        let out = root().join("target/fuzz-seed-run").join(optimizer);
+        let _ = std::fs::remove_dir_all(&out);
+        run(Command::new(root().join("target/release/qlora"))
+            .args(["train", "--model", "tests/fixtures/tiny-train/model-nf4", "--data", "tests/fixtures/tiny-train/text.jsonl"])
+            .args(["--lora-r", "4", "--target-modules", "q_proj,v_proj", "--max-steps", "1", "--grad-accum", "1", "--optimizer", optimizer])
+            .args(["--eval-steps", "0", "--save-steps", "0", "--sample-prompt", ""])
+            .arg("--output-dir")
+            .arg(&out))?;
+        seeds.push(("optimizer_state", optimizer.into(), std::fs::read(out.join("checkpoint-1/optimizer.safetensors"))?));
+        seeds.push(("trainer_state", format!("{optimizer}_state"), std::fs::read(out.join("checkpoint-1/trainer_state.json"))?));
+        seeds.push(("trainer_state", format!("{optimizer}_config"), std::fs::read(out.join("train_config.toml"))?));
+    }
+    for (target, name, bytes) in seeds {
+        let dir = corpus.join(target);
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(dir.join(name), bytes)?;
+    }
+    Ok(())
+}
+
+fn fuzz(runs: u64, targets: Vec<String>) -> Result<()> {
+    let targets: Vec<String> = if targets.is_empty() { FUZZ_TARGETS.iter().map(|t| t.to_string()).collect() } else { targets };
+    if let Some(bad) = targets.iter().find(|t| !FUZZ_TARGETS.contains(&t.as_str())) {
+        bail!("unknown fuzz target {bad} (targets: {})", FUZZ_TARGETS.join(", "));
+    }
+    if Command::new("cargo").args(["fuzz", "--version"]).output().map(|o| !o.status.success()).unwrap_or(true) {
+        run(cargo().args(["install", "cargo-fuzz", "--locked"]))?;
+    }
+    let corpus = root().join("target/fuzz-corpus");
+    fuzz_seeds(&corpus)?;
+    let mut summary = Vec::new();
+    for target in &targets {
+        let dir = corpus.join(target);
+        // No sanitizer: the code is safe Rust; libFuzzer still finds panics, hangs (-timeout) and runaway
+        // memory (-rss_limit_mb). Debug assertions (overflow checks) are on.
+        let output = Command::new("cargo")
+            .current_dir(root().join("fuzz"))
+            .args(["+nightly", "fuzz", "run", "-s", "none", "--debug-assertions", target])
+            .arg(&dir)
+            .args(["--", &format!("-runs={runs}"), "-timeout=20", "-rss_limit_mb=3072", "-max_len=262144"])
+            .output()
+            .with_context(|| format!("running fuzz target {target}"))?;
+        let log = String::from_utf8_lossy(&output.stderr);
+        let done = log.lines().rev().find(|l| l.starts_with("Done ")).unwrap_or("(no summary)").to_string();
+        eprintln!("{target}: {done}");
+        if !output.status.success() {
+            eprintln!("{}", log.lines().rev().take(40).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n"));
+            bail!("fuzz target {target} failed; the input is under fuzz/artifacts/{target}/");
+        }
+        summary.push(format!("{target}: {done}"));
+    }
+    println!("{}", summary.join("\n"));
+    Ok(())
+}

@@ -134,7 +134,7 @@ impl<'a> BatchStream<'a> {
     /// The next micro-batch's examples (the last of an epoch may be smaller).
     pub fn next_examples(&mut self) -> Vec<&'a TokenizedExample> {
         if self.cursor.position >= self.order.len() {
-            self.cursor = DataCursor { epoch: self.cursor.epoch + 1, position: 0 };
+            self.cursor = DataCursor { epoch: self.cursor.epoch.wrapping_add(1), position: 0 };
             self.order = epoch_order(&self.lengths, &self.config, self.cursor.epoch);
         }
         let end = (self.cursor.position + self.config.micro_batch_size).min(self.order.len());

@@ -105,7 +105,7 @@ impl<D: PageDevice> PagedAdamW<D> {
         let read = |name: String, dtype: Dtype, len: usize| -> Result<Vec<u8>, OptimError> {
             let t = tensors.tensor(&name).map_err(|e| OptimError::checkpoint(path, format!("{name}: {e}")))?;
             let width = if dtype == Dtype::U8 { 1 } else { 4 };
-            if t.dtype() != dtype || t.data().len() != len * width {
+            if t.dtype() != dtype || len.checked_mul(width) != Some(t.data().len()) {
                 return Err(OptimError::checkpoint(path, format!("{name}: expected {len} {dtype:?} values, found {:?} {:?}", t.dtype(), t.shape())));
             }
             Ok(t.data().to_vec())

@@ -280,6 +280,16 @@ pub fn train(config: &TrainConfig, resume: Option<&Path>, progress: &mut dyn Pro
         loaded.model.load_peft_adapter(&ckpt.join("adapter"))?;
         optimizer.load(&ckpt.join("optimizer.safetensors"))?;
         progress.message(&format!("resumed from {} at step {}", ckpt.display(), restored.step));
+        if restored.cursor.position > data.train.len() {
+            return Err(TrainError::Input(format!(
+                "{}: step {} at position {} of epoch {} does not fit this run's data ({} examples): resume with the run's own data and config",
+                ckpt.display(),
+                restored.step,
+                restored.cursor.position,
+                restored.cursor.epoch,
+                data.train.len()
+            )));
+        }
         state.step = restored.step;
         state.cursor = restored.cursor;
     }
