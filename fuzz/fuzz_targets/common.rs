@@ -31,3 +31,18 @@ pub fn dir_with(files: &[(&str, &[u8])]) -> tempfile::TempDir {
     }
     dir
 }
+
+/// Makes panics fatal (as libFuzzer wants) except those raised inside the `tokenizers` crate, which our
+/// tokenizer loader catches and reports as errors: without this, libFuzzer's hook would abort on them first.
+pub fn init() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        std::panic::set_hook(Box::new(|info| {
+            let inside_tokenizers = info.location().is_some_and(|l| l.file().contains("/tokenizers-"));
+            if !inside_tokenizers {
+                eprintln!("{info}");
+                std::process::abort();
+            }
+        }));
+    });
+}

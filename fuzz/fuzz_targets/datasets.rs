@@ -12,6 +12,7 @@ fn tokenizer() -> &'static llama::tokenizer::TextTokenizer {
 }
 
 fuzz_target!(|data: &[u8]| {
+    common::init();
     let text = String::from_utf8_lossy(data);
     for format in [data::DatasetFormat::Auto, data::DatasetFormat::Alpaca, data::DatasetFormat::Oasst, data::DatasetFormat::Chat, data::DatasetFormat::Text] {
         for skip in [false, true] {

@@ -6,6 +6,7 @@ use libfuzzer_sys::fuzz_target;
 mod common;
 
 fuzz_target!(|data: &[u8]| {
+    common::init();
     if let Ok(file) = llama::gguf::GgufFile::from_bytes(data.to_vec(), "fuzz.gguf") {
         let _ = file.llama_params();
         let _ = llama::gguf_tokenizer::tokenizer_from_gguf(&file);

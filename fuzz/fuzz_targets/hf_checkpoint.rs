@@ -7,6 +7,7 @@ use libfuzzer_sys::fuzz_target;
 mod common;
 
 fuzz_target!(|data: &[u8]| {
+    common::init();
     let parts = common::parts(data);
     let fixture = common::fixtures().join("tiny-train/model-nf4");
     let config = std::fs::read(fixture.join("config.json")).unwrap();

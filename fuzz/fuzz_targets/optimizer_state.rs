@@ -6,6 +6,7 @@ use libfuzzer_sys::fuzz_target;
 mod common;
 
 fuzz_target!(|data: &[u8]| {
+    common::init();
     let dir = common::dir_with(&[("optimizer.safetensors", data)]);
     for precision in [optim::AdamPrecision::Bits32, optim::AdamPrecision::Bits8] {
         let mut opt = optim::PagedAdamWConfig::new().with_precision(precision).with_page_bytes(4096).init().unwrap();

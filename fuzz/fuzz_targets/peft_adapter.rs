@@ -15,6 +15,7 @@ fn base() -> &'static llama::LlamaModel {
 }
 
 fuzz_target!(|data: &[u8]| {
+    common::init();
     let parts = common::parts(data);
     let fixture = common::fixtures().join("tiny-train/init-adapter");
     let config = std::fs::read(fixture.join("adapter_config.json")).unwrap();

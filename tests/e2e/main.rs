@@ -2,6 +2,7 @@
 //! (bitsandbytes, transformers, PEFT). One test binary; one module per subject.
 
 mod fixture;
+mod hostile_input;
 mod llama_parity;
 mod lora_peft;
 mod bnb_checkpoint;

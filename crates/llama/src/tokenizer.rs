@@ -37,6 +37,19 @@ fn tok_err(file: &str, e: impl std::fmt::Display) -> LlamaError {
     LlamaError::Tokenizer { file: file.to_string(), reason: e.to_string() }
 }
 
+/// Runs a call into the `tokenizers` crate, turning a panic inside it (some malformed tokenizer.json files make
+/// its deserializers panic instead of returning an error) into an error naming the file.
+fn guard<T>(file: &str, f: impl FnOnce() -> T) -> Result<T, LlamaError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|payload| {
+        let reason = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or("the tokenizers library panicked");
+        tok_err(file, format!("malformed tokenizer: {reason}"))
+    })
+}
+
 /// A special token in tokenizer_config.json: a string, or `{"content": ...}`.
 fn special_token(config: &Value, key: &str) -> Option<String> {
     match config.get(key)? {
@@ -54,7 +67,7 @@ impl TextTokenizer {
         if !path.exists() {
             return Err(tok_err(&file, "not found (an HF model directory needs tokenizer.json)"));
         }
-        let inner = tokenizers::Tokenizer::from_file(&path).map_err(|e| tok_err(&file, e))?;
+        let inner = guard(&file, || tokenizers::Tokenizer::from_file(&path))?.map_err(|e| tok_err(&file, e))?;
         let config_path = dir.join("tokenizer_config.json");
         let config: Value = if config_path.exists() {
             let text = std::fs::read_to_string(&config_path).map_err(|source| LlamaError::Io { path: config_path.clone(), source })?;
@@ -93,13 +106,13 @@ impl TextTokenizer {
 
     /// Token ids of `text`; `add_special_tokens` as transformers' argument of that name.
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, LlamaError> {
-        let encoding = self.inner.encode(text, add_special_tokens).map_err(|e| tok_err("tokenizer", e))?;
+        let encoding = guard("tokenizer", || self.inner.encode(text, add_special_tokens))?.map_err(|e| tok_err("tokenizer", e))?;
         Ok(encoding.get_ids().to_vec())
     }
 
     /// Text of `ids`.
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String, LlamaError> {
-        self.inner.decode(ids, skip_special_tokens).map_err(|e| tok_err("tokenizer", e))
+        guard("tokenizer", || self.inner.decode(ids, skip_special_tokens))?.map_err(|e| tok_err("tokenizer", e))
     }
 
     /// The id of a token string, if it is in the vocabulary.

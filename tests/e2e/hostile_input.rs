@@ -1,0 +1,36 @@
+//! Inputs the fuzzers found (fuzz/, `cargo xtask fuzz`), kept as regression tests: each must give a clear
+//! error, never a panic. Inputs with several files join them with the fuzz targets' separator.
+
+use qlora_tests::fixtures_dir;
+
+const SEPARATOR: &[u8] = b"\n--8<--\n";
+
+fn parts(name: &str) -> Vec<Vec<u8>> {
+    let data = std::fs::read(fixtures_dir().join("regressions").join(name)).unwrap();
+    let mut out = Vec::new();
+    let mut rest = data.as_slice();
+    while let Some(i) = rest.windows(SEPARATOR.len()).position(|w| w == SEPARATOR) {
+        out.push(rest[..i].to_vec());
+        rest = &rest[i + SEPARATOR.len()..];
+    }
+    out.push(rest.to_vec());
+    out
+}
+
+fn dir_with(files: &[(&str, &[u8])]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, bytes) in files {
+        std::fs::write(dir.path().join(name), bytes).unwrap();
+    }
+    dir
+}
+
+/// tokenizers 0.22 panics (instead of failing) on a decoder entry it cannot parse; our loader reports it.
+#[test]
+fn tokenizer_json_that_makes_the_tokenizers_crate_panic_is_an_error() {
+    let p = parts("tokenizer-decoder-panic.bin");
+    let dir = dir_with(&[("tokenizer.json", &p[0]), ("tokenizer_config.json", &p[1])]);
+    let err = llama::tokenizer::TextTokenizer::from_dir(dir.path()).err().expect("an error, not a tokenizer");
+    let text = err.to_string();
+    assert!(text.contains("tokenizer.json") && text.contains("malformed tokenizer"), "{text}");
+}
