@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""A tiny valid GGUF (Llama, hidden 8, 1 layer, vocab 260 byte-level tokens, ChatML template) as a fuzzing seed.
+"""A tiny valid GGUF (Llama, hidden 8, 1 layer, vocab 261: 256 byte-level tokens, 4 specials, one merge; ChatML template) as a fuzzing seed.
 
     /tmp/ref/bin/python fuzz/make_gguf_seed.py fuzz/seeds/gguf/tiny.gguf        (gguf 0.19.0, numpy)
 """
@@ -17,6 +17,7 @@ def main(out):
     tok = json.loads((ROOT / "tests/fixtures/tiny-train/model-nf4/tokenizer.json").read_text())
     vocab = sorted(tok["model"]["vocab"].items(), key=lambda kv: kv[1])
     tokens = [t for t, _ in vocab] + [a["content"] for a in sorted(tok["added_tokens"], key=lambda a: a["id"])]
+    tokens.append("ab")  # one merge: llama.cpp (and our reader) require merges for a gpt2 tokenizer
     template = json.loads((ROOT / "tests/fixtures/tiny-train/model-nf4/tokenizer_config.json").read_text())["chat_template"]
     hidden, ff, heads, kv, n_vocab = 8, 16, 2, 1, len(tokens)
     head_dim = hidden // heads
@@ -31,8 +32,8 @@ def main(out):
     w.add_rope_freq_base(10000.0)
     w.add_tokenizer_model("gpt2")
     w.add_token_list(tokens)
-    w.add_token_types([1] * 256 + [3] * (n_vocab - 256))
-    w.add_token_merges([])
+    w.add_token_types([1] * 256 + [3] * 4 + [1])
+    w.add_token_merges(["a b"])
     w.add_bos_token_id(256)
     w.add_eos_token_id(257)
     w.add_chat_template(template)

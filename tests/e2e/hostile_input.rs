@@ -34,3 +34,16 @@ fn tokenizer_json_that_makes_the_tokenizers_crate_panic_is_an_error() {
     let text = err.to_string();
     assert!(text.contains("tokenizer.json") && text.contains("malformed tokenizer"), "{text}");
 }
+
+/// The fuzzers start from valid inputs, so that mutations reach past the first checks: the GGUF seed (written
+/// by gguf-py, `fuzz/make_gguf_seed.py`) loads as a model with its tokenizer and chat template.
+#[test]
+fn the_gguf_fuzz_seed_is_a_loadable_model() {
+    let path = fixtures_dir().join("../../fuzz/seeds/gguf/tiny.gguf");
+    let loaded = llama::load(&llama::source::ModelSource::Gguf(path), &llama::LoadOptions::default(), &burn::tensor::Device::flex()).unwrap();
+    assert_eq!((loaded.config.vocab_size, loaded.config.hidden_size, loaded.config.num_hidden_layers), (261, 8, 1));
+    let tokenizer = loaded.tokenizer().unwrap();
+    assert_eq!(tokenizer.encode("hi", false).unwrap().len(), 2);
+    assert_eq!(tokenizer.encode("ab", false).unwrap(), [260], "the merge applies");
+    assert!(tokenizer.apply_chat_template(&[llama::tokenizer::ChatMessage::new("user", "x")], true).unwrap().ends_with("<|im_start|>assistant\n"));
+}
