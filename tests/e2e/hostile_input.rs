@@ -47,3 +47,14 @@ fn the_gguf_fuzz_seed_is_a_loadable_model() {
     assert_eq!(tokenizer.encode("ab", false).unwrap(), [260], "the merge applies");
     assert!(tokenizer.apply_chat_template(&[llama::tokenizer::ChatMessage::new("user", "x")], true).unwrap().ends_with("<|im_start|>assistant\n"));
 }
+
+/// A GGUF whose `llama.block_count` is absurd used to reach `Vec::with_capacity(layers)` and abort.
+#[test]
+fn gguf_with_an_absurd_layer_count_is_an_error() {
+    let p = parts("gguf-huge-block-count.bin");
+    let dir = dir_with(&[("m.gguf", &p[0])]);
+    let source = llama::source::ModelSource::Gguf(dir.path().join("m.gguf"));
+    let err = llama::load(&source, &llama::LoadOptions::default(), &burn::tensor::Device::flex()).err().expect("an error");
+    println!("  {err}");
+    assert!(err.to_string().contains("m.gguf"), "{err}");
+}

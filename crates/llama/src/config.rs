@@ -84,6 +84,25 @@ impl LlamaConfig {
             if v == 0 {
                 return bad(format!("{name} must be positive"));
             }
+            // Generous bounds far above any released model; they keep products of sizes from overflowing
+            // and a hostile file from asking for absurd allocations before its tensors are checked.
+            let limit = match name {
+                "vocab_size" => 1 << 24,
+                "num_hidden_layers" | "num_attention_heads" | "num_key_value_heads" => 1 << 12,
+                _ => 1 << 20,
+            };
+            if v > limit {
+                return bad(format!("{name} = {v} exceeds {limit}"));
+            }
+        }
+        for (what, a, b) in [
+            ("num_attention_heads × head_dim", self.num_attention_heads, self.head_dim()),
+            ("vocab_size × hidden_size", self.vocab_size, self.hidden_size),
+            ("intermediate_size × hidden_size", self.intermediate_size, self.hidden_size),
+        ] {
+            if a.checked_mul(b).is_none_or(|n| n > 1 << 36) {
+                return bad(format!("{what} = {a} × {b} is too large"));
+            }
         }
         if self.num_attention_heads % self.num_key_value_heads != 0 {
             return bad(format!(

@@ -234,7 +234,7 @@ impl Loader<'_> {
         let c = self.config;
         let (hidden, head_dim) = (c.hidden_size, c.head_dim());
         let (q_out, kv_out) = (c.num_attention_heads * head_dim, c.num_key_value_heads * head_dim);
-        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        let mut layers = Vec::new(); // grows as layers load: a wrong layer count fails at its first missing tensor
         for i in 0..c.num_hidden_layers {
             let p = format!("model.layers.{i}");
             layers.push(DecoderLayer {
