@@ -45,7 +45,7 @@ pub fn prepare_output_dir(out: &Path) -> Result<(), TrainError> {
                 continue;
             }
         }
-        if name.starts_with('.') && (name.contains(".partial-") || name.contains(".old-")) {
+        if name.starts_with('.') && (name.contains(".partial") || name.contains(".old-") || name.contains(".tmp-")) {
             if path.is_dir() { fs::remove_dir_all(&path) } else { fs::remove_file(&path) }.map_err(io(&path))?;
         }
     }

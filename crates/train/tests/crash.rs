@@ -109,3 +109,31 @@ fn killed_runs_resume_with_the_losses_of_an_uninterrupted_run() {
         assert_eq!(train_losses(&out), expected, "{what}: losses after resuming");
     }
 }
+
+/// A full disk (stood in for by a file-size limit: writes past it fail with EFBIG) stops the run with a clear
+/// message and a non-zero exit, and leaves no partial checkpoint behind.
+#[test]
+fn a_full_disk_is_a_clear_error_and_leaves_nothing_half_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let inner = qlora(&out);
+    let program = inner.get_program().to_owned();
+    let args: Vec<_> = inner.get_args().map(|a| a.to_owned()).collect();
+    // 64 KiB: the config and metrics fit, the first checkpoint's adapter and optimizer state do not.
+    let output = Command::new("bash")
+        .arg("-c")
+        .arg("trap '' XFSZ; ulimit -f 64; exec \"$0\" \"$@\"")
+        .arg(program)
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "the run must fail");
+    assert!(stderr.contains("File too large") && stderr.contains(&out.display().to_string()), "{stderr}");
+    assert_only_complete_files(&out);
+    let leftovers: Vec<String> = std::fs::read_dir(&out).unwrap().flatten().map(|e| e.file_name().to_string_lossy().to_string()).filter(|n| n.starts_with('.')).collect();
+    assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
+    assert!(train_losses(&out).len() >= 2, "the steps before the failed checkpoint are logged");
+}
