@@ -8,6 +8,10 @@
 //! - `cargo xtask train [QLORA TRAIN FLAGS]`: the main job — a release build of `qlora`, then `qlora train` on
 //!   SmolLM2-135M-Instruct (NF4 + DQ, LoRA r 64 on all linear layers) and the embedded WordNet dataset for a
 //!   few minutes on the CPU, with a before/after answer to a held-out question. Any flag passes through.
+//! - `cargo xtask llvm-standin`: for offline machines only — lets the `cuda` feature build without the LLVM
+//!   23.1 bundle that cubecl-llvm's build script downloads, by standing Debian's LLVM 22 in for it.
+//! - `cargo xtask gpu-check`: a stripped release build of the kernels' GPU check (CUDA) plus the script that
+//!   runs it; runs it here when a CUDA GPU is present, else prints how to run it on one.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -42,6 +46,14 @@ enum Task {
         /// Only these targets (default: all).
         #[arg(long = "target")]
         targets: Vec<String>,
+    },
+    /// Offline machines: stand Debian's LLVM 22 in for the LLVM 23.1 bundle cubecl-llvm downloads (cuda builds).
+    LlvmStandin,
+    /// Build the CUDA kernel check + benchmark (stripped release binary and run script in target/gpu-check).
+    GpuCheck {
+        /// Only build; don't run even if a GPU is present.
+        #[arg(long)]
+        build_only: bool,
     },
     /// Finetune SmolLM2-135M-Instruct with QLoRA on the embedded WordNet dataset (flags pass to `qlora train`).
     #[command(disable_help_flag = true)]
@@ -78,6 +90,13 @@ fn main() -> Result<()> {
             // One build: the CLI is exercised by the tests themselves (a separate `cargo run` would resolve
             // burn's features differently and compile it a second time).
             run(cargo().args(["test", "--workspace", "--no-fail-fast"]))?;
+            // The CUDA build must keep compiling; offline, through the LLVM 22 stand-in.
+            let mut check = cargo();
+            check.args(["check", "-p", "qlora-kernels", "--features", "gpu-check", "--bins"]);
+            if std::env::var_os("QLORA_ONLINE_LLVM").is_none() {
+                check.env("XDG_DATA_HOME", llvm_standin()?);
+            }
+            run(&mut check)?;
         }
         Task::Fixtures { venv } => {
             let venv = root().join(venv);
@@ -120,6 +139,11 @@ fn main() -> Result<()> {
             run(Command::new(root().join("target/release/qlora")).args(&full))?;
         }
         Task::Fuzz { runs, targets } => fuzz(runs, targets)?,
+        Task::LlvmStandin => {
+            let dir = llvm_standin()?;
+            eprintln!("LLVM stand-in ready: build cuda with XDG_DATA_HOME={}", dir.display());
+        }
+        Task::GpuCheck { build_only } => gpu_check(build_only)?,
         Task::Bench => {
             run(cargo().args(["bench", "-p", "qlora-nf4", "--bench", "dequantize"]))?;
             run(cargo().args(["bench", "-p", "qlora-optim", "--bench", "optimizer_step"]))?;
@@ -213,5 +237,80 @@ fn fuzz(runs: u64, targets: Vec<String>) -> Result<()> {
         summary.push(format!("{target}: {done}"));
     }
     println!("{}", summary.join("\n"));
+    Ok(())
+}
+
+/// The version of the LLVM bundle cubecl-llvm 0.11.3 asks tracel-llvm-bundler for.
+const TRACEL_LLVM: &str = "tracel-llvm-23.1.0-4";
+
+/// Debian's LLVM 22, standing in for the bundle: the bundler's install marker plus an `llvm-config` that
+/// reports LLVM 22's libraries without Polly (not in the Debian static set) and z3 as a plain `-lz3`.
+/// Returns the `XDG_DATA_HOME` to build with. Users online need none of this (the bundle downloads).
+fn llvm_standin() -> Result<PathBuf> {
+    let llvm_config = Path::new("/usr/lib/llvm-22/bin/llvm-config");
+    if !llvm_config.exists() {
+        if Command::new("apt-get").arg("--version").output().is_ok() {
+            run(Command::new("apt-get").args(["update", "-qq"]))?;
+            run(Command::new("apt-get").args(["install", "-y", "-qq", "llvm-22-dev", "libzstd-dev", "libz3-dev", "libxml2-dev"]))?;
+        } else {
+            bail!("{} is missing: install LLVM 22 (Debian/Ubuntu: apt-get install llvm-22-dev libzstd-dev)", llvm_config.display());
+        }
+    }
+    let data_home = root().join("target/llvm-standin");
+    let prefix = data_home.join("tracel").join(TRACEL_LLVM);
+    std::fs::create_dir_all(prefix.join("bin")).with_context(|| format!("creating {}", prefix.display()))?;
+    let wrapper = prefix.join("bin/llvm-config");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\n# Stand-in for the {TRACEL_LLVM} bundle (written by cargo xtask llvm-standin).\n\
+             {} \"$@\" | sed -e 's#/usr/lib/x86_64-linux-gnu/libz3.so#-lz3#g' -e 's#-lPollyISL##g' -e 's#-lPolly##g'\n",
+            llvm_config.display()
+        ),
+    )?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755))?;
+    }
+    std::fs::write(prefix.join(".tracel-llvm-installed"), "LLVM 22 stand-in\n")?;
+    Ok(data_home)
+}
+
+/// `cargo xtask gpu-check`: builds the CUDA check binary (offline: through the LLVM stand-in), strips it into
+/// target/gpu-check/ with a run script, and runs it when this machine has a CUDA GPU.
+fn gpu_check(build_only: bool) -> Result<()> {
+    let mut build = cargo();
+    build.args(["build", "--release", "-p", "qlora-kernels", "--features", "gpu-check", "--bin", "gpu-check"]);
+    if std::env::var_os("QLORA_ONLINE_LLVM").is_none() {
+        build.env("XDG_DATA_HOME", llvm_standin()?);
+    }
+    run(&mut build)?;
+    let out = root().join("target/gpu-check");
+    std::fs::create_dir_all(&out)?;
+    let binary = out.join("gpu-check");
+    std::fs::copy(root().join("target/release/gpu-check"), &binary).context("copying the gpu-check binary")?;
+    run(Command::new("strip").arg(&binary))?;
+    std::fs::write(
+        out.join("run.sh"),
+        "#!/bin/sh\n# Runs the CUDA kernel checks and benchmarks; needs an NVIDIA driver and NVRTC (CUDA 12/13).\n\
+         set -eu\ncd \"$(dirname \"$0\")\"\n\
+         for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do [ -d \"$d\" ] && LD_LIBRARY_PATH=\"$d:${LD_LIBRARY_PATH:-}\"; done\n\
+         export LD_LIBRARY_PATH=\"$PWD/lib:${LD_LIBRARY_PATH:-}\"\n\
+         exec ./gpu-check \"$@\"\n",
+    )?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(out.join("run.sh"), std::fs::Permissions::from_mode(0o755))?;
+    }
+    let size = std::fs::metadata(&binary)?.len();
+    eprintln!("gpu-check: {} ({:.1} MiB); run target/gpu-check/run.sh on a CUDA machine", binary.display(), size as f64 / 1048576.0);
+    let has_gpu = Command::new("nvidia-smi").output().map(|o| o.status.success()).unwrap_or(false);
+    if !build_only && has_gpu {
+        run(Command::new(out.join("run.sh")))?;
+    } else if !build_only {
+        eprintln!("no NVIDIA GPU here (nvidia-smi): built only");
+    }
     Ok(())
 }

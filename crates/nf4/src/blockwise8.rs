@@ -43,6 +43,11 @@ impl Codebook8 {
         &self.values
     }
 
+    /// The 65,536-entry grid → code table (what device kernels upload to quantize the same way).
+    pub fn lookup_table(&self) -> &[u8] {
+        &self.lut
+    }
+
     /// The code of a value already scaled into the block (`x * (1 / absmax)`).
     #[inline(always)]
     pub fn code_of_scaled(&self, scaled: f32) -> u8 {

@@ -1,0 +1,196 @@
+//! Dequantize NF4/FP4 (plain or double-quantized absmax) to f32, bf16 or f16 in one pass.
+//!
+//! One unit per packed u32 word (8 elements; a block is a multiple of 8 elements, so one absmax per unit):
+//! the absmax is decoded (8-bit code · nested absmax + offset when double-quantized), the 16-entry code book
+//! comes from shared memory, and `code[q] · absmax` is rounded to the output type (f32 → bf16/f16 with
+//! round-to-nearest-even, written as packed 16-bit pairs). Equal bit for bit to `nf4::Blockwise4bit::dequantize`.
+
+use cubecl::prelude::*;
+use cubecl::server::Handle;
+
+use crate::numerics::{block_absmax, f32_to_bf16_bits, f32_to_f16_bits};
+use crate::weight::{read_f32, read_u32, DeviceWeight4bit, OutputDtype};
+use crate::KernelError;
+
+/// Units per cube of the elementwise kernels.
+const CUBE_SIZE: u32 = 256;
+
+/// Rounds `value` to the output dtype's bits (f32: its own bits).
+#[cube]
+pub fn encode(value: f32, #[comptime] dtype: u32) -> u32 {
+    let mut bits = 0u32;
+    if comptime![dtype == 0] {
+        bits = u32::reinterpret(value);
+    } else if comptime![dtype == 1] {
+        bits = f32_to_bf16_bits(value);
+    } else {
+        bits = f32_to_f16_bits(value);
+    }
+    bits
+}
+
+#[cube(launch_unchecked)]
+fn dequantize_4bit_kernel(
+    packed: &[u32],
+    absmax: &[u32],
+    nested_absmax: &[f32],
+    nested_code: &[f32],
+    codebook: &[f32],
+    out: &mut [u32],
+    numel: usize,
+    offset: f32,
+    #[comptime] blocksize: usize,
+    #[comptime] double_quant: bool,
+    #[comptime] dtype: u32,
+) {
+    let mut book = Shared::<[f32]>::new_slice(16usize);
+    if UNIT_POS < 16 {
+        book[UNIT_POS as usize] = codebook[UNIT_POS as usize];
+    }
+    sync_cube();
+    let word_index = ABSOLUTE_POS;
+    let first = word_index * 8;
+    if first < numel {
+        let scale = block_absmax(first / blocksize, absmax, nested_absmax, nested_code, offset, double_quant);
+        let word = packed[word_index];
+        let count = min(numel - first, 8usize);
+        if comptime![dtype == 0] {
+            for j in 0..count {
+                let byte = (word >> (8u32 * u32::cast_from(j / 2))) & 0xFFu32;
+                let mut code = byte & 0x0Fu32;
+                if j % 2 == 0 {
+                    code = byte >> 4u32;
+                }
+                out[first + j] = u32::reinterpret(book[code as usize] * scale);
+            }
+        } else {
+            // Two 16-bit values per output word: element 2i in the low half (little-endian), like a u16 array.
+            let pairs = count.div_ceil(2);
+            for p in 0..pairs {
+                let byte = (word >> (8u32 * u32::cast_from(p))) & 0xFFu32;
+                let lo = encode(book[(byte >> 4u32) as usize] * scale, dtype);
+                let mut hi = 0u32;
+                if 2 * p + 1 < count {
+                    hi = encode(book[(byte & 0x0Fu32) as usize] * scale, dtype);
+                }
+                out[first / 2 + p] = lo | (hi << 16u32);
+            }
+        }
+    }
+}
+
+/// A dequantized tensor on the device: `numel` values of `dtype` (16-bit types packed two per u32 word).
+pub struct DeviceDense {
+    pub handle: Handle,
+    pub numel: usize,
+    pub dtype: OutputDtype,
+}
+
+/// Dequantizes `weight` into a new device buffer of `dtype`.
+pub fn dequantize(client: &Client, weight: &DeviceWeight4bit, dtype: OutputDtype) -> Result<DeviceDense, KernelError> {
+    let out = client.empty(weight.numel.div_ceil(2) * 2 * dtype.size().max(2));
+    dequantize_into(client, weight, dtype, &out)?;
+    Ok(DeviceDense { handle: out, numel: weight.numel, dtype })
+}
+
+/// Dequantizes `weight` into `out` (at least `numel · size` bytes, rounded up to whole u32 words).
+pub fn dequantize_into(client: &Client, weight: &DeviceWeight4bit, dtype: OutputDtype, out: &Handle) -> Result<(), KernelError> {
+    let words = weight.numel.div_ceil(8);
+    let needed = weight.numel.div_ceil(2) * 2 * dtype.size();
+    if (out.size() as usize) < needed {
+        return Err(KernelError::Shape { what: "dequantize output buffer", expected: format!("≥ {needed} bytes"), found: format!("{} bytes", out.size()) });
+    }
+    let cube_dim = CubeDim::new_1d(CUBE_SIZE);
+    let count = cubecl::calculate_cube_count_elemwise(client, words, cube_dim);
+    unsafe {
+        dequantize_4bit_kernel::launch_unchecked(
+            client,
+            count,
+            cube_dim,
+            BufferArg::from_raw_parts(weight.packed.clone(), words),
+            BufferArg::from_raw_parts(weight.absmax.clone(), 1),
+            BufferArg::from_raw_parts(weight.nested_absmax.clone(), 1),
+            BufferArg::from_raw_parts(weight.nested_code.clone(), 1),
+            BufferArg::from_raw_parts(weight.codebook.clone(), 16),
+            BufferArg::from_raw_parts(out.clone(), needed / 4),
+            weight.numel,
+            weight.offset,
+            weight.blocksize,
+            weight.double_quant,
+            dtype.code(),
+        );
+    }
+    Ok(())
+}
+
+impl DeviceDense {
+    /// Reads the values back as f32 (16-bit types widened exactly).
+    pub fn to_f32(&self, client: &Client) -> Result<Vec<f32>, KernelError> {
+        match self.dtype {
+            OutputDtype::F32 => read_f32(client, self.handle.clone(), self.numel, "reading a dequantized tensor"),
+            _ => Ok(self.to_bits16(client)?.into_iter().map(|b| widen(b, self.dtype)).collect()),
+        }
+    }
+
+    /// Reads 16-bit values back as their raw bits.
+    pub fn to_bits16(&self, client: &Client) -> Result<Vec<u16>, KernelError> {
+        let words = read_u32(client, self.handle.clone(), self.numel.div_ceil(2), "reading a dequantized tensor")?;
+        Ok(words.iter().flat_map(|w| [(*w & 0xFFFF) as u16, (*w >> 16) as u16]).take(self.numel).collect())
+    }
+}
+
+fn widen(bits: u16, dtype: OutputDtype) -> f32 {
+    match dtype {
+        OutputDtype::Bf16 => half::bf16::from_bits(bits).to_f32(),
+        _ => half::f16::from_bits(bits).to_f32(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_support::{client, poison, random_weights, Rng};
+    use nf4::{quantize, QuantType};
+
+    fn check(rows: usize, cols: usize, blocksize: usize, quant_type: QuantType, double_quant: bool, rng: &mut Rng) {
+        let client = client();
+        let values = random_weights(rows * cols, rng);
+        let q = quantize(&values, blocksize, quant_type, double_quant).unwrap();
+        let weight = DeviceWeight4bit::upload(&client, &q, [rows, cols]).unwrap();
+        for dtype in [OutputDtype::F32, OutputDtype::Bf16, OutputDtype::F16] {
+            let out = poison(&client, q.numel.div_ceil(2) * 2 * dtype.size());
+            dequantize_into(&client, &weight, dtype, &out).unwrap();
+            let dense = DeviceDense { handle: out, numel: q.numel, dtype };
+            let what = format!("{rows}x{cols} bs {blocksize} {quant_type:?} dq {double_quant} {dtype:?}");
+            match dtype {
+                OutputDtype::F32 => {
+                    let got = dense.to_f32(&client).unwrap();
+                    let want: Vec<f32> = q.dequantize().unwrap();
+                    let bad = got.iter().zip(&want).position(|(a, b)| a.to_bits() != b.to_bits());
+                    assert!(bad.is_none(), "{what}: element {bad:?} differs: {:?} vs {:?}", bad.map(|i| got[i]), bad.map(|i| want[i]));
+                }
+                OutputDtype::Bf16 => {
+                    let want: Vec<u16> = q.dequantize::<half::bf16>().unwrap().iter().map(|v| v.to_bits()).collect();
+                    assert_eq!(dense.to_bits16(&client).unwrap(), want, "{what}");
+                }
+                OutputDtype::F16 => {
+                    let want: Vec<u16> = q.dequantize::<half::f16>().unwrap().iter().map(|v| v.to_bits()).collect();
+                    assert_eq!(dense.to_bits16(&client).unwrap(), want, "{what}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn dequantize_equals_the_cpu_reference() {
+        let mut rng = Rng::from_env("dequantize");
+        // Ragged shapes: blocks crossing rows, a short last block, odd element counts, > 256 blocks (nested).
+        for (rows, cols, bs) in [(1, 7, 64), (3, 37, 64), (17, 515, 64), (64, 257, 32), (33, 1000, 128), (5, 4099, 4096), (300, 97, 256)] {
+            for qt in [QuantType::Nf4, QuantType::Fp4] {
+                for dq in [false, true] {
+                    check(rows, cols, bs, qt, dq, &mut rng);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,64 @@
+//! Shared test helpers: one wgpu client per test binary, seeded random inputs (fresh per run unless
+//! `QLORA_KERNEL_SEED` is set; the seed is printed), and poisoned output buffers so unwritten elements show.
+
+use std::sync::OnceLock;
+
+use cubecl::prelude::*;
+use cubecl::server::Handle;
+
+pub fn client() -> Client {
+    static CLIENT: OnceLock<Client> = OnceLock::new();
+    CLIENT
+        .get_or_init(|| crate::client_for(crate::DeviceKind::Wgpu).expect("wgpu device (install mesa-vulkan-drivers for lavapipe)"))
+        .clone()
+}
+
+/// A buffer of `bytes` bytes filled with 0xAB (a NaN as f32, 0xABAB as 16-bit).
+pub fn poison(client: &Client, bytes: usize) -> Handle {
+    client.create_from_slice(&vec![0xABu8; bytes.div_ceil(4) * 4])
+}
+
+/// SplitMix64.
+pub struct Rng(u64);
+
+impl Rng {
+    /// Seeded from `QLORA_KERNEL_SEED`, or from the clock; prints the seed so a failure can be replayed.
+    pub fn from_env(test: &str) -> Rng {
+        let seed = std::env::var("QLORA_KERNEL_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(7)
+        });
+        println!("{test}: QLORA_KERNEL_SEED={seed}");
+        Rng(seed)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1).
+    pub fn uniform(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
+    }
+
+    /// Roughly normal (sum of uniforms).
+    pub fn normal(&mut self) -> f32 {
+        (0..4).map(|_| self.uniform()).sum::<f32>() * 1.732 - 3.464
+    }
+}
+
+/// Weight-like values with hard cases mixed in: an all-zero stretch, exact code values, huge and tiny scales.
+pub fn random_weights(n: usize, rng: &mut Rng) -> Vec<f32> {
+    let scale = 10f32.powf(rng.uniform() * 4.0 - 3.0);
+    let mut v: Vec<f32> = (0..n).map(|_| rng.normal() * scale).collect();
+    if n > 200 {
+        let start = (rng.next_u64() as usize) % (n - 100);
+        v[start..start + 80].fill(0.0);
+        let i = (rng.next_u64() as usize) % n;
+        v[i] = scale * 40.0;
+    }
+    v
+}
