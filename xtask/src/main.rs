@@ -295,7 +295,8 @@ fn gpu_check(build_only: bool) -> Result<()> {
         out.join("run.sh"),
         "#!/bin/sh\n# Runs the CUDA kernel checks and benchmarks; needs an NVIDIA driver and NVRTC (CUDA 12/13).\n\
          set -eu\ncd \"$(dirname \"$0\")\"\n\
-         for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do [ -d \"$d\" ] && LD_LIBRARY_PATH=\"$d:${LD_LIBRARY_PATH:-}\"; done\n\
+         if [ -z \"${CUDA_PATH:-}\" ]; then for d in /usr/local/cuda /usr/local/cuda-13* /usr/local/cuda-12* /usr/lib/cuda; do [ -d \"$d/include\" ] && { export CUDA_PATH=\"$d\"; break; }; done; fi\n\
+         for d in \"${CUDA_PATH:-/usr/local/cuda}/lib64\" \"${CUDA_PATH:-/usr/local/cuda}/targets/x86_64-linux/lib\"; do [ -d \"$d\" ] && LD_LIBRARY_PATH=\"$d:${LD_LIBRARY_PATH:-}\"; done\n\
          export LD_LIBRARY_PATH=\"$PWD/lib:${LD_LIBRARY_PATH:-}\"\n\
          exec ./gpu-check \"$@\"\n",
     )?;
@@ -308,7 +309,7 @@ fn gpu_check(build_only: bool) -> Result<()> {
     eprintln!("gpu-check: {} ({:.1} MiB); run target/gpu-check/run.sh on a CUDA machine", binary.display(), size as f64 / 1048576.0);
     let has_gpu = Command::new("nvidia-smi").output().map(|o| o.status.success()).unwrap_or(false);
     if !build_only && has_gpu {
-        run(Command::new(out.join("run.sh")))?;
+        run(&mut Command::new(out.join("run.sh")))?;
     } else if !build_only {
         eprintln!("no NVIDIA GPU here (nvidia-smi): built only");
     }
