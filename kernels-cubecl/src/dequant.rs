@@ -1,7 +1,7 @@
 //! Dequantize NF4/FP4 (plain or double-quantized absmax) to f32, bf16 or f16 in one pass.
 //!
-//! One unit per packed u32 word (8 elements; a block is a multiple of 8 elements, so one absmax per unit):
-//! the absmax is decoded (8-bit code · nested absmax + offset when double-quantized), the 16-entry code book
+//! One unit per output word (an f32, or two bf16/f16 packed in a u32), so stores coalesce: the absmax of
+//! its block is decoded (8-bit code · nested absmax + offset when double-quantized), the 16-entry code book
 //! comes from shared memory, and `code[q] · absmax` is rounded to the output type (f32 → bf16/f16 with
 //! round-to-nearest-even, written as packed 16-bit pairs). Equal bit for bit to `nf4::Blockwise4bit::dequantize`.
 
@@ -48,33 +48,32 @@ fn dequantize_4bit_kernel(
         book[UNIT_POS as usize] = codebook[UNIT_POS as usize];
     }
     sync_cube();
+    // One unit per output word (one f32, or a pair of 16-bit values): consecutive units read the same or
+    // the next packed word and write consecutive words, so loads and stores coalesce.
     let word_index = ABSOLUTE_POS;
-    let first = word_index * 8;
-    if first < numel {
-        let scale = block_absmax(first / blocksize, absmax, nested_absmax, nested_code, offset, double_quant);
-        let word = packed[word_index];
-        let count = min(numel - first, 8usize);
-        if comptime![dtype == 0] {
-            for j in 0..count {
-                let byte = (word >> (8u32 * u32::cast_from(j / 2))) & 0xFFu32;
-                let mut code = byte & 0x0Fu32;
-                if j % 2 == 0 {
-                    code = byte >> 4u32;
-                }
-                out[first + j] = u32::reinterpret(book[code as usize] * scale);
+    if comptime![dtype == 0] {
+        let i = word_index;
+        if i < numel {
+            let scale = block_absmax(i / blocksize, absmax, nested_absmax, nested_code, offset, double_quant);
+            let byte = (packed[i / 8] >> (8u32 * u32::cast_from((i / 2) % 4))) & 0xFFu32;
+            let mut code = byte & 0x0Fu32;
+            if i % 2 == 0 {
+                code = byte >> 4u32;
             }
-        } else {
-            // Two 16-bit values per output word: element 2i in the low half (little-endian), like a u16 array.
-            let pairs = count.div_ceil(2);
-            for p in 0..pairs {
-                let byte = (word >> (8u32 * u32::cast_from(p))) & 0xFFu32;
-                let lo = encode(book[(byte >> 4u32) as usize] * scale, dtype);
-                let mut hi = 0u32;
-                if 2 * p + 1 < count {
-                    hi = encode(book[(byte & 0x0Fu32) as usize] * scale, dtype);
-                }
-                out[first / 2 + p] = lo | (hi << 16u32);
+            out[i] = u32::reinterpret(book[code as usize] * scale);
+        }
+    } else {
+        let first = word_index * 2;
+        if first < numel {
+            // A pair never crosses a block (blocks hold an even number of elements).
+            let scale = block_absmax(first / blocksize, absmax, nested_absmax, nested_code, offset, double_quant);
+            let byte = (packed[first / 8] >> (8u32 * u32::cast_from(word_index % 4))) & 0xFFu32;
+            let lo = encode(book[(byte >> 4u32) as usize] * scale, dtype);
+            let mut hi = 0u32;
+            if first + 1 < numel {
+                hi = encode(book[(byte & 0x0Fu32) as usize] * scale, dtype);
             }
+            out[word_index] = lo | (hi << 16u32);
         }
     }
 }
@@ -95,8 +94,8 @@ pub fn dequantize(client: &Client, weight: &DeviceWeight4bit, dtype: OutputDtype
 
 /// Dequantizes `weight` into `out` (at least `numel · size` bytes, rounded up to whole u32 words).
 pub fn dequantize_into(client: &Client, weight: &DeviceWeight4bit, dtype: OutputDtype, out: &Handle) -> Result<(), KernelError> {
-    let words = weight.numel.div_ceil(8);
     let needed = weight.numel.div_ceil(2) * 2 * dtype.size();
+    let words = needed / 4;
     if (out.size() as usize) < needed {
         return Err(KernelError::Shape { what: "dequantize output buffer", expected: format!("≥ {needed} bytes"), found: format!("{} bytes", out.size()) });
     }
@@ -107,7 +106,7 @@ pub fn dequantize_into(client: &Client, weight: &DeviceWeight4bit, dtype: Output
             client,
             count,
             cube_dim,
-            BufferArg::from_raw_parts(weight.packed.clone(), words),
+            BufferArg::from_raw_parts(weight.packed.clone(), weight.numel.div_ceil(8)),
             BufferArg::from_raw_parts(weight.absmax.clone(), 1),
             BufferArg::from_raw_parts(weight.nested_absmax.clone(), 1),
             BufferArg::from_raw_parts(weight.nested_code.clone(), 1),

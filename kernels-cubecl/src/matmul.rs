@@ -160,6 +160,132 @@ fn fused_matmul_kernel<F: Float>(
     }
 }
 
+/// Tensor-core variant of [`fused_matmul_kernel`] for 16-bit activations: the decoded W tile is rounded to
+/// the activation type in shared memory (as dequantize-then-matmul in that type would), and four planes
+/// each multiply a 32×32 quarter of the 64×64 output tile as 2×2 16×16×16 fragments, accumulating in f32.
+#[cube(launch_unchecked)]
+fn fused_matmul_cmma_kernel<F: Float>(
+    a: &[F],
+    packed: &[u32],
+    absmax: &[u32],
+    nested_absmax: &[f32],
+    nested_code: &[f32],
+    codebook: &[f32],
+    c: &mut [F],
+    m_size: usize,
+    r_size: usize,
+    p_size: usize,
+    offset: f32,
+    #[comptime] blocksize: usize,
+    #[comptime] double_quant: bool,
+    #[comptime] w_is_p_by_r: bool,
+) {
+    let mut book = Shared::<[f32]>::new_slice(16usize);
+    let mut a_tile = Shared::<[F]>::new_aligned_slice(64usize * 32usize, 32usize);
+    let mut b_tile = Shared::<[F]>::new_aligned_slice(32usize * 64usize, 32usize);
+    let mut c_tile = Shared::<[f32]>::new_aligned_slice(64usize * 64usize, 32usize);
+    let unit = UNIT_POS as usize;
+    if unit < 16 {
+        book[unit] = codebook[unit];
+    }
+    let plane = unit / 32;
+    let pm = (plane / 2) * 32;
+    let pp = (plane % 2) * 32;
+    let m0 = CUBE_POS_Y as usize * 64;
+    let p0 = CUBE_POS_X as usize * 64;
+    let acc00 = cmma::Matrix::<f32>::from_value(cmma::MatrixIdent::Accumulator, 16usize, 16usize, 16usize, cmma::MatrixLayout::Undefined, 0.0f32);
+    let acc01 = cmma::Matrix::<f32>::from_value(cmma::MatrixIdent::Accumulator, 16usize, 16usize, 16usize, cmma::MatrixLayout::Undefined, 0.0f32);
+    let acc10 = cmma::Matrix::<f32>::from_value(cmma::MatrixIdent::Accumulator, 16usize, 16usize, 16usize, cmma::MatrixLayout::Undefined, 0.0f32);
+    let acc11 = cmma::Matrix::<f32>::from_value(cmma::MatrixIdent::Accumulator, 16usize, 16usize, 16usize, cmma::MatrixLayout::Undefined, 0.0f32);
+    let tiles = r_size.div_ceil(32);
+    for t in 0..tiles {
+        let r0 = t * 32;
+        sync_cube();
+        #[unroll]
+        for l in 0..16usize {
+            let idx = unit + 128 * l;
+            let m = idx / 32;
+            let k = idx % 32;
+            let mut v = F::new(0.0);
+            if m0 + m < m_size && r0 + k < r_size {
+                v = a[(m0 + m) * r_size + r0 + k];
+            }
+            a_tile[m * 32 + k] = v;
+        }
+        #[unroll]
+        for l in 0..16usize {
+            let idx = unit + 128 * l;
+            let mut k = 0usize;
+            let mut p = 0usize;
+            if comptime![w_is_p_by_r] {
+                p = idx / 32;
+                k = idx % 32;
+            } else {
+                k = idx / 64;
+                p = idx % 64;
+            }
+            let mut v = 0.0f32;
+            if p0 + p < p_size && r0 + k < r_size {
+                let mut flat = 0usize;
+                if comptime![w_is_p_by_r] {
+                    flat = (p0 + p) * r_size + r0 + k;
+                } else {
+                    flat = (r0 + k) * p_size + p0 + p;
+                }
+                let scale = block_absmax(flat / blocksize, absmax, nested_absmax, nested_code, offset, double_quant);
+                v = book[code_at(packed, flat) as usize] * scale;
+            }
+            b_tile[k * 64 + p] = F::cast_from(v);
+        }
+        sync_cube();
+        #[unroll]
+        for kk in 0..2usize {
+            let a0 = cmma::Matrix::<F>::from_slice(cmma::MatrixIdent::A, 16usize, 16usize, 16usize, cmma::MatrixLayout::RowMajor, &a_tile[pm * 32 + kk * 16..2048usize], 32u32);
+            let a1 = cmma::Matrix::<F>::from_slice(cmma::MatrixIdent::A, 16usize, 16usize, 16usize, cmma::MatrixLayout::RowMajor, &a_tile[(pm + 16) * 32 + kk * 16..2048usize], 32u32);
+            let b0 = cmma::Matrix::<F>::from_slice(cmma::MatrixIdent::B, 16usize, 16usize, 16usize, cmma::MatrixLayout::RowMajor, &b_tile[kk * 16 * 64 + pp..2048usize], 64u32);
+            let b1 = cmma::Matrix::<F>::from_slice(cmma::MatrixIdent::B, 16usize, 16usize, 16usize, cmma::MatrixLayout::RowMajor, &b_tile[kk * 16 * 64 + pp + 16..2048usize], 64u32);
+            cmma::execute(&a0, &b0, &acc00, &acc00);
+            cmma::execute(&a0, &b1, &acc01, &acc01);
+            cmma::execute(&a1, &b0, &acc10, &acc10);
+            cmma::execute(&a1, &b1, &acc11, &acc11);
+        }
+    }
+    sync_cube();
+    cmma::store(&mut c_tile[pm * 64 + pp..4096usize], &acc00, 64u32, cmma::MatrixLayout::RowMajor);
+    cmma::store(&mut c_tile[pm * 64 + pp + 16..4096usize], &acc01, 64u32, cmma::MatrixLayout::RowMajor);
+    cmma::store(&mut c_tile[(pm + 16) * 64 + pp..4096usize], &acc10, 64u32, cmma::MatrixLayout::RowMajor);
+    cmma::store(&mut c_tile[(pm + 16) * 64 + pp + 16..4096usize], &acc11, 64u32, cmma::MatrixLayout::RowMajor);
+    sync_cube();
+    #[unroll]
+    for l in 0..32usize {
+        let idx = unit + 128 * l;
+        let m = idx / 64;
+        let p = idx % 64;
+        if m0 + m < m_size && p0 + p < p_size {
+            c[(m0 + m) * p_size + p0 + p] = F::cast_from(c_tile[idx]);
+        }
+    }
+}
+
+/// Whether the device has 16×16×16 tensor-core fragments for `dtype` inputs with f32 accumulation.
+pub fn has_tensor_cores(client: &Client, dtype: ActivationDtype) -> bool {
+    use cubecl::features::MmaConfig;
+    use cubecl::ir::{ElemType, FloatKind};
+    let kind = match dtype {
+        ActivationDtype::F32 => return false,
+        ActivationDtype::Bf16 => FloatKind::BF16,
+        ActivationDtype::F16 => FloatKind::F16,
+    };
+    client.features().matmul.cmma.contains(&MmaConfig {
+        a_type: ElemType::Float(kind),
+        b_type: ElemType::Float(kind),
+        cd_type: ElemType::Float(FloatKind::F32),
+        m: 16,
+        k: 16,
+        n: 16,
+    })
+}
+
 /// `y[m, p] = Σ_r x[m, r] · W[p, r]` for a few rows m: 32 units per output row p stream over its codes.
 #[cube(launch_unchecked)]
 fn gemv_kernel<F: Float>(
@@ -290,10 +416,32 @@ pub fn fused_matmul_into(
         return Ok(());
     }
     let count = CubeCount::Static(p_size.div_ceil(TILE_P) as u32, m.div_ceil(TILE_M) as u32, 1);
-    let dim = CubeDim::new_1d(UNITS);
+    let tensor_cores = has_tensor_cores(client, dtype);
+    let dim = CubeDim::new_1d(if tensor_cores { 128 } else { UNITS });
     macro_rules! launch {
         ($t:ty) => {
             unsafe {
+                if tensor_cores {
+                    fused_matmul_cmma_kernel::launch_unchecked::<$t>(
+                        client,
+                        count,
+                        dim,
+                        BufferArg::from_raw_parts(a.clone(), m * r_size),
+                        BufferArg::from_raw_parts(weight.packed.clone(), 1),
+                        BufferArg::from_raw_parts(weight.absmax.clone(), 1),
+                        BufferArg::from_raw_parts(weight.nested_absmax.clone(), 1),
+                        BufferArg::from_raw_parts(weight.nested_code.clone(), 1),
+                        BufferArg::from_raw_parts(weight.codebook.clone(), 16),
+                        BufferArg::from_raw_parts(out.clone(), m * p_size),
+                        m,
+                        r_size,
+                        p_size,
+                        weight.offset,
+                        weight.blocksize,
+                        weight.double_quant,
+                        w_is_p_by_r,
+                    )
+                } else {
                 fused_matmul_kernel::launch_unchecked::<$t>(
                     client,
                     count,
@@ -313,6 +461,7 @@ pub fn fused_matmul_into(
                     weight.double_quant,
                     w_is_p_by_r,
                 )
+                }
             }
         };
     }

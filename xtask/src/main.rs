@@ -260,9 +260,9 @@ fn llvm_standin() -> Result<PathBuf> {
     let prefix = data_home.join("tracel").join(TRACEL_LLVM);
     std::fs::create_dir_all(prefix.join("bin")).with_context(|| format!("creating {}", prefix.display()))?;
     let wrapper = prefix.join("bin/llvm-config");
-    std::fs::write(
+    write_if_changed(
         &wrapper,
-        format!(
+        &format!(
             "#!/bin/sh\n# Stand-in for the {TRACEL_LLVM} bundle (written by cargo xtask llvm-standin).\n\
              {} \"$@\" | sed -e 's#/usr/lib/x86_64-linux-gnu/libz3.so#-lz3#g' -e 's#-lPollyISL##g' -e 's#-lPolly##g'\n",
             llvm_config.display()
@@ -273,8 +273,17 @@ fn llvm_standin() -> Result<PathBuf> {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755))?;
     }
-    std::fs::write(prefix.join(".tracel-llvm-installed"), "LLVM 22 stand-in\n")?;
+    write_if_changed(&prefix.join(".tracel-llvm-installed"), "LLVM 22 stand-in\n")?;
     Ok(data_home)
+}
+
+/// Writes only when the content differs: the bundler's build script reruns (and everything above
+/// cubecl-llvm rebuilds) whenever its install marker's mtime changes.
+fn write_if_changed(path: &Path, content: &str) -> Result<()> {
+    if std::fs::read_to_string(path).ok().as_deref() != Some(content) {
+        std::fs::write(path, content).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
 }
 
 /// `cargo xtask gpu-check`: builds the CUDA check binary (offline: through the LLVM stand-in), strips it into
