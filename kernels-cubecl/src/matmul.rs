@@ -179,6 +179,7 @@ fn fused_matmul_cmma_kernel<F: Float>(
     #[comptime] blocksize: usize,
     #[comptime] double_quant: bool,
     #[comptime] w_is_p_by_r: bool,
+    #[comptime] aligned: bool,
 ) {
     let mut book = Shared::<[f32]>::new_slice(16usize);
     let mut a_tile = Shared::<[F]>::new_aligned_slice(64usize * 32usize, 32usize);
@@ -212,30 +213,81 @@ fn fused_matmul_cmma_kernel<F: Float>(
             }
             a_tile[m * 32 + k] = v;
         }
-        #[unroll]
-        for l in 0..16usize {
-            let idx = unit + 128 * l;
-            let mut k = 0usize;
-            let mut p = 0usize;
-            if comptime![w_is_p_by_r] {
-                p = idx / 32;
-                k = idx % 32;
-            } else {
-                k = idx / 64;
-                p = idx % 64;
-            }
-            let mut v = 0.0f32;
-            if p0 + p < p_size && r0 + k < r_size {
-                let mut flat = 0usize;
+        if comptime![aligned] {
+            // Whole packed words: 8 consecutive elements of a W row share one word and one block, so each
+            // unit decodes two words with one absmax each (W's columns are a multiple of 8).
+            #[unroll]
+            for l in 0..2usize {
+                let widx = unit + 128 * l;
+                let mut k = 0usize;
+                let mut p = 0usize;
                 if comptime![w_is_p_by_r] {
-                    flat = (p0 + p) * r_size + r0 + k;
+                    p = widx / 4;
+                    k = (widx % 4) * 8;
                 } else {
-                    flat = (r0 + k) * p_size + p0 + p;
+                    k = widx / 8;
+                    p = (widx % 8) * 8;
                 }
-                let scale = block_absmax(flat / blocksize, absmax, nested_absmax, nested_code, offset, double_quant);
-                v = book[code_at(packed, flat) as usize] * scale;
+                if p0 + p < p_size && r0 + k < r_size {
+                    let mut flat = 0usize;
+                    if comptime![w_is_p_by_r] {
+                        flat = (p0 + p) * r_size + r0 + k;
+                    } else {
+                        flat = (r0 + k) * p_size + p0 + p;
+                    }
+                    let scale = block_absmax(flat / blocksize, absmax, nested_absmax, nested_code, offset, double_quant);
+                    let word = packed[flat / 8];
+                    #[unroll]
+                    for j in 0..8usize {
+                        let byte = (word >> (8u32 * u32::cast_from(j / 2))) & 0xFFu32;
+                        let mut code = byte & 0x0Fu32;
+                        if j % 2 == 0 {
+                            code = byte >> 4u32;
+                        }
+                        let v = F::cast_from(book[code as usize] * scale);
+                        if comptime![w_is_p_by_r] {
+                            b_tile[(k + j) * 64 + p] = v;
+                        } else {
+                            b_tile[k * 64 + p + j] = v;
+                        }
+                    }
+                } else {
+                    #[unroll]
+                    for j in 0..8usize {
+                        if comptime![w_is_p_by_r] {
+                            b_tile[(k + j) * 64 + p] = F::new(0.0);
+                        } else {
+                            b_tile[k * 64 + p + j] = F::new(0.0);
+                        }
+                    }
+                }
             }
-            b_tile[k * 64 + p] = F::cast_from(v);
+        } else {
+            #[unroll]
+            for l in 0..16usize {
+                let idx = unit + 128 * l;
+                let mut k = 0usize;
+                let mut p = 0usize;
+                if comptime![w_is_p_by_r] {
+                    p = idx / 32;
+                    k = idx % 32;
+                } else {
+                    k = idx / 64;
+                    p = idx % 64;
+                }
+                let mut v = 0.0f32;
+                if p0 + p < p_size && r0 + k < r_size {
+                    let mut flat = 0usize;
+                    if comptime![w_is_p_by_r] {
+                        flat = (p0 + p) * r_size + r0 + k;
+                    } else {
+                        flat = (r0 + k) * p_size + p0 + p;
+                    }
+                    let scale = block_absmax(flat / blocksize, absmax, nested_absmax, nested_code, offset, double_quant);
+                    v = book[code_at(packed, flat) as usize] * scale;
+                }
+                b_tile[k * 64 + p] = F::cast_from(v);
+            }
         }
         sync_cube();
         #[unroll]
@@ -440,6 +492,7 @@ pub fn fused_matmul_into(
                         weight.blocksize,
                         weight.double_quant,
                         w_is_p_by_r,
+                        cols % 8 == 0,
                     )
                 } else {
                 fused_matmul_kernel::launch_unchecked::<$t>(
