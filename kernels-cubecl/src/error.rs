@@ -22,7 +22,9 @@ impl KernelError {
     pub(crate) fn from_server(during: &'static str, error: impl std::fmt::Debug + std::fmt::Display) -> Self {
         let message = format!("{error}");
         let debug = format!("{error:?}");
-        if debug.contains("OutOfMemory") || debug.contains("BufferTooBig") || message.contains("out of device memory") {
+        // cubecl's IoError::OutOfMemory / BufferTooBig, possibly nested in a "several failures" error.
+        let allocation = ["OutOfMemory", "BufferTooBig", "out of device memory", "can't allocate buffer"];
+        if allocation.iter().any(|needle| message.contains(needle) || debug.contains(needle)) {
             KernelError::OutOfMemory { during, message }
         } else {
             KernelError::Device { during, message }

@@ -119,3 +119,32 @@ impl DeviceWeight4bit {
         Ok(DeviceWeight4bit { packed, absmax, nested_absmax, nested_code, codebook, offset, double_quant, numel: weight.numel, blocksize: weight.blocksize, shape })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_support::client;
+
+    #[test]
+    fn a_failed_device_allocation_is_a_typed_error_not_a_panic() {
+        let client = client();
+        // Far beyond any device (and wgpu's buffer limit): the allocation fails when the buffer is used.
+        let huge = client.empty(1usize << 42);
+        match read_f32(&client, huge, 1, "reading a huge buffer") {
+            Err(KernelError::OutOfMemory { during, .. }) => assert_eq!(during, "reading a huge buffer"),
+            Err(other) => panic!("expected OutOfMemory, got {other}"),
+            Ok(_) => panic!("a 4 TiB buffer was allocated"),
+        }
+        // The device keeps working afterwards.
+        let small = upload_f32(&client, &[1.5, 2.5]);
+        assert_eq!(read_f32(&client, small, 2, "reading back").unwrap(), vec![1.5, 2.5]);
+    }
+
+    #[test]
+    fn byte_words_round_trip() {
+        let bytes: Vec<u8> = (0..11u8).collect();
+        let words = bytes_to_words(&bytes);
+        assert_eq!(words[0], 0x0302_0100);
+        assert_eq!(words_to_bytes(&words, 11), bytes);
+    }
+}
