@@ -251,62 +251,57 @@ impl DevicePages {
         }
         let p = upload_f32(&c, param);
         let g = upload_f32(&c, grad);
-        let apply_decay = h.weight_decay != 0.0;
         let step = h.step as f64;
         let dim = CubeDim::new_1d(256);
         match (page, rule) {
-            (DevicePage::F32 { exp_avg, exp_avg_sq, len }, UpdateRule::TorchAdamW) if *len == n => {
-                let scalars = [
-                    (1.0 - h.lr * h.weight_decay) as f32,
-                    (1.0 - h.beta1) as f32,
-                    h.beta2 as f32,
-                    (1.0 - h.beta2) as f32,
-                    ((1.0 - h.beta2.powf(step)).powf(0.5)) as f32,
-                    (-(h.lr / (1.0 - h.beta1.powf(step)))) as f32,
-                    h.eps as f32,
-                ];
-                let count = cubecl::calculate_cube_count_elemwise(&c, n, dim);
-                unsafe {
-                    adamw_torch_kernel::launch_unchecked(
-                        &c,
-                        count,
-                        dim,
-                        BufferArg::from_raw_parts(p.clone(), n),
-                        BufferArg::from_raw_parts(g, n),
-                        BufferArg::from_raw_parts(exp_avg.clone(), n),
-                        BufferArg::from_raw_parts(exp_avg_sq.clone(), n),
-                        n,
-                        BufferArg::from_raw_parts(upload_f32(&c, &scalars), scalars.len()),
-                        h.weight_decay != 0.0,
-                    );
-                }
-            }
-            (DevicePage::F32 { exp_avg, exp_avg_sq, len }, UpdateRule::Bnb32) if *len == n => {
+            (DevicePage::F32 { exp_avg, exp_avg_sq, len }, rule @ (UpdateRule::TorchAdamW | UpdateRule::Bnb32)) if *len == n => {
                 let c1 = 1.0 - h.beta1.powf(step);
                 let c2 = (1.0 - h.beta2.powf(step)).sqrt();
-                let scalars = [
-                    h.beta1 as f32,
-                    (1.0 - h.beta1) as f32,
-                    h.beta2 as f32,
-                    (1.0 - h.beta2) as f32,
-                    (1.0 - h.lr * h.weight_decay) as f32,
-                    (-h.lr * c2 / c1) as f32,
-                    (h.eps * c2) as f32,
-                ];
+                // Each kernel's scalars, in the order its comment lists them.
+                let scalars = if rule == UpdateRule::TorchAdamW {
+                    [
+                        (1.0 - h.lr * h.weight_decay) as f32,
+                        (1.0 - h.beta1) as f32,
+                        h.beta2 as f32,
+                        (1.0 - h.beta2) as f32,
+                        ((1.0 - h.beta2.powf(step)).powf(0.5)) as f32,
+                        (-(h.lr / c1)) as f32,
+                        h.eps as f32,
+                    ]
+                } else {
+                    [
+                        h.beta1 as f32,
+                        (1.0 - h.beta1) as f32,
+                        h.beta2 as f32,
+                        (1.0 - h.beta2) as f32,
+                        (1.0 - h.lr * h.weight_decay) as f32,
+                        (-h.lr * c2 / c1) as f32,
+                        (h.eps * c2) as f32,
+                    ]
+                };
                 let count = cubecl::calculate_cube_count_elemwise(&c, n, dim);
-                unsafe {
-                    adamw_bnb32_kernel::launch_unchecked(
-                        &c,
-                        count,
-                        dim,
-                        BufferArg::from_raw_parts(p.clone(), n),
-                        BufferArg::from_raw_parts(g, n),
-                        BufferArg::from_raw_parts(exp_avg.clone(), n),
-                        BufferArg::from_raw_parts(exp_avg_sq.clone(), n),
-                        n,
-                        BufferArg::from_raw_parts(upload_f32(&c, &scalars), scalars.len()),
-                        h.weight_decay > 0.0,
-                    );
+                macro_rules! launch {
+                    ($kernel:ident, $apply_decay:expr) => {
+                        unsafe {
+                            $kernel::launch_unchecked(
+                                &c,
+                                count,
+                                dim,
+                                BufferArg::from_raw_parts(p.clone(), n),
+                                BufferArg::from_raw_parts(g, n),
+                                BufferArg::from_raw_parts(exp_avg.clone(), n),
+                                BufferArg::from_raw_parts(exp_avg_sq.clone(), n),
+                                n,
+                                BufferArg::from_raw_parts(upload_f32(&c, &scalars), scalars.len()),
+                                $apply_decay,
+                            )
+                        }
+                    };
+                }
+                // torch decays whenever weight_decay != 0, bitsandbytes only when it is > 0.
+                match rule {
+                    UpdateRule::TorchAdamW => launch!(adamw_torch_kernel, h.weight_decay != 0.0),
+                    _ => launch!(adamw_bnb32_kernel, h.weight_decay > 0.0),
                 }
             }
             (DevicePage::Blockwise8 { codes1, absmax1, codes2, absmax2, len }, UpdateRule::Bnb8) if *len == n => {
@@ -348,7 +343,6 @@ impl DevicePages {
                 return Err(KernelError::Unsupported(format!("update rule {rule:?} on a page of another format or size ({n} parameters)")));
             }
         }
-        let _ = apply_decay;
         let updated = read_f32(&c, p, n, "the optimizer update")?;
         param.copy_from_slice(&updated);
         Ok(())
@@ -399,7 +393,7 @@ impl PageDevice for DevicePages {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_support::{client, Rng};
+    use crate::check::{client, Rng};
     use optim::update::{adamw_bnb32, adamw_bnb8, adamw_torch, Blockwise8Mut};
 
     fn hyper(step: u64, weight_decay: f64) -> AdamHyper {

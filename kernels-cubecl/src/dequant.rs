@@ -8,8 +8,10 @@
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 
-use crate::numerics::{block_absmax, f32_to_bf16_bits, f32_to_f16_bits};
-use crate::weight::{read_f32, read_u32, DeviceWeight4bit, OutputDtype};
+use crate::numerics::{block_absmax, code_at, f32_to_bf16_bits, f32_to_f16_bits};
+use nf4::FloatDtype;
+
+use crate::weight::{dtype_code, read_f32, read_u32, DeviceWeight4bit};
 use crate::KernelError;
 
 /// Units per cube of the elementwise kernels.
@@ -55,12 +57,7 @@ fn dequantize_4bit_kernel(
         let i = word_index;
         if i < numel {
             let scale = block_absmax(i / blocksize, absmax, nested_absmax, nested_code, offset, double_quant);
-            let byte = (packed[i / 8] >> (8u32 * u32::cast_from((i / 2) % 4))) & 0xFFu32;
-            let mut code = byte & 0x0Fu32;
-            if i % 2 == 0 {
-                code = byte >> 4u32;
-            }
-            out[i] = u32::reinterpret(book[code as usize] * scale);
+            out[i] = u32::reinterpret(book[code_at(packed, i) as usize] * scale);
         }
     } else {
         let first = word_index * 2;
@@ -82,19 +79,19 @@ fn dequantize_4bit_kernel(
 pub struct DeviceDense {
     pub handle: Handle,
     pub numel: usize,
-    pub dtype: OutputDtype,
+    pub dtype: FloatDtype,
 }
 
 /// Dequantizes `weight` into a new device buffer of `dtype`.
-pub fn dequantize(client: &Client, weight: &DeviceWeight4bit, dtype: OutputDtype) -> Result<DeviceDense, KernelError> {
-    let out = client.empty(weight.numel.div_ceil(2) * 2 * dtype.size().max(2));
+pub fn dequantize(client: &Client, weight: &DeviceWeight4bit, dtype: FloatDtype) -> Result<DeviceDense, KernelError> {
+    let out = client.empty(weight.numel.div_ceil(2) * 2 * dtype.size_in_bytes().max(2));
     dequantize_into(client, weight, dtype, &out)?;
     Ok(DeviceDense { handle: out, numel: weight.numel, dtype })
 }
 
 /// Dequantizes `weight` into `out` (at least `numel · size` bytes, rounded up to whole u32 words).
-pub fn dequantize_into(client: &Client, weight: &DeviceWeight4bit, dtype: OutputDtype, out: &Handle) -> Result<(), KernelError> {
-    let needed = weight.numel.div_ceil(2) * 2 * dtype.size();
+pub fn dequantize_into(client: &Client, weight: &DeviceWeight4bit, dtype: FloatDtype, out: &Handle) -> Result<(), KernelError> {
+    let needed = weight.numel.div_ceil(2) * 2 * dtype.size_in_bytes();
     let words = needed / 4;
     if (out.size() as usize) < needed {
         return Err(KernelError::Shape { what: "dequantize output buffer", expected: format!("≥ {needed} bytes"), found: format!("{} bytes", out.size()) });
@@ -116,7 +113,7 @@ pub fn dequantize_into(client: &Client, weight: &DeviceWeight4bit, dtype: Output
             weight.offset,
             weight.blocksize,
             weight.double_quant,
-            dtype.code(),
+            dtype_code(dtype),
         );
     }
     Ok(())
@@ -126,7 +123,7 @@ impl DeviceDense {
     /// Reads the values back as f32 (16-bit types widened exactly).
     pub fn to_f32(&self, client: &Client) -> Result<Vec<f32>, KernelError> {
         match self.dtype {
-            OutputDtype::F32 => read_f32(client, self.handle.clone(), self.numel, "reading a dequantized tensor"),
+            FloatDtype::F32 => read_f32(client, self.handle.clone(), self.numel, "reading a dequantized tensor"),
             _ => Ok(self.to_bits16(client)?.into_iter().map(|b| widen(b, self.dtype)).collect()),
         }
     }
@@ -138,9 +135,9 @@ impl DeviceDense {
     }
 }
 
-fn widen(bits: u16, dtype: OutputDtype) -> f32 {
+fn widen(bits: u16, dtype: FloatDtype) -> f32 {
     match dtype {
-        OutputDtype::Bf16 => half::bf16::from_bits(bits).to_f32(),
+        FloatDtype::Bf16 => half::bf16::from_bits(bits).to_f32(),
         _ => half::f16::from_bits(bits).to_f32(),
     }
 }
@@ -148,7 +145,7 @@ fn widen(bits: u16, dtype: OutputDtype) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_support::{client, poison, random_weights, Rng};
+    use crate::check::{client, poison, random_weights, Rng};
     use nf4::{quantize, QuantType};
 
     fn check(rows: usize, cols: usize, blocksize: usize, quant_type: QuantType, double_quant: bool, rng: &mut Rng) {
@@ -156,23 +153,23 @@ mod tests {
         let values = random_weights(rows * cols, rng);
         let q = quantize(&values, blocksize, quant_type, double_quant).unwrap();
         let weight = DeviceWeight4bit::upload(&client, &q, [rows, cols]).unwrap();
-        for dtype in [OutputDtype::F32, OutputDtype::Bf16, OutputDtype::F16] {
-            let out = poison(&client, q.numel.div_ceil(2) * 2 * dtype.size());
+        for dtype in [FloatDtype::F32, FloatDtype::Bf16, FloatDtype::F16] {
+            let out = poison(&client, q.numel.div_ceil(2) * 2 * dtype.size_in_bytes());
             dequantize_into(&client, &weight, dtype, &out).unwrap();
             let dense = DeviceDense { handle: out, numel: q.numel, dtype };
             let what = format!("{rows}x{cols} bs {blocksize} {quant_type:?} dq {double_quant} {dtype:?}");
             match dtype {
-                OutputDtype::F32 => {
+                FloatDtype::F32 => {
                     let got = dense.to_f32(&client).unwrap();
                     let want: Vec<f32> = q.dequantize().unwrap();
                     let bad = got.iter().zip(&want).position(|(a, b)| a.to_bits() != b.to_bits());
                     assert!(bad.is_none(), "{what}: element {bad:?} differs: {:?} vs {:?}", bad.map(|i| got[i]), bad.map(|i| want[i]));
                 }
-                OutputDtype::Bf16 => {
+                FloatDtype::Bf16 => {
                     let want: Vec<u16> = q.dequantize::<half::bf16>().unwrap().iter().map(|v| v.to_bits()).collect();
                     assert_eq!(dense.to_bits16(&client).unwrap(), want, "{what}");
                 }
-                OutputDtype::F16 => {
+                FloatDtype::F16 => {
                     let want: Vec<u16> = q.dequantize::<half::f16>().unwrap().iter().map(|v| v.to_bits()).collect();
                     assert_eq!(dense.to_bits16(&client).unwrap(), want, "{what}");
                 }

@@ -24,7 +24,7 @@ mod weight;
 
 pub use device::{client_for, DeviceKind};
 pub use error::KernelError;
-pub use weight::{DeviceWeight4bit, OutputDtype};
+pub use nf4::FloatDtype;
+pub use weight::{upload_as, DeviceWeight4bit};
 
-#[cfg(test)]
-pub(crate) mod test_support;
+pub mod check;

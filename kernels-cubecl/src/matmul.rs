@@ -11,7 +11,9 @@
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 
-use crate::numerics::{block_absmax, code_at};
+use crate::numerics::{block_absmax, code_at, nibble};
+use nf4::FloatDtype;
+
 use crate::weight::DeviceWeight4bit;
 use crate::KernelError;
 
@@ -32,23 +34,6 @@ pub enum Product {
     Forward,
     /// `dx[M, in] = dy[M, out] · W`.
     InputGrad,
-}
-
-/// Element type of the activations (W is always 4-bit).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ActivationDtype {
-    F32,
-    Bf16,
-    F16,
-}
-
-impl ActivationDtype {
-    pub fn size(self) -> usize {
-        match self {
-            ActivationDtype::F32 => 4,
-            _ => 2,
-        }
-    }
 }
 
 /// `C[M, P] = A[M, R] · B[R, P]` where `B(r, p) = W[p, r]` (forward: W is `[P, R]`) or `W[r, p]` (input
@@ -239,11 +224,7 @@ fn fused_matmul_cmma_kernel<F: Float>(
                     let word = packed[flat / 8];
                     #[unroll]
                     for j in 0..8usize {
-                        let byte = (word >> (8u32 * u32::cast_from(j / 2))) & 0xFFu32;
-                        let mut code = byte & 0x0Fu32;
-                        if j % 2 == 0 {
-                            code = byte >> 4u32;
-                        }
+                        let code = nibble(word, j);
                         let v = F::cast_from(book[code as usize] * scale);
                         if comptime![w_is_p_by_r] {
                             b_tile[(k + j) * 64 + p] = v;
@@ -320,13 +301,13 @@ fn fused_matmul_cmma_kernel<F: Float>(
 }
 
 /// Whether the device has 16×16×16 tensor-core fragments for `dtype` inputs with f32 accumulation.
-pub fn has_tensor_cores(client: &Client, dtype: ActivationDtype) -> bool {
+pub fn has_tensor_cores(client: &Client, dtype: FloatDtype) -> bool {
     use cubecl::features::MmaConfig;
     use cubecl::ir::{ElemType, FloatKind};
     let kind = match dtype {
-        ActivationDtype::F32 => return false,
-        ActivationDtype::Bf16 => FloatKind::BF16,
-        ActivationDtype::F16 => FloatKind::F16,
+        FloatDtype::F32 => return false,
+        FloatDtype::Bf16 => FloatKind::BF16,
+        FloatDtype::F16 => FloatKind::F16,
     };
     client.features().matmul.cmma.contains(&MmaConfig {
         a_type: ElemType::Float(kind),
@@ -383,11 +364,7 @@ fn gemv_kernel<F: Float>(
                 let word = packed[flat / 8];
                 #[unroll]
                 for j in 0..8usize {
-                    let byte = (word >> (8u32 * u32::cast_from(j / 2))) & 0xFFu32;
-                    let mut code = byte & 0x0Fu32;
-                    if j % 2 == 0 {
-                        code = byte >> 4u32;
-                    }
+                    let code = nibble(word, j);
                     let w = book[code as usize] * scale;
                     for m in 0..m_size {
                         acc[m] += f32::cast_from(x[m * r_size + r + j]) * w;
@@ -425,8 +402,58 @@ fn gemv_kernel<F: Float>(
     }
 }
 
-fn check_operand(what: &'static str, handle: &Handle, elems: usize, dtype: ActivationDtype) -> Result<(), KernelError> {
-    let needed = elems * dtype.size();
+/// What every 4-bit product kernel takes before its comptime flags.
+struct ProductArgs<'a> {
+    a: &'a Handle,
+    a_len: usize,
+    weight: &'a DeviceWeight4bit,
+    out: &'a Handle,
+    out_len: usize,
+    m: usize,
+    r_size: usize,
+    p_size: usize,
+}
+
+/// Launches a 4-bit product kernel (they share their argument list up to the comptime flags) for the
+/// activation dtype.
+macro_rules! launch_product {
+    ($kernel:ident, $dtype:expr, $client:expr, $count:expr, $dim:expr, $args:expr $(, $flag:expr)*) => {{
+        let ProductArgs { a, a_len, weight, out, out_len, m, r_size, p_size } = $args;
+        macro_rules! with_type {
+            ($t:ty) => {
+                unsafe {
+                    $kernel::launch_unchecked::<$t>(
+                        $client,
+                        $count,
+                        $dim,
+                        BufferArg::from_raw_parts(a.clone(), a_len),
+                        BufferArg::from_raw_parts(weight.packed.clone(), 1),
+                        BufferArg::from_raw_parts(weight.absmax.clone(), 1),
+                        BufferArg::from_raw_parts(weight.nested_absmax.clone(), 1),
+                        BufferArg::from_raw_parts(weight.nested_code.clone(), 1),
+                        BufferArg::from_raw_parts(weight.codebook.clone(), 16),
+                        BufferArg::from_raw_parts(out.clone(), out_len),
+                        m,
+                        r_size,
+                        p_size,
+                        weight.offset,
+                        weight.blocksize,
+                        weight.double_quant,
+                        $($flag),*
+                    )
+                }
+            };
+        }
+        match $dtype {
+            FloatDtype::F32 => with_type!(f32),
+            FloatDtype::Bf16 => with_type!(half::bf16),
+            FloatDtype::F16 => with_type!(half::f16),
+        }
+    }};
+}
+
+fn check_operand(what: &'static str, handle: &Handle, elems: usize, dtype: FloatDtype) -> Result<(), KernelError> {
+    let needed = elems * dtype.size_in_bytes();
     if (handle.size() as usize) < needed {
         return Err(KernelError::Shape { what, expected: format!("≥ {needed} bytes"), found: format!("{} bytes", handle.size()) });
     }
@@ -435,14 +462,14 @@ fn check_operand(what: &'static str, handle: &Handle, elems: usize, dtype: Activ
 
 /// The fused product of `a` (`[m, in]` for [`Product::Forward`], `[m, out]` for [`Product::InputGrad`],
 /// row-major, `dtype`) with the 4-bit weight, into a new buffer of the same dtype.
-pub fn fused_matmul(client: &Client, a: &Handle, m: usize, weight: &DeviceWeight4bit, product: Product, dtype: ActivationDtype) -> Result<Handle, KernelError> {
+pub fn fused_matmul(client: &Client, a: &Handle, m: usize, weight: &DeviceWeight4bit, product: Product, dtype: FloatDtype) -> Result<Handle, KernelError> {
     let [rows, cols] = weight.shape;
     let (r_size, p_size) = match product {
         Product::Forward => (cols, rows),
         Product::InputGrad => (rows, cols),
     };
     check_operand("activation buffer", a, m * r_size, dtype)?;
-    let out = client.empty((m * p_size).max(1) * dtype.size());
+    let out = client.empty((m * p_size).max(1) * dtype.size_in_bytes());
     fused_matmul_into(client, a, m, weight, product, dtype, &out)?;
     Ok(out)
 }
@@ -454,7 +481,7 @@ pub fn fused_matmul_into(
     m: usize,
     weight: &DeviceWeight4bit,
     product: Product,
-    dtype: ActivationDtype,
+    dtype: FloatDtype,
     out: &Handle,
 ) -> Result<(), KernelError> {
     let [rows, cols] = weight.shape;
@@ -470,72 +497,25 @@ pub fn fused_matmul_into(
     let count = CubeCount::Static(p_size.div_ceil(TILE_P) as u32, m.div_ceil(TILE_M) as u32, 1);
     let tensor_cores = has_tensor_cores(client, dtype);
     let dim = CubeDim::new_1d(if tensor_cores { 128 } else { UNITS });
-    macro_rules! launch {
-        ($t:ty) => {
-            unsafe {
-                if tensor_cores {
-                    fused_matmul_cmma_kernel::launch_unchecked::<$t>(
-                        client,
-                        count,
-                        dim,
-                        BufferArg::from_raw_parts(a.clone(), m * r_size),
-                        BufferArg::from_raw_parts(weight.packed.clone(), 1),
-                        BufferArg::from_raw_parts(weight.absmax.clone(), 1),
-                        BufferArg::from_raw_parts(weight.nested_absmax.clone(), 1),
-                        BufferArg::from_raw_parts(weight.nested_code.clone(), 1),
-                        BufferArg::from_raw_parts(weight.codebook.clone(), 16),
-                        BufferArg::from_raw_parts(out.clone(), m * p_size),
-                        m,
-                        r_size,
-                        p_size,
-                        weight.offset,
-                        weight.blocksize,
-                        weight.double_quant,
-                        w_is_p_by_r,
-                        cols % 8 == 0,
-                    )
-                } else {
-                fused_matmul_kernel::launch_unchecked::<$t>(
-                    client,
-                    count,
-                    dim,
-                    BufferArg::from_raw_parts(a.clone(), m * r_size),
-                    BufferArg::from_raw_parts(weight.packed.clone(), 1),
-                    BufferArg::from_raw_parts(weight.absmax.clone(), 1),
-                    BufferArg::from_raw_parts(weight.nested_absmax.clone(), 1),
-                    BufferArg::from_raw_parts(weight.nested_code.clone(), 1),
-                    BufferArg::from_raw_parts(weight.codebook.clone(), 16),
-                    BufferArg::from_raw_parts(out.clone(), m * p_size),
-                    m,
-                    r_size,
-                    p_size,
-                    weight.offset,
-                    weight.blocksize,
-                    weight.double_quant,
-                    w_is_p_by_r,
-                )
-                }
-            }
-        };
-    }
-    match dtype {
-        ActivationDtype::F32 => launch!(f32),
-        ActivationDtype::Bf16 => launch!(half::bf16),
-        ActivationDtype::F16 => launch!(half::f16),
+    let args = ProductArgs { a, a_len: m * r_size, weight, out, out_len: m * p_size, m, r_size, p_size };
+    if tensor_cores {
+        launch_product!(fused_matmul_cmma_kernel, dtype, client, count, dim, args, w_is_p_by_r, cols % 8 == 0);
+    } else {
+        launch_product!(fused_matmul_kernel, dtype, client, count, dim, args, w_is_p_by_r);
     }
     Ok(())
 }
 
 /// The forward product for at most [`GEMV_MAX_ROWS`] rows of x, streaming W once.
-pub fn gemv(client: &Client, x: &Handle, m: usize, weight: &DeviceWeight4bit, dtype: ActivationDtype) -> Result<Handle, KernelError> {
+pub fn gemv(client: &Client, x: &Handle, m: usize, weight: &DeviceWeight4bit, dtype: FloatDtype) -> Result<Handle, KernelError> {
     let [rows, _] = weight.shape;
-    let out = client.empty((m * rows).max(1) * dtype.size());
+    let out = client.empty((m * rows).max(1) * dtype.size_in_bytes());
     gemv_into(client, x, m, weight, dtype, &out)?;
     Ok(out)
 }
 
 /// [`gemv`] into an existing buffer.
-pub fn gemv_into(client: &Client, x: &Handle, m: usize, weight: &DeviceWeight4bit, dtype: ActivationDtype, out: &Handle) -> Result<(), KernelError> {
+pub fn gemv_into(client: &Client, x: &Handle, m: usize, weight: &DeviceWeight4bit, dtype: FloatDtype, out: &Handle) -> Result<(), KernelError> {
     let [rows, cols] = weight.shape;
     if m > GEMV_MAX_ROWS {
         return Err(KernelError::Shape { what: "GEMV batch rows", expected: format!("≤ {GEMV_MAX_ROWS}"), found: m.to_string() });
@@ -548,36 +528,8 @@ pub fn gemv_into(client: &Client, x: &Handle, m: usize, weight: &DeviceWeight4bi
     let aligned = cols % 8 == 0;
     let count = CubeCount::Static(rows.div_ceil(GEMV_ROWS as usize) as u32, 1, 1);
     let dim = CubeDim::new_1d(GEMV_ROWS * 32);
-    macro_rules! launch {
-        ($t:ty) => {
-            unsafe {
-                gemv_kernel::launch_unchecked::<$t>(
-                    client,
-                    count,
-                    dim,
-                    BufferArg::from_raw_parts(x.clone(), m * cols),
-                    BufferArg::from_raw_parts(weight.packed.clone(), 1),
-                    BufferArg::from_raw_parts(weight.absmax.clone(), 1),
-                    BufferArg::from_raw_parts(weight.nested_absmax.clone(), 1),
-                    BufferArg::from_raw_parts(weight.nested_code.clone(), 1),
-                    BufferArg::from_raw_parts(weight.codebook.clone(), 16),
-                    BufferArg::from_raw_parts(out.clone(), m * rows),
-                    m,
-                    cols,
-                    rows,
-                    weight.offset,
-                    weight.blocksize,
-                    weight.double_quant,
-                    aligned,
-                )
-            }
-        };
-    }
-    match dtype {
-        ActivationDtype::F32 => launch!(f32),
-        ActivationDtype::Bf16 => launch!(half::bf16),
-        ActivationDtype::F16 => launch!(half::f16),
-    }
+    let args = ProductArgs { a: x, a_len: m * cols, weight, out, out_len: m * rows, m, r_size: cols, p_size: rows };
+    launch_product!(gemv_kernel, dtype, client, count, dim, args, aligned);
     Ok(())
 }
 
@@ -613,7 +565,7 @@ pub fn reference_product(a: &[f32], m: usize, w: &[f32], shape: [usize; 2], prod
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_support::{client, poison, random_weights, Rng};
+    use crate::check::{client, poison, random_weights, Rng};
     use crate::weight::{read_f32, upload_f32};
     use nf4::{quantize, QuantType};
 
@@ -628,9 +580,9 @@ mod tests {
         let a_dev = upload_f32(&client, &a);
         let out = poison(&client, m * p_size * 4);
         if use_gemv {
-            gemv_into(&client, &a_dev, m, &weight, ActivationDtype::F32, &out).unwrap();
+            gemv_into(&client, &a_dev, m, &weight, FloatDtype::F32, &out).unwrap();
         } else {
-            fused_matmul_into(&client, &a_dev, m, &weight, product, ActivationDtype::F32, &out).unwrap();
+            fused_matmul_into(&client, &a_dev, m, &weight, product, FloatDtype::F32, &out).unwrap();
         }
         let got = read_f32(&client, out, m * p_size, "test").unwrap();
         let (want, magnitude) = reference_product(&a, m, &q.dequantize::<f32>().unwrap(), [rows, cols], product);
@@ -674,7 +626,7 @@ mod tests {
         let q = quantize(&[0.5f32; 64], 64, QuantType::Nf4, false).unwrap();
         let weight = DeviceWeight4bit::upload(&client, &q, [1, 64]).unwrap();
         let x = upload_f32(&client, &vec![0.0; 17 * 64]);
-        assert!(matches!(gemv(&client, &x, 17, &weight, ActivationDtype::F32), Err(KernelError::Shape { .. })));
-        assert!(matches!(fused_matmul(&client, &x, 100, &weight, Product::Forward, ActivationDtype::F32), Err(KernelError::Shape { .. })));
+        assert!(matches!(gemv(&client, &x, 17, &weight, FloatDtype::F32), Err(KernelError::Shape { .. })));
+        assert!(matches!(fused_matmul(&client, &x, 100, &weight, Product::Forward, FloatDtype::F32), Err(KernelError::Shape { .. })));
     }
 }

@@ -122,17 +122,21 @@ pub fn block_absmax(
     scale
 }
 
-/// The 4-bit code of flat element `index` from u32 words of packed bytes (element 2i = high nibble of byte i).
+/// Code `j` (0..8) of a packed u32 word: byte `j / 2`, its high nibble for even `j` (bitsandbytes' order).
 #[cube]
-pub fn code_at(packed: &[u32], index: usize) -> u32 {
-    let byte = index / 2;
-    let word = packed[byte / 4];
-    let b = (word >> (8u32 * u32::cast_from(byte % 4))) & 0xFFu32;
-    let mut code = b & 0x0Fu32;
-    if index % 2 == 0 {
-        code = b >> 4u32;
+pub fn nibble(word: u32, j: usize) -> u32 {
+    let byte = (word >> (8u32 * u32::cast_from(j / 2))) & 0xFFu32;
+    let mut code = byte & 0x0Fu32;
+    if j % 2 == 0 {
+        code = byte >> 4u32;
     }
     code
+}
+
+/// The 4-bit code of flat element `index` from u32 words of packed bytes.
+#[cube]
+pub fn code_at(packed: &[u32], index: usize) -> u32 {
+    nibble(packed[index / 8], index % 8)
 }
 
 #[cube(launch_unchecked)]

@@ -10,10 +10,10 @@
 
 use cubecl::prelude::*;
 use cubecl::server::Handle;
-use nf4::{QuantType, NESTED_BLOCKSIZE};
+use nf4::{FloatDtype, QuantType, NESTED_BLOCKSIZE};
 
 use crate::numerics::{bf16_bits_to_f32, f16_bits_to_f32};
-use crate::weight::{bytes_to_words, read_f32, upload_f32, upload_u32, DeviceWeight4bit, OutputDtype};
+use crate::weight::{bytes_to_words, dtype_code, read_f32, upload_f32, upload_u32, DeviceWeight4bit};
 use crate::KernelError;
 
 /// bitsandbytes' floor for a block absmax before its reciprocal.
@@ -183,7 +183,7 @@ fn code_search(quant_type: QuantType) -> ([f32; 16], [u32; 16]) {
 pub fn quantize(
     client: &Client,
     input: &Handle,
-    dtype: OutputDtype,
+    dtype: FloatDtype,
     shape: [usize; 2],
     blocksize: usize,
     quant_type: QuantType,
@@ -191,9 +191,8 @@ pub fn quantize(
 ) -> Result<DeviceWeight4bit, KernelError> {
     nf4::check_blocksize(blocksize)?;
     let numel = shape[0].checked_mul(shape[1]).filter(|&n| n > 0).ok_or(nf4::Nf4Error::Empty)?;
-    let needed = numel.div_ceil(2) * 2 * dtype.size();
-    if (input.size() as usize) < needed.min(numel * dtype.size()) {
-        return Err(KernelError::Shape { what: "quantize input buffer", expected: format!("≥ {} bytes", numel * dtype.size()), found: format!("{} bytes", input.size()) });
+    if (input.size() as usize) < numel * dtype.size_in_bytes() {
+        return Err(KernelError::Shape { what: "quantize input buffer", expected: format!("≥ {} bytes", numel * dtype.size_in_bytes()), found: format!("{} bytes", input.size()) });
     }
     let blocks = nf4::num_blocks(numel, blocksize);
     let (midpoints, map) = code_search(quant_type);
@@ -213,7 +212,7 @@ pub fn quantize(
             BufferArg::from_raw_parts(absmax.clone(), blocks),
             numel,
             blocksize,
-            dtype.code(),
+            dtype_code(dtype),
         );
     }
     let host_absmax = read_f32(client, absmax.clone(), blocks, "reading block absmax values")?;
@@ -271,16 +270,16 @@ pub fn quantize(
 
 
 /// The error for a block with a NaN or infinite element: finds the element (reads back that one block).
-fn first_non_finite(client: &Client, input: &Handle, dtype: OutputDtype, numel: usize, block: usize, blocksize: usize) -> KernelError {
+fn first_non_finite(client: &Client, input: &Handle, dtype: FloatDtype, numel: usize, block: usize, blocksize: usize) -> KernelError {
     let start = block * blocksize;
     let end = (start + blocksize).min(numel);
     let values: Result<Vec<f32>, KernelError> = (|| {
         let bytes = client.read_one(input.clone()).map_err(|e| KernelError::from_server("reading the input", e))?;
         Ok((start..end)
             .map(|i| match dtype {
-                OutputDtype::F32 => f32::from_le_bytes(bytes[i * 4..i * 4 + 4].try_into().expect("4 bytes")),
-                OutputDtype::Bf16 => half::bf16::from_le_bytes([bytes[i * 2], bytes[i * 2 + 1]]).to_f32(),
-                OutputDtype::F16 => half::f16::from_le_bytes([bytes[i * 2], bytes[i * 2 + 1]]).to_f32(),
+                FloatDtype::F32 => f32::from_le_bytes(bytes[i * 4..i * 4 + 4].try_into().expect("4 bytes")),
+                FloatDtype::Bf16 => half::bf16::from_le_bytes([bytes[i * 2], bytes[i * 2 + 1]]).to_f32(),
+                FloatDtype::F16 => half::f16::from_le_bytes([bytes[i * 2], bytes[i * 2 + 1]]).to_f32(),
             })
             .collect())
     })();
@@ -296,34 +295,18 @@ fn first_non_finite(client: &Client, input: &Handle, dtype: OutputDtype, numel: 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_support::{client, random_weights, Rng};
+    use crate::check::{client, random_weights, Rng};
     use crate::weight::read_u32;
     use nf4::Absmax;
-
-    fn upload_input(client: &Client, values: &[f32], dtype: OutputDtype) -> (Handle, Vec<f32>) {
-        match dtype {
-            OutputDtype::F32 => (upload_f32(client, values), values.to_vec()),
-            OutputDtype::Bf16 => {
-                let h: Vec<half::bf16> = values.iter().map(|&v| half::bf16::from_f32(v)).collect();
-                let bytes: Vec<u8> = h.iter().flat_map(|v| v.to_le_bytes()).collect();
-                (upload_u32(client, &bytes_to_words(&bytes)), h.iter().map(|v| v.to_f32()).collect())
-            }
-            OutputDtype::F16 => {
-                let h: Vec<half::f16> = values.iter().map(|&v| half::f16::from_f32(v)).collect();
-                let bytes: Vec<u8> = h.iter().flat_map(|v| v.to_le_bytes()).collect();
-                (upload_u32(client, &bytes_to_words(&bytes)), h.iter().map(|v| v.to_f32()).collect())
-            }
-        }
-    }
 
     #[test]
     fn device_quantize_equals_bitsandbytes_bytes() {
         let client = client();
         let mut rng = Rng::from_env("quantize");
         for (rows, cols, bs) in [(1, 7, 64), (3, 37, 64), (17, 515, 64), (64, 257, 32), (300, 97, 256), (130, 300, 64)] {
-            for dtype in [OutputDtype::F32, OutputDtype::Bf16, OutputDtype::F16] {
+            for dtype in [FloatDtype::F32, FloatDtype::Bf16, FloatDtype::F16] {
                 let values = random_weights(rows * cols, &mut rng);
-                let (input, rounded) = upload_input(&client, &values, dtype);
+                let (input, rounded) = crate::upload_as(&client, &values, dtype);
                 for qt in [QuantType::Nf4, QuantType::Fp4] {
                     for dq in [false, true] {
                         let what = format!("{rows}x{cols} bs {bs} {dtype:?} {qt:?} dq {dq}");
@@ -357,10 +340,10 @@ mod tests {
         let mut values = vec![0.25f32; 300];
         values[131] = f32::NAN;
         let input = upload_f32(&client, &values);
-        match quantize(&client, &input, OutputDtype::F32, [3, 100], 64, QuantType::Nf4, true) {
+        match quantize(&client, &input, FloatDtype::F32, [3, 100], 64, QuantType::Nf4, true) {
             Err(KernelError::Nf4(nf4::Nf4Error::NonFinite { index: 131, .. })) => {}
             other => panic!("expected NonFinite at 131, got {:?}", other.map(|w| w.numel)),
         }
-        assert!(quantize(&client, &input, OutputDtype::F32, [3, 100], 48, QuantType::Nf4, true).is_err());
+        assert!(quantize(&client, &input, FloatDtype::F32, [3, 100], 48, QuantType::Nf4, true).is_err());
     }
 }

@@ -6,33 +6,16 @@
 
 use cubecl::prelude::*;
 use cubecl::server::Handle;
-use nf4::{Absmax, Blockwise4bit};
+use nf4::{Absmax, Blockwise4bit, FloatDtype};
 
 use crate::KernelError;
 
-/// The float type a kernel writes (or reads) in global memory.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum OutputDtype {
-    F32,
-    Bf16,
-    F16,
-}
-
-impl OutputDtype {
-    pub(crate) fn code(self) -> u32 {
-        match self {
-            OutputDtype::F32 => 0,
-            OutputDtype::Bf16 => 1,
-            OutputDtype::F16 => 2,
-        }
-    }
-
-    /// Bytes per element.
-    pub fn size(self) -> usize {
-        match self {
-            OutputDtype::F32 => 4,
-            OutputDtype::Bf16 | OutputDtype::F16 => 2,
-        }
+/// The comptime code kernels use for an element type in global memory (0 f32, 1 bf16, 2 f16).
+pub(crate) fn dtype_code(dtype: FloatDtype) -> u32 {
+    match dtype {
+        FloatDtype::F32 => 0,
+        FloatDtype::Bf16 => 1,
+        FloatDtype::F16 => 2,
     }
 }
 
@@ -54,6 +37,21 @@ pub(crate) fn upload_f32(client: &Client, values: &[f32]) -> Handle {
 
 pub(crate) fn upload_u32(client: &Client, values: &[u32]) -> Handle {
     if values.is_empty() { client.create_from_slice(u32::as_bytes(&[0])) } else { client.create_from_slice(u32::as_bytes(values)) }
+}
+
+/// Uploads f32 values as `dtype` (bf16/f16 rounded to nearest even, packed two per u32 word); returns the
+/// handle and the values as the device holds them, widened back to f32.
+pub fn upload_as(client: &Client, values: &[f32], dtype: FloatDtype) -> (Handle, Vec<f32>) {
+    fn packed<T: nf4::Element + Into<f32>>(client: &Client, values: &[f32], bytes: impl Fn(T) -> [u8; 2]) -> (Handle, Vec<f32>) {
+        let rounded: Vec<T> = values.iter().map(|&v| T::from_f32(v)).collect();
+        let raw: Vec<u8> = rounded.iter().flat_map(|&v| bytes(v)).collect();
+        (upload_u32(client, &bytes_to_words(&raw)), rounded.into_iter().map(Into::into).collect())
+    }
+    match dtype {
+        FloatDtype::F32 => (upload_f32(client, values), values.to_vec()),
+        FloatDtype::Bf16 => packed::<half::bf16>(client, values, half::bf16::to_le_bytes),
+        FloatDtype::F16 => packed::<half::f16>(client, values, half::f16::to_le_bytes),
+    }
 }
 
 pub(crate) fn read_f32(client: &Client, handle: Handle, len: usize, during: &'static str) -> Result<Vec<f32>, KernelError> {
@@ -123,7 +121,7 @@ impl DeviceWeight4bit {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_support::client;
+    use crate::check::client;
 
     #[test]
     fn a_failed_device_allocation_is_a_typed_error_not_a_panic() {

@@ -15,9 +15,10 @@ use cubecl::prelude::*;
 use cubecl::server::Handle;
 use nf4::QuantType;
 use qlora_kernels::dequant::{dequantize, dequantize_into, DeviceDense};
-use qlora_kernels::matmul::{fused_matmul_into, gemv_into, reference_product, ActivationDtype, Product};
+use qlora_kernels::matmul::{fused_matmul_into, gemv_into, reference_product, Product};
 use qlora_kernels::quantize::quantize;
-use qlora_kernels::{client_for, DeviceKind, DeviceWeight4bit, OutputDtype};
+use qlora_kernels::check::{poison, Rng};
+use qlora_kernels::{client_for, upload_as, DeviceKind, DeviceWeight4bit, FloatDtype};
 
 #[cube(launch_unchecked)]
 fn copy_kernel(input: &[u32], out: &mut [u32], quarter: usize) {
@@ -27,23 +28,6 @@ fn copy_kernel(input: &[u32], out: &mut [u32], quarter: usize) {
         for k in 0..4usize {
             out[i + k * quarter] = input[i + k * quarter];
         }
-    }
-}
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn normal(&mut self) -> f32 {
-        (0..4).map(|_| (self.next() >> 40) as f32 / (1u64 << 24) as f32).sum::<f32>() * 1.732 - 3.464
-    }
-    fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
-        (0..n).map(|_| self.normal() * scale).collect()
     }
 }
 
@@ -63,31 +47,13 @@ fn time_it(client: &Client, iters: usize, mut f: impl FnMut() -> Result<()>) -> 
     Ok(start.elapsed().as_secs_f64() / iters as f64)
 }
 
-fn upload_act(client: &Client, values: &[f32], dtype: ActivationDtype) -> (Handle, Vec<f32>) {
-    match dtype {
-        ActivationDtype::F32 => (client.create_from_slice(bytemuck::cast_slice(values)), values.to_vec()),
-        ActivationDtype::Bf16 => {
-            let h: Vec<half::bf16> = values.iter().map(|&v| half::bf16::from_f32(v)).collect();
-            (client.create_from_slice(bytemuck::cast_slice(&h)), h.iter().map(|v| v.to_f32()).collect())
-        }
-        ActivationDtype::F16 => {
-            let h: Vec<half::f16> = values.iter().map(|&v| half::f16::from_f32(v)).collect();
-            (client.create_from_slice(bytemuck::cast_slice(&h)), h.iter().map(|v| v.to_f32()).collect())
-        }
-    }
-}
-
-fn read_act(client: &Client, handle: Handle, n: usize, dtype: ActivationDtype) -> Result<Vec<f32>> {
+fn read_act(client: &Client, handle: Handle, n: usize, dtype: FloatDtype) -> Result<Vec<f32>> {
     let bytes = client.read_one(handle).map_err(|e| anyhow::anyhow!("read: {e:?}"))?;
     Ok(match dtype {
-        ActivationDtype::F32 => bytemuck::cast_slice::<u8, f32>(&bytes[..n * 4]).to_vec(),
-        ActivationDtype::Bf16 => bytes[..n * 2].chunks(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-        ActivationDtype::F16 => bytes[..n * 2].chunks(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        FloatDtype::F32 => bytemuck::cast_slice::<u8, f32>(&bytes[..n * 4]).to_vec(),
+        FloatDtype::Bf16 => bytes[..n * 2].chunks(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        FloatDtype::F16 => bytes[..n * 2].chunks(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
     })
-}
-
-fn poison(client: &Client, bytes: usize) -> Handle {
-    client.create_from_slice(&vec![0xABu8; bytes.div_ceil(4) * 4])
 }
 
 struct Checks {
@@ -106,24 +72,24 @@ impl Checks {
 }
 
 fn check_dequant(client: &Client, checks: &mut Checks, rng: &mut Rng, rows: usize, cols: usize, bs: usize, qt: QuantType, dq: bool) -> Result<()> {
-    let w = rng.vec(rows * cols, 0.02);
+    let w = rng.normals(rows * cols, 0.02);
     let q = nf4::quantize(&w, bs, qt, dq)?;
     let weight = DeviceWeight4bit::upload(client, &q, [rows, cols])?;
-    for dtype in [OutputDtype::F32, OutputDtype::Bf16, OutputDtype::F16] {
-        let out = poison(client, q.numel.div_ceil(2) * 2 * dtype.size());
+    for dtype in [FloatDtype::F32, FloatDtype::Bf16, FloatDtype::F16] {
+        let out = poison(client, q.numel.div_ceil(2) * 2 * dtype.size_in_bytes());
         dequantize_into(client, &weight, dtype, &out)?;
         let dense = DeviceDense { handle: out, numel: q.numel, dtype };
         let mismatches = match dtype {
-            OutputDtype::F32 => {
+            FloatDtype::F32 => {
                 let got = dense.to_f32(client)?;
                 let want: Vec<f32> = q.dequantize()?;
                 got.iter().zip(&want).filter(|(a, b)| a.to_bits() != b.to_bits()).count()
             }
-            OutputDtype::Bf16 => {
+            FloatDtype::Bf16 => {
                 let want: Vec<u16> = q.dequantize::<half::bf16>()?.iter().map(|v| v.to_bits()).collect();
                 dense.to_bits16(client)?.iter().zip(&want).filter(|(a, b)| a != b).count()
             }
-            OutputDtype::F16 => {
+            FloatDtype::F16 => {
                 let want: Vec<u16> = q.dequantize::<half::f16>()?.iter().map(|v| v.to_bits()).collect();
                 dense.to_bits16(client)?.iter().zip(&want).filter(|(a, b)| a != b).count()
             }
@@ -134,13 +100,13 @@ fn check_dequant(client: &Client, checks: &mut Checks, rng: &mut Rng, rows: usiz
 }
 
 #[allow(clippy::too_many_arguments)]
-fn check_product(client: &Client, checks: &mut Checks, rng: &mut Rng, m: usize, rows: usize, cols: usize, dq: bool, product: Product, dtype: ActivationDtype, use_gemv: bool) -> Result<()> {
-    let w = rng.vec(rows * cols, 0.02);
+fn check_product(client: &Client, checks: &mut Checks, rng: &mut Rng, m: usize, rows: usize, cols: usize, dq: bool, product: Product, dtype: FloatDtype, use_gemv: bool) -> Result<()> {
+    let w = rng.normals(rows * cols, 0.02);
     let q = nf4::quantize(&w, 64, QuantType::Nf4, dq)?;
     let weight = DeviceWeight4bit::upload(client, &q, [rows, cols])?;
     let (r_size, p_size) = if product == Product::Forward { (cols, rows) } else { (rows, cols) };
-    let (a, a_rounded) = upload_act(client, &rng.vec(m * r_size, 1.0), dtype);
-    let out = poison(client, m * p_size * dtype.size());
+    let (a, a_rounded) = upload_as(client, &rng.normals(m * r_size, 1.0), dtype);
+    let out = poison(client, m * p_size * dtype.size_in_bytes());
     if use_gemv {
         gemv_into(client, &a, m, &weight, dtype, &out)?;
     } else {
@@ -148,11 +114,11 @@ fn check_product(client: &Client, checks: &mut Checks, rng: &mut Rng, m: usize, 
     }
     let got = read_act(client, out, m * p_size, dtype)?;
     let (want, magnitude) = reference_product(&a_rounded, m, &q.dequantize::<f32>()?, [rows, cols], product);
-    let rounding = if dtype == ActivationDtype::F32 { 0.0 } else { 1.0 / 128.0 };
+    let rounding = if dtype == FloatDtype::F32 { 0.0 } else { 1.0 / 128.0 };
     // The tensor-core path rounds the decoded W to the activation type (as dequantize-then-matmul does).
     let w_rounding = match dtype {
-        ActivationDtype::Bf16 if !use_gemv => 1.0 / 256.0,
-        ActivationDtype::F16 if !use_gemv => 1.0 / 2048.0,
+        FloatDtype::Bf16 if !use_gemv => 1.0 / 256.0,
+        FloatDtype::F16 if !use_gemv => 1.0 / 2048.0,
         _ => 0.0,
     };
     let mut worst = 0.0f64;
@@ -172,19 +138,9 @@ fn check_product(client: &Client, checks: &mut Checks, rng: &mut Rng, m: usize, 
     Ok(())
 }
 
-fn check_quantize(client: &Client, checks: &mut Checks, rng: &mut Rng, rows: usize, cols: usize, dtype: OutputDtype) -> Result<()> {
-    let values = rng.vec(rows * cols, 0.02);
-    let (input, rounded): (Handle, Vec<f32>) = match dtype {
-        OutputDtype::F32 => (client.create_from_slice(bytemuck::cast_slice(&values)), values.clone()),
-        OutputDtype::Bf16 => {
-            let h: Vec<half::bf16> = values.iter().map(|&v| half::bf16::from_f32(v)).collect();
-            (client.create_from_slice(bytemuck::cast_slice(&h)), h.iter().map(|v| v.to_f32()).collect())
-        }
-        OutputDtype::F16 => {
-            let h: Vec<half::f16> = values.iter().map(|&v| half::f16::from_f32(v)).collect();
-            (client.create_from_slice(bytemuck::cast_slice(&h)), h.iter().map(|v| v.to_f32()).collect())
-        }
-    };
+fn check_quantize(client: &Client, checks: &mut Checks, rng: &mut Rng, rows: usize, cols: usize, dtype: FloatDtype) -> Result<()> {
+    let values = rng.normals(rows * cols, 0.02);
+    let (input, rounded) = upload_as(client, &values, dtype);
     let want = nf4::quantize(&rounded, 64, QuantType::Nf4, true)?;
     let got = quantize(client, &input, dtype, [rows, cols], 64, QuantType::Nf4, true)?;
     let packed = client.read_one(got.packed.clone()).map_err(|e| anyhow::anyhow!("{e:?}"))?;
@@ -203,7 +159,7 @@ fn check_adamw(client: &Client, checks: &mut Checks, rng: &mut Rng) -> Result<()
     use optim::{PageDevice, PageState, StateFormat};
     let n = 1 << 20;
     let mut device = qlora_kernels::adamw::DevicePages::new(client.clone());
-    let init = rng.vec(n, 1.0);
+    let init = rng.normals(n, 1.0);
     let (mut p_host, mut p_dev) = (init.clone(), init.clone());
     let (mut m, mut v) = (vec![0.0; n], vec![0.0; n]);
     let mut page = device.upload(PageState::zeros(StateFormat::F32, n));
@@ -212,7 +168,7 @@ fn check_adamw(client: &Client, checks: &mut Checks, rng: &mut Rng) -> Result<()
     let PageState::Blockwise8 { mut codes1, mut absmax1, mut codes2, mut absmax2 } = PageState::zeros(StateFormat::Blockwise8, n) else { bail!("format") };
     let mut page8 = device.upload(PageState::zeros(StateFormat::Blockwise8, n));
     for step in 1..=5 {
-        let grad = rng.vec(n, 0.1);
+        let grad = rng.normals(n, 0.1);
         let h = AdamHyper { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01, step };
         adamw_torch(&mut p_host, &grad, &mut m, &mut v, &h);
         device.update(&mut page, UpdateRule::TorchAdamW, &mut p_dev, &grad, &h);
@@ -259,15 +215,10 @@ fn burn_dense_bf16(m: usize, k: usize, n: usize, iters: usize) -> Result<f64> {
 
 fn main() -> Result<()> {
     let client = client_for(DeviceKind::Cuda(0)).context("opening CUDA device 0")?;
-    let seed = std::env::var("QLORA_KERNEL_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1)
-    });
-    println!("QLORA_KERNEL_SEED={seed}");
-    let mut rng = Rng(seed);
+    let mut rng = Rng::from_env("gpu-check");
+    let seed = rng.seed;
     let mut report = String::new();
-    let props = client.properties();
     writeln!(report, "device: {:?}, seed {seed}", client.name())?;
-    let _ = props;
 
     // 1. Correctness.
     let mut checks = Checks { lines: vec![], failures: 0 };
@@ -280,7 +231,7 @@ fn main() -> Result<()> {
             check_dequant(&client, &mut checks, &mut rng, rows, cols, bs, qt, dq)?;
         }
     }
-    for dtype in [ActivationDtype::F32, ActivationDtype::Bf16, ActivationDtype::F16] {
+    for dtype in [FloatDtype::F32, FloatDtype::Bf16, FloatDtype::F16] {
         for (m, rows, cols) in [(7, 70, 130), (130, 129, 67), (8, 4096, 4096), (5, 11008, 4096)] {
             for product in [Product::Forward, Product::InputGrad] {
                 check_product(&client, &mut checks, &mut rng, m, rows, cols, true, product, dtype, false)?;
@@ -290,10 +241,10 @@ fn main() -> Result<()> {
             check_product(&client, &mut checks, &mut rng, m, rows, cols, true, Product::Forward, dtype, true)?;
         }
     }
-    for dtype in [OutputDtype::F32, OutputDtype::Bf16, OutputDtype::F16] {
+    for dtype in [FloatDtype::F32, FloatDtype::Bf16, FloatDtype::F16] {
         check_quantize(&client, &mut checks, &mut rng, 4096, 4096, dtype)?;
     }
-    check_quantize(&client, &mut checks, &mut rng, 333, 515, OutputDtype::F32)?;
+    check_quantize(&client, &mut checks, &mut rng, 333, 515, FloatDtype::F32)?;
     check_adamw(&client, &mut checks, &mut rng)?;
     println!("correctness: {} checks, {} failed ({:.1} s)", checks.lines.len(), checks.failures, t.elapsed().as_secs_f64());
 
@@ -320,11 +271,11 @@ fn main() -> Result<()> {
     let mut weights = vec![];
     // A Llama-2-70B MLP weight as well: large enough that per-launch overhead vanishes.
     for &(rows, cols) in shapes.iter().chain(&[(28672usize, 8192usize)]) {
-        let w = rng.vec(rows * cols, 0.02);
+        let w = rng.normals(rows * cols, 0.02);
         let q = nf4::quantize(&w, 64, QuantType::Nf4, true)?;
         let weight = DeviceWeight4bit::upload(&client, &q, [rows, cols])?;
         let out = client.empty(rows * cols * 2);
-        let s = time_it(&client, 50, || Ok(dequantize_into(&client, &weight, OutputDtype::Bf16, &out)?))?;
+        let s = time_it(&client, 50, || Ok(dequantize_into(&client, &weight, FloatDtype::Bf16, &out)?))?;
         let bytes = (rows * cols) as f64 * (0.5 + 2.0) + (rows * cols / 64) as f64;
         let gbs = bytes / s / 1e9;
         writeln!(bench, "| {rows}×{cols} | {:.1} µs | {gbs:.0} | {:.0}% |", s * 1e6, 100.0 * gbs / copy_gbs)?;
@@ -338,16 +289,16 @@ fn main() -> Result<()> {
     for (rows, cols, weight) in &weights {
         let (rows, cols) = (*rows, *cols);
         let dense_out = client.empty(rows * cols * 2);
-        let dequant_s = time_it(&client, 20, || Ok(dequantize_into(&client, weight, OutputDtype::Bf16, &dense_out)?))?;
+        let dequant_s = time_it(&client, 20, || Ok(dequantize_into(&client, weight, FloatDtype::Bf16, &dense_out)?))?;
         for m in [1usize, 16, 4096] {
-            let (x, _) = upload_act(&client, &rng.vec(m * cols, 1.0), ActivationDtype::Bf16);
+            let (x, _) = upload_as(&client, &rng.normals(m * cols, 1.0), FloatDtype::Bf16);
             let y = client.empty(m * rows * 2);
             let iters = if m >= 4096 { 5 } else { 50 };
             let ours = time_it(&client, iters, || {
                 if m <= 16 {
-                    gemv_into(&client, &x, m, weight, ActivationDtype::Bf16, &y)?;
+                    gemv_into(&client, &x, m, weight, FloatDtype::Bf16, &y)?;
                 } else {
-                    fused_matmul_into(&client, &x, m, weight, Product::Forward, ActivationDtype::Bf16, &y)?;
+                    fused_matmul_into(&client, &x, m, weight, Product::Forward, FloatDtype::Bf16, &y)?;
                 }
                 Ok(())
             })?;
@@ -370,12 +321,12 @@ fn main() -> Result<()> {
     writeln!(bench)?;
     for (rows, cols, weight) in &weights {
         let m = 4096;
-        let (dy, _) = upload_act(&client, &rng.vec(m * rows, 1.0), ActivationDtype::Bf16);
+        let (dy, _) = upload_as(&client, &rng.normals(m * rows, 1.0), FloatDtype::Bf16);
         let dx = client.empty(m * cols * 2);
-        let s = time_it(&client, 5, || Ok(fused_matmul_into(&client, &dy, m, weight, Product::InputGrad, ActivationDtype::Bf16, &dx)?))?;
+        let s = time_it(&client, 5, || Ok(fused_matmul_into(&client, &dy, m, weight, Product::InputGrad, FloatDtype::Bf16, &dx)?))?;
         writeln!(bench, "input gradient dy·W, M {m}, W {rows}×{cols}: {:.1} µs ({:.2} TFLOP/s)", s * 1e6, 2.0 * (m * rows * cols) as f64 / s / 1e12)?;
     }
-    let _ = dequantize(&client, &weights[0].2, OutputDtype::F32)?;
+    let _ = dequantize(&client, &weights[0].2, FloatDtype::F32)?;
 
     writeln!(report, "\n## Correctness ({} checks, {} failed)\n\n| result | check |\n|---|---|", checks.lines.len(), checks.failures)?;
     for line in &checks.lines {

@@ -1,12 +1,13 @@
-//! Shared test helpers: one wgpu client per test binary, seeded random inputs (fresh per run unless
-//! `QLORA_KERNEL_SEED` is set; the seed is printed), and poisoned output buffers so unwritten elements show.
-
-use std::sync::OnceLock;
+//! What the kernel tests and the GPU check binary share: seeded random inputs (fresh per run unless
+//! `QLORA_KERNEL_SEED` is set; the seed is printed), and poisoned output buffers so unwritten elements show;
+//! for the tests, one wgpu client per test binary.
 
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 
+#[cfg(all(test, feature = "wgpu"))]
 pub fn client() -> Client {
+    use std::sync::OnceLock;
     static CLIENT: OnceLock<Client> = OnceLock::new();
     CLIENT
         .get_or_init(|| crate::client_for(crate::DeviceKind::Wgpu).expect("wgpu device (install mesa-vulkan-drivers for lavapipe)"))
@@ -18,8 +19,12 @@ pub fn poison(client: &Client, bytes: usize) -> Handle {
     client.create_from_slice(&vec![0xABu8; bytes.div_ceil(4) * 4])
 }
 
-/// SplitMix64.
-pub struct Rng(u64);
+/// SplitMix64 (the same generator as `qlora-data`'s, kept here so the kernels need no data crate).
+pub struct Rng {
+    state: u64,
+    /// The seed it started from (printed, and replayable through `QLORA_KERNEL_SEED`).
+    pub seed: u64,
+}
 
 impl Rng {
     /// Seeded from `QLORA_KERNEL_SEED`, or from the clock; prints the seed so a failure can be replayed.
@@ -28,12 +33,12 @@ impl Rng {
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(7)
         });
         println!("{test}: QLORA_KERNEL_SEED={seed}");
-        Rng(seed)
+        Rng { state: seed, seed }
     }
 
     pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
+        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.state;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         z ^ (z >> 31)
@@ -47,6 +52,11 @@ impl Rng {
     /// Roughly normal (sum of uniforms).
     pub fn normal(&mut self) -> f32 {
         (0..4).map(|_| self.uniform()).sum::<f32>() * 1.732 - 3.464
+    }
+
+    /// `n` roughly normal values times `scale`.
+    pub fn normals(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        (0..n).map(|_| self.normal() * scale).collect()
     }
 }
 
