@@ -4,7 +4,8 @@
 //!   binary's commands through their library functions and its argument parser).
 //! - `cargo xtask fixtures`: remake the golden fixtures with the pinned reference implementations
 //!   (transformers, PEFT, bitsandbytes on the CPU) in a venv; needs python3 and PyPI.
-//! - `cargo xtask bench`: the benchmarks that docs/benchmarks.md quotes.
+//! - `cargo xtask bench [--reference] [--write-docs]`: the CPU training-step benchmark against transformers +
+//!   PEFT + bitsandbytes (docs/benchmarks.md); `--criterion` runs the micro-benchmarks instead.
 //! - `cargo xtask train [QLORA TRAIN FLAGS]`: the main job — a release build of `qlora`, then `qlora train` on
 //!   SmolLM2-135M-Instruct (NF4 + DQ, LoRA r 64 on all linear layers) and the embedded WordNet dataset for a
 //!   few minutes on the CPU, with a before/after answer to a held-out question. Any flag passes through.
@@ -12,6 +13,8 @@
 //!   23.1 bundle that cubecl-llvm's build script downloads, by standing Debian's LLVM 22 in for it.
 //! - `cargo xtask gpu-check`: a stripped release build of the kernels' GPU check (CUDA) plus the script that
 //!   runs it; runs it here when a CUDA GPU is present, else prints how to run it on one.
+
+mod bench;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -36,8 +39,34 @@ enum Task {
         #[arg(long, default_value = "target/ref-venv")]
         venv: PathBuf,
     },
-    /// Run the criterion benchmarks (never while a build runs on the same machine).
-    Bench,
+    /// The CPU training-step benchmark (ours vs transformers + PEFT + bitsandbytes with --reference), then
+    /// the criterion micro-benchmarks with --criterion. Never while a build runs on the same machine.
+    Bench {
+        /// Also run the reference implementation (creates or reuses the venv).
+        #[arg(long)]
+        reference: bool,
+        /// Micro-batch shapes, BATCHxSEQ.
+        #[arg(long, value_delimiter = ',', default_value = "4x256,1x1024,8x128", value_parser = bench::parse_shape)]
+        shapes: Vec<(usize, usize)>,
+        /// Compute dtypes.
+        #[arg(long, value_delimiter = ',', default_value = "f32,bf16")]
+        dtypes: Vec<String>,
+        /// Timed steps per shape (median reported).
+        #[arg(long, default_value_t = 5)]
+        steps: usize,
+        /// Threads for both sides (rayon / torch).
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+        /// The reference venv.
+        #[arg(long, default_value = "target/ref-venv")]
+        venv: PathBuf,
+        /// Write the table into docs/benchmarks.md.
+        #[arg(long)]
+        write_docs: bool,
+        /// Run the criterion micro-benchmarks instead of the step benchmark.
+        #[arg(long)]
+        criterion: bool,
+    },
     /// Fuzz every parser of outside data (cargo-fuzz, nightly): seed corpora from the fixtures, N runs each.
     Fuzz {
         /// Executions per target.
@@ -144,9 +173,13 @@ fn main() -> Result<()> {
             eprintln!("LLVM stand-in ready: build cuda with XDG_DATA_HOME={}", dir.display());
         }
         Task::GpuCheck { build_only } => gpu_check(build_only)?,
-        Task::Bench => {
-            run(cargo().args(["bench", "-p", "qlora-nf4", "--bench", "dequantize"]))?;
-            run(cargo().args(["bench", "-p", "qlora-optim", "--bench", "optimizer_step"]))?;
+        Task::Bench { reference, shapes, dtypes, steps, threads, venv, write_docs, criterion } => {
+            if criterion {
+                run(cargo().args(["bench", "-p", "qlora-nf4", "--bench", "dequantize"]))?;
+                run(cargo().args(["bench", "-p", "qlora-optim", "--bench", "optimizer_step"]))?;
+            } else {
+                bench::step_bench(bench::StepBenchArgs { shapes, dtypes, steps, threads, reference, venv, write_docs })?;
+            }
         }
     }
     Ok(())

@@ -133,7 +133,15 @@ impl LoraAdapter {
         let dtype = x.dtype();
         let a = self.lora_a.val().cast(dtype);
         let b = self.lora_b.val().cast(dtype);
-        self.dropout.forward(x).matmul(a.transpose()).matmul(b.transpose()).mul_scalar(self.scaling)
+        let training = self.dropout.training.is_enabled() && x.device().is_autodiff() && self.dropout.prob > 0.0;
+        let x = if training {
+            let seed = crate::dropout::draw_seed(&x.device());
+            crate::dropout::seeded_dropout(x, self.dropout.prob, seed)
+        } else {
+            x
+        };
+        // The scaling goes on the `[rows, r]` intermediate, not on the `[rows, out]` result.
+        x.matmul(a.transpose()).mul_scalar(self.scaling).matmul(b.transpose())
     }
 
     /// `scaling · B · A` `[out, in]` in f32, what merging adds to the base weight.

@@ -9,6 +9,7 @@
 //! (`all-linear`, names, or a regex) and the rank, α, dropout and rsLoRA scaling.
 
 mod adapter;
+pub mod dropout;
 mod frozen;
 pub mod merge;
 pub mod peft;

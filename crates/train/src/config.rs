@@ -24,6 +24,10 @@ pub struct TrainConfig {
     /// Keep f32 absmax statistics (double quantization is on by default).
     #[arg(long)]
     pub no_double_quant: bool,
+    /// Compute dtype of activations and matmuls: f32, or bf16 (QLoRA's `--bf16`: the 4-bit base decodes to
+    /// bf16, norms and the loss stay f32).
+    #[arg(long, default_value = "f32")]
+    pub compute_dtype: String,
     /// Continue from an existing PEFT adapter instead of a fresh LoRA.
     #[arg(long)]
     pub init_adapter: Option<PathBuf>,

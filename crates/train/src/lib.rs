@@ -13,7 +13,9 @@
 //!   plot ([`metrics`]), configured by [`config::TrainConfig`] (flags or a TOML file).
 //! - `qlora eval`: loss / perplexity on a dataset, or multiple-choice accuracy ([`eval`]).
 //! - `qlora merge`: fold an adapter into its base.
+//! - `qlora bench-step`: time one training step on random tokens ([`bench`]; `cargo xtask bench` runs it).
 
+pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod eval;

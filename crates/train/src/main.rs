@@ -99,6 +99,25 @@ enum Command {
         #[arg(long)]
         resume: Option<PathBuf>,
     },
+    /// Time one QLoRA training step (forward, backward, clip, optimizer) on random tokens and print one JSON
+    /// line: median step seconds, tokens/s, peak RSS (`cargo xtask bench` compares it with the reference).
+    BenchStep {
+        /// The model, LoRA, optimizer and compute-dtype settings, as for `qlora train`.
+        #[command(flatten)]
+        config: TrainConfig,
+        /// Sequences per step.
+        #[arg(long, default_value_t = 4)]
+        batch: usize,
+        /// Tokens per sequence.
+        #[arg(long, default_value_t = 256)]
+        seq: usize,
+        /// Timed steps (the median is reported).
+        #[arg(long, default_value_t = 5)]
+        steps: usize,
+        /// Untimed steps first.
+        #[arg(long, default_value_t = 1)]
+        warmup: usize,
+    },
     /// Held-out loss and perplexity on a dataset (any `qlora train` format), or multiple-choice accuracy on
     /// MMLU-style JSONL (`question`, `choices`, `answer`) by each choice's log-likelihood.
     Eval {
@@ -292,6 +311,10 @@ fn main() -> anyhow::Result<()> {
             let summary = train::trainer::train(&config, resume.as_deref(), &mut Bar(None)).context("training")?;
             println!("{}", train::trainer::report(&config, &summary));
         }
+        Command::BenchStep { config, batch, seq, steps, warmup } => {
+            let report = train::bench::run(&config, &train::bench::StepBench { batch, seq, steps, warmup }).context("bench-step")?;
+            println!("{}", serde_json::to_string(&report)?);
+        }
         Command::Quantize { model, out, quant_type, blocksize, no_double_quant } => {
             nf4::check_blocksize(blocksize)?;
             let args = QuantizeArgs {
@@ -375,6 +398,7 @@ mod tests {
         ok(&["qlora", "train"]);
         ok(&["qlora", "eval", "--model", "m", "--adapter", "a", "--data", "mmlu.jsonl", "--shots", "5"]);
         ok(&["qlora", "train", "--data", "d.jsonl", "--group-by-length", "false", "--max-steps", "3", "--resume", "runs/x", "--config", "c.toml"]);
+        ok(&["qlora", "bench-step", "--batch", "8", "--seq", "128", "--compute-dtype", "bf16", "--steps", "5"]);
         assert!(Cli::try_parse_from(["qlora", "quantize", "--model", "m", "--out", "o", "--quant-type", "int4"]).is_err());
         assert!(Cli::try_parse_from(["qlora", "forward", "--model", "m", "--out", "x"]).is_err(), "needs --text or --tokens");
     }

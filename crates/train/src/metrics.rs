@@ -81,6 +81,12 @@ pub fn peak_rss_mib() -> f64 {
         .map_or(0.0, |kib| kib / 1024.0)
 }
 
+/// Resets the peak resident set size to the current one (Linux `clear_refs`), so that a later
+/// [`peak_rss_mib`] measures only what ran after; false where unsupported.
+pub fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
 /// Training and eval losses from a metrics file.
 pub fn read_losses(metrics: &Path) -> Result<(Vec<(f64, f64)>, Vec<(f64, f64)>), TrainError> {
     let text = std::fs::read_to_string(metrics).map_err(|source| TrainError::Io { path: metrics.to_path_buf(), source })?;

@@ -74,7 +74,8 @@ pub fn load_for_training(config: &TrainConfig, device: &Device) -> Result<(Loade
     .map(|qt| QuantConfig::new().with_quant_type(qt).with_blocksize(config.blocksize).with_double_quant(!config.no_double_quant));
     nf4::check_blocksize(config.blocksize).map_err(|e| TrainError::Input(e.to_string()))?;
     let source = llama::source::resolve(&config.model)?;
-    let mut loaded = llama::load(&source, &LoadOptions { dtype: DType::F32, quant }, device)?;
+    let dtype = compute_dtype(config)?;
+    let mut loaded = llama::load(&source, &LoadOptions { dtype, quant }, device)?;
     let lora = match &config.init_adapter {
         Some(dir) => loaded.model.load_peft_adapter(dir)?.config,
         None => {
@@ -85,6 +86,15 @@ pub fn load_for_training(config: &TrainConfig, device: &Device) -> Result<(Loade
         }
     };
     Ok((loaded, lora))
+}
+
+/// The compute dtype of a run.
+pub fn compute_dtype(config: &TrainConfig) -> Result<DType, TrainError> {
+    match config.compute_dtype.as_str() {
+        "f32" | "float32" => Ok(DType::F32),
+        "bf16" | "bfloat16" => Ok(DType::BF16),
+        other => Err(TrainError::Input(format!("--compute-dtype {other}: expected f32 or bf16"))),
+    }
 }
 
 /// The LoRA configuration of a run.
@@ -184,6 +194,27 @@ fn add_into(acc: &mut BTreeMap<String, HostTensor>, grads: BTreeMap<String, Host
             }
         }
     }
+}
+
+/// Forward and backward over the micro-batches of one optimizer step: the summed LoRA gradients of the
+/// mean loss over all their target tokens, and that loss. Micro-batch `i` draws its dropout masks from
+/// `seed ^ i`, so they depend only on the run's seed and the step.
+pub fn accumulate_gradients(model: &LlamaModel, batches: &[Batch], device: &Device, seed: u64) -> Result<(BTreeMap<String, HostTensor>, f64), TrainError> {
+    let targets: usize = batches.iter().map(|b| b.targets).sum();
+    let mut grads = BTreeMap::new();
+    let mut loss_sum = 0.0f64;
+    for (i, batch) in batches.iter().enumerate() {
+        if batch.targets == 0 {
+            continue;
+        }
+        device.seed(seed ^ i as u64);
+        let nll = batch_nll_sum(model, batch, device);
+        let loss = nll.clone().div_scalar(targets as f64);
+        let g = loss.backward();
+        loss_sum += nll.into_data().convert::<f64>().try_to_vec::<f64>().expect("scalar")[0];
+        add_into(&mut grads, optim::gradients_of(model, &g)?);
+    }
+    Ok((grads, loss_sum / targets.max(1) as f64))
 }
 
 /// The optimizer of a run.
@@ -320,20 +351,7 @@ pub fn train(config: &TrainConfig, resume: Option<&Path>, progress: &mut dyn Pro
         let batches: Vec<Batch> = (0..config.grad_accum).map(|_| Batch::new(&stream.next_examples(), pad_id)).collect();
         let targets: usize = batches.iter().map(|b| b.targets).sum();
         let tokens: usize = batches.iter().map(|b| b.batch * b.len).sum();
-        let mut grads = BTreeMap::new();
-        let mut loss_sum = 0.0f64;
-        for (i, batch) in batches.iter().enumerate() {
-            if batch.targets == 0 {
-                continue;
-            }
-            device.seed(config.seed ^ (state.step << 16) ^ i as u64); // dropout masks depend only on (seed, step)
-            let nll = batch_nll_sum(&model, batch, &device);
-            let loss = nll.clone().div_scalar(targets as f64);
-            let g = loss.backward();
-            loss_sum += nll.into_data().convert::<f64>().try_to_vec::<f64>().expect("scalar")[0];
-            add_into(&mut grads, optim::gradients_of(&model, &g)?);
-        }
-        let loss = loss_sum / targets.max(1) as f64;
+        let (grads, loss) = accumulate_gradients(&model, &batches, &device, config.seed ^ (state.step << 16))?;
         if !loss.is_finite() {
             return Err(TrainError::Diverged(format!(
                 "the loss is {loss} at step {}: stopping without updating; the last good checkpoint is {}",

@@ -1,0 +1,142 @@
+//! `qlora bench-step`: one QLoRA training step (forward, backward, clip, optimizer) timed on random
+//! tokens, the way `cargo xtask bench` compares it with transformers + PEFT + bitsandbytes
+//! (xtask/bench/reference_step.py times the same step on its side).
+//!
+//! The step is the trainer's own ([`accumulate_gradients`] then [`PagedAdamW::step_module`]), on the model
+//! and LoRA settings of a [`TrainConfig`]; the batch is `batch × seq` uniform random token ids with a loss
+//! on every next token, as the reference's `labels = input_ids`. Peak RSS is measured twice: over the whole
+//! process (loading included) and over the steps only (the peak is reset after loading).
+
+use std::time::Instant;
+
+use data::{Batch, TokenizedExample};
+use optim::PagedAdamW;
+use serde::Serialize;
+
+use crate::config::TrainConfig;
+use crate::metrics::{peak_rss_mib, reset_peak_rss};
+use crate::trainer::{accumulate_gradients, load_for_training, optimizer_config, training_device};
+use crate::TrainError;
+
+/// What to time.
+#[derive(Debug, Clone)]
+pub struct StepBench {
+    pub batch: usize,
+    pub seq: usize,
+    /// Timed steps (the median is reported).
+    pub steps: usize,
+    /// Untimed steps first.
+    pub warmup: usize,
+}
+
+/// One line of `qlora bench-step` output (JSON), with the same keys as the reference script's.
+#[derive(Debug, Clone, Serialize)]
+pub struct StepBenchReport {
+    pub side: &'static str,
+    pub batch: usize,
+    pub seq: usize,
+    pub dtype: String,
+    pub threads: usize,
+    pub steps: usize,
+    pub median_s: f64,
+    pub min_s: f64,
+    pub max_s: f64,
+    pub tokens_per_s: f64,
+    pub step_peak_rss_mib: f64,
+    pub process_peak_rss_mib: f64,
+    pub trainable_params: usize,
+    pub loss_first: f64,
+    pub loss_last: f64,
+    /// The model file or directory the run loaded (the reference loads the same).
+    pub model_path: String,
+}
+
+/// `batch` rows of `seq` token ids below `vocab` (SplitMix64 from `seed`), every next token a target.
+pub fn random_batch(batch: usize, seq: usize, vocab: usize, seed: u64) -> Batch {
+    let mut state = seed;
+    let mut next = move || {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    };
+    let rows: Vec<TokenizedExample> =
+        (0..batch).map(|_| TokenizedExample { ids: (0..seq).map(|_| (next() % vocab as u64) as u32).collect(), target: vec![true; seq] }).collect();
+    Batch::new(&rows.iter().collect::<Vec<_>>(), 0)
+}
+
+/// Loads the model as `config` says and times `bench.warmup + bench.steps` training steps.
+pub fn run(config: &TrainConfig, bench: &StepBench) -> Result<StepBenchReport, TrainError> {
+    if bench.batch == 0 || bench.seq < 2 || bench.steps == 0 {
+        return Err(TrainError::Input("bench-step needs --batch ≥ 1, --seq ≥ 2 and --steps ≥ 1".into()));
+    }
+    let model_path = match llama::source::resolve(&config.model)? {
+        llama::source::ModelSource::HfDir(p) | llama::source::ModelSource::Gguf(p) => p.display().to_string(),
+    };
+    let device = training_device(config);
+    let (loaded, _lora) = load_for_training(config, &device)?;
+    let mut model = loaded.model.clone();
+    drop(loaded);
+    let trainable_params: usize = optim::trainable_tensors(&model)?.values().map(|t| t.values.len()).sum();
+    let mut optimizer: PagedAdamW = optimizer_config(config)?.init()?;
+    let max_grad_norm = (config.max_grad_norm > 0.0).then_some(config.max_grad_norm as f32);
+    let process_peak_after_load = peak_rss_mib();
+    reset_peak_rss();
+
+    let mut times = Vec::with_capacity(bench.steps);
+    let mut losses = Vec::new();
+    for step in 0..bench.warmup + bench.steps {
+        let batch = random_batch(bench.batch, bench.seq, model.vocab_size, config.seed ^ step as u64);
+        let started = Instant::now();
+        let (grads, loss) = accumulate_gradients(&model, std::slice::from_ref(&batch), &device, config.seed ^ ((step as u64) << 16))?;
+        let (updated, _report) = optimizer.step_module(&model, grads, config.lr, max_grad_norm)?;
+        model = updated;
+        let seconds = started.elapsed().as_secs_f64();
+        losses.push(loss);
+        if step >= bench.warmup {
+            times.push(seconds);
+        }
+    }
+    let mut sorted = times.clone();
+    sorted.sort_by(f64::total_cmp);
+    let median_s = if sorted.len() % 2 == 1 { sorted[sorted.len() / 2] } else { (sorted[sorted.len() / 2 - 1] + sorted[sorted.len() / 2]) / 2.0 };
+    let step_peak = peak_rss_mib();
+    Ok(StepBenchReport {
+        side: "ours",
+        batch: bench.batch,
+        seq: bench.seq,
+        dtype: config.compute_dtype.clone(),
+        threads: burn_threads(),
+        steps: bench.steps,
+        median_s,
+        min_s: sorted[0],
+        max_s: sorted[sorted.len() - 1],
+        tokens_per_s: (bench.batch * bench.seq) as f64 / median_s,
+        step_peak_rss_mib: step_peak,
+        process_peak_rss_mib: process_peak_after_load.max(step_peak),
+        trainable_params,
+        loss_first: losses[0],
+        loss_last: losses[losses.len() - 1],
+        model_path,
+    })
+}
+
+/// The worker threads the CPU backend uses (rayon's pool: `RAYON_NUM_THREADS`, else the core count).
+fn burn_threads() -> usize {
+    std::env::var("RAYON_NUM_THREADS").ok().and_then(|v| v.parse().ok()).filter(|&n| n > 0).unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn random_batches_cover_the_vocabulary_and_target_every_next_token() {
+        let b = random_batch(3, 50, 1000, 7);
+        assert_eq!((b.batch, b.len, b.targets), (3, 50, 3 * 49));
+        assert!(b.ids.iter().all(|&i| i < 1000));
+        assert_ne!(b.ids[..50], b.ids[50..100]);
+        assert_eq!(random_batch(3, 50, 1000, 7).ids, b.ids);
+    }
+}
