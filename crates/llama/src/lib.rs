@@ -17,6 +17,7 @@ pub mod gguf;
 pub mod gguf_tokenizer;
 mod load;
 mod model;
+pub mod loss;
 pub mod source;
 pub mod tokenizer;
 

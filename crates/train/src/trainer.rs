@@ -5,7 +5,6 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use burn::module::Module;
-use burn::tensor::activation::log_softmax;
 use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 use data::{Batch, BatchStream, DataCursor, DatasetFormat, Limits, OrderConfig, TokenizedExample};
 use llama::{LlamaModel, LoadOptions, LoadedModel};
@@ -157,12 +156,9 @@ pub fn batch_nll_sum(model: &LlamaModel, batch: &Batch, device: &Device) -> Tens
     let ids: Vec<i64> = batch.ids.iter().map(|&i| i as i64).collect();
     let labels: Vec<i64> = batch.labels.iter().map(|&i| i as i64).collect();
     let ids = Tensor::<2, Int>::from_data(TensorData::new(ids, [b, t]), device);
-    let labels = Tensor::<3, Int>::from_data(TensorData::new(labels, [b, t, 1]), device);
+    let labels = Tensor::<2, Int>::from_data(TensorData::new(labels, [b, t]), device);
     let mask = Tensor::<2>::from_data(TensorData::new(batch.label_mask.clone(), [b, t]), device);
-    let logits = model.forward(ids, None).cast(DType::F32);
-    let log_probs = log_softmax(logits, 2);
-    let picked = log_probs.gather(2, labels).reshape([b, t]);
-    (picked * mask).sum().neg()
+    model.nll_sum(model.forward_hidden(ids, None), labels, mask)
 }
 
 /// Mean loss over all target tokens of `examples` with the model in eval mode (no dropout, no autodiff).
