@@ -3,8 +3,8 @@
 //! Ours: `qlora bench-step` (release build) per shape and compute dtype, each in its own process (peak RSS
 //! is per process). The reference (`--reference`): xtask/bench/reference_step.py in a venv with the pinned
 //! versions of xtask/fixtures/requirements.txt, on the same GGUF weights, shapes and thread count. Prints one
-//! markdown table and, with `--write-docs`, puts it into docs/benchmarks.md between the
-//! `<!-- step-bench -->` markers with the machine, thread count, date and commit.
+//! markdown table and, with `--write-docs`, puts it into docs/benchmarks.md (a block per set of compute dtypes
+//! inside the `<!-- step-bench -->` section) with the machine, thread count, date and commit.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -154,11 +154,21 @@ pub fn step_bench(args: StepBenchArgs) -> Result<()> {
     );
     println!("\n{header}{table}");
     if args.write_docs {
+        // Each set of compute dtypes has its own block inside the step-bench section, so f32 and bf16 can be
+        // measured in separate runs.
         let path = root().join("docs/benchmarks.md");
         let doc = std::fs::read_to_string(&path).context("reading docs/benchmarks.md")?;
-        let (begin, end) = ("<!-- step-bench -->", "<!-- /step-bench -->");
-        let (Some(a), Some(b)) = (doc.find(begin), doc.find(end)) else { bail!("docs/benchmarks.md has no {begin} … {end} section") };
-        let updated = format!("{}{begin}\n{header}{table}{}", &doc[..a], &doc[b..]);
+        let tag = args.dtypes.join(",");
+        let (begin, end) = (format!("<!-- step-bench:{tag} -->"), format!("<!-- /step-bench:{tag} -->"));
+        let block = format!("{begin}\n{header}{table}{end}");
+        let updated = match (doc.find(&begin), doc.find(&end)) {
+            (Some(a), Some(b)) if a < b => format!("{}{block}{}", &doc[..a], &doc[b + end.len()..]),
+            _ => {
+                let anchor = "<!-- /step-bench -->";
+                let Some(at) = doc.find(anchor) else { bail!("docs/benchmarks.md has no {anchor} marker") };
+                format!("{}{block}\n{}", &doc[..at], &doc[at..])
+            }
+        };
         std::fs::write(&path, updated).context("writing docs/benchmarks.md")?;
         eprintln!("wrote the table to {}", path.display());
     }
