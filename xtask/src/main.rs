@@ -19,7 +19,7 @@ mod bench;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -87,7 +87,8 @@ enum Task {
     /// Finetune SmolLM2-135M-Instruct with QLoRA on the embedded WordNet dataset (flags pass to `qlora train`).
     #[command(disable_help_flag = true)]
     Train {
-        /// `cpu` (flex backend) or `cuda`.
+        /// `cpu` (flex backend), `wgpu`, or `cuda` / `cuda:N` (built with that feature; CUDA offline through
+        /// the LLVM stand-in).
         #[arg(long, default_value = "cpu")]
         device: String,
         /// Flags for `qlora train` (they override the defaults of this job).
@@ -97,12 +98,18 @@ enum Task {
 }
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask sits in the workspace").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask sits in the workspace")
+        .to_path_buf()
 }
 
 fn run(cmd: &mut Command) -> Result<()> {
     eprintln!("+ {cmd:?}");
-    let status = cmd.current_dir(root()).status().with_context(|| format!("starting {cmd:?}"))?;
+    let status = cmd
+        .current_dir(root())
+        .status()
+        .with_context(|| format!("starting {cmd:?}"))?;
     if !status.success() {
         bail!("{cmd:?} failed with {status}");
     }
@@ -121,7 +128,14 @@ fn main() -> Result<()> {
             run(cargo().args(["test", "--workspace", "--no-fail-fast"]))?;
             // The CUDA build must keep compiling; offline, through the LLVM 22 stand-in.
             let mut check = cargo();
-            check.args(["check", "-p", "qlora-kernels", "--features", "gpu-check", "--bins"]);
+            check.args([
+                "check",
+                "-p",
+                "qlora-kernels",
+                "--features",
+                "gpu-check",
+                "--bins",
+            ]);
             if std::env::var_os("QLORA_ONLINE_LLVM").is_none() {
                 check.env("XDG_DATA_HOME", llvm_standin()?);
             }
@@ -133,24 +147,72 @@ fn main() -> Result<()> {
             if !python.exists() {
                 run(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
             }
-            run(Command::new(&python).args(["-m", "pip", "install", "-q", "-r", "xtask/fixtures/requirements.txt"]))?;
-            run(Command::new(&python).args(["xtask/fixtures/make_nf4_fixtures.py", "tests/fixtures/nf4"]))?;
-            run(Command::new(&python).args(["xtask/fixtures/make_quant_fixtures.py", "tests/fixtures"]))?;
-            run(Command::new(&python).args(["xtask/fixtures/make_optim_fixtures.py", "tests/fixtures/optim"]))?;
+            run(Command::new(&python).args([
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "-r",
+                "xtask/fixtures/requirements.txt",
+            ]))?;
+            run(Command::new(&python)
+                .args(["xtask/fixtures/make_nf4_fixtures.py", "tests/fixtures/nf4"]))?;
+            run(Command::new(&python)
+                .args(["xtask/fixtures/make_quant_fixtures.py", "tests/fixtures"]))?;
+            run(Command::new(&python).args([
+                "xtask/fixtures/make_optim_fixtures.py",
+                "tests/fixtures/optim",
+            ]))?;
         }
         Task::Train { device, args } => {
-            if device != "cpu" {
-                bail!("--device {device}: this build trains on the CPU; the CUDA backend (feature `cuda`) comes with kernels-cubecl");
+            let mut build = cargo();
+            build.args(["build", "--release", "-p", "qlora-train", "--bin", "qlora"]);
+            match device.split(':').next().unwrap_or_default() {
+                "cpu" => {}
+                "wgpu" => {
+                    build.args(["--features", "wgpu"]);
+                }
+                "cuda" => {
+                    build.args(["--features", "cuda"]);
+                    if std::env::var_os("QLORA_ONLINE_LLVM").is_none() {
+                        build.env("XDG_DATA_HOME", llvm_standin()?);
+                    }
+                }
+                other => bail!("--device {other}: expected cpu, wgpu, cuda or cuda:N"),
             }
-            run(cargo().args(["build", "--release", "-p", "qlora-train", "--bin", "qlora"]))?;
+            run(&mut build)?;
             // The demo's defaults: a few minutes on 2 CPU cores; every one can be overridden.
             let defaults = [
-                "--model", "smollm2", "--quant", "nf4", "--data", "wordnet",
-                "--micro-batch-size", "4", "--grad-accum", "4", "--max-steps", "10", "--time-limit-s", "300",
-                "--lr", "1e-3", "--eval-steps", "10", "--eval-samples", "32", "--save-steps", "10",
-                "--sample-prompt", "What does the word \"camp\" mean?",
+                "--model",
+                "smollm2",
+                "--quant",
+                "nf4",
+                "--data",
+                "wordnet",
+                "--micro-batch-size",
+                "4",
+                "--grad-accum",
+                "4",
+                "--max-steps",
+                "10",
+                "--time-limit-s",
+                "300",
+                "--lr",
+                "1e-3",
+                "--eval-steps",
+                "10",
+                "--eval-samples",
+                "32",
+                "--save-steps",
+                "10",
+                "--sample-prompt",
+                "What does the word \"camp\" mean?",
             ];
-            let given: Vec<&str> = args.iter().filter(|a| a.starts_with("--")).map(|a| a.split('=').next().unwrap_or(a)).collect();
+            let given: Vec<&str> = args
+                .iter()
+                .filter(|a| a.starts_with("--"))
+                .map(|a| a.split('=').next().unwrap_or(a))
+                .collect();
             let mut full: Vec<String> = vec!["train".into()];
             // A resumed or config-file run takes its settings from there.
             if !given.contains(&"--config") && !given.contains(&"--resume") {
@@ -160,9 +222,15 @@ fn main() -> Result<()> {
                     }
                 }
                 if !given.contains(&"--output-dir") {
-                    let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+                    let stamp = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_secs())
+                        .unwrap_or(0);
                     full.extend(["--output-dir".to_string(), format!("runs/wordnet-{stamp}")]);
                 }
+            }
+            if !given.contains(&"--device") {
+                full.extend(["--device".to_string(), device.clone()]);
             }
             full.extend(args);
             run(Command::new(root().join("target/release/qlora")).args(&full))?;
@@ -170,23 +238,50 @@ fn main() -> Result<()> {
         Task::Fuzz { runs, targets } => fuzz(runs, targets)?,
         Task::LlvmStandin => {
             let dir = llvm_standin()?;
-            eprintln!("LLVM stand-in ready: build cuda with XDG_DATA_HOME={}", dir.display());
+            eprintln!(
+                "LLVM stand-in ready: build cuda with XDG_DATA_HOME={}",
+                dir.display()
+            );
         }
         Task::GpuCheck { build_only } => gpu_check(build_only)?,
-        Task::Bench { reference, shapes, dtypes, steps, threads, venv, write_docs, criterion } => {
+        Task::Bench {
+            reference,
+            shapes,
+            dtypes,
+            steps,
+            threads,
+            venv,
+            write_docs,
+            criterion,
+        } => {
             if criterion {
                 run(cargo().args(["bench", "-p", "qlora-nf4", "--bench", "dequantize"]))?;
                 run(cargo().args(["bench", "-p", "qlora-optim", "--bench", "optimizer_step"]))?;
             } else {
-                bench::step_bench(bench::StepBenchArgs { shapes, dtypes, steps, threads, reference, venv, write_docs })?;
+                bench::step_bench(bench::StepBenchArgs {
+                    shapes,
+                    dtypes,
+                    steps,
+                    threads,
+                    reference,
+                    venv,
+                    write_docs,
+                })?;
             }
         }
     }
     Ok(())
 }
 
-
-const FUZZ_TARGETS: [&str; 7] = ["datasets", "hf_checkpoint", "gguf", "peft_adapter", "tokenizer", "optimizer_state", "trainer_state"];
+const FUZZ_TARGETS: [&str; 7] = [
+    "datasets",
+    "hf_checkpoint",
+    "gguf",
+    "peft_adapter",
+    "tokenizer",
+    "optimizer_state",
+    "trainer_state",
+];
 const SEPARATOR: &[u8] = b"\n--8<--\n";
 
 /// Seed corpora: fixture files (single, and joined with the multi-file separator where a target reads
@@ -199,20 +294,47 @@ fn fuzz_seeds(corpus: &Path) -> Result<()> {
     for f in ["tiny-train/text.jsonl", "tiny-train/chat-heldout.jsonl"] {
         seeds.push(("datasets", f.replace('/', "_"), read(f)?));
     }
-    seeds.push(("datasets", "alpaca".into(), br#"{"instruction": "Name a colour.", "input": "", "output": "Blue."}"#.to_vec()));
+    seeds.push((
+        "datasets",
+        "alpaca".into(),
+        br#"{"instruction": "Name a colour.", "input": "", "output": "Blue."}"#.to_vec(),
+    ));
     seeds.push(("datasets", "oasst_rows".into(), b"{\"message_id\": \"a\", \"parent_id\": null, \"role\": \"prompter\", \"text\": \"Q\"}\n{\"message_id\": \"b\", \"parent_id\": \"a\", \"role\": \"assistant\", \"text\": \"A\", \"rank\": 0}\n".to_vec()));
     seeds.push(("datasets", "oasst_tree".into(), br#"{"prompt": {"role": "prompter", "text": "Q", "replies": [{"role": "assistant", "text": "A", "rank": 0}]}}"#.to_vec()));
-    for model in ["tiny-train/model-nf4", "tiny-llama-f32", "tiny-llama-bnb-nf4-dq", "tiny-llama-bnb-fp4"] {
+    for model in [
+        "tiny-train/model-nf4",
+        "tiny-llama-f32",
+        "tiny-llama-bnb-nf4-dq",
+        "tiny-llama-bnb-fp4",
+    ] {
         let config = read(&format!("{model}/config.json"))?;
         let weights = read(&format!("{model}/model.safetensors"))?;
-        seeds.push(("hf_checkpoint", model.replace('/', "_"), join(&config, &weights)));
+        seeds.push((
+            "hf_checkpoint",
+            model.replace('/', "_"),
+            join(&config, &weights),
+        ));
     }
-    seeds.push(("gguf", "tiny.gguf".into(), std::fs::read(root().join("fuzz/seeds/gguf/tiny.gguf"))?));
-    let (ac, aw) = (read("tiny-train/init-adapter/adapter_config.json")?, read("tiny-train/init-adapter/adapter_model.safetensors")?);
+    seeds.push((
+        "gguf",
+        "tiny.gguf".into(),
+        std::fs::read(root().join("fuzz/seeds/gguf/tiny.gguf"))?,
+    ));
+    let (ac, aw) = (
+        read("tiny-train/init-adapter/adapter_config.json")?,
+        read("tiny-train/init-adapter/adapter_model.safetensors")?,
+    );
     seeds.push(("peft_adapter", "config".into(), ac.clone()));
     seeds.push(("peft_adapter", "both".into(), join(&ac, &aw)));
-    seeds.push(("peft_adapter", "rslora".into(), read("peft/adapter-tiny-llama-rslora/adapter_config.json")?));
-    let (tj, tc) = (read("tiny-train/model-nf4/tokenizer.json")?, read("tiny-train/model-nf4/tokenizer_config.json")?);
+    seeds.push((
+        "peft_adapter",
+        "rslora".into(),
+        read("peft/adapter-tiny-llama-rslora/adapter_config.json")?,
+    ));
+    let (tj, tc) = (
+        read("tiny-train/model-nf4/tokenizer.json")?,
+        read("tiny-train/model-nf4/tokenizer_config.json")?,
+    );
     seeds.push(("tokenizer", "config".into(), tc.clone()));
     seeds.push(("tokenizer", "both".into(), join(&tj, &tc)));
     // Optimizer and trainer states from a real (tiny) run, 32-bit and 8-bit.
@@ -221,14 +343,50 @@ fn fuzz_seeds(corpus: &Path) -> Result<()> {
         let out = root().join("target/fuzz-seed-run").join(optimizer);
         let _ = std::fs::remove_dir_all(&out);
         run(Command::new(root().join("target/release/qlora"))
-            .args(["train", "--model", "tests/fixtures/tiny-train/model-nf4", "--data", "tests/fixtures/tiny-train/text.jsonl"])
-            .args(["--lora-r", "4", "--target-modules", "q_proj,v_proj", "--max-steps", "1", "--grad-accum", "1", "--optimizer", optimizer])
-            .args(["--eval-steps", "0", "--save-steps", "0", "--sample-prompt", ""])
+            .args([
+                "train",
+                "--model",
+                "tests/fixtures/tiny-train/model-nf4",
+                "--data",
+                "tests/fixtures/tiny-train/text.jsonl",
+            ])
+            .args([
+                "--lora-r",
+                "4",
+                "--target-modules",
+                "q_proj,v_proj",
+                "--max-steps",
+                "1",
+                "--grad-accum",
+                "1",
+                "--optimizer",
+                optimizer,
+            ])
+            .args([
+                "--eval-steps",
+                "0",
+                "--save-steps",
+                "0",
+                "--sample-prompt",
+                "",
+            ])
             .arg("--output-dir")
             .arg(&out))?;
-        seeds.push(("optimizer_state", optimizer.into(), std::fs::read(out.join("checkpoint-1/optimizer.safetensors"))?));
-        seeds.push(("trainer_state", format!("{optimizer}_state"), std::fs::read(out.join("checkpoint-1/trainer_state.json"))?));
-        seeds.push(("trainer_state", format!("{optimizer}_config"), std::fs::read(out.join("train_config.toml"))?));
+        seeds.push((
+            "optimizer_state",
+            optimizer.into(),
+            std::fs::read(out.join("checkpoint-1/optimizer.safetensors"))?,
+        ));
+        seeds.push((
+            "trainer_state",
+            format!("{optimizer}_state"),
+            std::fs::read(out.join("checkpoint-1/trainer_state.json"))?,
+        ));
+        seeds.push((
+            "trainer_state",
+            format!("{optimizer}_config"),
+            std::fs::read(out.join("train_config.toml"))?,
+        ));
     }
     for (target, name, bytes) in seeds {
         let dir = corpus.join(target);
@@ -239,11 +397,23 @@ fn fuzz_seeds(corpus: &Path) -> Result<()> {
 }
 
 fn fuzz(runs: u64, targets: Vec<String>) -> Result<()> {
-    let targets: Vec<String> = if targets.is_empty() { FUZZ_TARGETS.iter().map(|t| t.to_string()).collect() } else { targets };
+    let targets: Vec<String> = if targets.is_empty() {
+        FUZZ_TARGETS.iter().map(|t| t.to_string()).collect()
+    } else {
+        targets
+    };
     if let Some(bad) = targets.iter().find(|t| !FUZZ_TARGETS.contains(&t.as_str())) {
-        bail!("unknown fuzz target {bad} (targets: {})", FUZZ_TARGETS.join(", "));
+        bail!(
+            "unknown fuzz target {bad} (targets: {})",
+            FUZZ_TARGETS.join(", ")
+        );
     }
-    if Command::new("cargo").args(["fuzz", "--version"]).output().map(|o| !o.status.success()).unwrap_or(true) {
+    if Command::new("cargo")
+        .args(["fuzz", "--version"])
+        .output()
+        .map(|o| !o.status.success())
+        .unwrap_or(true)
+    {
         run(cargo().args(["install", "cargo-fuzz", "--locked"]))?;
     }
     let corpus = root().join("target/fuzz-corpus");
@@ -255,16 +425,45 @@ fn fuzz(runs: u64, targets: Vec<String>) -> Result<()> {
         // memory (-rss_limit_mb). Debug assertions (overflow checks) are on.
         let output = Command::new("cargo")
             .current_dir(root().join("fuzz"))
-            .args(["+nightly", "fuzz", "run", "-s", "none", "--debug-assertions", target])
+            .args([
+                "+nightly",
+                "fuzz",
+                "run",
+                "-s",
+                "none",
+                "--debug-assertions",
+                target,
+            ])
             .arg(&dir)
-            .args(["--", &format!("-runs={runs}"), "-timeout=20", "-rss_limit_mb=3072", "-max_len=262144"])
+            .args([
+                "--",
+                &format!("-runs={runs}"),
+                "-timeout=20",
+                "-rss_limit_mb=3072",
+                "-max_len=262144",
+            ])
             .output()
             .with_context(|| format!("running fuzz target {target}"))?;
         let log = String::from_utf8_lossy(&output.stderr);
-        let done = log.lines().rev().find(|l| l.starts_with("Done ")).unwrap_or("(no summary)").to_string();
+        let done = log
+            .lines()
+            .rev()
+            .find(|l| l.starts_with("Done "))
+            .unwrap_or("(no summary)")
+            .to_string();
         eprintln!("{target}: {done}");
         if !output.status.success() {
-            eprintln!("{}", log.lines().rev().take(40).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n"));
+            eprintln!(
+                "{}",
+                log.lines()
+                    .rev()
+                    .take(40)
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .rev()
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
             bail!("fuzz target {target} failed; the input is under fuzz/artifacts/{target}/");
         }
         summary.push(format!("{target}: {done}"));
@@ -284,14 +483,26 @@ fn llvm_standin() -> Result<PathBuf> {
     if !llvm_config.exists() {
         if Command::new("apt-get").arg("--version").output().is_ok() {
             run(Command::new("apt-get").args(["update", "-qq"]))?;
-            run(Command::new("apt-get").args(["install", "-y", "-qq", "llvm-22-dev", "libzstd-dev", "libz3-dev", "libxml2-dev"]))?;
+            run(Command::new("apt-get").args([
+                "install",
+                "-y",
+                "-qq",
+                "llvm-22-dev",
+                "libzstd-dev",
+                "libz3-dev",
+                "libxml2-dev",
+            ]))?;
         } else {
-            bail!("{} is missing: install LLVM 22 (Debian/Ubuntu: apt-get install llvm-22-dev libzstd-dev)", llvm_config.display());
+            bail!(
+                "{} is missing: install LLVM 22 (Debian/Ubuntu: apt-get install llvm-22-dev libzstd-dev)",
+                llvm_config.display()
+            );
         }
     }
     let data_home = root().join("target/llvm-standin");
     let prefix = data_home.join("tracel").join(TRACEL_LLVM);
-    std::fs::create_dir_all(prefix.join("bin")).with_context(|| format!("creating {}", prefix.display()))?;
+    std::fs::create_dir_all(prefix.join("bin"))
+        .with_context(|| format!("creating {}", prefix.display()))?;
     let wrapper = prefix.join("bin/llvm-config");
     write_if_changed(
         &wrapper,
@@ -321,9 +532,43 @@ fn write_if_changed(path: &Path, content: &str) -> Result<()> {
 
 /// `cargo xtask gpu-check`: builds the CUDA check binary (offline: through the LLVM stand-in), strips it into
 /// target/gpu-check/ with a run script, and runs it when this machine has a CUDA GPU.
+/// Finds CUDA and NVRTC on the device machine, then runs what follows.
+const CUDA_ENV_SH: &str = "set -eu\ncd \"$(dirname \"$0\")\"\n\
+     if [ -z \"${CUDA_PATH:-}\" ]; then for d in /usr/local/cuda /usr/local/cuda-13* /usr/local/cuda-12* /usr/lib/cuda; do [ -d \"$d/include\" ] && { export CUDA_PATH=\"$d\"; break; }; done; fi\n\
+     for d in \"${CUDA_PATH:-/usr/local/cuda}/lib64\" \"${CUDA_PATH:-/usr/local/cuda}/targets/x86_64-linux/lib\"; do [ -d \"$d\" ] && LD_LIBRARY_PATH=\"$d:${LD_LIBRARY_PATH:-}\"; done\n\
+     export LD_LIBRARY_PATH=\"$PWD/lib:${LD_LIBRARY_PATH:-}\"\n";
+
+fn write_script(path: &Path, body: &str) -> Result<()> {
+    std::fs::write(path, body)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755))?;
+    }
+    Ok(())
+}
+
 fn gpu_check(build_only: bool) -> Result<()> {
+    // One cargo invocation for both binaries, so burn and cubecl are built once with one feature set.
     let mut build = cargo();
-    build.args(["build", "--release", "-p", "qlora-kernels", "--features", "gpu-check", "--bin", "gpu-check"]);
+    build.args([
+        "build",
+        "--release",
+        "-p",
+        "qlora-kernels",
+        "--features",
+        "gpu-check",
+        "--bin",
+        "gpu-check",
+    ]);
+    build.args([
+        "-p",
+        "qlora-train",
+        "--features",
+        "qlora-train/cuda",
+        "--bin",
+        "qlora",
+    ]);
     if std::env::var_os("QLORA_ONLINE_LLVM").is_none() {
         build.env("XDG_DATA_HOME", llvm_standin()?);
     }
@@ -331,27 +576,43 @@ fn gpu_check(build_only: bool) -> Result<()> {
     let out = root().join("target/gpu-check");
     std::fs::create_dir_all(&out)?;
     let binary = out.join("gpu-check");
-    std::fs::copy(root().join("target/release/gpu-check"), &binary).context("copying the gpu-check binary")?;
-    run(Command::new("strip").arg(&binary))?;
-    std::fs::write(
-        out.join("run.sh"),
-        "#!/bin/sh\n# Runs the CUDA kernel checks and benchmarks; needs an NVIDIA driver and NVRTC (CUDA 12/13).\n\
-         set -eu\ncd \"$(dirname \"$0\")\"\n\
-         if [ -z \"${CUDA_PATH:-}\" ]; then for d in /usr/local/cuda /usr/local/cuda-13* /usr/local/cuda-12* /usr/lib/cuda; do [ -d \"$d/include\" ] && { export CUDA_PATH=\"$d\"; break; }; done; fi\n\
-         for d in \"${CUDA_PATH:-/usr/local/cuda}/lib64\" \"${CUDA_PATH:-/usr/local/cuda}/targets/x86_64-linux/lib\"; do [ -d \"$d\" ] && LD_LIBRARY_PATH=\"$d:${LD_LIBRARY_PATH:-}\"; done\n\
-         export LD_LIBRARY_PATH=\"$PWD/lib:${LD_LIBRARY_PATH:-}\"\n\
-         exec ./gpu-check \"$@\"\n",
-    )?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(out.join("run.sh"), std::fs::Permissions::from_mode(0o755))?;
+    for name in ["gpu-check", "qlora"] {
+        std::fs::copy(root().join("target/release").join(name), out.join(name))
+            .with_context(|| format!("copying the {name} binary"))?;
+        run(Command::new("strip").arg(out.join(name)))?;
     }
-    let size = std::fs::metadata(&binary)?.len();
-    eprintln!("gpu-check: {} ({:.1} MiB); run target/gpu-check/run.sh on a CUDA machine", binary.display(), size as f64 / 1048576.0);
-    let has_gpu = Command::new("nvidia-smi").output().map(|o| o.status.success()).unwrap_or(false);
+    write_script(
+        &out.join("run.sh"),
+        &format!(
+            "#!/bin/sh\n# Runs the CUDA kernel checks and benchmarks; needs an NVIDIA driver and NVRTC (CUDA 12/13).\n{CUDA_ENV_SH}exec ./gpu-check \"$@\"\n"
+        ),
+    )?;
+    // Training steps on the GPU: `qlora bench-step --device cuda` on random-weight models of SmolLM2-135M
+    // and Llama-7B shapes (no checkpoint to carry), each 4-bit product strategy, f32 and bf16 compute.
+    write_script(
+        &out.join("train-bench.sh"),
+        &format!(
+            "#!/bin/sh\n# QLoRA training steps on the GPU (one JSON line each).\n{CUDA_ENV_SH}\
+             step() {{ strategy=$1; shift; echo \"# QLORA_QUANT_MATMUL=$strategy $*\"; QLORA_QUANT_MATMUL=$strategy timeout 150 ./qlora bench-step --device cuda --steps 3 --warmup 1 \"$@\" || echo \"failed: $*\"; }}\n\
+             step auto --model random:smollm2-135m --compute-dtype f32 --batch 4 --seq 256\n\
+             step auto --model random:smollm2-135m --compute-dtype bf16 --batch 4 --seq 256\n\
+             step auto --model random:llama-7b,layers=4 --compute-dtype bf16 --batch 4 --seq 512\n\
+             step fused --model random:llama-7b,layers=4 --compute-dtype bf16 --batch 4 --seq 512\n"
+        ),
+    )?;
+    let size = std::fs::metadata(&binary)?.len() + std::fs::metadata(out.join("qlora"))?.len();
+    eprintln!(
+        "gpu-check + qlora: {} ({:.1} MiB together); run target/gpu-check/run.sh and train-bench.sh on a CUDA machine",
+        out.display(),
+        size as f64 / 1048576.0
+    );
+    let has_gpu = Command::new("nvidia-smi")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
     if !build_only && has_gpu {
         run(&mut Command::new(out.join("run.sh")))?;
+        run(&mut Command::new(out.join("train-bench.sh")))?;
     } else if !build_only {
         eprintln!("no NVIDIA GPU here (nvidia-smi): built only");
     }

@@ -16,12 +16,13 @@ pub mod generate;
 pub mod gguf;
 pub mod gguf_tokenizer;
 mod load;
-mod model;
 pub mod loss;
+mod model;
+pub mod random;
 pub mod source;
 pub mod tokenizer;
 
 pub use config::{Llama3RopeScaling, LlamaConfig};
 pub use error::LlamaError;
-pub use load::{load, load_hf, GgufWeights, LoadOptions, LoadedModel, WeightSource};
+pub use load::{GgufWeights, LoadOptions, LoadedModel, WeightSource, load, load_hf};
 pub use model::{Attention, DecoderLayer, KvCache, LlamaModel, Mlp, RmsNorm, Rotary};

@@ -27,7 +27,9 @@ pub trait WeightSource {
 
 impl WeightSource for HfCheckpoint {
     fn file_of(&self, name: &str) -> String {
-        self.shard_of(name).map(|(_, p)| p.display().to_string()).unwrap_or_else(|| self.dir.display().to_string())
+        self.shard_of(name)
+            .map(|(_, p)| p.display().to_string())
+            .unwrap_or_else(|| self.dir.display().to_string())
     }
     fn contains(&self, name: &str) -> bool {
         HfCheckpoint::contains(self, name)
@@ -56,7 +58,11 @@ impl GgufWeights {
             .iter()
             .filter_map(|t| crate::gguf::hf_tensor_name(&t.name).map(|hf| (hf, t.name.clone())))
             .collect();
-        Ok(GgufWeights { file, params, names })
+        Ok(GgufWeights {
+            file,
+            params,
+            names,
+        })
     }
 
     /// The decoder's config from the GGUF hyperparameters (and its tokenizer's bos/eos).
@@ -64,7 +70,13 @@ impl GgufWeights {
         let p = &self.params;
         let file = self.file.path().display().to_string();
         if !["llama", "mistral", "qwen2", "smollm3"].contains(&p.arch.as_str()) {
-            return Err(LlamaError::InvalidConfig { file, reason: format!("GGUF architecture `{}` is not a Llama-family decoder", p.arch) });
+            return Err(LlamaError::InvalidConfig {
+                file,
+                reason: format!(
+                    "GGUF architecture `{}` is not a Llama-family decoder",
+                    p.arch
+                ),
+            });
         }
         let id = |key: &str| self.file.get_u64(key).ok().map(|v| v as u32);
         let config = LlamaConfig {
@@ -80,8 +92,12 @@ impl GgufWeights {
             rope_scaling: None,
             max_position_embeddings: p.context_length,
             tie_word_embeddings: p.tie_embeddings,
-            qkv_bias: self.names.contains_key("model.layers.0.self_attn.q_proj.bias"),
-            o_bias: self.names.contains_key("model.layers.0.self_attn.o_proj.bias"),
+            qkv_bias: self
+                .names
+                .contains_key("model.layers.0.self_attn.q_proj.bias"),
+            o_bias: self
+                .names
+                .contains_key("model.layers.0.self_attn.o_proj.bias"),
             mlp_bias: self.names.contains_key("model.layers.0.mlp.up_proj.bias"),
             bos_token_id: id("tokenizer.ggml.bos_token_id"),
             eos_token_ids: id("tokenizer.ggml.eos_token_id").into_iter().collect(),
@@ -99,7 +115,13 @@ impl WeightSource for GgufWeights {
         self.names.contains_key(name)
     }
     fn tensor_f32(&self, name: &str) -> Result<(Vec<f32>, Vec<usize>), LlamaError> {
-        let gguf_name = self.names.get(name).ok_or_else(|| LlamaError::MissingTensor { file: self.file_of(name), tensor: name.into() })?;
+        let gguf_name = self
+            .names
+            .get(name)
+            .ok_or_else(|| LlamaError::MissingTensor {
+                file: self.file_of(name),
+                tensor: name.into(),
+            })?;
         let (_, values, shape) = self.file.hf_tensor_f32(gguf_name, &self.params)?;
         Ok((values, shape))
     }
@@ -119,27 +141,67 @@ pub struct LoadedModel {
 impl LoadedModel {
     /// The tokenizer, or an error saying the model has none.
     pub fn tokenizer(&self) -> Result<&TextTokenizer, LlamaError> {
-        self.tokenizer.as_ref().ok_or_else(|| LlamaError::Tokenizer {
-            file: "tokenizer.json".into(),
-            reason: "the model directory has no tokenizer.json: pass token ids instead of text".into(),
-        })
+        self.tokenizer
+            .as_ref()
+            .ok_or_else(|| LlamaError::Tokenizer {
+                file: "tokenizer.json".into(),
+                reason: "the model directory has no tokenizer.json: pass token ids instead of text"
+                    .into(),
+            })
     }
 }
 
 /// Loads a model from any [`ModelSource`] (HF directory, bitsandbytes checkpoint, GGUF).
-pub fn load(source: &ModelSource, options: &LoadOptions, device: &Device) -> Result<LoadedModel, LlamaError> {
+pub fn load(
+    source: &ModelSource,
+    options: &LoadOptions,
+    device: &Device,
+) -> Result<LoadedModel, LlamaError> {
     match source {
         ModelSource::HfDir(dir) => {
             let (config, model) = load_hf(dir, options, device)?;
-            let tokenizer = if dir.join("tokenizer.json").exists() { Some(TextTokenizer::from_dir(dir)?) } else { None };
-            Ok(LoadedModel { config, model, tokenizer })
+            let tokenizer = if dir.join("tokenizer.json").exists() {
+                Some(TextTokenizer::from_dir(dir)?)
+            } else {
+                None
+            };
+            Ok(LoadedModel {
+                config,
+                model,
+                tokenizer,
+            })
         }
         ModelSource::Gguf(path) => {
             let weights = GgufWeights::new(GgufFile::open(path)?)?;
             let config = weights.config()?;
             let tokenizer = Some(TextTokenizer::from_gguf(&weights.file)?);
-            let model = Loader { source: &weights, config: &config, options, device }.model()?;
-            Ok(LoadedModel { config, model, tokenizer })
+            let model = Loader {
+                source: &weights,
+                config: &config,
+                options,
+                device,
+            }
+            .model()?;
+            Ok(LoadedModel {
+                config,
+                model,
+                tokenizer,
+            })
+        }
+        ModelSource::Random(random) => {
+            let weights = random.weights();
+            let model = Loader {
+                source: &weights,
+                config: &random.config,
+                options,
+                device,
+            }
+            .model()?;
+            Ok(LoadedModel {
+                config: random.config.clone(),
+                model,
+                tokenizer: None,
+            })
         }
     }
 }
@@ -156,15 +218,28 @@ pub struct LoadOptions {
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        LoadOptions { dtype: DType::F32, quant: None }
+        LoadOptions {
+            dtype: DType::F32,
+            quant: None,
+        }
     }
 }
 
 /// Loads config.json and the weights of an HF directory onto `device`.
-pub fn load_hf(dir: &Path, options: &LoadOptions, device: &Device) -> Result<(LlamaConfig, LlamaModel), LlamaError> {
+pub fn load_hf(
+    dir: &Path,
+    options: &LoadOptions,
+    device: &Device,
+) -> Result<(LlamaConfig, LlamaModel), LlamaError> {
     let config = LlamaConfig::from_hf_config(&dir.join("config.json"))?;
     let checkpoint = HfCheckpoint::open(dir)?;
-    let model = Loader { source: &checkpoint, config: &config, options, device }.model()?;
+    let model = Loader {
+        source: &checkpoint,
+        config: &config,
+        options,
+        device,
+    }
+    .model()?;
     Ok((config, model))
 }
 
@@ -182,50 +257,97 @@ impl Loader<'_> {
 
     fn dense(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>, LlamaError> {
         if !self.source.contains(name) {
-            return Err(LlamaError::MissingTensor { file: self.file(name), tensor: name.into() });
+            return Err(LlamaError::MissingTensor {
+                file: self.file(name),
+                tensor: name.into(),
+            });
         }
         let (values, shape) = self.source.tensor_f32(name)?;
         if shape != expected {
-            return Err(LlamaError::ShapeMismatch { file: self.file(name), tensor: name.into(), expected: expected.to_vec(), found: shape });
+            return Err(LlamaError::ShapeMismatch {
+                file: self.file(name),
+                tensor: name.into(),
+                expected: expected.to_vec(),
+                found: shape,
+            });
         }
         Ok(values)
     }
 
     fn tensor1(&self, name: &str, len: usize) -> Result<Tensor<1>, LlamaError> {
         let values = self.dense(name, &[len])?;
-        Ok(Tensor::<1>::from_data(TensorData::new(values, [len]), self.device).cast(self.options.dtype))
+        Ok(
+            Tensor::<1>::from_data(TensorData::new(values, [len]), self.device)
+                .cast(self.options.dtype),
+        )
     }
 
     fn tensor2(&self, name: &str, rows: usize, cols: usize) -> Result<Tensor<2>, LlamaError> {
         let values = self.dense(name, &[rows, cols])?;
-        Ok(Tensor::<2>::from_data(TensorData::new(values, [rows, cols]), self.device).cast(self.options.dtype))
+        Ok(
+            Tensor::<2>::from_data(TensorData::new(values, [rows, cols]), self.device)
+                .cast(self.options.dtype),
+        )
     }
 
     fn norm(&self, name: &str) -> Result<RmsNorm, LlamaError> {
-        Ok(RmsNorm { weight: self.tensor1(name, self.config.hidden_size)?, eps: self.config.rms_norm_eps })
+        Ok(RmsNorm {
+            weight: self.tensor1(name, self.config.hidden_size)?,
+            eps: self.config.rms_norm_eps,
+        })
     }
 
     /// A linear layer `prefix.weight` `[out, in]` (+ `prefix.bias`): 4-bit when the checkpoint stores it so or
     /// when quantizing on load, dense otherwise.
-    fn linear(&self, prefix: &str, out_features: usize, in_features: usize, bias: bool) -> Result<FrozenLinear, LlamaError> {
+    fn linear(
+        &self,
+        prefix: &str,
+        out_features: usize,
+        in_features: usize,
+        bias: bool,
+    ) -> Result<FrozenLinear, LlamaError> {
         let name = format!("{prefix}.weight");
-        let bias = if bias { Some(self.tensor1(&format!("{prefix}.bias"), out_features)?) } else { None };
+        let bias = if bias {
+            Some(self.tensor1(&format!("{prefix}.bias"), out_features)?)
+        } else {
+            None
+        };
         if let Some(weight) = self.source.bnb_weight(&name)? {
             return self.quantized(&name, weight, out_features, in_features, bias);
         }
         match &self.options.quant {
             Some(qconfig) => {
                 let values = self.dense(&name, &[out_features, in_features])?;
-                let weight = QuantizedWeight::quantize(&name, &values, &[out_features, in_features], qconfig)?;
+                let weight = QuantizedWeight::quantize(
+                    &name,
+                    &values,
+                    &[out_features, in_features],
+                    qconfig,
+                )?;
                 self.quantized(&name, weight, out_features, in_features, bias)
             }
-            None => Ok(FrozenLinear::dense(self.tensor2(&name, out_features, in_features)?, bias)),
+            None => Ok(FrozenLinear::dense(
+                self.tensor2(&name, out_features, in_features)?,
+                bias,
+            )),
         }
     }
 
-    fn quantized(&self, name: &str, weight: QuantizedWeight, out_features: usize, in_features: usize, bias: Option<Tensor<1>>) -> Result<FrozenLinear, LlamaError> {
+    fn quantized(
+        &self,
+        name: &str,
+        weight: QuantizedWeight,
+        out_features: usize,
+        in_features: usize,
+        bias: Option<Tensor<1>>,
+    ) -> Result<FrozenLinear, LlamaError> {
         if weight.shape != [out_features, in_features] {
-            return Err(LlamaError::ShapeMismatch { file: self.file(name), tensor: name.into(), expected: vec![out_features, in_features], found: weight.shape });
+            return Err(LlamaError::ShapeMismatch {
+                file: self.file(name),
+                tensor: name.into(),
+                expected: vec![out_features, in_features],
+                found: weight.shape,
+            });
         }
         Ok(FrozenLinear::quantized(weight.to_device(self.device), bias))
     }
@@ -233,26 +355,65 @@ impl Loader<'_> {
     fn model(&self) -> Result<LlamaModel, LlamaError> {
         let c = self.config;
         let (hidden, head_dim) = (c.hidden_size, c.head_dim());
-        let (q_out, kv_out) = (c.num_attention_heads * head_dim, c.num_key_value_heads * head_dim);
+        let (q_out, kv_out) = (
+            c.num_attention_heads * head_dim,
+            c.num_key_value_heads * head_dim,
+        );
         let mut layers = Vec::new(); // grows as layers load: a wrong layer count fails at its first missing tensor
         for i in 0..c.num_hidden_layers {
             let p = format!("model.layers.{i}");
             layers.push(DecoderLayer {
                 input_layernorm: self.norm(&format!("{p}.input_layernorm.weight"))?,
                 self_attn: Attention {
-                    q_proj: LoraLinear::frozen(self.linear(&format!("{p}.self_attn.q_proj"), q_out, hidden, c.qkv_bias)?),
-                    k_proj: LoraLinear::frozen(self.linear(&format!("{p}.self_attn.k_proj"), kv_out, hidden, c.qkv_bias)?),
-                    v_proj: LoraLinear::frozen(self.linear(&format!("{p}.self_attn.v_proj"), kv_out, hidden, c.qkv_bias)?),
-                    o_proj: LoraLinear::frozen(self.linear(&format!("{p}.self_attn.o_proj"), hidden, q_out, c.o_bias)?),
+                    q_proj: LoraLinear::frozen(self.linear(
+                        &format!("{p}.self_attn.q_proj"),
+                        q_out,
+                        hidden,
+                        c.qkv_bias,
+                    )?),
+                    k_proj: LoraLinear::frozen(self.linear(
+                        &format!("{p}.self_attn.k_proj"),
+                        kv_out,
+                        hidden,
+                        c.qkv_bias,
+                    )?),
+                    v_proj: LoraLinear::frozen(self.linear(
+                        &format!("{p}.self_attn.v_proj"),
+                        kv_out,
+                        hidden,
+                        c.qkv_bias,
+                    )?),
+                    o_proj: LoraLinear::frozen(self.linear(
+                        &format!("{p}.self_attn.o_proj"),
+                        hidden,
+                        q_out,
+                        c.o_bias,
+                    )?),
                     num_heads: c.num_attention_heads,
                     num_kv_heads: c.num_key_value_heads,
                     head_dim,
                 },
-                post_attention_layernorm: self.norm(&format!("{p}.post_attention_layernorm.weight"))?,
+                post_attention_layernorm: self
+                    .norm(&format!("{p}.post_attention_layernorm.weight"))?,
                 mlp: Mlp {
-                    gate_proj: LoraLinear::frozen(self.linear(&format!("{p}.mlp.gate_proj"), c.intermediate_size, hidden, c.mlp_bias)?),
-                    up_proj: LoraLinear::frozen(self.linear(&format!("{p}.mlp.up_proj"), c.intermediate_size, hidden, c.mlp_bias)?),
-                    down_proj: LoraLinear::frozen(self.linear(&format!("{p}.mlp.down_proj"), hidden, c.intermediate_size, c.mlp_bias)?),
+                    gate_proj: LoraLinear::frozen(self.linear(
+                        &format!("{p}.mlp.gate_proj"),
+                        c.intermediate_size,
+                        hidden,
+                        c.mlp_bias,
+                    )?),
+                    up_proj: LoraLinear::frozen(self.linear(
+                        &format!("{p}.mlp.up_proj"),
+                        c.intermediate_size,
+                        hidden,
+                        c.mlp_bias,
+                    )?),
+                    down_proj: LoraLinear::frozen(self.linear(
+                        &format!("{p}.mlp.down_proj"),
+                        hidden,
+                        c.intermediate_size,
+                        c.mlp_bias,
+                    )?),
                 },
             });
         }
@@ -264,7 +425,10 @@ impl Loader<'_> {
             let name = "lm_head.weight";
             match self.source.bnb_weight(name)? {
                 Some(w) => Some(self.quantized(name, w, c.vocab_size, hidden, None)?),
-                None => Some(FrozenLinear::dense(self.tensor2(name, c.vocab_size, hidden)?, None)),
+                None => Some(FrozenLinear::dense(
+                    self.tensor2(name, c.vocab_size, hidden)?,
+                    None,
+                )),
             }
         };
         Ok(LlamaModel {

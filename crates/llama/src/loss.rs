@@ -9,16 +9,17 @@
 //! is frozen in QLoRA: the tied embedding or a dense lm_head). The statistics are in f32 whatever the
 //! compute dtype, as transformers' upcast of the logits.
 
+#[cfg(feature = "cube")]
+use burn::backend::Cube;
 use burn::backend::autodiff::{
+    Autodiff,
     checkpoint::{base::Checkpointer, strategy::CheckpointStrategy},
     grads::Gradients,
     ops::{Backward, Ops, OpsKind},
-    Autodiff,
 };
 use burn::backend::{
-    backend_extension,
+    Backend, Dispatch, Flex, FloatDType, TensorMetadata, backend_extension,
     tensor::{FloatTensor, IntTensor},
-    Backend, Dispatch, FloatDType, Flex, TensorMetadata,
 };
 use burn::tensor::{IndexingUpdateOp, Int, Shape, Slice, Tensor};
 
@@ -26,11 +27,17 @@ use burn::tensor::{IndexingUpdateOp, Int, Shape, Slice, Tensor};
 pub const DEFAULT_CHUNK_ROWS: usize = 256;
 
 /// The extension: `Flex` runs the chunked reference below, `Autodiff` adds the hand-written backward.
-#[backend_extension(Flex, Autodiff)]
+#[backend_extension(Flex, Cube: cfg(feature = "cube"), Autodiff)]
 pub trait ChunkedNllBackend: Backend {
     /// The masked summed loss `[1]` (f32) of `h [rows, hidden]` against `w_t [hidden, vocab]`, labels
     /// `[rows, 1]` (int), mask `[rows, 1]` (f32).
-    fn chunked_nll(h: FloatTensor<Self>, w_t: FloatTensor<Self>, labels: IntTensor<Self>, mask: FloatTensor<Self>, chunk: usize) -> FloatTensor<Self>;
+    fn chunked_nll(
+        h: FloatTensor<Self>,
+        w_t: FloatTensor<Self>,
+        labels: IntTensor<Self>,
+        mask: FloatTensor<Self>,
+        chunk: usize,
+    ) -> FloatTensor<Self>;
     /// `dh` for an upstream gradient `grad` (`[1]`) of that loss, in h's dtype.
     fn chunked_nll_grad(
         h: FloatTensor<Self>,
@@ -47,8 +54,16 @@ fn rows<B: Backend>(t: FloatTensor<B>, start: usize, end: usize) -> FloatTensor<
 }
 
 /// The f32 logits of rows `start..end`, shifted by their row maximum, and `log Σ exp` of the shifted row.
-fn shifted_logits<B: Backend>(h: &FloatTensor<B>, w_t: &FloatTensor<B>, start: usize, end: usize) -> (FloatTensor<B>, FloatTensor<B>) {
-    let logits = B::float_cast(B::float_matmul(rows::<B>(h.clone(), start, end), w_t.clone()), FloatDType::F32);
+fn shifted_logits<B: Backend>(
+    h: &FloatTensor<B>,
+    w_t: &FloatTensor<B>,
+    start: usize,
+    end: usize,
+) -> (FloatTensor<B>, FloatTensor<B>) {
+    let logits = B::float_cast(
+        B::float_matmul(rows::<B>(h.clone(), start, end), w_t.clone()),
+        FloatDType::F32,
+    );
     let max = B::float_max_dim(logits.clone(), 1);
     let shifted = B::float_sub(logits, max);
     let log_sum = B::float_log(B::float_sum_dim(B::float_exp(shifted.clone()), 1));
@@ -60,14 +75,23 @@ fn int_rows<B: Backend>(t: IntTensor<B>, start: usize, end: usize) -> IntTensor<
 }
 
 /// The loss with plain backend ops, chunk by chunk.
-pub fn chunked_nll_reference<B: Backend>(h: FloatTensor<B>, w_t: FloatTensor<B>, labels: IntTensor<B>, mask: FloatTensor<B>, chunk: usize) -> FloatTensor<B> {
+pub fn chunked_nll_reference<B: Backend>(
+    h: FloatTensor<B>,
+    w_t: FloatTensor<B>,
+    labels: IntTensor<B>,
+    mask: FloatTensor<B>,
+    chunk: usize,
+) -> FloatTensor<B> {
     let n = h.shape()[0];
     let mut total: Option<FloatTensor<B>> = None;
     for start in (0..n).step_by(chunk.max(1)) {
         let end = (start + chunk.max(1)).min(n);
         let (shifted, log_sum) = shifted_logits::<B>(&h, &w_t, start, end);
         let picked = B::float_gather(1, shifted, int_rows::<B>(labels.clone(), start, end));
-        let nll = B::float_mul(B::float_sub(log_sum, picked), rows::<B>(mask.clone(), start, end));
+        let nll = B::float_mul(
+            B::float_sub(log_sum, picked),
+            rows::<B>(mask.clone(), start, end),
+        );
         let sum = B::float_sum(nll);
         total = Some(match total {
             Some(t) => B::float_add(t, sum),
@@ -95,17 +119,63 @@ pub fn chunked_nll_grad_reference<B: Backend>(
         let end = (start + chunk.max(1)).min(n);
         let (shifted, log_sum) = shifted_logits::<B>(&h, &w_t, start, end);
         let probs = B::float_exp(B::float_sub(shifted, log_sum));
-        let minus_one = B::float_full(Shape::new([end - start, 1]), (-1.0f32).into(), &h.device(), FloatDType::F32);
-        let dlogits = B::float_scatter(1, probs, int_rows::<B>(labels.clone(), start, end), minus_one, IndexingUpdateOp::Add);
+        let minus_one = B::float_full(
+            Shape::new([end - start, 1]),
+            (-1.0f32).into(),
+            &h.device(),
+            FloatDType::F32,
+        );
+        let dlogits = B::float_scatter(
+            1,
+            probs,
+            int_rows::<B>(labels.clone(), start, end),
+            minus_one,
+            IndexingUpdateOp::Add,
+        );
         let weight = B::float_mul(rows::<B>(mask.clone(), start, end), grad.clone());
         let dlogits = B::float_cast(B::float_mul(dlogits, weight), dtype);
         parts.push(B::float_matmul(dlogits, w.clone()));
     }
-    if parts.len() == 1 { parts.pop().expect("one part") } else { B::float_cat(parts, 0) }
+    if parts.len() == 1 {
+        parts.pop().expect("one part")
+    } else {
+        B::float_cat(parts, 0)
+    }
 }
 
 impl ChunkedNllBackend for Flex {
-    fn chunked_nll(h: FloatTensor<Self>, w_t: FloatTensor<Self>, labels: IntTensor<Self>, mask: FloatTensor<Self>, chunk: usize) -> FloatTensor<Self> {
+    fn chunked_nll(
+        h: FloatTensor<Self>,
+        w_t: FloatTensor<Self>,
+        labels: IntTensor<Self>,
+        mask: FloatTensor<Self>,
+        chunk: usize,
+    ) -> FloatTensor<Self> {
+        chunked_nll_reference::<Self>(h, w_t, labels, mask, chunk)
+    }
+
+    fn chunked_nll_grad(
+        h: FloatTensor<Self>,
+        w_t: FloatTensor<Self>,
+        labels: IntTensor<Self>,
+        mask: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        chunk: usize,
+    ) -> FloatTensor<Self> {
+        chunked_nll_grad_reference::<Self>(h, w_t, labels, mask, grad, chunk)
+    }
+}
+
+/// On the CubeCL backend the same chunked reference, in the device's own ops.
+#[cfg(feature = "cube")]
+impl ChunkedNllBackend for Cube {
+    fn chunked_nll(
+        h: FloatTensor<Self>,
+        w_t: FloatTensor<Self>,
+        labels: IntTensor<Self>,
+        mask: FloatTensor<Self>,
+        chunk: usize,
+    ) -> FloatTensor<Self> {
         chunked_nll_reference::<Self>(h, w_t, labels, mask, chunk)
     }
 
@@ -122,20 +192,40 @@ impl ChunkedNllBackend for Flex {
 }
 
 impl<B: Backend + ChunkedNllBackend, C: CheckpointStrategy> ChunkedNllBackend for Autodiff<B, C> {
-    fn chunked_nll(h: FloatTensor<Self>, w_t: FloatTensor<Self>, labels: IntTensor<Self>, mask: FloatTensor<Self>, chunk: usize) -> FloatTensor<Self> {
+    fn chunked_nll(
+        h: FloatTensor<Self>,
+        w_t: FloatTensor<Self>,
+        labels: IntTensor<Self>,
+        mask: FloatTensor<Self>,
+        chunk: usize,
+    ) -> FloatTensor<Self> {
         #[derive(Debug)]
         struct ChunkedNllBackward;
 
         impl<B: Backend + ChunkedNllBackend> Backward<B, 1> for ChunkedNllBackward {
             /// Hidden states, output weight, labels, mask, chunk rows: never the logits.
-            type State = (FloatTensor<B>, FloatTensor<B>, IntTensor<B>, FloatTensor<B>, usize);
+            type State = (
+                FloatTensor<B>,
+                FloatTensor<B>,
+                IntTensor<B>,
+                FloatTensor<B>,
+                usize,
+            );
 
-            fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+            fn backward(
+                self,
+                ops: Ops<Self::State, 1>,
+                grads: &mut Gradients,
+                _checkpointer: &mut Checkpointer,
+            ) {
                 let [node_h] = ops.parents;
                 let grad = grads.consume::<B>(&ops.node);
                 let (h, w_t, labels, mask, chunk) = ops.state;
                 if let Some(node) = node_h {
-                    grads.register::<B>(node.id, B::chunked_nll_grad(h, w_t, labels, mask, grad, chunk));
+                    grads.register::<B>(
+                        node.id,
+                        B::chunked_nll_grad(h, w_t, labels, mask, grad, chunk),
+                    );
                 }
             }
         }
@@ -143,9 +233,14 @@ impl<B: Backend + ChunkedNllBackend, C: CheckpointStrategy> ChunkedNllBackend fo
         let w_t = w_t.into_primitive();
         let mask = mask.into_primitive();
         let (h, h_node) = h.into_parts();
-        match ChunkedNllBackward.prepare::<C>([h_node]).compute_bound().stateful() {
+        match ChunkedNllBackward
+            .prepare::<C>([h_node])
+            .compute_bound()
+            .stateful()
+        {
             OpsKind::Tracked(prep) => {
-                let out = B::chunked_nll(h.clone(), w_t.clone(), labels.clone(), mask.clone(), chunk);
+                let out =
+                    B::chunked_nll(h.clone(), w_t.clone(), labels.clone(), mask.clone(), chunk);
                 prep.finish((h, w_t, labels, mask, chunk), out)
             }
             OpsKind::UnTracked(prep) => prep.finish(B::chunked_nll(h, w_t, labels, mask, chunk)),
@@ -168,7 +263,13 @@ impl<B: Backend + ChunkedNllBackend, C: CheckpointStrategy> ChunkedNllBackend fo
 
 /// `Σ mask · nll` over rows: `h [rows, hidden]`, `w_t [hidden, vocab]` (the output weight transposed),
 /// `labels [rows]`, `mask [rows]` (1 where the row counts). Gradients flow to `h` only.
-pub fn chunked_nll_sum(h: Tensor<2>, w_t: Tensor<2>, labels: Tensor<1, Int>, mask: Tensor<1>, chunk: usize) -> Tensor<1> {
+pub fn chunked_nll_sum(
+    h: Tensor<2>,
+    w_t: Tensor<2>,
+    labels: Tensor<1, Int>,
+    mask: Tensor<1>,
+    chunk: usize,
+) -> Tensor<1> {
     let n = labels.dims()[0];
     let labels = labels.reshape([n, 1]);
     let mask = mask.reshape([n, 1]);
@@ -204,15 +305,32 @@ mod tests {
         let dh = h.grad(&(loss.clone() * 0.5).backward()).unwrap();
 
         let hr = h0.detach().require_grad();
-        let picked = log_softmax(hr.clone().matmul(w_t), 1).gather(1, labels.reshape([n, 1])).reshape([n]);
+        let picked = log_softmax(hr.clone().matmul(w_t), 1)
+            .gather(1, labels.reshape([n, 1]))
+            .reshape([n]);
         let loss_r = (picked * mask).sum().neg();
         let dh_r = hr.grad(&(loss_r.clone() * 0.5).backward()).unwrap();
 
-        let (a, b): (Vec<f32>, Vec<f32>) = (loss.into_data().try_into_vec().unwrap(), loss_r.into_data().try_into_vec().unwrap());
-        assert!((a[0] - b[0]).abs() <= 1e-4 * b[0].abs(), "loss {} vs {}", a[0], b[0]);
-        let (g, gr): (Vec<f32>, Vec<f32>) = (dh.into_data().try_into_vec().unwrap(), dh_r.into_data().try_into_vec().unwrap());
+        let (a, b): (Vec<f32>, Vec<f32>) = (
+            loss.into_data().try_into_vec().unwrap(),
+            loss_r.into_data().try_into_vec().unwrap(),
+        );
+        assert!(
+            (a[0] - b[0]).abs() <= 1e-4 * b[0].abs(),
+            "loss {} vs {}",
+            a[0],
+            b[0]
+        );
+        let (g, gr): (Vec<f32>, Vec<f32>) = (
+            dh.into_data().try_into_vec().unwrap(),
+            dh_r.into_data().try_into_vec().unwrap(),
+        );
         assert_eq!(g.len(), n * hidden);
-        let worst = g.iter().zip(&gr).map(|(p, q)| (p - q).abs()).fold(0.0f32, f32::max);
+        let worst = g
+            .iter()
+            .zip(&gr)
+            .map(|(p, q)| (p - q).abs())
+            .fold(0.0f32, f32::max);
         assert!(worst < 1e-5, "gradient off by {worst}");
         // Masked rows get no gradient.
         assert!(g[2 * hidden..3 * hidden].iter().all(|&v| v == 0.0));

@@ -8,12 +8,14 @@
 //! is kept with probability `keep` (to 2^-32) and scaled by `1/keep`.
 
 use burn::backend::autodiff::{
+    Autodiff,
     checkpoint::{base::Checkpointer, strategy::CheckpointStrategy},
     grads::Gradients,
     ops::{Backward, Ops, OpsKind},
-    Autodiff,
 };
-use burn::backend::{backend_extension, tensor::FloatTensor, Backend, Dispatch, FloatDType, Flex, TensorMetadata};
+use burn::backend::{
+    Backend, Dispatch, Flex, FloatDType, TensorMetadata, backend_extension, tensor::FloatTensor,
+};
 use burn::tensor::{Distribution, Tensor, TensorData};
 use rayon::prelude::*;
 
@@ -28,21 +30,29 @@ fn splitmix(state: &mut u64) -> u64 {
 }
 
 /// The mask for `numel` elements: `scale` where kept, 0 where dropped, written by `write(kept, slot)`.
-fn fill_mask<T: Copy + Send + Sync>(numel: usize, seed: u64, keep: f64, kept: T, dropped: T) -> Vec<T> {
+fn fill_mask<T: Copy + Send + Sync>(
+    numel: usize,
+    seed: u64,
+    keep: f64,
+    kept: T,
+    dropped: T,
+) -> Vec<T> {
     let threshold = (keep * 4_294_967_296.0).round().min(4_294_967_296.0) as u64;
     let mut mask = vec![dropped; numel];
-    mask.par_chunks_mut(CHUNK).enumerate().for_each(|(chunk, out)| {
-        let mut state = seed ^ (chunk as u64).wrapping_mul(0xD1B5_4A32_D192_ED03);
-        splitmix(&mut state);
-        for pair in out.chunks_mut(2) {
-            let bits = splitmix(&mut state);
-            for (i, slot) in pair.iter_mut().enumerate() {
-                if (bits >> (32 * i)) & 0xFFFF_FFFF < threshold {
-                    *slot = kept;
+    mask.par_chunks_mut(CHUNK)
+        .enumerate()
+        .for_each(|(chunk, out)| {
+            let mut state = seed ^ (chunk as u64).wrapping_mul(0xD1B5_4A32_D192_ED03);
+            splitmix(&mut state);
+            for pair in out.chunks_mut(2) {
+                let bits = splitmix(&mut state);
+                for (i, slot) in pair.iter_mut().enumerate() {
+                    if (bits >> (32 * i)) & 0xFFFF_FFFF < threshold {
+                        *slot = kept;
+                    }
                 }
             }
-        }
-    });
+        });
     mask
 }
 
@@ -53,8 +63,26 @@ pub fn apply_mask<B: Backend>(x: FloatTensor<B>, seed: u64, keep: f64) -> FloatT
     let scale = 1.0 / keep;
     let dtype: FloatDType = x.dtype().into();
     let data = match dtype {
-        FloatDType::BF16 => TensorData::new(fill_mask(numel, seed, keep, half::bf16::from_f64(scale), half::bf16::ZERO), shape),
-        FloatDType::F16 => TensorData::new(fill_mask(numel, seed, keep, half::f16::from_f64(scale), half::f16::ZERO), shape),
+        FloatDType::BF16 => TensorData::new(
+            fill_mask(
+                numel,
+                seed,
+                keep,
+                half::bf16::from_f64(scale),
+                half::bf16::ZERO,
+            ),
+            shape,
+        ),
+        FloatDType::F16 => TensorData::new(
+            fill_mask(
+                numel,
+                seed,
+                keep,
+                half::f16::from_f64(scale),
+                half::f16::ZERO,
+            ),
+            shape,
+        ),
         FloatDType::F64 => TensorData::new(fill_mask(numel, seed, keep, scale, 0.0f64), shape),
         _ => TensorData::new(fill_mask(numel, seed, keep, scale as f32, 0.0f32), shape),
     };
@@ -64,7 +92,7 @@ pub fn apply_mask<B: Backend>(x: FloatTensor<B>, seed: u64, keep: f64) -> FloatT
 
 /// The extension: `Flex` multiplies in a host-made mask, `Autodiff` routes the backward through the
 /// same op with the same seed.
-#[backend_extension(Flex, Autodiff)]
+#[backend_extension(Flex, Cube: cfg(feature = "cube"), Autodiff)]
 pub trait SeededDropoutBackend: Backend {
     /// `x ⊙ m(seed, keep)`, any shape, in x's dtype.
     fn seeded_dropout(x: FloatTensor<Self>, seed: u64, keep: f64) -> FloatTensor<Self>;
@@ -76,7 +104,9 @@ impl SeededDropoutBackend for Flex {
     }
 }
 
-impl<B: Backend + SeededDropoutBackend, C: CheckpointStrategy> SeededDropoutBackend for Autodiff<B, C> {
+impl<B: Backend + SeededDropoutBackend, C: CheckpointStrategy> SeededDropoutBackend
+    for Autodiff<B, C>
+{
     fn seeded_dropout(x: FloatTensor<Self>, seed: u64, keep: f64) -> FloatTensor<Self> {
         #[derive(Debug)]
         struct SeededDropoutBackward;
@@ -85,7 +115,12 @@ impl<B: Backend + SeededDropoutBackend, C: CheckpointStrategy> SeededDropoutBack
             /// The seed and the keep probability: the mask is made again.
             type State = (u64, f64);
 
-            fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+            fn backward(
+                self,
+                ops: Ops<Self::State, 1>,
+                grads: &mut Gradients,
+                _checkpointer: &mut Checkpointer,
+            ) {
                 let [node_x] = ops.parents;
                 let grad = grads.consume::<B>(&ops.node);
                 let (seed, keep) = ops.state;
@@ -96,7 +131,11 @@ impl<B: Backend + SeededDropoutBackend, C: CheckpointStrategy> SeededDropoutBack
         }
 
         let (x, x_node) = x.into_parts();
-        match SeededDropoutBackward.prepare::<C>([x_node]).compute_bound().stateful() {
+        match SeededDropoutBackward
+            .prepare::<C>([x_node])
+            .compute_bound()
+            .stateful()
+        {
             OpsKind::Tracked(prep) => prep.finish((seed, keep), B::seeded_dropout(x, seed, keep)),
             OpsKind::UnTracked(prep) => prep.finish(B::seeded_dropout(x, seed, keep)),
         }
@@ -108,13 +147,23 @@ pub fn seeded_dropout<const D: usize>(x: Tensor<D>, prob: f64, seed: u64) -> Ten
     if prob <= 0.0 {
         return x;
     }
-    Tensor::from_dispatch(<Dispatch as SeededDropoutBackend>::seeded_dropout(x.into_dispatch(), seed, 1.0 - prob))
+    Tensor::from_dispatch(<Dispatch as SeededDropoutBackend>::seeded_dropout(
+        x.into_dispatch(),
+        seed,
+        1.0 - prob,
+    ))
 }
 
 /// A fresh seed from the device's generator (what `device.seed(..)` makes reproducible).
 pub fn draw_seed(device: &burn::tensor::Device) -> u64 {
-    let draws: Vec<f32> = Tensor::<1>::random([4], Distribution::Default, device).into_data().convert::<f32>().try_into_vec().unwrap_or_default();
-    draws.iter().fold(0u64, |acc, v| (acc << 16) ^ ((v * 65_536.0) as u64 & 0xFFFF))
+    let draws: Vec<f32> = Tensor::<1>::random([4], Distribution::Default, device)
+        .into_data()
+        .convert::<f32>()
+        .try_into_vec()
+        .unwrap_or_default();
+    draws.iter().fold(0u64, |acc, v| {
+        (acc << 16) ^ ((v * 65_536.0) as u64 & 0xFFFF)
+    })
 }
 
 #[cfg(test)]
@@ -134,7 +183,11 @@ mod tests {
         assert_eq!(mask, fill_mask(n, 42, keep, 1.0f32 / keep as f32, 0.0));
         assert_ne!(mask, fill_mask(n, 43, keep, 1.0f32 / keep as f32, 0.0));
         let bf: Vec<half::bf16> = fill_mask(n, 42, keep, half::bf16::ONE, half::bf16::ZERO);
-        assert!(bf.iter().zip(&mask).all(|(b, m)| (b.to_f32() != 0.0) == (*m != 0.0)));
+        assert!(
+            bf.iter()
+                .zip(&mask)
+                .all(|(b, m)| (b.to_f32() != 0.0) == (*m != 0.0))
+        );
         // Neighbouring chunks are not copies of each other.
         assert_ne!(mask[..CHUNK], mask[CHUNK..2 * CHUNK]);
 
@@ -142,8 +195,17 @@ mod tests {
         let x = Tensor::<2>::ones([37, 70], &device).require_grad();
         let y = seeded_dropout(x.clone(), 1.0 - keep, 7);
         let dx = x.grad(&(y.clone() * 3.0).sum().backward()).unwrap();
-        let (y, dx): (Vec<f32>, Vec<f32>) = (y.into_data().try_into_vec().unwrap(), dx.into_data().try_into_vec().unwrap());
-        assert!(y.iter().zip(&dx).all(|(a, g)| (a * 3.0 - g).abs() < 1e-6), "dx = 3 · mask");
-        assert!(y.iter().all(|&v| v == 0.0 || (v - 1.0 / keep as f32).abs() < 1e-6));
+        let (y, dx): (Vec<f32>, Vec<f32>) = (
+            y.into_data().try_into_vec().unwrap(),
+            dx.into_data().try_into_vec().unwrap(),
+        );
+        assert!(
+            y.iter().zip(&dx).all(|(a, g)| (a * 3.0 - g).abs() < 1e-6),
+            "dx = 3 · mask"
+        );
+        assert!(
+            y.iter()
+                .all(|&v| v == 0.0 || (v - 1.0 / keep as f32).abs() < 1e-6)
+        );
     }
 }

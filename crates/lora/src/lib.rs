@@ -6,9 +6,12 @@
 //! `y = x·Wᵀ + b + (α/r)·dropout(x)·Aᵀ·Bᵀ` with PEFT's semantics and initialisation. The 4-bit product runs
 //! through [`quant_matmul::quant_matmul_t`], a burn backend extension whose backward keeps only the packed
 //! weight and returns the input gradient; the base never gets a gradient. [`LoraConfig`] picks the targets
-//! (`all-linear`, names, or a regex) and the rank, α, dropout and rsLoRA scaling.
+//! (`all-linear`, names, or a regex) and the rank, α, dropout and rsLoRA scaling. With the `wgpu` or `cuda`
+//! feature the extensions also run on burn's CubeCL backend through the `qlora-kernels` kernels ([`cube`]).
 
 mod adapter;
+#[cfg(feature = "cube")]
+pub mod cube;
 pub mod dropout;
 mod frozen;
 pub mod merge;

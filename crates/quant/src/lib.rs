@@ -14,7 +14,6 @@ mod device;
 mod error;
 mod weight;
 
-
 pub use device::{DeviceAbsmax, DeviceDoubleQuant, DeviceQuantizedWeight};
 pub use error::QuantError;
 pub use weight::{QuantConfig, QuantizedWeight};

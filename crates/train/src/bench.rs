@@ -13,10 +13,10 @@ use data::{Batch, TokenizedExample};
 use optim::PagedAdamW;
 use serde::Serialize;
 
+use crate::TrainError;
 use crate::config::TrainConfig;
 use crate::metrics::{peak_rss_mib, reset_peak_rss};
 use crate::trainer::{accumulate_gradients, load_for_training, optimizer_config, training_device};
-use crate::TrainError;
 
 /// What to time.
 #[derive(Debug, Clone)]
@@ -61,24 +61,31 @@ pub fn random_batch(batch: usize, seq: usize, vocab: usize, seed: u64) -> Batch 
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         z ^ (z >> 31)
     };
-    let rows: Vec<TokenizedExample> =
-        (0..batch).map(|_| TokenizedExample { ids: (0..seq).map(|_| (next() % vocab as u64) as u32).collect(), target: vec![true; seq] }).collect();
+    let rows: Vec<TokenizedExample> = (0..batch)
+        .map(|_| TokenizedExample {
+            ids: (0..seq).map(|_| (next() % vocab as u64) as u32).collect(),
+            target: vec![true; seq],
+        })
+        .collect();
     Batch::new(&rows.iter().collect::<Vec<_>>(), 0)
 }
 
 /// Loads the model as `config` says and times `bench.warmup + bench.steps` training steps.
 pub fn run(config: &TrainConfig, bench: &StepBench) -> Result<StepBenchReport, TrainError> {
     if bench.batch == 0 || bench.seq < 2 || bench.steps == 0 {
-        return Err(TrainError::Input("bench-step needs --batch ≥ 1, --seq ≥ 2 and --steps ≥ 1".into()));
+        return Err(TrainError::Input(
+            "bench-step needs --batch ≥ 1, --seq ≥ 2 and --steps ≥ 1".into(),
+        ));
     }
-    let model_path = match llama::source::resolve(&config.model)? {
-        llama::source::ModelSource::HfDir(p) | llama::source::ModelSource::Gguf(p) => p.display().to_string(),
-    };
-    let device = training_device(config);
+    let model_path = llama::source::resolve(&config.model)?.label();
+    let device = training_device(config)?;
     let (loaded, _lora) = load_for_training(config, &device)?;
     let mut model = loaded.model.clone();
     drop(loaded);
-    let trainable_params: usize = optim::trainable_tensors(&model)?.values().map(|t| t.values.len()).sum();
+    let trainable_params: usize = optim::trainable_tensors(&model)?
+        .values()
+        .map(|t| t.values.len())
+        .sum();
     let mut optimizer: PagedAdamW = optimizer_config(config)?.init()?;
     let max_grad_norm = (config.max_grad_norm > 0.0).then_some(config.max_grad_norm as f32);
     let process_peak_after_load = peak_rss_mib();
@@ -87,9 +94,19 @@ pub fn run(config: &TrainConfig, bench: &StepBench) -> Result<StepBenchReport, T
     let mut times = Vec::with_capacity(bench.steps);
     let mut losses = Vec::new();
     for step in 0..bench.warmup + bench.steps {
-        let batch = random_batch(bench.batch, bench.seq, model.vocab_size, config.seed ^ step as u64);
+        let batch = random_batch(
+            bench.batch,
+            bench.seq,
+            model.vocab_size,
+            config.seed ^ step as u64,
+        );
         let started = Instant::now();
-        let (grads, loss) = accumulate_gradients(&model, std::slice::from_ref(&batch), &device, config.seed ^ ((step as u64) << 16))?;
+        let (grads, loss) = accumulate_gradients(
+            &model,
+            std::slice::from_ref(&batch),
+            &device,
+            config.seed ^ ((step as u64) << 16),
+        )?;
         let (updated, _report) = optimizer.step_module(&model, grads, config.lr, max_grad_norm)?;
         model = updated;
         let seconds = started.elapsed().as_secs_f64();
@@ -100,7 +117,11 @@ pub fn run(config: &TrainConfig, bench: &StepBench) -> Result<StepBenchReport, T
     }
     let mut sorted = times.clone();
     sorted.sort_by(f64::total_cmp);
-    let median_s = if sorted.len() % 2 == 1 { sorted[sorted.len() / 2] } else { (sorted[sorted.len() / 2 - 1] + sorted[sorted.len() / 2]) / 2.0 };
+    let median_s = if sorted.len() % 2 == 1 {
+        sorted[sorted.len() / 2]
+    } else {
+        (sorted[sorted.len() / 2 - 1] + sorted[sorted.len() / 2]) / 2.0
+    };
     let step_peak = peak_rss_mib();
     Ok(StepBenchReport {
         side: "ours",
@@ -124,7 +145,11 @@ pub fn run(config: &TrainConfig, bench: &StepBench) -> Result<StepBenchReport, T
 
 /// The worker threads the CPU backend uses (rayon's pool: `RAYON_NUM_THREADS`, else the core count).
 fn burn_threads() -> usize {
-    std::env::var("RAYON_NUM_THREADS").ok().and_then(|v| v.parse().ok()).filter(|&n| n > 0).unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+    std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
 #[cfg(test)]

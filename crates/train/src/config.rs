@@ -28,6 +28,9 @@ pub struct TrainConfig {
     /// bf16, norms and the loss stay f32).
     #[arg(long, default_value = "f32")]
     pub compute_dtype: String,
+    /// cpu, or wgpu / cuda / cuda:N in builds with those features.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
     /// Continue from an existing PEFT adapter instead of a fresh LoRA.
     #[arg(long)]
     pub init_adapter: Option<PathBuf>,
@@ -145,7 +148,10 @@ impl Default for TrainConfig {
 impl TrainConfig {
     /// Reads a TOML config file written by a previous run (or by hand; missing keys take the defaults).
     pub fn from_toml_file(path: &Path) -> Result<Self, TrainError> {
-        let text = std::fs::read_to_string(path).map_err(|source| TrainError::Io { path: path.to_path_buf(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| TrainError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
         toml::from_str(&text).map_err(|e| TrainError::Input(format!("{}: {e}", path.display())))
     }
 
@@ -155,8 +161,12 @@ impl TrainConfig {
 
     /// The command line over an optional config file: flags given on the command line win, the file gives
     /// the rest, the defaults fill what neither sets.
-    pub fn from_matches_over_file(matches: &ArgMatches, file: Option<&Path>) -> Result<Self, TrainError> {
-        let cli = TrainConfig::from_arg_matches(matches).map_err(|e| TrainError::Input(e.to_string()))?;
+    pub fn from_matches_over_file(
+        matches: &ArgMatches,
+        file: Option<&Path>,
+    ) -> Result<Self, TrainError> {
+        let cli =
+            TrainConfig::from_arg_matches(matches).map_err(|e| TrainError::Input(e.to_string()))?;
         let Some(file) = file else { return Ok(cli) };
         let base = TrainConfig::from_toml_file(file)?;
         let mut merged = toml::Table::try_from(&base).expect("table");
@@ -174,6 +184,8 @@ impl TrainConfig {
                 }
             }
         }
-        merged.try_into().map_err(|e: toml::de::Error| TrainError::Input(format!("{}: {e}", file.display())))
+        merged
+            .try_into()
+            .map_err(|e: toml::de::Error| TrainError::Input(format!("{}: {e}", file.display())))
     }
 }

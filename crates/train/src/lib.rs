@@ -18,6 +18,7 @@
 pub mod bench;
 pub mod checkpoint;
 pub mod config;
+pub mod device;
 pub mod eval;
 pub mod infer;
 pub mod metrics;

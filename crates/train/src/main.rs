@@ -6,9 +6,9 @@ use std::path::PathBuf;
 use anyhow::Context;
 use burn::tensor::DType;
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use llama::LoadOptions;
 use llama::generate::SamplingConfig;
 use llama::tokenizer::ChatMessage;
-use llama::LoadOptions;
 use nf4::QuantType;
 use quant::QuantConfig;
 use train::config::TrainConfig;
@@ -16,7 +16,11 @@ use train::infer;
 use train::quantize::{self, QuantizeArgs};
 
 #[derive(Parser)]
-#[command(name = "qlora", version, about = "QLoRA in Rust: quantize, finetune and run Llama-family models")]
+#[command(
+    name = "qlora",
+    version,
+    about = "QLoRA in Rust: quantize, finetune and run Llama-family models"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -185,6 +189,9 @@ struct ModelArgs {
     /// A PEFT LoRA adapter directory to apply.
     #[arg(long)]
     adapter: Option<PathBuf>,
+    /// cpu, or wgpu / cuda / cuda:N in builds with those features.
+    #[arg(long, default_value = "cpu")]
+    device: String,
 }
 
 impl ModelArgs {
@@ -195,7 +202,12 @@ impl ModelArgs {
             QuantChoice::Nf4 => Some(QuantType::Nf4),
             QuantChoice::Fp4 => Some(QuantType::Fp4),
         }
-        .map(|qt| QuantConfig::new().with_quant_type(qt).with_blocksize(self.blocksize).with_double_quant(!self.no_double_quant));
+        .map(|qt| {
+            QuantConfig::new()
+                .with_quant_type(qt)
+                .with_blocksize(self.blocksize)
+                .with_double_quant(!self.no_double_quant)
+        });
         let dtype = match self.dtype {
             DtypeChoice::F32 => DType::F32,
             DtypeChoice::Bf16 => DType::BF16,
@@ -206,10 +218,20 @@ impl ModelArgs {
 
     fn load(&self) -> anyhow::Result<llama::LoadedModel> {
         let options = self.options()?;
-        let mut loaded = infer::load_model(&self.model, &options).with_context(|| format!("loading {}", self.model))?;
+        let mut loaded = infer::load_model_on(
+            &self.model,
+            &options,
+            &train::device::parse_device(&self.device)?,
+        )
+        .with_context(|| format!("loading {}", self.model))?;
         if let Some(dir) = &self.adapter {
             let adapter = loaded.model.load_peft_adapter(dir)?;
-            eprintln!("applied adapter {} ({} modules, r = {})", dir.display(), adapter.modules.len(), adapter.config.r);
+            eprintln!(
+                "applied adapter {} ({} modules, r = {})",
+                dir.display(),
+                adapter.modules.len(),
+                adapter.config.r
+            );
         }
         Ok(loaded)
     }
@@ -239,8 +261,14 @@ struct SamplingArgs {
 impl SamplingArgs {
     fn config(&self) -> anyhow::Result<SamplingConfig> {
         anyhow::ensure!(self.temperature >= 0.0, "--temperature must be >= 0");
-        anyhow::ensure!(self.top_p > 0.0 && self.top_p <= 1.0, "--top-p must be in (0, 1]");
-        anyhow::ensure!(self.repetition_penalty > 0.0, "--repetition-penalty must be > 0");
+        anyhow::ensure!(
+            self.top_p > 0.0 && self.top_p <= 1.0,
+            "--top-p must be in (0, 1]"
+        );
+        anyhow::ensure!(
+            self.repetition_penalty > 0.0,
+            "--repetition-penalty must be > 0"
+        );
         Ok(SamplingConfig::new()
             .with_temperature(self.temperature)
             .with_top_k(self.top_k)
@@ -253,7 +281,9 @@ impl SamplingArgs {
 
 fn parse_quant_type(s: &str) -> Result<QuantType, String> {
     match s.parse::<QuantType>() {
-        Ok(QuantType::Int4) => Err("int4 has no bitsandbytes checkpoint layout; use nf4 or fp4".into()),
+        Ok(QuantType::Int4) => {
+            Err("int4 has no bitsandbytes checkpoint layout; use nf4 or fp4".into())
+        }
         Ok(qt) => Ok(qt),
         Err(e) => Err(e.to_string()),
     }
@@ -266,9 +296,11 @@ impl train::trainer::Progress for Bar {
     fn start(&mut self, total: u64, first: u64) {
         let bar = indicatif::ProgressBar::new(total);
         bar.set_style(
-            indicatif::ProgressStyle::with_template("{elapsed_precise} [{bar:30}] step {pos}/{len} (eta {eta}) {msg}")
-                .expect("template")
-                .progress_chars("=> "),
+            indicatif::ProgressStyle::with_template(
+                "{elapsed_precise} [{bar:30}] step {pos}/{len} (eta {eta}) {msg}",
+            )
+            .expect("template")
+            .progress_chars("=> "),
         );
         bar.set_position(first);
         self.0 = Some(bar);
@@ -297,36 +329,77 @@ impl train::trainer::Progress for Bar {
 
 /// The config file a resumed run was started with.
 fn config_of_run(resume: &std::path::Path) -> Option<PathBuf> {
-    [resume.join("train_config.toml"), resume.parent()?.join("train_config.toml")].into_iter().find(|p| p.exists())
+    [
+        resume.join("train_config.toml"),
+        resume.parent()?.join("train_config.toml"),
+    ]
+    .into_iter()
+    .find(|p| p.exists())
 }
 
 fn main() -> anyhow::Result<()> {
     let matches = <Cli as clap::CommandFactory>::command().get_matches();
     let cli = <Cli as clap::FromArgMatches>::from_arg_matches(&matches)?;
     match cli.command {
-        Command::Train { config: _, config_file, resume } => {
-            let sub = matches.subcommand_matches("train").expect("train subcommand");
+        Command::Train {
+            config: _,
+            config_file,
+            resume,
+        } => {
+            let sub = matches
+                .subcommand_matches("train")
+                .expect("train subcommand");
             let file = config_file.or_else(|| resume.as_deref().and_then(config_of_run));
             let config = TrainConfig::from_matches_over_file(sub, file.as_deref())?;
-            let summary = train::trainer::train(&config, resume.as_deref(), &mut Bar(None)).context("training")?;
+            let summary = train::trainer::train(&config, resume.as_deref(), &mut Bar(None))
+                .context("training")?;
             println!("{}", train::trainer::report(&config, &summary));
         }
-        Command::BenchStep { config, batch, seq, steps, warmup } => {
-            let report = train::bench::run(&config, &train::bench::StepBench { batch, seq, steps, warmup }).context("bench-step")?;
+        Command::BenchStep {
+            config,
+            batch,
+            seq,
+            steps,
+            warmup,
+        } => {
+            let report = train::bench::run(
+                &config,
+                &train::bench::StepBench {
+                    batch,
+                    seq,
+                    steps,
+                    warmup,
+                },
+            )
+            .context("bench-step")?;
             println!("{}", serde_json::to_string(&report)?);
         }
-        Command::Quantize { model, out, quant_type, blocksize, no_double_quant } => {
+        Command::Quantize {
+            model,
+            out,
+            quant_type,
+            blocksize,
+            no_double_quant,
+        } => {
             nf4::check_blocksize(blocksize)?;
             let args = QuantizeArgs {
                 model,
                 out,
-                config: QuantConfig::new().with_quant_type(quant_type).with_blocksize(blocksize).with_double_quant(!no_double_quant),
+                config: QuantConfig::new()
+                    .with_quant_type(quant_type)
+                    .with_blocksize(blocksize)
+                    .with_double_quant(!no_double_quant),
             };
-            let (report, seconds) =
-                quantize::run(&args).with_context(|| format!("quantizing {}", args.model.display()))?;
+            let (report, seconds) = quantize::run(&args)
+                .with_context(|| format!("quantizing {}", args.model.display()))?;
             println!("{}", quantize::summary(&args, &report, seconds));
         }
-        Command::Forward { model, text, tokens, out } => {
+        Command::Forward {
+            model,
+            text,
+            tokens,
+            out,
+        } => {
             let loaded = model.load()?;
             let ids = match (text, tokens) {
                 (Some(text), _) => loaded.tokenizer()?.encode(&text, true)?,
@@ -334,9 +407,19 @@ fn main() -> anyhow::Result<()> {
                 (None, None) => anyhow::bail!("give --text or --tokens"),
             };
             infer::forward_to_file(&loaded, &ids, &out)?;
-            eprintln!("wrote {} ({} tokens x {} logits)", out.display(), ids.len(), loaded.config.vocab_size);
+            eprintln!(
+                "wrote {} ({} tokens x {} logits)",
+                out.display(),
+                ids.len(),
+                loaded.config.vocab_size
+            );
         }
-        Command::Generate { model, prompt, chat, sampling } => {
+        Command::Generate {
+            model,
+            prompt,
+            chat,
+            sampling,
+        } => {
             let loaded = model.load()?;
             let ids = if chat {
                 infer::chat_prompt_ids(&loaded, &[ChatMessage::new("user", prompt)])?
@@ -345,39 +428,86 @@ fn main() -> anyhow::Result<()> {
             };
             let mut stdout = std::io::stdout().lock();
             let started = std::time::Instant::now();
-            let out = infer::generate_text(&loaded, &ids, &sampling.config()?, &sampling.stop, &mut stdout)?;
+            let out = infer::generate_text(
+                &loaded,
+                &ids,
+                &sampling.config()?,
+                &sampling.stop,
+                &mut stdout,
+            )?;
             writeln!(stdout)?;
             let secs = started.elapsed().as_secs_f64();
-            eprintln!("[{} tokens in {secs:.2} s, {:.1} tokens/s, stop: {:?}]", out.tokens.len(), out.tokens.len() as f64 / secs, out.stop);
+            eprintln!(
+                "[{} tokens in {secs:.2} s, {:.1} tokens/s, stop: {:?}]",
+                out.tokens.len(),
+                out.tokens.len() as f64 / secs,
+                out.stop
+            );
         }
-        Command::Merge { model, adapter, out, requantize, dtype } => {
+        Command::Merge {
+            model,
+            adapter,
+            out,
+            requantize,
+            dtype,
+        } => {
             let output = match (requantize, dtype) {
                 (true, _) => lora::merge::MergeOutput::Requantize(QuantConfig::new()),
                 (false, DtypeChoice::Bf16) => lora::merge::MergeOutput::DenseBf16,
                 (false, DtypeChoice::F32) => lora::merge::MergeOutput::DenseF32,
                 (false, DtypeChoice::F16) => anyhow::bail!("merged output is f32 or bf16"),
             };
-            let report = lora::merge::merge_checkpoint(&model, &adapter, &out, &output).with_context(|| format!("merging {}", adapter.display()))?;
-            println!("merged {} adapter modules into {}", report.merged_modules, out.display());
+            let report = lora::merge::merge_checkpoint(&model, &adapter, &out, &output)
+                .with_context(|| format!("merging {}", adapter.display()))?;
+            println!(
+                "merged {} adapter modules into {}",
+                report.merged_modules,
+                out.display()
+            );
             if requantize {
-                println!("re-quantization error on the merged weights: max {:.3e}, mean {:.3e}", report.requant_max_abs_error, report.requant_mean_abs_error);
+                println!(
+                    "re-quantization error on the merged weights: max {:.3e}, mean {:.3e}",
+                    report.requant_max_abs_error, report.requant_mean_abs_error
+                );
             }
         }
-        Command::Eval { model, data, format, shots, source_max_len, target_max_len, micro_batch_size } => {
+        Command::Eval {
+            model,
+            data,
+            format,
+            shots,
+            source_max_len,
+            target_max_len,
+            micro_batch_size,
+        } => {
             let loaded = model.load()?;
             let args = train::eval::EvalArgs {
                 data,
                 format: format.parse()?,
-                limits: data::Limits { source_max_len, target_max_len, train_on_source: false },
+                limits: data::Limits {
+                    source_max_len,
+                    target_max_len,
+                    train_on_source: false,
+                },
                 micro_batch_size,
                 shots,
             };
             println!("{}", train::eval::run(&loaded, &args)?);
         }
-        Command::Chat { model, system, sampling } => {
+        Command::Chat {
+            model,
+            system,
+            sampling,
+        } => {
             let loaded = model.load()?;
             let stdin = std::io::stdin();
-            infer::chat_loop(&loaded, &sampling.config()?, system.as_deref(), &mut stdin.lock(), &mut std::io::stdout().lock())?;
+            infer::chat_loop(
+                &loaded,
+                &sampling.config()?,
+                system.as_deref(),
+                &mut stdin.lock(),
+                &mut std::io::stdout().lock(),
+            )?;
         }
     }
     Ok(())
@@ -389,17 +519,124 @@ mod tests {
 
     #[test]
     fn parses_every_subcommand() {
-        let ok = |args: &[&str]| Cli::try_parse_from(args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
-        ok(&["qlora", "quantize", "--model", "m", "--out", "o", "--quant-type", "fp4", "--blocksize", "128", "--no-double-quant"]);
-        ok(&["qlora", "forward", "--model", "m", "--tokens", "1,2,3", "--out", "x.safetensors"]);
-        ok(&["qlora", "generate", "--prompt", "hi", "--chat", "--temperature", "0.7", "--top-k", "40", "--top-p", "0.9", "--stop", "\n\n"]);
-        ok(&["qlora", "chat", "--model", "m", "--quant", "nf4", "--dtype", "bf16", "--adapter", "a"]);
-        ok(&["qlora", "merge", "--model", "m", "--adapter", "a", "--out", "o", "--requantize"]);
+        let ok =
+            |args: &[&str]| Cli::try_parse_from(args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+        ok(&[
+            "qlora",
+            "quantize",
+            "--model",
+            "m",
+            "--out",
+            "o",
+            "--quant-type",
+            "fp4",
+            "--blocksize",
+            "128",
+            "--no-double-quant",
+        ]);
+        ok(&[
+            "qlora",
+            "forward",
+            "--model",
+            "m",
+            "--tokens",
+            "1,2,3",
+            "--out",
+            "x.safetensors",
+        ]);
+        ok(&[
+            "qlora",
+            "generate",
+            "--prompt",
+            "hi",
+            "--chat",
+            "--temperature",
+            "0.7",
+            "--top-k",
+            "40",
+            "--top-p",
+            "0.9",
+            "--stop",
+            "\n\n",
+        ]);
+        ok(&[
+            "qlora",
+            "chat",
+            "--model",
+            "m",
+            "--quant",
+            "nf4",
+            "--dtype",
+            "bf16",
+            "--adapter",
+            "a",
+        ]);
+        ok(&[
+            "qlora",
+            "merge",
+            "--model",
+            "m",
+            "--adapter",
+            "a",
+            "--out",
+            "o",
+            "--requantize",
+        ]);
         ok(&["qlora", "train"]);
-        ok(&["qlora", "eval", "--model", "m", "--adapter", "a", "--data", "mmlu.jsonl", "--shots", "5"]);
-        ok(&["qlora", "train", "--data", "d.jsonl", "--group-by-length", "false", "--max-steps", "3", "--resume", "runs/x", "--config", "c.toml"]);
-        ok(&["qlora", "bench-step", "--batch", "8", "--seq", "128", "--compute-dtype", "bf16", "--steps", "5"]);
-        assert!(Cli::try_parse_from(["qlora", "quantize", "--model", "m", "--out", "o", "--quant-type", "int4"]).is_err());
-        assert!(Cli::try_parse_from(["qlora", "forward", "--model", "m", "--out", "x"]).is_err(), "needs --text or --tokens");
+        ok(&[
+            "qlora",
+            "eval",
+            "--model",
+            "m",
+            "--adapter",
+            "a",
+            "--data",
+            "mmlu.jsonl",
+            "--shots",
+            "5",
+        ]);
+        ok(&[
+            "qlora",
+            "train",
+            "--data",
+            "d.jsonl",
+            "--group-by-length",
+            "false",
+            "--max-steps",
+            "3",
+            "--resume",
+            "runs/x",
+            "--config",
+            "c.toml",
+        ]);
+        ok(&[
+            "qlora",
+            "bench-step",
+            "--batch",
+            "8",
+            "--seq",
+            "128",
+            "--compute-dtype",
+            "bf16",
+            "--steps",
+            "5",
+        ]);
+        assert!(
+            Cli::try_parse_from([
+                "qlora",
+                "quantize",
+                "--model",
+                "m",
+                "--out",
+                "o",
+                "--quant-type",
+                "int4"
+            ])
+            .is_err()
+        );
+        assert!(
+            Cli::try_parse_from(["qlora", "forward", "--model", "m", "--out", "x"]).is_err(),
+            "needs --text or --tokens"
+        );
     }
 }
