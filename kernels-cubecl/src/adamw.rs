@@ -14,9 +14,9 @@ use optim::pager::UpdateRule;
 use optim::update::{AdamHyper, STATE_BLOCKSIZE};
 use optim::{PageDevice, PageState};
 
-use crate::KernelError;
 use crate::numerics::mul_rounded;
 use crate::weight::{bytes_to_words, read_f32, read_u32, upload_f32, upload_u32, words_to_bytes};
+use crate::KernelError;
 
 #[cube(launch_unchecked)]
 fn adamw_torch_kernel(
@@ -128,12 +128,8 @@ fn adamw_bnb8_kernel(
     let mut v_new = 0.0f32;
     if active {
         let g = grad[i];
-        let m_old = signed_values
-            [((codes1[i / 4] >> (8u32 * u32::cast_from(i % 4))) & 0xFFu32) as usize]
-            * absmax1[block];
-        let v_old = unsigned_values
-            [((codes2[i / 4] >> (8u32 * u32::cast_from(i % 4))) & 0xFFu32) as usize]
-            * absmax2[block];
+        let m_old = signed_values[((codes1[i / 4] >> (8u32 * u32::cast_from(i % 4))) & 0xFFu32) as usize] * absmax1[block];
+        let v_old = unsigned_values[((codes2[i / 4] >> (8u32 * u32::cast_from(i % 4))) & 0xFFu32) as usize] * absmax2[block];
         m_new = fma(g, scalars[1], mul_rounded(m_old, scalars[0]));
         v_new = fma(scalars[3] * g, g, mul_rounded(v_old, scalars[2]));
         let denom = Sqrt::sqrt(v_new) / scalars[5] + scalars[7];
@@ -178,18 +174,8 @@ fn adamw_bnb8_kernel(
 
 /// Optimizer state of one page in device memory.
 pub enum DevicePage {
-    F32 {
-        exp_avg: Handle,
-        exp_avg_sq: Handle,
-        len: usize,
-    },
-    Blockwise8 {
-        codes1: Handle,
-        absmax1: Handle,
-        codes2: Handle,
-        absmax2: Handle,
-        len: usize,
-    },
+    F32 { exp_avg: Handle, exp_avg_sq: Handle, len: usize },
+    Blockwise8 { codes1: Handle, absmax1: Handle, codes2: Handle, absmax2: Handle, len: usize },
 }
 
 /// Device memory as the paged optimizer's page device: pages are uploaded on page-in, updated in place by the
@@ -237,32 +223,16 @@ impl DevicePages {
     fn try_download(&self, page: &DevicePage) -> Result<PageState, KernelError> {
         let c = &self.client;
         Ok(match page {
-            DevicePage::F32 {
-                exp_avg,
-                exp_avg_sq,
-                len,
-            } => PageState::F32 {
+            DevicePage::F32 { exp_avg, exp_avg_sq, len } => PageState::F32 {
                 exp_avg: read_f32(c, exp_avg.clone(), *len, "paging out")?,
                 exp_avg_sq: read_f32(c, exp_avg_sq.clone(), *len, "paging out")?,
             },
-            DevicePage::Blockwise8 {
-                codes1,
-                absmax1,
-                codes2,
-                absmax2,
-                len,
-            } => {
+            DevicePage::Blockwise8 { codes1, absmax1, codes2, absmax2, len } => {
                 let blocks = len.div_ceil(STATE_BLOCKSIZE);
                 PageState::Blockwise8 {
-                    codes1: words_to_bytes(
-                        &read_u32(c, codes1.clone(), len.div_ceil(4), "paging out")?,
-                        *len,
-                    ),
+                    codes1: words_to_bytes(&read_u32(c, codes1.clone(), len.div_ceil(4), "paging out")?, *len),
                     absmax1: read_f32(c, absmax1.clone(), blocks, "paging out")?,
-                    codes2: words_to_bytes(
-                        &read_u32(c, codes2.clone(), len.div_ceil(4), "paging out")?,
-                        *len,
-                    ),
+                    codes2: words_to_bytes(&read_u32(c, codes2.clone(), len.div_ceil(4), "paging out")?, *len),
                     absmax2: read_f32(c, absmax2.clone(), blocks, "paging out")?,
                 }
             }
@@ -270,22 +240,11 @@ impl DevicePages {
     }
 
     /// Runs `rule` on a resident page: `param` is updated in place (through the device).
-    pub fn try_update(
-        &mut self,
-        page: &mut DevicePage,
-        rule: UpdateRule,
-        param: &mut [f32],
-        grad: &[f32],
-        h: &AdamHyper,
-    ) -> Result<(), KernelError> {
+    pub fn try_update(&mut self, page: &mut DevicePage, rule: UpdateRule, param: &mut [f32], grad: &[f32], h: &AdamHyper) -> Result<(), KernelError> {
         let c = self.client.clone();
         let n = param.len();
         if grad.len() != n {
-            return Err(KernelError::Shape {
-                what: "gradient",
-                expected: format!("{n} elements"),
-                found: grad.len().to_string(),
-            });
+            return Err(KernelError::Shape { what: "gradient", expected: format!("{n} elements"), found: grad.len().to_string() });
         }
         if n == 0 {
             return Ok(());
@@ -295,14 +254,7 @@ impl DevicePages {
         let step = h.step as f64;
         let dim = CubeDim::new_1d(256);
         match (page, rule) {
-            (
-                DevicePage::F32 {
-                    exp_avg,
-                    exp_avg_sq,
-                    len,
-                },
-                rule @ (UpdateRule::TorchAdamW | UpdateRule::Bnb32),
-            ) if *len == n => {
+            (DevicePage::F32 { exp_avg, exp_avg_sq, len }, rule @ (UpdateRule::TorchAdamW | UpdateRule::Bnb32)) if *len == n => {
                 let c1 = 1.0 - h.beta1.powf(step);
                 let c2 = (1.0 - h.beta2.powf(step)).sqrt();
                 // Each kernel's scalars, in the order its comment lists them.
@@ -352,16 +304,7 @@ impl DevicePages {
                     _ => launch!(adamw_bnb32_kernel, h.weight_decay > 0.0),
                 }
             }
-            (
-                DevicePage::Blockwise8 {
-                    codes1,
-                    absmax1,
-                    codes2,
-                    absmax2,
-                    len,
-                },
-                UpdateRule::Bnb8,
-            ) if *len == n => {
+            (DevicePage::Blockwise8 { codes1, absmax1, codes2, absmax2, len }, UpdateRule::Bnb8) if *len == n => {
                 let c1 = 1.0 - h.beta1.powf(step);
                 let c2 = (1.0 - h.beta2.powf(step)).sqrt();
                 let scalars = [
@@ -397,9 +340,7 @@ impl DevicePages {
                 }
             }
             (_, rule) => {
-                return Err(KernelError::Unsupported(format!(
-                    "update rule {rule:?} on a page of another format or size ({n} parameters)"
-                )));
+                return Err(KernelError::Unsupported(format!("update rule {rule:?} on a page of another format or size ({n} parameters)")));
             }
         }
         let updated = read_f32(&c, p, n, "the optimizer update")?;
@@ -414,20 +355,8 @@ impl PageDevice for DevicePages {
     fn upload(&mut self, host: PageState) -> Option<DevicePage> {
         let c = &self.client;
         Some(match host {
-            PageState::F32 {
-                exp_avg,
-                exp_avg_sq,
-            } => DevicePage::F32 {
-                len: exp_avg.len(),
-                exp_avg: upload_f32(c, &exp_avg),
-                exp_avg_sq: upload_f32(c, &exp_avg_sq),
-            },
-            PageState::Blockwise8 {
-                codes1,
-                absmax1,
-                codes2,
-                absmax2,
-            } => DevicePage::Blockwise8 {
+            PageState::F32 { exp_avg, exp_avg_sq } => DevicePage::F32 { len: exp_avg.len(), exp_avg: upload_f32(c, &exp_avg), exp_avg_sq: upload_f32(c, &exp_avg_sq) },
+            PageState::Blockwise8 { codes1, absmax1, codes2, absmax2 } => DevicePage::Blockwise8 {
                 len: codes1.len(),
                 codes1: upload_u32(c, &bytes_to_words(&codes1)),
                 absmax1: upload_f32(c, &absmax1),
@@ -441,42 +370,21 @@ impl PageDevice for DevicePages {
         let page = page.expect("pages are always present once uploaded");
         let result = self.try_download(&page);
         self.record(result).unwrap_or_else(|| match page {
-            DevicePage::F32 { len, .. } => PageState::F32 {
-                exp_avg: vec![f32::NAN; len],
-                exp_avg_sq: vec![f32::NAN; len],
-            },
-            DevicePage::Blockwise8 { len, .. } => {
-                PageState::zeros(optim::StateFormat::Blockwise8, len)
-            }
+            DevicePage::F32 { len, .. } => PageState::F32 { exp_avg: vec![f32::NAN; len], exp_avg_sq: vec![f32::NAN; len] },
+            DevicePage::Blockwise8 { len, .. } => PageState::zeros(optim::StateFormat::Blockwise8, len),
         })
     }
 
     fn snapshot(&self, page: &Option<DevicePage>) -> PageState {
-        let page = page
-            .as_ref()
-            .expect("pages are always present once uploaded");
+        let page = page.as_ref().expect("pages are always present once uploaded");
         self.try_download(page).unwrap_or_else(|_| match page {
-            DevicePage::F32 { len, .. } => PageState::F32 {
-                exp_avg: vec![f32::NAN; *len],
-                exp_avg_sq: vec![f32::NAN; *len],
-            },
-            DevicePage::Blockwise8 { len, .. } => {
-                PageState::zeros(optim::StateFormat::Blockwise8, *len)
-            }
+            DevicePage::F32 { len, .. } => PageState::F32 { exp_avg: vec![f32::NAN; *len], exp_avg_sq: vec![f32::NAN; *len] },
+            DevicePage::Blockwise8 { len, .. } => PageState::zeros(optim::StateFormat::Blockwise8, *len),
         })
     }
 
-    fn update(
-        &mut self,
-        page: &mut Option<DevicePage>,
-        rule: UpdateRule,
-        param: &mut [f32],
-        grad: &[f32],
-        hyper: &AdamHyper,
-    ) {
-        let page = page
-            .as_mut()
-            .expect("pages are always present once uploaded");
+    fn update(&mut self, page: &mut Option<DevicePage>, rule: UpdateRule, param: &mut [f32], grad: &[f32], hyper: &AdamHyper) {
+        let page = page.as_mut().expect("pages are always present once uploaded");
         let result = self.try_update(page, rule, param, grad, hyper);
         self.record(result);
     }
@@ -485,18 +393,11 @@ impl PageDevice for DevicePages {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::check::{Rng, client};
-    use optim::update::{Blockwise8Mut, adamw_bnb8, adamw_bnb32, adamw_torch};
+    use crate::check::{client, Rng};
+    use optim::update::{adamw_bnb32, adamw_bnb8, adamw_torch, Blockwise8Mut};
 
     fn hyper(step: u64, weight_decay: f64) -> AdamHyper {
-        AdamHyper {
-            lr: 1e-3,
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            weight_decay,
-            step,
-        }
+        AdamHyper { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay, step }
     }
 
     /// Parameters may differ from the host by the last bit of a square root (both are correctly rounded
@@ -509,10 +410,7 @@ mod tests {
         } else {
             let scale = b.iter().fold(0.0f32, |m, v| m.max(v.abs()));
             for (i, (x, y)) in a.iter().zip(b).enumerate() {
-                assert!(
-                    (x - y).abs() <= 1e-5 * scale + 1e-30,
-                    "{what}: element {i}: {x} vs {y}"
-                );
+                assert!((x - y).abs() <= 1e-5 * scale + 1e-30, "{what}: element {i}: {x} vs {y}");
             }
         }
     }
@@ -523,25 +421,15 @@ mod tests {
             assert_eq!(a, b, "{what}");
         } else {
             let off = a.iter().zip(b).filter(|(x, y)| x != y).count();
-            assert!(
-                a.iter().zip(b).all(|(x, y)| x.abs_diff(*y) <= 1),
-                "{what}: a code moved by more than one step"
-            );
-            assert!(
-                off * 50 <= a.len().max(50),
-                "{what}: {off} of {} codes differ",
-                a.len()
-            );
+            assert!(a.iter().zip(b).all(|(x, y)| x.abs_diff(*y) <= 1), "{what}: a code moved by more than one step");
+            assert!(off * 50 <= a.len().max(50), "{what}: {off} of {} codes differ", a.len());
         }
     }
 
     fn close(a: &[f32], b: &[f32], what: &str) {
         let scale = b.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(1e-30);
         for (i, (x, y)) in a.iter().zip(b).enumerate() {
-            assert!(
-                (x - y).abs() <= 1e-6 * scale,
-                "{what}: element {i}: {x} vs {y}"
-            );
+            assert!((x - y).abs() <= 1e-6 * scale, "{what}: element {i}: {x} vs {y}");
         }
     }
 
@@ -564,72 +452,31 @@ mod tests {
                         let grad: Vec<f32> = (0..n).map(|_| rng.normal() * 0.1).collect();
                         let h = hyper(step, wd);
                         match rule {
-                            UpdateRule::TorchAdamW => {
-                                adamw_torch(&mut p_host, &grad, &mut m, &mut v, &h)
-                            }
+                            UpdateRule::TorchAdamW => adamw_torch(&mut p_host, &grad, &mut m, &mut v, &h),
                             _ => adamw_bnb32(&mut p_host, &grad, &mut m, &mut v, &h),
                         }
                         device.update(&mut page, rule, &mut p_dev, &grad, &h);
                         assert!(device.take_error().is_none());
                     }
-                    let PageState::F32 {
-                        exp_avg,
-                        exp_avg_sq,
-                    } = device.download(page)
-                    else {
-                        panic!("format")
-                    };
+                    let PageState::F32 { exp_avg, exp_avg_sq } = device.download(page) else { panic!("format") };
                     moments_equal(&exp_avg, &m, fused, &format!("{rule:?} n {n}: exp_avg"));
-                    moments_equal(
-                        &exp_avg_sq,
-                        &v,
-                        fused,
-                        &format!("{rule:?} n {n}: exp_avg_sq"),
-                    );
+                    moments_equal(&exp_avg_sq, &v, fused, &format!("{rule:?} n {n}: exp_avg_sq"));
                     close(&p_dev, &p_host, &format!("{rule:?} n {n} wd {wd}"));
                 }
                 // 8-bit blockwise.
                 let mut p_host = init.clone();
                 let mut p_dev = init.clone();
-                let PageState::Blockwise8 {
-                    mut codes1,
-                    mut absmax1,
-                    mut codes2,
-                    mut absmax2,
-                } = PageState::zeros(optim::StateFormat::Blockwise8, n)
-                else {
-                    panic!()
-                };
+                let PageState::Blockwise8 { mut codes1, mut absmax1, mut codes2, mut absmax2 } = PageState::zeros(optim::StateFormat::Blockwise8, n) else { panic!() };
                 let mut page = device.upload(PageState::zeros(optim::StateFormat::Blockwise8, n));
                 for step in 1..=5 {
                     let grad: Vec<f32> = (0..n).map(|_| rng.normal() * 0.1).collect();
                     let h = hyper(step, wd);
-                    let state = Blockwise8Mut {
-                        codes1: &mut codes1,
-                        absmax1: &mut absmax1,
-                        codes2: &mut codes2,
-                        absmax2: &mut absmax2,
-                    };
-                    adamw_bnb8(
-                        &mut p_host,
-                        &grad,
-                        state,
-                        optim::codebooks::signed(),
-                        optim::codebooks::unsigned(),
-                        &h,
-                    );
+                    let state = Blockwise8Mut { codes1: &mut codes1, absmax1: &mut absmax1, codes2: &mut codes2, absmax2: &mut absmax2 };
+                    adamw_bnb8(&mut p_host, &grad, state, optim::codebooks::signed(), optim::codebooks::unsigned(), &h);
                     device.update(&mut page, UpdateRule::Bnb8, &mut p_dev, &grad, &h);
                     assert!(device.take_error().is_none());
                 }
-                let PageState::Blockwise8 {
-                    codes1: d1,
-                    absmax1: a1,
-                    codes2: d2,
-                    absmax2: a2,
-                } = device.download(page)
-                else {
-                    panic!("format")
-                };
+                let PageState::Blockwise8 { codes1: d1, absmax1: a1, codes2: d2, absmax2: a2 } = device.download(page) else { panic!("format") };
                 moments_equal(&a1, &absmax1, fused, &format!("8-bit n {n}: absmax1"));
                 moments_equal(&a2, &absmax2, fused, &format!("8-bit n {n}: absmax2"));
                 codes_equal(&d1, &codes1, fused, &format!("8-bit n {n}: codes1"));
@@ -645,54 +492,24 @@ mod tests {
         let client = client();
         let mut rng = Rng::from_env("paged_adamw_device");
         for precision in [AdamPrecision::Bits32, AdamPrecision::Bits8] {
-            let config = PagedAdamWConfig::new()
-                .with_precision(precision)
-                .with_page_bytes(16 * 1024)
-                .with_device_budget_bytes(Some(40 * 1024));
+            let config = PagedAdamWConfig::new().with_precision(precision).with_page_bytes(16 * 1024).with_device_budget_bytes(Some(40 * 1024));
             let mut host = config.init().unwrap();
             let mut device = config.init_on(DevicePages::new(client.clone())).unwrap();
             let keys = ["t0", "t1", "t2"];
             let sizes = [5000usize, 300, 9000];
-            let mut p_host: Vec<Vec<f32>> = sizes
-                .iter()
-                .map(|&n| (0..n).map(|_| rng.normal()).collect())
-                .collect();
+            let mut p_host: Vec<Vec<f32>> = sizes.iter().map(|&n| (0..n).map(|_| rng.normal()).collect()).collect();
             let mut p_dev = p_host.clone();
             for _ in 0..4 {
-                let grads: Vec<Vec<f32>> = sizes
-                    .iter()
-                    .map(|&n| (0..n).map(|_| rng.normal() * 0.1).collect())
-                    .collect();
-                let mut a: Vec<ParamGrad> = p_host
-                    .iter_mut()
-                    .zip(&grads)
-                    .enumerate()
-                    .map(|(i, (p, g))| ParamGrad {
-                        key: keys[i],
-                        param: p,
-                        grad: g,
-                    })
-                    .collect();
+                let grads: Vec<Vec<f32>> = sizes.iter().map(|&n| (0..n).map(|_| rng.normal() * 0.1).collect()).collect();
+                let mut a: Vec<ParamGrad> = p_host.iter_mut().zip(&grads).enumerate().map(|(i, (p, g))| ParamGrad { key: keys[i], param: p, grad: g }).collect();
                 host.step(1e-3, &mut a).unwrap();
-                let mut b: Vec<ParamGrad> = p_dev
-                    .iter_mut()
-                    .zip(&grads)
-                    .enumerate()
-                    .map(|(i, (p, g))| ParamGrad {
-                        key: keys[i],
-                        param: p,
-                        grad: g,
-                    })
-                    .collect();
+                let mut b: Vec<ParamGrad> = p_dev.iter_mut().zip(&grads).enumerate().map(|(i, (p, g))| ParamGrad { key: keys[i], param: p, grad: g }).collect();
                 device.step(1e-3, &mut b).unwrap();
             }
             for (a, b) in p_dev.iter().zip(&p_host) {
                 close(a, b, &format!("{precision:?} paged"));
             }
-            assert!(
-                device.stats().total_paged_in_bytes > 0,
-                "the budget forces paging"
-            );
+            assert!(device.stats().total_paged_in_bytes > 0, "the budget forces paging");
         }
     }
 }

@@ -10,10 +10,7 @@ pub fn client() -> Client {
     use std::sync::OnceLock;
     static CLIENT: OnceLock<Client> = OnceLock::new();
     CLIENT
-        .get_or_init(|| {
-            crate::client_for(crate::DeviceKind::Wgpu)
-                .expect("wgpu device (install mesa-vulkan-drivers for lavapipe)")
-        })
+        .get_or_init(|| crate::client_for(crate::DeviceKind::Wgpu).expect("wgpu device (install mesa-vulkan-drivers for lavapipe)"))
         .clone()
 }
 
@@ -32,15 +29,9 @@ pub struct Rng {
 impl Rng {
     /// Seeded from `QLORA_KERNEL_SEED`, or from the clock; prints the seed so a failure can be replayed.
     pub fn from_env(test: &str) -> Rng {
-        let seed = std::env::var("QLORA_KERNEL_SEED")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| {
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_nanos() as u64)
-                    .unwrap_or(7)
-            });
+        let seed = std::env::var("QLORA_KERNEL_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(7)
+        });
         println!("{test}: QLORA_KERNEL_SEED={seed}");
         Rng { state: seed, seed }
     }

@@ -20,21 +20,12 @@ pub fn client_for(kind: DeviceKind) -> Result<Client, KernelError> {
     let device = match kind {
         #[cfg(feature = "wgpu")]
         DeviceKind::Wgpu => cubecl::Device::wgpu(cubecl::device::WgpuDeviceKind::DefaultDevice)
-            .map_err(|e| KernelError::DeviceUnavailable {
-                what: "wgpu",
-                reason: format!("{e:?}"),
-            })?,
+            .map_err(|e| KernelError::DeviceUnavailable { what: "wgpu", reason: format!("{e:?}") })?,
         #[cfg(feature = "cuda")]
-        DeviceKind::Cuda(index) => {
-            cubecl::Device::cuda(index).map_err(|e| KernelError::DeviceUnavailable {
-                what: "CUDA",
-                reason: format!("{e:?}"),
-            })?
-        }
+        DeviceKind::Cuda(index) => cubecl::Device::cuda(index)
+            .map_err(|e| KernelError::DeviceUnavailable { what: "CUDA", reason: format!("{e:?}") })?,
     };
     // wgpu panics when no adapter can be acquired; turn that into an error.
-    std::panic::catch_unwind(move || device.client()).map_err(|_| KernelError::DeviceUnavailable {
-        what: "GPU",
-        reason: "the runtime could not open the device".into(),
-    })
+    std::panic::catch_unwind(move || device.client())
+        .map_err(|_| KernelError::DeviceUnavailable { what: "GPU", reason: "the runtime could not open the device".into() })
 }

@@ -14,8 +14,8 @@ use cubecl::server::Handle;
 use crate::numerics::{block_absmax, code_at, nibble};
 use nf4::FloatDtype;
 
-use crate::KernelError;
 use crate::weight::DeviceWeight4bit;
+use crate::KernelError;
 
 const TILE_M: usize = 64;
 const TILE_P: usize = 64;
@@ -108,14 +108,7 @@ fn fused_matmul_kernel<F: Float>(
                 } else {
                     flat = (r0 + k) * p_size + p0 + p;
                 }
-                let scale = block_absmax(
-                    flat / blocksize,
-                    absmax,
-                    nested_absmax,
-                    nested_code,
-                    offset,
-                    double_quant,
-                );
+                let scale = block_absmax(flat / blocksize, absmax, nested_absmax, nested_code, offset, double_quant);
                 v = book[code_at(packed, flat) as usize] * scale;
             }
             b_tile[k * TILE_P + p] = v;
@@ -186,38 +179,10 @@ fn fused_matmul_cmma_kernel<F: Float>(
     let pp = (plane % 2) * 32;
     let m0 = CUBE_POS_Y as usize * 64;
     let p0 = CUBE_POS_X as usize * 64;
-    let acc00 = cmma::Matrix::<f32>::from_value(
-        cmma::MatrixIdent::Accumulator,
-        16usize,
-        16usize,
-        16usize,
-        cmma::MatrixLayout::Undefined,
-        0.0f32,
-    );
-    let acc01 = cmma::Matrix::<f32>::from_value(
-        cmma::MatrixIdent::Accumulator,
-        16usize,
-        16usize,
-        16usize,
-        cmma::MatrixLayout::Undefined,
-        0.0f32,
-    );
-    let acc10 = cmma::Matrix::<f32>::from_value(
-        cmma::MatrixIdent::Accumulator,
-        16usize,
-        16usize,
-        16usize,
-        cmma::MatrixLayout::Undefined,
-        0.0f32,
-    );
-    let acc11 = cmma::Matrix::<f32>::from_value(
-        cmma::MatrixIdent::Accumulator,
-        16usize,
-        16usize,
-        16usize,
-        cmma::MatrixLayout::Undefined,
-        0.0f32,
-    );
+    let acc00 = cmma::Matrix::<f32>::from_value(cmma::MatrixIdent::Accumulator, 16usize, 16usize, 16usize, cmma::MatrixLayout::Undefined, 0.0f32);
+    let acc01 = cmma::Matrix::<f32>::from_value(cmma::MatrixIdent::Accumulator, 16usize, 16usize, 16usize, cmma::MatrixLayout::Undefined, 0.0f32);
+    let acc10 = cmma::Matrix::<f32>::from_value(cmma::MatrixIdent::Accumulator, 16usize, 16usize, 16usize, cmma::MatrixLayout::Undefined, 0.0f32);
+    let acc11 = cmma::Matrix::<f32>::from_value(cmma::MatrixIdent::Accumulator, 16usize, 16usize, 16usize, cmma::MatrixLayout::Undefined, 0.0f32);
     let tiles = r_size.div_ceil(32);
     for t in 0..tiles {
         let r0 = t * 32;
@@ -255,14 +220,7 @@ fn fused_matmul_cmma_kernel<F: Float>(
                     } else {
                         flat = (r0 + k) * p_size + p0 + p;
                     }
-                    let scale = block_absmax(
-                        flat / blocksize,
-                        absmax,
-                        nested_absmax,
-                        nested_code,
-                        offset,
-                        double_quant,
-                    );
+                    let scale = block_absmax(flat / blocksize, absmax, nested_absmax, nested_code, offset, double_quant);
                     let word = packed[flat / 8];
                     #[unroll]
                     for j in 0..8usize {
@@ -306,14 +264,7 @@ fn fused_matmul_cmma_kernel<F: Float>(
                     } else {
                         flat = (r0 + k) * p_size + p0 + p;
                     }
-                    let scale = block_absmax(
-                        flat / blocksize,
-                        absmax,
-                        nested_absmax,
-                        nested_code,
-                        offset,
-                        double_quant,
-                    );
+                    let scale = block_absmax(flat / blocksize, absmax, nested_absmax, nested_code, offset, double_quant);
                     v = book[code_at(packed, flat) as usize] * scale;
                 }
                 b_tile[k * 64 + p] = F::cast_from(v);
@@ -322,42 +273,10 @@ fn fused_matmul_cmma_kernel<F: Float>(
         sync_cube();
         #[unroll]
         for kk in 0..2usize {
-            let a0 = cmma::Matrix::<F>::from_slice(
-                cmma::MatrixIdent::A,
-                16usize,
-                16usize,
-                16usize,
-                cmma::MatrixLayout::RowMajor,
-                &a_tile[pm * 32 + kk * 16..2048usize],
-                32u32,
-            );
-            let a1 = cmma::Matrix::<F>::from_slice(
-                cmma::MatrixIdent::A,
-                16usize,
-                16usize,
-                16usize,
-                cmma::MatrixLayout::RowMajor,
-                &a_tile[(pm + 16) * 32 + kk * 16..2048usize],
-                32u32,
-            );
-            let b0 = cmma::Matrix::<F>::from_slice(
-                cmma::MatrixIdent::B,
-                16usize,
-                16usize,
-                16usize,
-                cmma::MatrixLayout::RowMajor,
-                &b_tile[kk * 16 * 64 + pp..2048usize],
-                64u32,
-            );
-            let b1 = cmma::Matrix::<F>::from_slice(
-                cmma::MatrixIdent::B,
-                16usize,
-                16usize,
-                16usize,
-                cmma::MatrixLayout::RowMajor,
-                &b_tile[kk * 16 * 64 + pp + 16..2048usize],
-                64u32,
-            );
+            let a0 = cmma::Matrix::<F>::from_slice(cmma::MatrixIdent::A, 16usize, 16usize, 16usize, cmma::MatrixLayout::RowMajor, &a_tile[pm * 32 + kk * 16..2048usize], 32u32);
+            let a1 = cmma::Matrix::<F>::from_slice(cmma::MatrixIdent::A, 16usize, 16usize, 16usize, cmma::MatrixLayout::RowMajor, &a_tile[(pm + 16) * 32 + kk * 16..2048usize], 32u32);
+            let b0 = cmma::Matrix::<F>::from_slice(cmma::MatrixIdent::B, 16usize, 16usize, 16usize, cmma::MatrixLayout::RowMajor, &b_tile[kk * 16 * 64 + pp..2048usize], 64u32);
+            let b1 = cmma::Matrix::<F>::from_slice(cmma::MatrixIdent::B, 16usize, 16usize, 16usize, cmma::MatrixLayout::RowMajor, &b_tile[kk * 16 * 64 + pp + 16..2048usize], 64u32);
             cmma::execute(&a0, &b0, &acc00, &acc00);
             cmma::execute(&a0, &b1, &acc01, &acc01);
             cmma::execute(&a1, &b0, &acc10, &acc10);
@@ -365,30 +284,10 @@ fn fused_matmul_cmma_kernel<F: Float>(
         }
     }
     sync_cube();
-    cmma::store(
-        &mut c_tile[pm * 64 + pp..4096usize],
-        &acc00,
-        64u32,
-        cmma::MatrixLayout::RowMajor,
-    );
-    cmma::store(
-        &mut c_tile[pm * 64 + pp + 16..4096usize],
-        &acc01,
-        64u32,
-        cmma::MatrixLayout::RowMajor,
-    );
-    cmma::store(
-        &mut c_tile[(pm + 16) * 64 + pp..4096usize],
-        &acc10,
-        64u32,
-        cmma::MatrixLayout::RowMajor,
-    );
-    cmma::store(
-        &mut c_tile[(pm + 16) * 64 + pp + 16..4096usize],
-        &acc11,
-        64u32,
-        cmma::MatrixLayout::RowMajor,
-    );
+    cmma::store(&mut c_tile[pm * 64 + pp..4096usize], &acc00, 64u32, cmma::MatrixLayout::RowMajor);
+    cmma::store(&mut c_tile[pm * 64 + pp + 16..4096usize], &acc01, 64u32, cmma::MatrixLayout::RowMajor);
+    cmma::store(&mut c_tile[(pm + 16) * 64 + pp..4096usize], &acc10, 64u32, cmma::MatrixLayout::RowMajor);
+    cmma::store(&mut c_tile[(pm + 16) * 64 + pp + 16..4096usize], &acc11, 64u32, cmma::MatrixLayout::RowMajor);
     sync_cube();
     #[unroll]
     for l in 0..32usize {
@@ -459,14 +358,7 @@ fn gemv_kernel<F: Float>(
         while chunk < chunks {
             let r = chunk * 8;
             let flat = row_start + r;
-            let scale = block_absmax(
-                flat / blocksize,
-                absmax,
-                nested_absmax,
-                nested_code,
-                offset,
-                double_quant,
-            );
+            let scale = block_absmax(flat / blocksize, absmax, nested_absmax, nested_code, offset, double_quant);
             if comptime![aligned] {
                 // A row starts on a word, and a word sits inside one block.
                 let word = packed[flat / 8];
@@ -482,14 +374,7 @@ fn gemv_kernel<F: Float>(
                 let end = min(r + 8, r_size);
                 for rr in r..end {
                     let f = row_start + rr;
-                    let s = block_absmax(
-                        f / blocksize,
-                        absmax,
-                        nested_absmax,
-                        nested_code,
-                        offset,
-                        double_quant,
-                    );
+                    let s = block_absmax(f / blocksize, absmax, nested_absmax, nested_code, offset, double_quant);
                     let w = book[code_at(packed, f) as usize] * s;
                     for m in 0..m_size {
                         acc[m] += f32::cast_from(x[m * r_size + rr]) * w;
@@ -567,33 +452,17 @@ macro_rules! launch_product {
     }};
 }
 
-fn check_operand(
-    what: &'static str,
-    handle: &Handle,
-    elems: usize,
-    dtype: FloatDtype,
-) -> Result<(), KernelError> {
+fn check_operand(what: &'static str, handle: &Handle, elems: usize, dtype: FloatDtype) -> Result<(), KernelError> {
     let needed = elems * dtype.size_in_bytes();
     if (handle.size() as usize) < needed {
-        return Err(KernelError::Shape {
-            what,
-            expected: format!("≥ {needed} bytes"),
-            found: format!("{} bytes", handle.size()),
-        });
+        return Err(KernelError::Shape { what, expected: format!("≥ {needed} bytes"), found: format!("{} bytes", handle.size()) });
     }
     Ok(())
 }
 
 /// The fused product of `a` (`[m, in]` for [`Product::Forward`], `[m, out]` for [`Product::InputGrad`],
 /// row-major, `dtype`) with the 4-bit weight, into a new buffer of the same dtype.
-pub fn fused_matmul(
-    client: &Client,
-    a: &Handle,
-    m: usize,
-    weight: &DeviceWeight4bit,
-    product: Product,
-    dtype: FloatDtype,
-) -> Result<Handle, KernelError> {
+pub fn fused_matmul(client: &Client, a: &Handle, m: usize, weight: &DeviceWeight4bit, product: Product, dtype: FloatDtype) -> Result<Handle, KernelError> {
     let [rows, cols] = weight.shape;
     let (r_size, p_size) = match product {
         Product::Forward => (cols, rows),
@@ -628,49 +497,17 @@ pub fn fused_matmul_into(
     let count = CubeCount::Static(p_size.div_ceil(TILE_P) as u32, m.div_ceil(TILE_M) as u32, 1);
     let tensor_cores = has_tensor_cores(client, dtype);
     let dim = CubeDim::new_1d(if tensor_cores { 128 } else { UNITS });
-    let args = ProductArgs {
-        a,
-        a_len: m * r_size,
-        weight,
-        out,
-        out_len: m * p_size,
-        m,
-        r_size,
-        p_size,
-    };
+    let args = ProductArgs { a, a_len: m * r_size, weight, out, out_len: m * p_size, m, r_size, p_size };
     if tensor_cores {
-        launch_product!(
-            fused_matmul_cmma_kernel,
-            dtype,
-            client,
-            count,
-            dim,
-            args,
-            w_is_p_by_r,
-            cols % 8 == 0
-        );
+        launch_product!(fused_matmul_cmma_kernel, dtype, client, count, dim, args, w_is_p_by_r, cols % 8 == 0);
     } else {
-        launch_product!(
-            fused_matmul_kernel,
-            dtype,
-            client,
-            count,
-            dim,
-            args,
-            w_is_p_by_r
-        );
+        launch_product!(fused_matmul_kernel, dtype, client, count, dim, args, w_is_p_by_r);
     }
     Ok(())
 }
 
 /// The forward product for at most [`GEMV_MAX_ROWS`] rows of x, streaming W once.
-pub fn gemv(
-    client: &Client,
-    x: &Handle,
-    m: usize,
-    weight: &DeviceWeight4bit,
-    dtype: FloatDtype,
-) -> Result<Handle, KernelError> {
+pub fn gemv(client: &Client, x: &Handle, m: usize, weight: &DeviceWeight4bit, dtype: FloatDtype) -> Result<Handle, KernelError> {
     let [rows, _] = weight.shape;
     let out = client.empty((m * rows).max(1) * dtype.size_in_bytes());
     gemv_into(client, x, m, weight, dtype, &out)?;
@@ -678,21 +515,10 @@ pub fn gemv(
 }
 
 /// [`gemv`] into an existing buffer.
-pub fn gemv_into(
-    client: &Client,
-    x: &Handle,
-    m: usize,
-    weight: &DeviceWeight4bit,
-    dtype: FloatDtype,
-    out: &Handle,
-) -> Result<(), KernelError> {
+pub fn gemv_into(client: &Client, x: &Handle, m: usize, weight: &DeviceWeight4bit, dtype: FloatDtype, out: &Handle) -> Result<(), KernelError> {
     let [rows, cols] = weight.shape;
     if m > GEMV_MAX_ROWS {
-        return Err(KernelError::Shape {
-            what: "GEMV batch rows",
-            expected: format!("≤ {GEMV_MAX_ROWS}"),
-            found: m.to_string(),
-        });
+        return Err(KernelError::Shape { what: "GEMV batch rows", expected: format!("≤ {GEMV_MAX_ROWS}"), found: m.to_string() });
     }
     check_operand("activation buffer", x, m * cols, dtype)?;
     check_operand("output buffer", out, m * rows, dtype)?;
@@ -702,29 +528,14 @@ pub fn gemv_into(
     let aligned = cols % 8 == 0;
     let count = CubeCount::Static(rows.div_ceil(GEMV_ROWS as usize) as u32, 1, 1);
     let dim = CubeDim::new_1d(GEMV_ROWS * 32);
-    let args = ProductArgs {
-        a: x,
-        a_len: m * cols,
-        weight,
-        out,
-        out_len: m * rows,
-        m,
-        r_size: cols,
-        p_size: rows,
-    };
+    let args = ProductArgs { a: x, a_len: m * cols, weight, out, out_len: m * rows, m, r_size: cols, p_size: rows };
     launch_product!(gemv_kernel, dtype, client, count, dim, args, aligned);
     Ok(())
 }
 
 /// CPU reference: `C = A · B` with `B(r, p)` from the dequantized W, in f64; also `Σ|a·b|` per output for
 /// an error bound.
-pub fn reference_product(
-    a: &[f32],
-    m: usize,
-    w: &[f32],
-    shape: [usize; 2],
-    product: Product,
-) -> (Vec<f32>, Vec<f64>) {
+pub fn reference_product(a: &[f32], m: usize, w: &[f32], shape: [usize; 2], product: Product) -> (Vec<f32>, Vec<f64>) {
     let [rows, cols] = shape;
     let (r_size, p_size) = match product {
         Product::Forward => (cols, rows),
@@ -754,34 +565,17 @@ pub fn reference_product(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::check::{Rng, client, poison, random_weights};
+    use crate::check::{client, poison, random_weights, Rng};
     use crate::weight::{read_f32, upload_f32};
-    use nf4::{QuantType, quantize};
+    use nf4::{quantize, QuantType};
 
-    fn check(
-        m: usize,
-        rows: usize,
-        cols: usize,
-        blocksize: usize,
-        dq: bool,
-        product: Product,
-        use_gemv: bool,
-        rng: &mut Rng,
-    ) {
+    fn check(m: usize, rows: usize, cols: usize, blocksize: usize, dq: bool, product: Product, use_gemv: bool, rng: &mut Rng) {
         let client = client();
         let w = random_weights(rows * cols, rng);
         let q = quantize(&w, blocksize, QuantType::Nf4, dq).unwrap();
         let weight = DeviceWeight4bit::upload(&client, &q, [rows, cols]).unwrap();
-        let r_size = if product == Product::Forward {
-            cols
-        } else {
-            rows
-        };
-        let p_size = if product == Product::Forward {
-            rows
-        } else {
-            cols
-        };
+        let r_size = if product == Product::Forward { cols } else { rows };
+        let p_size = if product == Product::Forward { rows } else { cols };
         let a: Vec<f32> = (0..m * r_size).map(|_| rng.normal()).collect();
         let a_dev = upload_f32(&client, &a);
         let out = poison(&client, m * p_size * 4);
@@ -791,13 +585,7 @@ mod tests {
             fused_matmul_into(&client, &a_dev, m, &weight, product, FloatDtype::F32, &out).unwrap();
         }
         let got = read_f32(&client, out, m * p_size, "test").unwrap();
-        let (want, magnitude) = reference_product(
-            &a,
-            m,
-            &q.dequantize::<f32>().unwrap(),
-            [rows, cols],
-            product,
-        );
+        let (want, magnitude) = reference_product(&a, m, &q.dequantize::<f32>().unwrap(), [rows, cols], product);
         for i in 0..got.len() {
             let bound = 2e-6 * magnitude[i] + 1e-30;
             assert!(
@@ -813,13 +601,7 @@ mod tests {
     fn fused_products_equal_the_cpu_reference() {
         let mut rng = Rng::from_env("fused_matmul");
         // Ragged in every dimension: partial tiles, blocks crossing rows (cols not a multiple of 64).
-        for (m, rows, cols, bs) in [
-            (1, 5, 64, 64),
-            (7, 70, 130, 64),
-            (65, 33, 100, 32),
-            (130, 129, 67, 128),
-            (3, 96, 256, 64),
-        ] {
+        for (m, rows, cols, bs) in [(1, 5, 64, 64), (7, 70, 130, 64), (65, 33, 100, 32), (130, 129, 67, 128), (3, 96, 256, 64)] {
             for dq in [false, true] {
                 for product in [Product::Forward, Product::InputGrad] {
                     check(m, rows, cols, bs, dq, product, false, &mut rng);
@@ -831,13 +613,7 @@ mod tests {
     #[test]
     fn gemv_equals_the_cpu_reference() {
         let mut rng = Rng::from_env("gemv");
-        for (m, rows, cols, bs) in [
-            (1, 9, 64, 64),
-            (4, 33, 136, 64),
-            (16, 17, 200, 32),
-            (3, 10, 37, 64),
-            (1, 300, 515, 128),
-        ] {
+        for (m, rows, cols, bs) in [(1, 9, 64, 64), (4, 33, 136, 64), (16, 17, 200, 32), (3, 10, 37, 64), (1, 300, 515, 128)] {
             for dq in [false, true] {
                 check(m, rows, cols, bs, dq, Product::Forward, true, &mut rng);
             }
@@ -850,13 +626,7 @@ mod tests {
         let q = quantize(&[0.5f32; 64], 64, QuantType::Nf4, false).unwrap();
         let weight = DeviceWeight4bit::upload(&client, &q, [1, 64]).unwrap();
         let x = upload_f32(&client, &vec![0.0; 17 * 64]);
-        assert!(matches!(
-            gemv(&client, &x, 17, &weight, FloatDtype::F32),
-            Err(KernelError::Shape { .. })
-        ));
-        assert!(matches!(
-            fused_matmul(&client, &x, 100, &weight, Product::Forward, FloatDtype::F32),
-            Err(KernelError::Shape { .. })
-        ));
+        assert!(matches!(gemv(&client, &x, 17, &weight, FloatDtype::F32), Err(KernelError::Shape { .. })));
+        assert!(matches!(fused_matmul(&client, &x, 100, &weight, Product::Forward, FloatDtype::F32), Err(KernelError::Shape { .. })));
     }
 }

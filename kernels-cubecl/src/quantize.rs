@@ -10,13 +10,11 @@
 
 use cubecl::prelude::*;
 use cubecl::server::Handle;
-use nf4::{FloatDtype, NESTED_BLOCKSIZE, QuantType};
+use nf4::{FloatDtype, QuantType, NESTED_BLOCKSIZE};
 
-use crate::KernelError;
 use crate::numerics::{bf16_bits_to_f32, f16_bits_to_f32};
-use crate::weight::{
-    DeviceWeight4bit, bytes_to_words, dtype_code, read_f32, upload_f32, upload_u32,
-};
+use crate::weight::{bytes_to_words, dtype_code, read_f32, upload_f32, upload_u32, DeviceWeight4bit};
+use crate::KernelError;
 
 /// bitsandbytes' floor for a block absmax before its reciprocal.
 const ABSMAX_FLOOR: f32 = 1e-38;
@@ -117,8 +115,7 @@ fn quantize_4bit_kernel(
                     }
                     hi_x = (hi_x).clamp(-1.0f32, 1.0f32);
                     lo_x = (lo_x).clamp(-1.0f32, 1.0f32);
-                    let byte = (nearest_code(hi_x, &midpoints, &sorted_to_code) << 4u32)
-                        | nearest_code(lo_x, &midpoints, &sorted_to_code);
+                    let byte = (nearest_code(hi_x, &midpoints, &sorted_to_code) << 4u32) | nearest_code(lo_x, &midpoints, &sorted_to_code);
                     word = word | (byte << (8u32 * u32::cast_from(b)));
                 }
             }
@@ -136,14 +133,7 @@ fn quantize_4bit_kernel(
 }
 
 #[cube(launch_unchecked)]
-fn double_quantize_kernel(
-    absmax: &[f32],
-    lut: &[u32],
-    codes: &mut [u32],
-    nested_absmax: &mut [f32],
-    blocks: usize,
-    offset: f32,
-) {
+fn double_quantize_kernel(absmax: &[f32], lut: &[u32], codes: &mut [u32], nested_absmax: &mut [f32], blocks: usize, offset: f32) {
     let group = ABSOLUTE_POS;
     let start = group * 256;
     if start < blocks {
@@ -178,12 +168,7 @@ fn code_search(quant_type: QuantType) -> ([f32; 16], [u32; 16]) {
     let codebook = quant_type.codebook();
     let mut order: Vec<u32> = (0..16).collect();
     // Stable by value with -0 == 0 (the CPU sorts with partial_cmp, which keeps code order for the two zeros).
-    order.sort_by(|&a, &b| {
-        codebook[a as usize]
-            .partial_cmp(&codebook[b as usize])
-            .expect("finite")
-            .then(a.cmp(&b))
-    });
+    order.sort_by(|&a, &b| codebook[a as usize].partial_cmp(&codebook[b as usize]).expect("finite").then(a.cmp(&b)));
     let mut midpoints = [0.0f32; 16];
     for i in 0..15 {
         midpoints[i] = (codebook[order[i] as usize] + codebook[order[i + 1] as usize]) / 2.0;
@@ -205,16 +190,9 @@ pub fn quantize(
     double_quant: bool,
 ) -> Result<DeviceWeight4bit, KernelError> {
     nf4::check_blocksize(blocksize)?;
-    let numel = shape[0]
-        .checked_mul(shape[1])
-        .filter(|&n| n > 0)
-        .ok_or(nf4::Nf4Error::Empty)?;
+    let numel = shape[0].checked_mul(shape[1]).filter(|&n| n > 0).ok_or(nf4::Nf4Error::Empty)?;
     if (input.size() as usize) < numel * dtype.size_in_bytes() {
-        return Err(KernelError::Shape {
-            what: "quantize input buffer",
-            expected: format!("≥ {} bytes", numel * dtype.size_in_bytes()),
-            found: format!("{} bytes", input.size()),
-        });
+        return Err(KernelError::Shape { what: "quantize input buffer", expected: format!("≥ {} bytes", numel * dtype.size_in_bytes()), found: format!("{} bytes", input.size()) });
     }
     let blocks = nf4::num_blocks(numel, blocksize);
     let (midpoints, map) = code_search(quant_type);
@@ -237,16 +215,9 @@ pub fn quantize(
             dtype_code(dtype),
         );
     }
-    let host_absmax = read_f32(
-        client,
-        absmax.clone(),
-        blocks,
-        "reading block absmax values",
-    )?;
+    let host_absmax = read_f32(client, absmax.clone(), blocks, "reading block absmax values")?;
     if let Some(block) = host_absmax.iter().position(|a| !a.is_finite()) {
-        return Err(first_non_finite(
-            client, input, dtype, numel, block, blocksize,
-        ));
+        return Err(first_non_finite(client, input, dtype, numel, block, blocksize));
     }
     let codebook = upload_f32(client, quant_type.codebook());
     if !double_quant {
@@ -297,47 +268,25 @@ pub fn quantize(
     })
 }
 
+
 /// The error for a block with a NaN or infinite element: finds the element (reads back that one block).
-fn first_non_finite(
-    client: &Client,
-    input: &Handle,
-    dtype: FloatDtype,
-    numel: usize,
-    block: usize,
-    blocksize: usize,
-) -> KernelError {
+fn first_non_finite(client: &Client, input: &Handle, dtype: FloatDtype, numel: usize, block: usize, blocksize: usize) -> KernelError {
     let start = block * blocksize;
     let end = (start + blocksize).min(numel);
     let values: Result<Vec<f32>, KernelError> = (|| {
-        let bytes = client
-            .read_one(input.clone())
-            .map_err(|e| KernelError::from_server("reading the input", e))?;
+        let bytes = client.read_one(input.clone()).map_err(|e| KernelError::from_server("reading the input", e))?;
         Ok((start..end)
             .map(|i| match dtype {
-                FloatDtype::F32 => {
-                    f32::from_le_bytes(bytes[i * 4..i * 4 + 4].try_into().expect("4 bytes"))
-                }
-                FloatDtype::Bf16 => {
-                    half::bf16::from_le_bytes([bytes[i * 2], bytes[i * 2 + 1]]).to_f32()
-                }
-                FloatDtype::F16 => {
-                    half::f16::from_le_bytes([bytes[i * 2], bytes[i * 2 + 1]]).to_f32()
-                }
+                FloatDtype::F32 => f32::from_le_bytes(bytes[i * 4..i * 4 + 4].try_into().expect("4 bytes")),
+                FloatDtype::Bf16 => half::bf16::from_le_bytes([bytes[i * 2], bytes[i * 2 + 1]]).to_f32(),
+                FloatDtype::F16 => half::f16::from_le_bytes([bytes[i * 2], bytes[i * 2 + 1]]).to_f32(),
             })
             .collect())
     })();
     match values {
         Ok(values) => match values.iter().position(|v| !v.is_finite()) {
-            Some(i) => KernelError::Nf4(nf4::Nf4Error::NonFinite {
-                index: start + i,
-                value: values[i],
-            }),
-            None => KernelError::Device {
-                during: "quantize",
-                message: format!(
-                    "block {block} reported a non-finite value that is not in the input"
-                ),
-            },
+            Some(i) => KernelError::Nf4(nf4::Nf4Error::NonFinite { index: start + i, value: values[i] }),
+            None => KernelError::Device { during: "quantize", message: format!("block {block} reported a non-finite value that is not in the input") },
         },
         Err(e) => e,
     }
@@ -346,7 +295,7 @@ fn first_non_finite(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::check::{Rng, client, random_weights};
+    use crate::check::{client, random_weights, Rng};
     use crate::weight::read_u32;
     use nf4::Absmax;
 
@@ -354,14 +303,7 @@ mod tests {
     fn device_quantize_equals_bitsandbytes_bytes() {
         let client = client();
         let mut rng = Rng::from_env("quantize");
-        for (rows, cols, bs) in [
-            (1, 7, 64),
-            (3, 37, 64),
-            (17, 515, 64),
-            (64, 257, 32),
-            (300, 97, 256),
-            (130, 300, 64),
-        ] {
+        for (rows, cols, bs) in [(1, 7, 64), (3, 37, 64), (17, 515, 64), (64, 257, 32), (300, 97, 256), (130, 300, 64)] {
             for dtype in [FloatDtype::F32, FloatDtype::Bf16, FloatDtype::F16] {
                 let values = random_weights(rows * cols, &mut rng);
                 let (input, rounded) = crate::upload_as(&client, &values, dtype);
@@ -369,52 +311,20 @@ mod tests {
                     for dq in [false, true] {
                         let what = format!("{rows}x{cols} bs {bs} {dtype:?} {qt:?} dq {dq}");
                         let want = nf4::quantize(&rounded, bs, qt, dq).unwrap();
-                        let got =
-                            quantize(&client, &input, dtype, [rows, cols], bs, qt, dq).unwrap();
-                        let packed = read_u32(
-                            &client,
-                            got.packed.clone(),
-                            rows * cols / 8 + usize::from(rows * cols % 8 != 0),
-                            "t",
-                        )
-                        .unwrap();
-                        assert_eq!(
-                            crate::weight::words_to_bytes(&packed, want.packed.len()),
-                            want.packed,
-                            "{what}: codes"
-                        );
+                        let got = quantize(&client, &input, dtype, [rows, cols], bs, qt, dq).unwrap();
+                        let packed = read_u32(&client, got.packed.clone(), rows * cols / 8 + usize::from(rows * cols % 8 != 0), "t").unwrap();
+                        assert_eq!(crate::weight::words_to_bytes(&packed, want.packed.len()), want.packed, "{what}: codes");
                         let blocks = want.absmax.num_blocks();
                         match &want.absmax {
                             Absmax::Plain(a) => {
-                                let got_a =
-                                    read_f32(&client, got.absmax.clone(), blocks, "t").unwrap();
-                                assert_eq!(
-                                    got_a.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-                                    a.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-                                    "{what}: absmax"
-                                );
+                                let got_a = read_f32(&client, got.absmax.clone(), blocks, "t").unwrap();
+                                assert_eq!(got_a.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), a.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "{what}: absmax");
                             }
                             Absmax::Double(d) => {
-                                assert_eq!(
-                                    got.offset.to_bits(),
-                                    d.offset.to_bits(),
-                                    "{what}: offset"
-                                );
-                                let codes =
-                                    read_u32(&client, got.absmax.clone(), blocks.div_ceil(4), "t")
-                                        .unwrap();
-                                assert_eq!(
-                                    crate::weight::words_to_bytes(&codes, blocks),
-                                    d.codes,
-                                    "{what}: absmax codes"
-                                );
-                                let nested = read_f32(
-                                    &client,
-                                    got.nested_absmax.clone(),
-                                    d.nested_absmax.len(),
-                                    "t",
-                                )
-                                .unwrap();
+                                assert_eq!(got.offset.to_bits(), d.offset.to_bits(), "{what}: offset");
+                                let codes = read_u32(&client, got.absmax.clone(), blocks.div_ceil(4), "t").unwrap();
+                                assert_eq!(crate::weight::words_to_bytes(&codes, blocks), d.codes, "{what}: absmax codes");
+                                let nested = read_f32(&client, got.nested_absmax.clone(), d.nested_absmax.len(), "t").unwrap();
                                 assert_eq!(nested, d.nested_absmax, "{what}: nested absmax");
                             }
                         }
@@ -430,32 +340,10 @@ mod tests {
         let mut values = vec![0.25f32; 300];
         values[131] = f32::NAN;
         let input = upload_f32(&client, &values);
-        match quantize(
-            &client,
-            &input,
-            FloatDtype::F32,
-            [3, 100],
-            64,
-            QuantType::Nf4,
-            true,
-        ) {
+        match quantize(&client, &input, FloatDtype::F32, [3, 100], 64, QuantType::Nf4, true) {
             Err(KernelError::Nf4(nf4::Nf4Error::NonFinite { index: 131, .. })) => {}
-            other => panic!(
-                "expected NonFinite at 131, got {:?}",
-                other.map(|w| w.numel)
-            ),
+            other => panic!("expected NonFinite at 131, got {:?}", other.map(|w| w.numel)),
         }
-        assert!(
-            quantize(
-                &client,
-                &input,
-                FloatDtype::F32,
-                [3, 100],
-                48,
-                QuantType::Nf4,
-                true
-            )
-            .is_err()
-        );
+        assert!(quantize(&client, &input, FloatDtype::F32, [3, 100], 48, QuantType::Nf4, true).is_err());
     }
 }

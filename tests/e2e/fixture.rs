@@ -13,12 +13,8 @@ pub struct Fixture {
 
 impl Fixture {
     pub fn open(path: &Path) -> Fixture {
-        let bytes = std::fs::read(path)
-            .unwrap_or_else(|e| panic!("reading fixture {}: {e}", path.display()));
-        Fixture {
-            path: path.to_path_buf(),
-            bytes,
-        }
+        let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("reading fixture {}: {e}", path.display()));
+        Fixture { path: path.to_path_buf(), bytes }
     }
 
     fn tensors(&self) -> SafeTensors<'_> {
@@ -45,10 +41,7 @@ impl Fixture {
     pub fn f32(&self, name: &str) -> Vec<f32> {
         let raw = self.raw(name);
         match self.dtype(name) {
-            Dtype::F32 => raw
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-                .collect(),
+            Dtype::F32 => raw.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect(),
             Dtype::BF16 => self.bf16(name).into_iter().map(f32::from).collect(),
             Dtype::F16 => self.f16(name).into_iter().map(f32::from).collect(),
             other => panic!("{name} is {other:?}, not a float"),
@@ -56,17 +49,11 @@ impl Fixture {
     }
 
     pub fn bf16(&self, name: &str) -> Vec<bf16> {
-        self.raw(name)
-            .chunks_exact(2)
-            .map(|c| bf16::from_le_bytes([c[0], c[1]]))
-            .collect()
+        self.raw(name).chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]])).collect()
     }
 
     pub fn f16(&self, name: &str) -> Vec<f16> {
-        self.raw(name)
-            .chunks_exact(2)
-            .map(|c| f16::from_le_bytes([c[0], c[1]]))
-            .collect()
+        self.raw(name).chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]])).collect()
     }
 
     pub fn u8(&self, name: &str) -> Vec<u8> {

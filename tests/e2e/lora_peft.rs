@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use burn::tensor::{DType, Device, Int, Tensor, TensorData};
-use llama::{LlamaModel, LoadOptions, load_hf};
+use llama::{load_hf, LlamaModel, LoadOptions};
 use lora::{LoraConfig, TargetModules};
 
 use crate::fixture::Fixture;
@@ -19,32 +19,19 @@ fn reference() -> Fixture {
 }
 
 fn base(nf4: bool, device: &Device) -> LlamaModel {
-    let dir = if nf4 {
-        "tiny-llama-bnb-nf4-dq"
-    } else {
-        "tiny-llama-f32"
-    };
-    load_hf(&fixtures().join(dir), &LoadOptions::default(), device)
-        .unwrap()
-        .1
+    let dir = if nf4 { "tiny-llama-bnb-nf4-dq" } else { "tiny-llama-f32" };
+    load_hf(&fixtures().join(dir), &LoadOptions::default(), device).unwrap().1
 }
 
 fn input(f: &Fixture, device: &Device) -> Tensor<2, Int> {
-    let ids: Vec<i64> = f
-        .raw("input_ids")
-        .chunks_exact(8)
-        .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
-        .collect();
+    let ids: Vec<i64> = f.raw("input_ids").chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect();
     let t = ids.len() / 2;
     Tensor::<2, Int>::from_data(TensorData::new(ids, [2, t]), device)
 }
 
 fn max_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
 }
 
 #[test]
@@ -54,9 +41,7 @@ fn peft_adapter_logits_and_gradients_match_peft() {
     for (name, nf4, logits_tol) in [("dense", false, 1e-5f32), ("nf4", true, 1e-4)] {
         let device = Device::flex().autodiff();
         let mut model = base(nf4, &device);
-        let adapter = model
-            .load_peft_adapter(&fixtures().join("peft/adapter-tiny-llama"))
-            .unwrap();
+        let adapter = model.load_peft_adapter(&fixtures().join("peft/adapter-tiny-llama")).unwrap();
         assert_eq!(adapter.modules.len(), 14);
         let logits = model.forward(input(&reference, &device), None);
         let dims = logits.dims();
@@ -71,21 +56,13 @@ fn peft_adapter_logits_and_gradients_match_peft() {
         for (module, linear) in model.linears() {
             let adapter = linear.adapter.as_ref().unwrap();
             for (which, param) in [("lora_A", &adapter.lora_a), ("lora_B", &adapter.lora_b)] {
-                let grad = param
-                    .val()
-                    .grad(&grads)
-                    .unwrap_or_else(|| panic!("{name}: no gradient for {module}.{which}"));
+                let grad = param.val().grad(&grads).unwrap_or_else(|| panic!("{name}: no gradient for {module}.{which}"));
                 let ours: Vec<f32> = grad.cast(DType::F32).into_data().try_into_vec().unwrap();
-                let theirs = reference.f32(&format!(
-                    "grad_{name}.base_model.model.{module}.{which}.weight"
-                ));
+                let theirs = reference.f32(&format!("grad_{name}.base_model.model.{module}.{which}.weight"));
                 let scale = theirs.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(1e-12);
                 let rel = max_diff(&ours, &theirs) / scale;
                 worst = worst.max(rel);
-                assert!(
-                    rel < 1e-4,
-                    "{name}: {module}.{which}: relative gradient error {rel:e}"
-                );
+                assert!(rel < 1e-4, "{name}: {module}.{which}: relative gradient error {rel:e}");
             }
         }
         println!("{name} base: worst relative gradient error over all lora_A/lora_B = {worst:e}");
@@ -97,15 +74,9 @@ fn rslora_scaling_matches_peft() {
     let reference = reference();
     let device = Device::flex();
     let mut model = base(false, &device);
-    let adapter = model
-        .load_peft_adapter(&fixtures().join("peft/adapter-tiny-llama-rslora"))
-        .unwrap();
+    let adapter = model.load_peft_adapter(&fixtures().join("peft/adapter-tiny-llama-rslora")).unwrap();
     assert!(adapter.config.use_rslora);
-    let ours: Vec<f32> = model
-        .forward(input(&reference, &device), None)
-        .into_data()
-        .try_into_vec()
-        .unwrap();
+    let ours: Vec<f32> = model.forward(input(&reference, &device), None).into_data().try_into_vec().unwrap();
     let diff = max_diff(&ours, &reference.f32("logits_rslora_dense"));
     assert!(diff < 1e-5, "{diff}");
 }
@@ -115,43 +86,22 @@ fn adapter_round_trip_is_bit_exact_and_fresh_adapters_change_nothing() {
     let _rng = rng_lock(); // add_lora draws from the process-wide generator
     let device = Device::flex();
     let mut model = base(false, &device);
-    let loaded = model
-        .load_peft_adapter(&fixtures().join("peft/adapter-tiny-llama"))
-        .unwrap();
+    let loaded = model.load_peft_adapter(&fixtures().join("peft/adapter-tiny-llama")).unwrap();
     let out = tempfile::tempdir().unwrap();
-    let saved = model
-        .save_peft_adapter(
-            out.path(),
-            &loaded.config,
-            Some("tests/fixtures/tiny-llama-f32"),
-        )
-        .unwrap();
+    let saved = model.save_peft_adapter(out.path(), &loaded.config, Some("tests/fixtures/tiny-llama-f32")).unwrap();
     assert_eq!(saved, 14);
     let again = lora::peft::read_peft_adapter(out.path()).unwrap();
-    assert_eq!(
-        again.modules, loaded.modules,
-        "saved tensors equal the loaded ones bit for bit"
-    );
+    assert_eq!(again.modules, loaded.modules, "saved tensors equal the loaded ones bit for bit");
     assert_eq!(again.config.r, 8);
 
     // A fresh adapter (B = 0) leaves the logits exactly as the base model's.
     let reference = reference();
     let plain = base(false, &device);
     let mut fresh = base(false, &device);
-    let n = fresh
-        .add_lora(&LoraConfig::new().with_r(4).with_dropout(0.0), &device)
-        .unwrap();
+    let n = fresh.add_lora(&LoraConfig::new().with_r(4).with_dropout(0.0), &device).unwrap();
     assert_eq!(n, 14);
-    let a: Vec<f32> = plain
-        .forward(input(&reference, &device), None)
-        .into_data()
-        .try_into_vec()
-        .unwrap();
-    let b: Vec<f32> = fresh
-        .forward(input(&reference, &device), None)
-        .into_data()
-        .try_into_vec()
-        .unwrap();
+    let a: Vec<f32> = plain.forward(input(&reference, &device), None).into_data().try_into_vec().unwrap();
+    let b: Vec<f32> = fresh.forward(input(&reference, &device), None).into_data().try_into_vec().unwrap();
     assert_eq!(max_diff(&a, &b), 0.0);
 }
 
@@ -160,57 +110,24 @@ fn bad_lora_settings_are_clear_errors() {
     let _rng = rng_lock(); // add_lora draws from the process-wide generator
     let device = Device::flex();
     let mut model = base(false, &device);
-    let e = model
-        .add_lora(&LoraConfig::new().with_r(0), &device)
-        .unwrap_err()
-        .to_string();
+    let e = model.add_lora(&LoraConfig::new().with_r(0), &device).unwrap_err().to_string();
     assert!(e.contains("at least 1"), "{e}");
-    let e = model
-        .add_lora(&LoraConfig::new().with_r(64), &device)
-        .unwrap_err()
-        .to_string();
+    let e = model.add_lora(&LoraConfig::new().with_r(64), &device).unwrap_err().to_string();
     assert!(e.contains("exceeds") && e.contains("k_proj"), "{e}");
-    let e = model
-        .add_lora(
-            &LoraConfig::new()
-                .with_r(4)
-                .with_target_modules(TargetModules::Names(vec!["qq_proj".into()])),
-            &device,
-        )
-        .unwrap_err()
-        .to_string();
+    let e = model.add_lora(&LoraConfig::new().with_r(4).with_target_modules(TargetModules::Names(vec!["qq_proj".into()])), &device).unwrap_err().to_string();
     assert!(e.contains("match no linear layer"), "{e}");
-    let n = model
-        .add_lora(
-            &LoraConfig::new()
-                .with_r(4)
-                .with_target_modules(TargetModules::Regex(r".*\.(q|v)_proj".into())),
-            &device,
-        )
-        .unwrap();
+    let n = model.add_lora(&LoraConfig::new().with_r(4).with_target_modules(TargetModules::Regex(r".*\.(q|v)_proj".into())), &device).unwrap();
     assert_eq!(n, 4);
 
     // An adapter whose shapes do not fit, and one asking for DoRA.
     let dir = tempfile::tempdir().unwrap();
     for f in ["adapter_config.json", "adapter_model.safetensors"] {
-        std::fs::copy(
-            fixtures().join("peft/adapter-tiny-llama").join(f),
-            dir.path().join(f),
-        )
-        .unwrap();
+        std::fs::copy(fixtures().join("peft/adapter-tiny-llama").join(f), dir.path().join(f)).unwrap();
     }
-    let mut other = load_hf(
-        &fixtures().join("llama/tiny-qwen2"),
-        &LoadOptions::default(),
-        &device,
-    )
-    .unwrap()
-    .1;
+    let mut other = load_hf(&fixtures().join("llama/tiny-qwen2"), &LoadOptions::default(), &device).unwrap().1;
     let e = other.load_peft_adapter(dir.path()).unwrap_err().to_string();
     assert!(e.contains("lora_A") && e.contains("layer is"), "{e}");
-    let cfg = std::fs::read_to_string(dir.path().join("adapter_config.json"))
-        .unwrap()
-        .replace("\"use_dora\": false", "\"use_dora\": true");
+    let cfg = std::fs::read_to_string(dir.path().join("adapter_config.json")).unwrap().replace("\"use_dora\": false", "\"use_dora\": true");
     std::fs::write(dir.path().join("adapter_config.json"), cfg).unwrap();
     let e = model.load_peft_adapter(dir.path()).unwrap_err().to_string();
     assert!(e.contains("DoRA"), "{e}");
@@ -218,54 +135,25 @@ fn bad_lora_settings_are_clear_errors() {
 
 #[test]
 fn merged_checkpoints_give_peft_logits() {
-    use lora::merge::{MergeOutput, merge_checkpoint};
+    use lora::merge::{merge_checkpoint, MergeOutput};
     let reference = reference();
     let device = Device::flex();
     let adapter = fixtures().join("peft/adapter-tiny-llama");
-    for (base_dir, logits_key) in [
-        ("tiny-llama-f32", "logits_dense"),
-        ("tiny-llama-bnb-nf4-dq", "logits_nf4"),
-    ] {
+    for (base_dir, logits_key) in [("tiny-llama-f32", "logits_dense"), ("tiny-llama-bnb-nf4-dq", "logits_nf4")] {
         let out = tempfile::tempdir().unwrap();
-        let report = merge_checkpoint(
-            &fixtures().join(base_dir),
-            &adapter,
-            out.path(),
-            &MergeOutput::DenseF32,
-        )
-        .unwrap();
+        let report = merge_checkpoint(&fixtures().join(base_dir), &adapter, out.path(), &MergeOutput::DenseF32).unwrap();
         assert_eq!(report.merged_modules, 14);
-        let merged = load_hf(out.path(), &LoadOptions::default(), &device)
-            .unwrap()
-            .1;
-        let ours: Vec<f32> = merged
-            .forward(input(&reference, &device), None)
-            .into_data()
-            .try_into_vec()
-            .unwrap();
+        let merged = load_hf(out.path(), &LoadOptions::default(), &device).unwrap().1;
+        let ours: Vec<f32> = merged.forward(input(&reference, &device), None).into_data().try_into_vec().unwrap();
         let diff = max_diff(&ours, &reference.f32(logits_key));
         println!("merged into {base_dir}: max |logits - PEFT| = {diff:e}");
         assert!(diff < 1e-4, "{base_dir}: {diff}");
     }
     let out = tempfile::tempdir().unwrap();
-    let report = merge_checkpoint(
-        &fixtures().join("tiny-llama-f32"),
-        &adapter,
-        out.path(),
-        &MergeOutput::Requantize(quant::QuantConfig::new()),
-    )
-    .unwrap();
-    println!(
-        "requantized merge: max error {:e}, mean {:e}",
-        report.requant_max_abs_error, report.requant_mean_abs_error
-    );
-    assert!(
-        report.requant_max_abs_error > 0.0
-            && report.requant_mean_abs_error < report.requant_max_abs_error as f64
-    );
-    let requantized = load_hf(out.path(), &LoadOptions::default(), &device)
-        .unwrap()
-        .1;
+    let report = merge_checkpoint(&fixtures().join("tiny-llama-f32"), &adapter, out.path(), &MergeOutput::Requantize(quant::QuantConfig::new())).unwrap();
+    println!("requantized merge: max error {:e}, mean {:e}", report.requant_max_abs_error, report.requant_mean_abs_error);
+    assert!(report.requant_max_abs_error > 0.0 && report.requant_mean_abs_error < report.requant_max_abs_error as f64);
+    let requantized = load_hf(out.path(), &LoadOptions::default(), &device).unwrap().1;
     assert!(requantized.layers[0].mlp.up_proj.base.is_quantized());
 }
 
@@ -280,19 +168,12 @@ fn make_trained_here_adapter() {
     let reference = reference();
     let device = Device::flex().autodiff();
     let mut model = base(true, &device);
-    let config = LoraConfig::new()
-        .with_r(8)
-        .with_alpha(16.0)
-        .with_dropout(0.0)
-        .with_init(lora::LoraInit::Gaussian);
+    let config = LoraConfig::new().with_r(8).with_alpha(16.0).with_dropout(0.0).with_init(lora::LoraInit::Gaussian);
     model.add_lora(&config, &device).unwrap();
     let probe_values = reference.f32("probe");
     for _ in 0..3 {
         let logits = model.forward(input(&reference, &device), None);
-        let probe = Tensor::<3>::from_data(
-            TensorData::new(probe_values.clone(), logits.dims()),
-            &device,
-        );
+        let probe = Tensor::<3>::from_data(TensorData::new(probe_values.clone(), logits.dims()), &device);
         let grads = (logits * probe).sum().backward();
         for (_, linear) in model.linears_mut() {
             let adapter = linear.adapter.as_mut().unwrap();
@@ -305,9 +186,7 @@ fn make_trained_here_adapter() {
         }
     }
     let out = fixtures().join("peft/adapter-trained-here");
-    model
-        .save_peft_adapter(&out, &config, Some("tests/fixtures/tiny-llama-bnb-nf4-dq"))
-        .unwrap();
+    model.save_peft_adapter(&out, &config, Some("tests/fixtures/tiny-llama-bnb-nf4-dq")).unwrap();
 }
 
 /// The adapter trained here, loaded in PEFT, gives our logits.
@@ -317,14 +196,8 @@ fn adapter_trained_here_gives_our_logits_in_peft() {
     for (nf4, key) in [(true, "logits_nf4"), (false, "logits_dense")] {
         let device = Device::flex();
         let mut model = base(nf4, &device);
-        model
-            .load_peft_adapter(&fixtures().join("peft/adapter-trained-here"))
-            .unwrap();
-        let ours: Vec<f32> = model
-            .forward(input(&peft, &device), None)
-            .into_data()
-            .try_into_vec()
-            .unwrap();
+        model.load_peft_adapter(&fixtures().join("peft/adapter-trained-here")).unwrap();
+        let ours: Vec<f32> = model.forward(input(&peft, &device), None).into_data().try_into_vec().unwrap();
         let diff = max_diff(&ours, &peft.f32(key));
         println!("adapter trained here, {key}: max |ours - PEFT| = {diff:e}");
         assert!(diff < 1e-4, "{key}: {diff}");

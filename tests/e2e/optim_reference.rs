@@ -6,7 +6,7 @@
 //! elements differ by 1 ulp from the exact sqrt), so a parameter can differ in its last bits, and elementwise
 //! relative error is meaningless for parameters that cancel to near zero.
 
-use optim::{AdamPrecision, PageState, PagedAdamW, PagedAdamWConfig, ParamGrad, clip};
+use optim::{clip, AdamPrecision, PageState, PagedAdamW, PagedAdamWConfig, ParamGrad};
 use qlora_tests::fixtures_dir;
 
 use crate::fixture::Fixture;
@@ -23,10 +23,7 @@ struct Run {
 
 fn inputs() -> Run {
     let f = Fixture::open(&fixtures_dir().join("optim/inputs.safetensors"));
-    Run {
-        params: NAMES.iter().map(|n| f.f32(&format!("init.{n}"))).collect(),
-        grads: NAMES.iter().map(|n| f.f32(&format!("grads.{n}"))).collect(),
-    }
+    Run { params: NAMES.iter().map(|n| f.f32(&format!("init.{n}"))).collect(), grads: NAMES.iter().map(|n| f.f32(&format!("grads.{n}"))).collect() }
 }
 
 fn grad_at(run: &Run, i: usize, step: usize) -> Vec<f32> {
@@ -37,10 +34,7 @@ fn grad_at(run: &Run, i: usize, step: usize) -> Vec<f32> {
 /// max|a − b| / max|b| over a tensor.
 fn scaled_error(ours: &[f32], theirs: &[f32]) -> f64 {
     let scale = theirs.iter().fold(0.0f64, |m, &v| m.max(v.abs() as f64));
-    ours.iter()
-        .zip(theirs)
-        .fold(0.0f64, |m, (&a, &b)| m.max((a as f64 - b as f64).abs()))
-        / scale
+    ours.iter().zip(theirs).fold(0.0f64, |m, (&a, &b)| m.max((a as f64 - b as f64).abs())) / scale
 }
 
 fn snapshot(f: &Fixture, name: &str, k: usize, n: usize) -> Vec<f32> {
@@ -48,12 +42,7 @@ fn snapshot(f: &Fixture, name: &str, k: usize, n: usize) -> Vec<f32> {
 }
 
 /// Runs 20 steps, checking parameters at the snapshots; `on_snapshot` checks more.
-fn run_steps(
-    opt: &mut PagedAdamW,
-    clip_to: Option<f32>,
-    reference: &Fixture,
-    mut on_snapshot: impl FnMut(&PagedAdamW, usize, usize),
-) -> Vec<f32> {
+fn run_steps(opt: &mut PagedAdamW, clip_to: Option<f32>, reference: &Fixture, mut on_snapshot: impl FnMut(&PagedAdamW, usize, usize)) -> Vec<f32> {
     let mut run = inputs();
     let mut norms = Vec::new();
     for step in 0..STEPS {
@@ -62,37 +51,16 @@ fn run_steps(
             let mut slices: Vec<&mut [f32]> = grads.iter_mut().map(|g| g.as_mut_slice()).collect();
             norms.push(clip::clip_grad_norm(&mut slices, max));
         }
-        let mut updates: Vec<ParamGrad<'_>> = run
-            .params
-            .iter_mut()
-            .zip(&grads)
-            .zip(NAMES)
-            .map(|((p, g), key)| ParamGrad {
-                key,
-                param: p,
-                grad: g,
-            })
-            .collect();
+        let mut updates: Vec<ParamGrad<'_>> =
+            run.params.iter_mut().zip(&grads).zip(NAMES).map(|((p, g), key)| ParamGrad { key, param: p, grad: g }).collect();
         opt.step(1e-3, &mut updates).unwrap();
         if let Some(k) = SNAPSHOTS.iter().position(|&s| s == step + 1) {
             for (i, name) in NAMES.iter().enumerate() {
                 let theirs = snapshot(reference, &format!("params.{name}"), k, run.params[i].len());
                 let err = scaled_error(&run.params[i], &theirs);
-                let equal = run.params[i]
-                    .iter()
-                    .zip(&theirs)
-                    .filter(|(a, b)| a == b)
-                    .count();
-                println!(
-                    "  step {:2} {name:6}: params max|Δ|/max|p| = {err:.2e}, {equal}/{} bit-equal",
-                    step + 1,
-                    theirs.len()
-                );
-                assert!(
-                    err <= PARAM_TOLERANCE,
-                    "step {} {name}: parameter error {err:e}",
-                    step + 1
-                );
+                let equal = run.params[i].iter().zip(&theirs).filter(|(a, b)| a == b).count();
+                println!("  step {:2} {name:6}: params max|Δ|/max|p| = {err:.2e}, {equal}/{} bit-equal", step + 1, theirs.len());
+                assert!(err <= PARAM_TOLERANCE, "step {} {name}: parameter error {err:e}", step + 1);
                 on_snapshot(opt, k, i);
             }
         }
@@ -101,10 +69,7 @@ fn run_steps(
 }
 
 fn config(precision: AdamPrecision) -> PagedAdamWConfig {
-    PagedAdamWConfig::new()
-        .with_precision(precision)
-        .with_weight_decay(0.01)
-        .with_page_bytes(4096)
+    PagedAdamWConfig::new().with_precision(precision).with_weight_decay(0.01).with_page_bytes(4096)
 }
 
 #[test]
@@ -113,23 +78,9 @@ fn adamw_32bit_matches_torch() {
     let mut opt = config(AdamPrecision::Bits32).init().unwrap();
     run_steps(&mut opt, None, &reference, |_, _, _| {});
     for name in NAMES {
-        let Some(PageState::F32 {
-            exp_avg,
-            exp_avg_sq,
-        }) = opt.state_of(name)
-        else {
-            panic!("{name}: f32 state")
-        };
-        assert_eq!(
-            exp_avg,
-            reference.f32(&format!("exp_avg.{name}")),
-            "{name}: exp_avg bit-exact"
-        );
-        assert_eq!(
-            exp_avg_sq,
-            reference.f32(&format!("exp_avg_sq.{name}")),
-            "{name}: exp_avg_sq bit-exact"
-        );
+        let Some(PageState::F32 { exp_avg, exp_avg_sq }) = opt.state_of(name) else { panic!("{name}: f32 state") };
+        assert_eq!(exp_avg, reference.f32(&format!("exp_avg.{name}")), "{name}: exp_avg bit-exact");
+        assert_eq!(exp_avg_sq, reference.f32(&format!("exp_avg_sq.{name}")), "{name}: exp_avg_sq bit-exact");
     }
 }
 
@@ -139,11 +90,7 @@ fn global_clipping_matches_clip_grad_norm() {
     let mut opt = config(AdamPrecision::Bits32).init().unwrap();
     let norms = run_steps(&mut opt, Some(0.3), &reference, |_, _, _| {});
     let theirs = reference.f32("total_norm");
-    let worst = norms
-        .iter()
-        .zip(&theirs)
-        .map(|(a, b)| ((a - b) / b).abs())
-        .fold(0.0f32, f32::max);
+    let worst = norms.iter().zip(&theirs).map(|(a, b)| ((a - b) / b).abs()).fold(0.0f32, f32::max);
     println!("  clip_grad_norm total norm: max relative difference {worst:.2e} over {STEPS} steps");
     assert!(worst <= 1e-6, "total norms {norms:?} vs {theirs:?}");
 }
@@ -157,48 +104,21 @@ fn adamw_8bit_matches_bitsandbytes_state_bytes() {
         let name = NAMES[i];
         let n = sizes[i];
         match opt.state_of(name).unwrap() {
-            PageState::F32 {
-                exp_avg,
-                exp_avg_sq,
-            } => {
+            PageState::F32 { exp_avg, exp_avg_sq } => {
                 assert!(n < 4096, "{name}: small tensors keep 32-bit state");
-                assert_eq!(
-                    exp_avg,
-                    snapshot(&reference, &format!("state1.{name}"), k, n),
-                    "{name}: state1"
-                );
-                assert_eq!(
-                    exp_avg_sq,
-                    snapshot(&reference, &format!("state2.{name}"), k, n),
-                    "{name}: state2"
-                );
+                assert_eq!(exp_avg, snapshot(&reference, &format!("state1.{name}"), k, n), "{name}: state1");
+                assert_eq!(exp_avg_sq, snapshot(&reference, &format!("state2.{name}"), k, n), "{name}: state2");
             }
-            PageState::Blockwise8 {
-                codes1,
-                absmax1,
-                codes2,
-                absmax2,
-            } => {
+            PageState::Blockwise8 { codes1, absmax1, codes2, absmax2 } => {
                 let blocks = absmax1.len();
                 let theirs1 = reference.u8(&format!("state1.{name}"))[k * n..(k + 1) * n].to_vec();
                 let theirs2 = reference.u8(&format!("state2.{name}"))[k * n..(k + 1) * n].to_vec();
                 let diff1 = codes1.iter().zip(&theirs1).filter(|(a, b)| a != b).count();
                 let diff2 = codes2.iter().zip(&theirs2).filter(|(a, b)| a != b).count();
-                println!(
-                    "           8-bit state: {diff1} + {diff2} of {} codes differ",
-                    2 * n
-                );
+                println!("           8-bit state: {diff1} + {diff2} of {} codes differ", 2 * n);
                 assert_eq!((diff1, diff2), (0, 0), "{name}: 8-bit state codes");
-                assert_eq!(
-                    absmax1,
-                    snapshot(&reference, &format!("absmax1.{name}"), k, blocks),
-                    "{name}: absmax1"
-                );
-                assert_eq!(
-                    absmax2,
-                    snapshot(&reference, &format!("absmax2.{name}"), k, blocks),
-                    "{name}: absmax2"
-                );
+                assert_eq!(absmax1, snapshot(&reference, &format!("absmax1.{name}"), k, blocks), "{name}: absmax1");
+                assert_eq!(absmax2, snapshot(&reference, &format!("absmax2.{name}"), k, blocks), "{name}: absmax2");
             }
         }
     });
@@ -206,29 +126,18 @@ fn adamw_8bit_matches_bitsandbytes_state_bytes() {
 
 #[test]
 fn schedules_match_transformers() {
-    let cases: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(fixtures_dir().join("optim/schedules.json")).unwrap(),
-    )
-    .unwrap();
+    let cases: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixtures_dir().join("optim/schedules.json")).unwrap()).unwrap();
     let mut checked = 0;
     for case in cases.as_array().unwrap() {
         let kind: optim::ScheduleKind = case["kind"].as_str().unwrap().parse().unwrap();
         let total = case["total_steps"].as_u64().unwrap();
         let warmup = case["warmup_steps"].as_u64().unwrap();
         let lr = case["base_lr"].as_f64().unwrap();
-        let schedule = optim::LrScheduleConfig::new()
-            .with_lr(lr)
-            .with_kind(kind)
-            .with_warmup(optim::Warmup::Steps(warmup))
-            .init(total)
-            .unwrap();
+        let schedule = optim::LrScheduleConfig::new().with_lr(lr).with_kind(kind).with_warmup(optim::Warmup::Steps(warmup)).init(total).unwrap();
         for (step, theirs) in case["lrs"].as_array().unwrap().iter().enumerate() {
             let theirs = theirs.as_f64().unwrap();
             let ours = schedule.lr_at(step as u64);
-            assert!(
-                (ours - theirs).abs() <= 1e-12 * lr,
-                "{kind:?} total {total} warmup {warmup} step {step}: {ours} vs {theirs}"
-            );
+            assert!((ours - theirs).abs() <= 1e-12 * lr, "{kind:?} total {total} warmup {warmup} step {step}: {ours} vs {theirs}");
             checked += 1;
         }
     }

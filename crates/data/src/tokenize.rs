@@ -3,8 +3,8 @@
 use llama::tokenizer::{ChatMessage, TextTokenizer};
 use serde::{Deserialize, Serialize};
 
-use crate::DataError;
 use crate::records::{Example, Turn};
+use crate::DataError;
 
 /// Length limits and what the loss covers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -19,11 +19,7 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits {
-            source_max_len: 384,
-            target_max_len: 128,
-            train_on_source: false,
-        }
+        Limits { source_max_len: 384, target_max_len: 128, train_on_source: false }
     }
 }
 
@@ -60,17 +56,11 @@ pub struct TokenizeReport {
 }
 
 fn encode(tokenizer: &TextTokenizer, text: &str) -> Result<Vec<u32>, DataError> {
-    tokenizer
-        .encode(text, false)
-        .map_err(|e| DataError::Tokenizer(e.to_string()))
+    tokenizer.encode(text, false).map_err(|e| DataError::Tokenizer(e.to_string()))
 }
 
 /// Tokenizes one example; `None` when nothing is left to learn from. Also returns whether it was truncated.
-pub fn tokenize_example(
-    example: &Example,
-    tokenizer: &TextTokenizer,
-    limits: &Limits,
-) -> Result<(Option<TokenizedExample>, bool), DataError> {
+pub fn tokenize_example(example: &Example, tokenizer: &TextTokenizer, limits: &Limits) -> Result<(Option<TokenizedExample>, bool), DataError> {
     let bos = tokenizer.bos_token.as_deref().unwrap_or("");
     let eos = tokenizer.eos_token.as_deref().unwrap_or("");
     let (mut ids, mut target, truncated) = match example {
@@ -81,9 +71,7 @@ pub fn tokenize_example(
             let truncated = src.len() > limits.source_max_len || tgt.len() > limits.target_max_len;
             src.truncate(limits.source_max_len);
             tgt.truncate(limits.target_max_len);
-            let mask: Vec<bool> = std::iter::repeat_n(false, src.len())
-                .chain(std::iter::repeat_n(true, tgt.len()))
-                .collect();
+            let mask: Vec<bool> = std::iter::repeat_n(false, src.len()).chain(std::iter::repeat_n(true, tgt.len())).collect();
             src.extend(tgt);
             (src, mask, truncated)
         }
@@ -113,11 +101,7 @@ pub fn tokenize_example(
             let (ids, mask) = chat_tokens(turns, tokenizer)?;
             let max = limits.source_max_len + limits.target_max_len;
             let truncated = ids.len() > max;
-            (
-                ids.into_iter().take(max).collect(),
-                mask.into_iter().take(max).collect(),
-                truncated,
-            )
+            (ids.into_iter().take(max).collect(), mask.into_iter().take(max).collect(), truncated)
         }
     };
     if limits.train_on_source {
@@ -125,30 +109,15 @@ pub fn tokenize_example(
     }
     ids.shrink_to_fit();
     let example = TokenizedExample { ids, target };
-    Ok((
-        if example.target_count() == 0 {
-            None
-        } else {
-            Some(example)
-        },
-        truncated,
-    ))
+    Ok((if example.target_count() == 0 { None } else { Some(example) }, truncated))
 }
 
 /// Chat messages through the model's template; the assistant turns' text (from after the generation prompt
 /// to the end of the turn, including its end-of-turn tokens) are the targets.
-fn chat_tokens(
-    turns: &[Turn],
-    tokenizer: &TextTokenizer,
-) -> Result<(Vec<u32>, Vec<bool>), DataError> {
-    let messages: Vec<ChatMessage> = turns
-        .iter()
-        .map(|t| ChatMessage::new(&t.role, &t.content))
-        .collect();
+fn chat_tokens(turns: &[Turn], tokenizer: &TextTokenizer) -> Result<(Vec<u32>, Vec<bool>), DataError> {
+    let messages: Vec<ChatMessage> = turns.iter().map(|t| ChatMessage::new(&t.role, &t.content)).collect();
     let render = |upto: usize, generation_prompt: bool| {
-        tokenizer
-            .apply_chat_template(&messages[..upto], generation_prompt)
-            .map_err(|e| DataError::Template(e.to_string()))
+        tokenizer.apply_chat_template(&messages[..upto], generation_prompt).map_err(|e| DataError::Template(e.to_string()))
     };
     let mut segments: Vec<(String, bool)> = Vec::new();
     let mut done = String::new();
@@ -182,11 +151,7 @@ fn chat_tokens(
 }
 
 /// Tokenizes every example.
-pub fn tokenize_all(
-    examples: &[Example],
-    tokenizer: &TextTokenizer,
-    limits: &Limits,
-) -> Result<TokenizeReport, DataError> {
+pub fn tokenize_all(examples: &[Example], tokenizer: &TextTokenizer, limits: &Limits) -> Result<TokenizeReport, DataError> {
     let mut out = Vec::with_capacity(examples.len());
     let (mut truncated, mut dropped) = (0, 0);
     for example in examples {
@@ -200,9 +165,5 @@ pub fn tokenize_all(
     if out.is_empty() {
         return Err(DataError::NothingToTrain { dropped });
     }
-    Ok(TokenizeReport {
-        examples: out,
-        truncated,
-        dropped,
-    })
+    Ok(TokenizeReport { examples: out, truncated, dropped })
 }

@@ -54,30 +54,15 @@ fn random_weight(rows: usize, cols: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
-fn linear(
-    rows: usize,
-    cols: usize,
-    seed: u64,
-    nf4: bool,
-    dense_dtype: DType,
-    device: &Device,
-) -> (LoraLinear, usize) {
+fn linear(rows: usize, cols: usize, seed: u64, nf4: bool, dense_dtype: DType, device: &Device) -> (LoraLinear, usize) {
     let values = random_weight(rows, cols, seed);
     if nf4 {
-        let q =
-            QuantizedWeight::quantize("w", &values, &[rows, cols], &QuantConfig::new()).unwrap();
+        let q = QuantizedWeight::quantize("w", &values, &[rows, cols], &QuantConfig::new()).unwrap();
         let bytes = q.stored_bytes();
-        (
-            LoraLinear::frozen(FrozenLinear::quantized(q.to_device(device), None)),
-            bytes,
-        )
+        (LoraLinear::frozen(FrozenLinear::quantized(q.to_device(device), None)), bytes)
     } else {
-        let w =
-            Tensor::<2>::from_data(TensorData::new(values, [rows, cols]), device).cast(dense_dtype);
-        (
-            LoraLinear::frozen(FrozenLinear::dense(w, None)),
-            rows * cols * dense_dtype.size(),
-        )
+        let w = Tensor::<2>::from_data(TensorData::new(values, [rows, cols]), device).cast(dense_dtype);
+        (LoraLinear::frozen(FrozenLinear::dense(w, None)), rows * cols * dense_dtype.size())
     }
 }
 
@@ -98,24 +83,9 @@ fn layer(nf4: bool, dtype: DType, device: &Device) -> (DecoderLayer, usize) {
         num_kv_heads: HEADS,
         head_dim,
     };
-    let mlp = Mlp {
-        gate_proj: make(MLP, HIDDEN, 5),
-        up_proj: make(MLP, HIDDEN, 6),
-        down_proj: make(HIDDEN, MLP, 7),
-    };
-    let norm = || RmsNorm {
-        weight: Tensor::<1>::ones([HIDDEN], device).cast(dtype),
-        eps: 1e-5,
-    };
-    (
-        DecoderLayer {
-            input_layernorm: norm(),
-            self_attn,
-            post_attention_layernorm: norm(),
-            mlp,
-        },
-        bytes,
-    )
+    let mlp = Mlp { gate_proj: make(MLP, HIDDEN, 5), up_proj: make(MLP, HIDDEN, 6), down_proj: make(HIDDEN, MLP, 7) };
+    let norm = || RmsNorm { weight: Tensor::<1>::ones([HIDDEN], device).cast(dtype), eps: 1e-5 };
+    (DecoderLayer { input_layernorm: norm(), self_attn, post_attention_layernorm: norm(), mlp }, bytes)
 }
 
 fn mib(b: usize) -> String {
@@ -135,25 +105,14 @@ fn measure(nf4: bool, dtype: DType) {
         ("up", &mut layer.mlp.up_proj),
         ("down", &mut layer.mlp.down_proj),
     ] {
-        l.adapter = Some(
-            lora.init_adapter(name, l.in_features(), l.out_features(), &device)
-                .unwrap(),
-        );
+        l.adapter = Some(lora.init_adapter(name, l.in_features(), l.out_features(), &device).unwrap());
     }
-    let config = LlamaConfig::new()
-        .with_hidden_size(HIDDEN)
-        .with_num_attention_heads(HEADS)
-        .with_num_key_value_heads(HEADS);
+    let config = LlamaConfig::new().with_hidden_size(HIDDEN).with_num_attention_heads(HEADS).with_num_key_value_heads(HEADS);
     let rotary = Rotary::new(&config);
     let (cos, sin) = rotary.tables(0, TOKENS, dtype, &device);
-    let mask_values: Vec<bool> = (0..TOKENS)
-        .flat_map(|i| (0..TOKENS).map(move |j| j > i))
-        .collect();
-    let mask =
-        Tensor::<2, Bool>::from_data(TensorData::new(mask_values, [TOKENS, TOKENS]), &device);
-    let x = Tensor::<3>::random([1, TOKENS, HIDDEN], Distribution::Normal(0.0, 1.0), &device)
-        .cast(dtype)
-        .require_grad();
+    let mask_values: Vec<bool> = (0..TOKENS).flat_map(|i| (0..TOKENS).map(move |j| j > i)).collect();
+    let mask = Tensor::<2, Bool>::from_data(TensorData::new(mask_values, [TOKENS, TOKENS]), &device);
+    let x = Tensor::<3>::random([1, TOKENS, HIDDEN], Distribution::Normal(0.0, 1.0), &device).cast(dtype).require_grad();
     let before = LIVE.load(Ordering::Relaxed);
     let y = layer.forward(x.clone(), &cos, &sin, &mask, None);
     let between = LIVE.load(Ordering::Relaxed);
@@ -176,12 +135,8 @@ fn measure(nf4: bool, dtype: DType) {
 }
 
 fn main() {
-    println!(
-        "Llama-7B decoder layer, LoRA r=64 on all 7 projections, input [1, {TOKENS}, {HIDDEN}], flex backend"
-    );
-    println!(
-        "| base | weight bytes | live before forward | held between forward and backward | backward peak above the start |"
-    );
+    println!("Llama-7B decoder layer, LoRA r=64 on all 7 projections, input [1, {TOKENS}, {HIDDEN}], flex backend");
+    println!("| base | weight bytes | live before forward | held between forward and backward | backward peak above the start |");
     println!("|---|---|---|---|---|");
     measure(true, DType::F32);
     measure(false, DType::F32);

@@ -13,7 +13,7 @@
 //! RAYON_NUM_THREADS sets the thread count.
 
 use burn::tensor::{Bool, Device, Distribution, Tensor, TensorData};
-use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use llama::{Attention, LlamaConfig, RmsNorm, Rotary};
 use lora::{FrozenLinear, LoraConfig, LoraLinear};
 use quant::{QuantConfig, QuantizedWeight};
@@ -38,19 +38,9 @@ fn random_weight(rows: usize, cols: usize, seed: u64) -> Vec<f32> {
 }
 
 fn qlora_linear(rows: usize, cols: usize, seed: u64, name: &str, device: &Device) -> LoraLinear {
-    let q = QuantizedWeight::quantize(
-        "w",
-        &random_weight(rows, cols, seed),
-        &[rows, cols],
-        &QuantConfig::new(),
-    )
-    .unwrap();
+    let q = QuantizedWeight::quantize("w", &random_weight(rows, cols, seed), &[rows, cols], &QuantConfig::new()).unwrap();
     let mut layer = LoraLinear::frozen(FrozenLinear::quantized(q.to_device(device), None));
-    layer.adapter = Some(
-        LoraConfig::new()
-            .init_adapter(name, cols, rows, device)
-            .unwrap(),
-    );
+    layer.adapter = Some(LoraConfig::new().init_adapter(name, cols, rows, device).unwrap());
     layer
 }
 
@@ -62,26 +52,17 @@ fn bench(c: &mut Criterion) {
     group.sample_size(10);
     let cpu = Device::flex();
     let x = Tensor::<2>::random([TOKENS, HIDDEN], Distribution::Normal(0.0, 1.0), &cpu);
-    let w = Tensor::<2>::from_data(
-        TensorData::new(random_weight(MLP, HIDDEN, 1), [MLP, HIDDEN]),
-        &cpu,
-    )
-    .transpose();
+    let w = Tensor::<2>::from_data(TensorData::new(random_weight(MLP, HIDDEN, 1), [MLP, HIDDEN]), &cpu).transpose();
     group.throughput(Throughput::Elements(flops));
-    group.bench_function("matmul_f32", |b| {
-        b.iter(|| x.clone().matmul(w.clone()).into_data())
-    });
+    group.bench_function("matmul_f32", |b| b.iter(|| x.clone().matmul(w.clone()).into_data()));
 
     let layer = qlora_linear(MLP, HIDDEN, 1, "gate_proj", &cpu);
     group.throughput(Throughput::Elements(flops + lora_flops));
-    group.bench_function("qlora_forward", |b| {
-        b.iter(|| layer.forward(x.clone()).into_data())
-    });
+    group.bench_function("qlora_forward", |b| b.iter(|| layer.forward(x.clone()).into_data()));
 
     let ad = cpu.clone().autodiff();
     let layer = qlora_linear(MLP, HIDDEN, 1, "gate_proj", &ad);
-    let xa =
-        Tensor::<2>::random([TOKENS, HIDDEN], Distribution::Normal(0.0, 1.0), &ad).require_grad();
+    let xa = Tensor::<2>::random([TOKENS, HIDDEN], Distribution::Normal(0.0, 1.0), &ad).require_grad();
     // forward, input gradient (same size as the forward) and the LoRA gradients (twice the LoRA forward)
     group.throughput(Throughput::Elements(2 * flops + 3 * lora_flops));
     group.bench_function("qlora_forward_backward", |b| {
@@ -105,23 +86,14 @@ fn bench(c: &mut Criterion) {
         head_dim,
     };
     let seq = TOKENS / BATCH;
-    let config = LlamaConfig::new()
-        .with_hidden_size(HIDDEN)
-        .with_num_attention_heads(HEADS)
-        .with_num_key_value_heads(KV_HEADS);
+    let config = LlamaConfig::new().with_hidden_size(HIDDEN).with_num_attention_heads(HEADS).with_num_key_value_heads(KV_HEADS);
     let (cos, sin) = Rotary::new(&config).tables(0, seq, burn::tensor::DType::F32, &ad);
-    let mask_values: Vec<bool> = (0..seq)
-        .flat_map(|i| (0..seq).map(move |j| j > i))
-        .collect();
+    let mask_values: Vec<bool> = (0..seq).flat_map(|i| (0..seq).map(move |j| j > i)).collect();
     let mask = Tensor::<2, Bool>::from_data(TensorData::new(mask_values, [seq, seq]), &ad);
-    let x3 = Tensor::<3>::random([BATCH, seq, HIDDEN], Distribution::Normal(0.0, 1.0), &ad)
-        .require_grad();
+    let x3 = Tensor::<3>::random([BATCH, seq, HIDDEN], Distribution::Normal(0.0, 1.0), &ad).require_grad();
     group.bench_function("forward_backward", |b| {
         b.iter(|| {
-            let g = attn
-                .forward(x3.clone(), &cos, &sin, &mask, None)
-                .sum()
-                .backward();
+            let g = attn.forward(x3.clone(), &cos, &sin, &mask, None).sum().backward();
             x3.grad(&g).unwrap().into_data()
         })
     });
@@ -129,10 +101,7 @@ fn bench(c: &mut Criterion) {
 
     let mut group = c.benchmark_group("rms_norm_4x256x576");
     group.sample_size(20);
-    let norm = RmsNorm {
-        weight: Tensor::<1>::ones([HIDDEN], &ad),
-        eps: 1e-5,
-    };
+    let norm = RmsNorm { weight: Tensor::<1>::ones([HIDDEN], &ad), eps: 1e-5 };
     group.throughput(Throughput::Bytes((TOKENS * HIDDEN * 4) as u64));
     group.bench_function("forward_backward", |b| {
         b.iter(|| {

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use burn::tensor::{DType, Device};
-use lora::peft::{PeftAdapter, StoredAdapter, read_peft_adapter, write_peft_adapter};
+use lora::peft::{read_peft_adapter, write_peft_adapter, PeftAdapter, StoredAdapter};
 use lora::{LoraAdapter, LoraConfig, LoraError, LoraLinear};
 
 use crate::LlamaModel;
@@ -19,10 +19,7 @@ impl LlamaModel {
         let mut out = Vec::new();
         for (i, layer) in self.layers.iter().enumerate() {
             let a = &layer.self_attn;
-            for (name, l) in ATTENTION
-                .iter()
-                .zip([&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj])
-            {
+            for (name, l) in ATTENTION.iter().zip([&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj]) {
                 out.push((format!("model.layers.{i}.self_attn.{name}"), l));
             }
             let m = &layer.mlp;
@@ -38,18 +35,11 @@ impl LlamaModel {
         let mut out = Vec::new();
         for (i, layer) in self.layers.iter_mut().enumerate() {
             let a = &mut layer.self_attn;
-            for (name, l) in
-                ATTENTION
-                    .iter()
-                    .zip([&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.o_proj])
-            {
+            for (name, l) in ATTENTION.iter().zip([&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.o_proj]) {
                 out.push((format!("model.layers.{i}.self_attn.{name}"), l));
             }
             let m = &mut layer.mlp;
-            for (name, l) in MLP
-                .iter()
-                .zip([&mut m.gate_proj, &mut m.up_proj, &mut m.down_proj])
-            {
+            for (name, l) in MLP.iter().zip([&mut m.gate_proj, &mut m.up_proj, &mut m.down_proj]) {
                 out.push((format!("model.layers.{i}.mlp.{name}"), l));
             }
         }
@@ -62,20 +52,12 @@ impl LlamaModel {
         let mut count = 0;
         for (name, linear) in self.linears_mut() {
             if config.target_modules.matches(&name, false)? {
-                linear.adapter = Some(config.init_adapter(
-                    &name,
-                    linear.in_features(),
-                    linear.out_features(),
-                    device,
-                )?);
+                linear.adapter = Some(config.init_adapter(&name, linear.in_features(), linear.out_features(), device)?);
                 count += 1;
             }
         }
         if count == 0 {
-            return Err(LoraError::Config(format!(
-                "target_modules {:?} match no linear layer of the model",
-                config.target_modules
-            )));
+            return Err(LoraError::Config(format!("target_modules {:?} match no linear layer of the model", config.target_modules)));
         }
         Ok(count)
     }
@@ -85,14 +67,10 @@ impl LlamaModel {
         let adapter = read_peft_adapter(dir)?;
         let device = self.device();
         let scaling = adapter.config.scaling();
-        let mut linears: BTreeMap<String, &mut LoraLinear> =
-            self.linears_mut().into_iter().collect();
+        let mut linears: BTreeMap<String, &mut LoraLinear> = self.linears_mut().into_iter().collect();
         for (module, stored) in &adapter.modules {
             let linear = linears.get_mut(module).ok_or_else(|| {
-                LoraError::Adapter(format!(
-                    "{}: module `{module}` is not a linear layer of this model",
-                    dir.display()
-                ))
+                LoraError::Adapter(format!("{}: module `{module}` is not a linear layer of this model", dir.display()))
             })?;
             let (r, a_in) = (stored.a.1[0], stored.a.1[1]);
             let (b_out, b_r) = (stored.b.1[0], stored.b.1[1]);
@@ -106,50 +84,25 @@ impl LlamaModel {
                     linear.out_features()
                 )));
             }
-            linear.adapter = Some(LoraAdapter::from_values(
-                stored.a.clone(),
-                stored.b.clone(),
-                scaling,
-                adapter.config.dropout,
-                &device,
-            ));
+            linear.adapter = Some(LoraAdapter::from_values(stored.a.clone(), stored.b.clone(), scaling, adapter.config.dropout, &device));
         }
         Ok(adapter)
     }
 
     /// Writes the model's adapters as a PEFT adapter directory.
-    pub fn save_peft_adapter(
-        &self,
-        dir: &Path,
-        config: &LoraConfig,
-        base_model_name_or_path: Option<&str>,
-    ) -> Result<usize, LoraError> {
+    pub fn save_peft_adapter(&self, dir: &Path, config: &LoraConfig, base_model_name_or_path: Option<&str>) -> Result<usize, LoraError> {
         let mut modules = BTreeMap::new();
         for (name, linear) in self.linears() {
             if let Some(adapter) = &linear.adapter {
                 let values = |t: burn::tensor::Tensor<2>| -> (Vec<f32>, [usize; 2]) {
                     let dims = t.dims();
-                    (
-                        t.cast(DType::F32)
-                            .into_data()
-                            .try_into_vec::<f32>()
-                            .expect("f32"),
-                        dims,
-                    )
+                    (t.cast(DType::F32).into_data().try_into_vec::<f32>().expect("f32"), dims)
                 };
-                modules.insert(
-                    name,
-                    StoredAdapter {
-                        a: values(adapter.lora_a.val()),
-                        b: values(adapter.lora_b.val()),
-                    },
-                );
+                modules.insert(name, StoredAdapter { a: values(adapter.lora_a.val()), b: values(adapter.lora_b.val()) });
             }
         }
         if modules.is_empty() {
-            return Err(LoraError::Adapter(
-                "the model has no adapters to save".into(),
-            ));
+            return Err(LoraError::Adapter("the model has no adapters to save".into()));
         }
         let count = modules.len();
         write_peft_adapter(dir, config, base_model_name_or_path, &modules)?;

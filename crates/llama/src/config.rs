@@ -66,18 +66,12 @@ pub struct LlamaConfig {
 
 impl LlamaConfig {
     pub fn head_dim(&self) -> usize {
-        self.head_dim
-            .unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
+        self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
     }
 
     /// Checks the shape relations the model relies on.
     pub fn validate(&self, source: &str) -> Result<(), LlamaError> {
-        let bad = |reason: String| {
-            Err(LlamaError::InvalidConfig {
-                file: source.to_string(),
-                reason,
-            })
-        };
+        let bad = |reason: String| Err(LlamaError::InvalidConfig { file: source.to_string(), reason });
         for (name, v) in [
             ("vocab_size", self.vocab_size),
             ("hidden_size", self.hidden_size),
@@ -102,21 +96,9 @@ impl LlamaConfig {
             }
         }
         for (what, a, b) in [
-            (
-                "num_attention_heads × head_dim",
-                self.num_attention_heads,
-                self.head_dim(),
-            ),
-            (
-                "vocab_size × hidden_size",
-                self.vocab_size,
-                self.hidden_size,
-            ),
-            (
-                "intermediate_size × hidden_size",
-                self.intermediate_size,
-                self.hidden_size,
-            ),
+            ("num_attention_heads × head_dim", self.num_attention_heads, self.head_dim()),
+            ("vocab_size × hidden_size", self.vocab_size, self.hidden_size),
+            ("intermediate_size × hidden_size", self.intermediate_size, self.hidden_size),
         ] {
             if a.checked_mul(b).is_none_or(|n| n > 1 << 36) {
                 return bad(format!("{what} = {a} × {b} is too large"));
@@ -129,16 +111,10 @@ impl LlamaConfig {
             ));
         }
         if self.head_dim() % 2 != 0 {
-            return bad(format!(
-                "head_dim {} must be even for rotary embeddings",
-                self.head_dim()
-            ));
+            return bad(format!("head_dim {} must be even for rotary embeddings", self.head_dim()));
         }
         if self.head_dim.is_none() && self.hidden_size % self.num_attention_heads != 0 {
-            return bad(format!(
-                "hidden_size {} is not divisible by num_attention_heads {}",
-                self.hidden_size, self.num_attention_heads
-            ));
+            return bad(format!("hidden_size {} is not divisible by num_attention_heads {}", self.hidden_size, self.num_attention_heads));
         }
         if !(self.rms_norm_eps > 0.0) || !(self.rope_theta > 0.0) {
             return bad("rms_norm_eps and rope_theta must be positive".into());
@@ -150,14 +126,8 @@ impl LlamaConfig {
     /// transformers 5: `rope_parameters`, `dtype`).
     pub fn from_hf_config(path: &Path) -> Result<Self, LlamaError> {
         let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| LlamaError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let value: Value = serde_json::from_str(&text).map_err(|e| LlamaError::InvalidConfig {
-            file: file.clone(),
-            reason: e.to_string(),
-        })?;
+        let text = std::fs::read_to_string(path).map_err(|source| LlamaError::Io { path: path.to_path_buf(), source })?;
+        let value: Value = serde_json::from_str(&text).map_err(|e| LlamaError::InvalidConfig { file: file.clone(), reason: e.to_string() })?;
         let config = Self::from_hf_json(&value, &file)?;
         config.validate(&file)?;
         Ok(config)
@@ -165,71 +135,46 @@ impl LlamaConfig {
 
     /// Builds the config from parsed HF JSON; `file` labels errors.
     pub fn from_hf_json(v: &Value, file: &str) -> Result<Self, LlamaError> {
-        let bad = |reason: String| LlamaError::InvalidConfig {
-            file: file.to_string(),
-            reason,
-        };
+        let bad = |reason: String| LlamaError::InvalidConfig { file: file.to_string(), reason };
         if !v.is_object() {
             return Err(bad("config.json is not a JSON object".into()));
         }
-        let model_type = v
-            .get("model_type")
-            .and_then(Value::as_str)
-            .unwrap_or("llama");
+        let model_type = v.get("model_type").and_then(Value::as_str).unwrap_or("llama");
         const SUPPORTED: &[&str] = &["llama", "mistral", "qwen2", "smollm", "smollm3"];
         if !SUPPORTED.contains(&model_type) {
-            return Err(bad(format!(
-                "model_type `{model_type}` is not a Llama-family decoder (supported: {SUPPORTED:?})"
-            )));
+            return Err(bad(format!("model_type `{model_type}` is not a Llama-family decoder (supported: {SUPPORTED:?})")));
         }
         let req = |key: &str| -> Result<usize, LlamaError> {
             match v.get(key) {
-                Some(x) => x.as_u64().map(|n| n as usize).ok_or_else(|| {
-                    bad(format!("`{key}` must be a non-negative integer, found {x}"))
-                }),
+                Some(x) => x.as_u64().map(|n| n as usize).ok_or_else(|| bad(format!("`{key}` must be a non-negative integer, found {x}"))),
                 None => Err(bad(format!("missing `{key}`"))),
             }
         };
         let opt_usize = |key: &str| -> Result<Option<usize>, LlamaError> {
             match v.get(key) {
                 None | Some(Value::Null) => Ok(None),
-                Some(x) => x.as_u64().map(|n| Some(n as usize)).ok_or_else(|| {
-                    bad(format!("`{key}` must be a non-negative integer, found {x}"))
-                }),
+                Some(x) => x.as_u64().map(|n| Some(n as usize)).ok_or_else(|| bad(format!("`{key}` must be a non-negative integer, found {x}"))),
             }
         };
         let opt_f64 = |obj: &Value, key: &str| -> Result<Option<f64>, LlamaError> {
             match obj.get(key) {
                 None | Some(Value::Null) => Ok(None),
-                Some(x) => x
-                    .as_f64()
-                    .map(Some)
-                    .ok_or_else(|| bad(format!("`{key}` must be a number, found {x}"))),
+                Some(x) => x.as_f64().map(Some).ok_or_else(|| bad(format!("`{key}` must be a number, found {x}"))),
             }
         };
         let heads = req("num_attention_heads")?;
         // transformers 5 keeps RoPE under rope_parameters; 4 keeps rope_theta at the top and rope_scaling beside it.
         let rope = v.get("rope_parameters").filter(|r| r.is_object());
-        let rope_theta = rope
-            .map(|r| opt_f64(r, "rope_theta"))
-            .transpose()?
-            .flatten()
-            .or(opt_f64(v, "rope_theta")?)
-            .unwrap_or(10000.0);
+        let rope_theta = rope.map(|r| opt_f64(r, "rope_theta")).transpose()?.flatten().or(opt_f64(v, "rope_theta")?).unwrap_or(10000.0);
         let scaling_obj = rope.or_else(|| v.get("rope_scaling").filter(|r| r.is_object()));
         let rope_scaling = match scaling_obj {
             None => None,
             Some(r) => {
-                let kind = r
-                    .get("rope_type")
-                    .or_else(|| r.get("type"))
-                    .and_then(Value::as_str)
-                    .unwrap_or("default");
+                let kind = r.get("rope_type").or_else(|| r.get("type")).and_then(Value::as_str).unwrap_or("default");
                 match kind {
                     "default" => None,
                     "llama3" => Some(Llama3RopeScaling {
-                        factor: opt_f64(r, "factor")?
-                            .ok_or_else(|| bad("llama3 rope scaling without `factor`".into()))?,
+                        factor: opt_f64(r, "factor")?.ok_or_else(|| bad("llama3 rope scaling without `factor`".into()))?,
                         low_freq_factor: opt_f64(r, "low_freq_factor")?.unwrap_or(1.0),
                         high_freq_factor: opt_f64(r, "high_freq_factor")?.unwrap_or(4.0),
                         original_max_position_embeddings: r
@@ -238,25 +183,14 @@ impl LlamaConfig {
                             .map(|n| n as usize)
                             .unwrap_or(8192),
                     }),
-                    other => {
-                        return Err(bad(format!(
-                            "rope type `{other}` is not supported (default and llama3 are)"
-                        )));
-                    }
+                    other => return Err(bad(format!("rope type `{other}` is not supported (default and llama3 are)"))),
                 }
             }
         };
-        let attention_bias = v
-            .get("attention_bias")
-            .and_then(Value::as_bool)
-            .unwrap_or(false);
+        let attention_bias = v.get("attention_bias").and_then(Value::as_bool).unwrap_or(false);
         let eos_token_ids = match v.get("eos_token_id") {
             Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-            Some(Value::Array(items)) => items
-                .iter()
-                .filter_map(Value::as_u64)
-                .map(|x| x as u32)
-                .collect(),
+            Some(Value::Array(items)) => items.iter().filter_map(Value::as_u64).map(|x| x as u32).collect(),
             _ => Vec::new(),
         };
         Ok(LlamaConfig {
@@ -271,17 +205,11 @@ impl LlamaConfig {
             rope_theta,
             rope_scaling,
             max_position_embeddings: opt_usize("max_position_embeddings")?.unwrap_or(4096),
-            tie_word_embeddings: v
-                .get("tie_word_embeddings")
-                .and_then(Value::as_bool)
-                .unwrap_or(false),
+            tie_word_embeddings: v.get("tie_word_embeddings").and_then(Value::as_bool).unwrap_or(false),
             qkv_bias: model_type == "qwen2" || attention_bias,
             o_bias: attention_bias,
             mlp_bias: v.get("mlp_bias").and_then(Value::as_bool).unwrap_or(false),
-            bos_token_id: v
-                .get("bos_token_id")
-                .and_then(Value::as_u64)
-                .map(|x| x as u32),
+            bos_token_id: v.get("bos_token_id").and_then(Value::as_u64).map(|x| x as u32),
             eos_token_ids,
         })
     }
@@ -312,35 +240,15 @@ mod tests {
     #[test]
     fn bad_configs_name_the_field() {
         let missing = json!({"vocab_size": 10, "hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2});
-        let e = LlamaConfig::from_hf_json(&missing, "c.json")
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains("c.json") && e.contains("intermediate_size"),
-            "{e}"
-        );
+        let e = LlamaConfig::from_hf_json(&missing, "c.json").unwrap_err().to_string();
+        assert!(e.contains("c.json") && e.contains("intermediate_size"), "{e}");
         let wrong = json!({"vocab_size": "ten", "hidden_size": 8, "intermediate_size": 1, "num_hidden_layers": 1, "num_attention_heads": 2});
-        assert!(
-            LlamaConfig::from_hf_json(&wrong, "c.json")
-                .unwrap_err()
-                .to_string()
-                .contains("vocab_size")
-        );
+        assert!(LlamaConfig::from_hf_json(&wrong, "c.json").unwrap_err().to_string().contains("vocab_size"));
         let gqa = json!({"vocab_size": 10, "hidden_size": 12, "intermediate_size": 1, "num_hidden_layers": 1,
             "num_attention_heads": 3, "num_key_value_heads": 2});
         let c = LlamaConfig::from_hf_json(&gqa, "c.json").unwrap();
-        assert!(
-            c.validate("c.json")
-                .unwrap_err()
-                .to_string()
-                .contains("multiple")
-        );
+        assert!(c.validate("c.json").unwrap_err().to_string().contains("multiple"));
         let other = json!({"model_type": "gpt2"});
-        assert!(
-            LlamaConfig::from_hf_json(&other, "c.json")
-                .unwrap_err()
-                .to_string()
-                .contains("gpt2")
-        );
+        assert!(LlamaConfig::from_hf_json(&other, "c.json").unwrap_err().to_string().contains("gpt2"));
     }
 }

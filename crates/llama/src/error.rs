@@ -16,12 +16,7 @@ pub enum LlamaError {
     #[error("{file}: missing tensor `{tensor}`")]
     MissingTensor { file: String, tensor: String },
     #[error("{file}: tensor `{tensor}` has shape {found:?}, but the config needs {expected:?}")]
-    ShapeMismatch {
-        file: String,
-        tensor: String,
-        expected: Vec<usize>,
-        found: Vec<usize>,
-    },
+    ShapeMismatch { file: String, tensor: String, expected: Vec<usize>, found: Vec<usize> },
     #[error(transparent)]
     Quant(#[from] quant::QuantError),
     #[error(transparent)]

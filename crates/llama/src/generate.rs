@@ -54,10 +54,7 @@ pub fn generate(
         return Err(LlamaError::Generation("the prompt is empty".into()));
     }
     if let Some(&id) = prompt.iter().find(|&&id| id as usize >= model.vocab_size) {
-        return Err(LlamaError::TokenOutOfRange {
-            id,
-            vocab: model.vocab_size,
-        });
+        return Err(LlamaError::TokenOutOfRange { id, vocab: model.vocab_size });
     }
     let mut rng = StdRng::seed_from_u64(config.seed);
     let mut cache = model.new_cache();
@@ -91,21 +88,11 @@ fn last_logits(model: &LlamaModel, ids: &[u32], cache: Option<&mut crate::KvCach
     let hidden = model.forward_hidden(input, cache);
     let [_, t, h] = hidden.dims();
     let last = hidden.narrow(1, t - 1, 1).reshape([1, 1, h]);
-    model
-        .logits(last)
-        .cast(burn::tensor::DType::F32)
-        .into_data()
-        .try_into_vec::<f32>()
-        .expect("f32 logits")
+    model.logits(last).cast(burn::tensor::DType::F32).into_data().try_into_vec::<f32>().expect("f32 logits")
 }
 
 /// Applies the penalty, temperature, top-k and top-p to `logits` and picks a token.
-pub fn pick(
-    mut logits: Vec<f32>,
-    context: &[u32],
-    config: &SamplingConfig,
-    rng: &mut impl Rng,
-) -> u32 {
+pub fn pick(mut logits: Vec<f32>, context: &[u32], config: &SamplingConfig, rng: &mut impl Rng) -> u32 {
     if config.repetition_penalty != 1.0 {
         let p = config.repetition_penalty as f32;
         let mut seen = std::collections::HashSet::new();
@@ -126,10 +113,7 @@ pub fn pick(
         order.truncate(config.top_k);
     }
     let max = logits[order[0]] / t;
-    let mut probs: Vec<f64> = order
-        .iter()
-        .map(|&i| ((logits[i] / t - max) as f64).exp())
-        .collect();
+    let mut probs: Vec<f64> = order.iter().map(|&i| ((logits[i] / t - max) as f64).exp()).collect();
     let total: f64 = probs.iter().sum();
     probs.iter_mut().for_each(|p| *p /= total);
     if config.top_p < 1.0 {

@@ -24,5 +24,5 @@ pub mod tokenizer;
 
 pub use config::{Llama3RopeScaling, LlamaConfig};
 pub use error::LlamaError;
-pub use load::{GgufWeights, LoadOptions, LoadedModel, WeightSource, load, load_hf};
+pub use load::{load, load_hf, GgufWeights, LoadOptions, LoadedModel, WeightSource};
 pub use model::{Attention, DecoderLayer, KvCache, LlamaModel, Mlp, RmsNorm, Rotary};

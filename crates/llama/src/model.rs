@@ -38,26 +38,15 @@ impl Rotary {
         let dim = config.head_dim();
         // HF: 1 / base ** (arange(0, dim, 2).float() / dim), float32.
         let base = config.rope_theta as f32;
-        let mut inv_freq: Vec<f32> = (0..dim / 2)
-            .map(|i| 1.0 / base.powf((2 * i) as f32 / dim as f32))
-            .collect();
+        let mut inv_freq: Vec<f32> = (0..dim / 2).map(|i| 1.0 / base.powf((2 * i) as f32 / dim as f32)).collect();
         if let Some(scaling) = &config.rope_scaling {
             llama3_scale(&mut inv_freq, scaling);
         }
-        Rotary {
-            inv_freq,
-            head_dim: dim,
-        }
+        Rotary { inv_freq, head_dim: dim }
     }
 
     /// `(cos, sin)` of shape `[len, head_dim]` for positions `start..start + len`, in `dtype`.
-    pub fn tables(
-        &self,
-        start: usize,
-        len: usize,
-        dtype: DType,
-        device: &Device,
-    ) -> (Tensor<2>, Tensor<2>) {
+    pub fn tables(&self, start: usize, len: usize, dtype: DType, device: &Device) -> (Tensor<2>, Tensor<2>) {
         let half = self.head_dim / 2;
         let mut cos = Vec::with_capacity(len * self.head_dim);
         let mut sin = Vec::with_capacity(len * self.head_dim);
@@ -69,9 +58,7 @@ impl Rotary {
             }
         }
         debug_assert_eq!(cos.len(), len * 2 * half);
-        let make = |v: Vec<f32>| {
-            Tensor::<2>::from_data(TensorData::new(v, [len, self.head_dim]), device).cast(dtype)
-        };
+        let make = |v: Vec<f32>| Tensor::<2>::from_data(TensorData::new(v, [len, self.head_dim]), device).cast(dtype);
         (make(cos), make(sin))
     }
 
@@ -97,15 +84,10 @@ fn llama3_scale(inv_freq: &mut [f32], s: &Llama3RopeScaling) {
     let factor = s.factor as f32;
     for f in inv_freq.iter_mut() {
         let wavelen = 2.0 * std::f32::consts::PI / *f;
-        let scaled = if wavelen > low_wavelen {
-            *f / factor
-        } else {
-            *f
-        };
+        let scaled = if wavelen > low_wavelen { *f / factor } else { *f };
         let medium = !(wavelen < high_wavelen) && !(wavelen > low_wavelen);
         *f = if medium {
-            let smooth = (old_context / wavelen - s.low_freq_factor as f32)
-                / (s.high_freq_factor as f32 - s.low_freq_factor as f32);
+            let smooth = (old_context / wavelen - s.low_freq_factor as f32) / (s.high_freq_factor as f32 - s.low_freq_factor as f32);
             (1.0 - smooth) * scaled / factor + smooth * scaled
         } else {
             scaled
@@ -122,10 +104,7 @@ pub struct KvCache {
 
 impl KvCache {
     pub fn new(num_layers: usize) -> Self {
-        KvCache {
-            layers: vec![None; num_layers],
-            len: 0,
-        }
+        KvCache { layers: vec![None; num_layers], len: 0 }
     }
 
     /// Positions cached.
@@ -161,31 +140,12 @@ pub struct Attention {
 
 impl Attention {
     /// `x`: `[batch, len, hidden]` at positions `start..start + len` (`start` = cached positions).
-    pub fn forward(
-        &self,
-        x: Tensor<3>,
-        cos: &Tensor<2>,
-        sin: &Tensor<2>,
-        mask: &Tensor<2, Bool>,
-        cache: Option<(&mut KvCache, usize)>,
-    ) -> Tensor<3> {
+    pub fn forward(&self, x: Tensor<3>, cos: &Tensor<2>, sin: &Tensor<2>, mask: &Tensor<2, Bool>, cache: Option<(&mut KvCache, usize)>) -> Tensor<3> {
         let [b, t, _] = x.dims();
         let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let q = self
-            .q_proj
-            .forward(x.clone())
-            .reshape([b, t, h, d])
-            .swap_dims(1, 2);
-        let k = self
-            .k_proj
-            .forward(x.clone())
-            .reshape([b, t, kvh, d])
-            .swap_dims(1, 2);
-        let v = self
-            .v_proj
-            .forward(x)
-            .reshape([b, t, kvh, d])
-            .swap_dims(1, 2);
+        let q = self.q_proj.forward(x.clone()).reshape([b, t, h, d]).swap_dims(1, 2);
+        let k = self.k_proj.forward(x.clone()).reshape([b, t, kvh, d]).swap_dims(1, 2);
+        let v = self.v_proj.forward(x).reshape([b, t, kvh, d]).swap_dims(1, 2);
         let q = Rotary::apply(q, cos, sin);
         let k = Rotary::apply(k, cos, sin);
         let (k, v) = match cache {
@@ -198,10 +158,7 @@ impl Attention {
         let scale = (d as f64).powf(-0.5);
         let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale);
         let dtype = scores.dtype();
-        let scores = scores.cast(DType::F32).mask_fill(
-            mask.clone().reshape([1, 1, t, s]).expand([b, h, t, s]),
-            f32::NEG_INFINITY,
-        );
+        let scores = scores.cast(DType::F32).mask_fill(mask.clone().reshape([1, 1, t, s]).expand([b, h, t, s]), f32::NEG_INFINITY);
         let probs = softmax(scores, 3).cast(dtype);
         let out = probs.matmul(v).swap_dims(1, 2).reshape([b, t, h * d]);
         self.o_proj.forward(out)
@@ -214,9 +171,7 @@ fn repeat_kv(x: Tensor<4>, rep: usize) -> Tensor<4> {
         return x;
     }
     let [b, kvh, s, d] = x.dims();
-    x.unsqueeze_dim::<5>(2)
-        .expand([b, kvh, rep, s, d])
-        .reshape([b, kvh * rep, s, d])
+    x.unsqueeze_dim::<5>(2).expand([b, kvh, rep, s, d]).reshape([b, kvh * rep, s, d])
 }
 
 /// SwiGLU MLP: `down(silu(gate(x)) * up(x))`.
@@ -229,8 +184,7 @@ pub struct Mlp {
 
 impl Mlp {
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        self.down_proj
-            .forward(silu(self.gate_proj.forward(x.clone())) * self.up_proj.forward(x))
+        self.down_proj.forward(silu(self.gate_proj.forward(x.clone())) * self.up_proj.forward(x))
     }
 }
 
@@ -244,18 +198,8 @@ pub struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    pub fn forward(
-        &self,
-        x: Tensor<3>,
-        cos: &Tensor<2>,
-        sin: &Tensor<2>,
-        mask: &Tensor<2, Bool>,
-        cache: Option<(&mut KvCache, usize)>,
-    ) -> Tensor<3> {
-        let h = x.clone()
-            + self
-                .self_attn
-                .forward(self.input_layernorm.forward(x), cos, sin, mask, cache);
+    pub fn forward(&self, x: Tensor<3>, cos: &Tensor<2>, sin: &Tensor<2>, mask: &Tensor<2, Bool>, cache: Option<(&mut KvCache, usize)>) -> Tensor<3> {
+        let h = x.clone() + self.self_attn.forward(self.input_layernorm.forward(x), cos, sin, mask, cache);
         h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
     }
 }
@@ -286,20 +230,14 @@ impl LlamaModel {
 
     /// Hidden states after the final norm, `[batch, len, hidden]`. With a cache, `ids` are the new tokens
     /// after the cached positions, and the cache grows by their length.
-    pub fn forward_hidden(
-        &self,
-        ids: Tensor<2, Int>,
-        mut cache: Option<&mut KvCache>,
-    ) -> Tensor<3> {
+    pub fn forward_hidden(&self, ids: Tensor<2, Int>, mut cache: Option<&mut KvCache>) -> Tensor<3> {
         let [_, t] = ids.dims();
         let start = cache.as_ref().map_or(0, |c| c.len());
         let device = self.device();
         let dtype = self.dtype();
         let (cos, sin) = self.rotary.tables(start, t, dtype, &device);
         let total = start + t;
-        let mask_values: Vec<bool> = (0..t)
-            .flat_map(|i| (0..total).map(move |j| j > start + i))
-            .collect();
+        let mask_values: Vec<bool> = (0..t).flat_map(|i| (0..total).map(move |j| j > start + i)).collect();
         let mask = Tensor::<2, Bool>::from_data(TensorData::new(mask_values, [t, total]), &device);
         let mut x = burn::tensor::module::embedding(self.embed_tokens.clone(), ids);
         for (i, layer) in self.layers.iter().enumerate() {
@@ -317,10 +255,7 @@ impl LlamaModel {
             Some(head) => head.forward(hidden),
             None => {
                 let [b, t, hd] = hidden.dims();
-                hidden
-                    .reshape([b * t, hd])
-                    .matmul(self.embed_tokens.clone().transpose())
-                    .reshape([b, t, self.vocab_size])
+                hidden.reshape([b * t, hd]).matmul(self.embed_tokens.clone().transpose()).reshape([b, t, self.vocab_size])
             }
         }
     }
@@ -340,19 +275,10 @@ impl LlamaModel {
             Some(_) => None,
         };
         match w_t {
-            Some(w_t) => crate::loss::chunked_nll_sum(
-                hidden.reshape([b * t, hd]),
-                w_t,
-                labels.reshape([b * t]),
-                mask.reshape([b * t]),
-                crate::loss::DEFAULT_CHUNK_ROWS,
-            ),
+            Some(w_t) => crate::loss::chunked_nll_sum(hidden.reshape([b * t, hd]), w_t, labels.reshape([b * t]), mask.reshape([b * t]), crate::loss::DEFAULT_CHUNK_ROWS),
             None => {
-                let log_probs =
-                    burn::tensor::activation::log_softmax(self.logits(hidden).cast(DType::F32), 2);
-                let picked = log_probs
-                    .gather(2, labels.reshape([b, t, 1]))
-                    .reshape([b, t]);
+                let log_probs = burn::tensor::activation::log_softmax(self.logits(hidden).cast(DType::F32), 2);
+                let picked = log_probs.gather(2, labels.reshape([b, t, 1])).reshape([b, t]);
                 (picked * mask).sum().neg()
             }
         }

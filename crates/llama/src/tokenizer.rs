@@ -6,7 +6,7 @@ use std::path::Path;
 
 use minijinja::syntax::SyntaxConfig;
 use minijinja::value::Serde;
-use minijinja::{Environment, Error as JinjaError, ErrorKind, context};
+use minijinja::{context, Environment, Error as JinjaError, ErrorKind};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -21,10 +21,7 @@ pub struct ChatMessage {
 
 impl ChatMessage {
     pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
-        ChatMessage {
-            role: role.into(),
-            content: content.into(),
-        }
+        ChatMessage { role: role.into(), content: content.into() }
     }
 }
 
@@ -37,10 +34,7 @@ pub struct TextTokenizer {
 }
 
 fn tok_err(file: &str, e: impl std::fmt::Display) -> LlamaError {
-    LlamaError::Tokenizer {
-        file: file.to_string(),
-        reason: e.to_string(),
-    }
+    LlamaError::Tokenizer { file: file.to_string(), reason: e.to_string() }
 }
 
 /// Runs a call into the `tokenizers` crate, turning a panic inside it (some malformed tokenizer.json files make
@@ -71,32 +65,19 @@ impl TextTokenizer {
         let path = dir.join("tokenizer.json");
         let file = path.display().to_string();
         if !path.exists() {
-            return Err(tok_err(
-                &file,
-                "not found (an HF model directory needs tokenizer.json)",
-            ));
+            return Err(tok_err(&file, "not found (an HF model directory needs tokenizer.json)"));
         }
-        let inner = guard(&file, || tokenizers::Tokenizer::from_file(&path))?
-            .map_err(|e| tok_err(&file, e))?;
+        let inner = guard(&file, || tokenizers::Tokenizer::from_file(&path))?.map_err(|e| tok_err(&file, e))?;
         let config_path = dir.join("tokenizer_config.json");
         let config: Value = if config_path.exists() {
-            let text = std::fs::read_to_string(&config_path).map_err(|source| LlamaError::Io {
-                path: config_path.clone(),
-                source,
-            })?;
-            serde_json::from_str(&text)
-                .map_err(|e| tok_err(&config_path.display().to_string(), e))?
+            let text = std::fs::read_to_string(&config_path).map_err(|source| LlamaError::Io { path: config_path.clone(), source })?;
+            serde_json::from_str(&text).map_err(|e| tok_err(&config_path.display().to_string(), e))?
         } else {
             Value::Null
         };
         let jinja = dir.join("chat_template.jinja");
         let chat_template = if jinja.exists() {
-            Some(
-                std::fs::read_to_string(&jinja).map_err(|source| LlamaError::Io {
-                    path: jinja.clone(),
-                    source,
-                })?,
-            )
+            Some(std::fs::read_to_string(&jinja).map_err(|source| LlamaError::Io { path: jinja.clone(), source })?)
         } else {
             match config.get("chat_template") {
                 Some(Value::String(s)) => Some(s.clone()),
@@ -120,25 +101,18 @@ impl TextTokenizer {
     /// The tokenizer and chat template stored in a GGUF file's metadata.
     pub fn from_gguf(file: &crate::gguf::GgufFile) -> Result<Self, LlamaError> {
         let t = crate::gguf_tokenizer::tokenizer_from_gguf(file)?;
-        Ok(TextTokenizer {
-            inner: t.tokenizer,
-            chat_template: t.chat_template,
-            bos_token: t.bos_token,
-            eos_token: t.eos_token,
-        })
+        Ok(TextTokenizer { inner: t.tokenizer, chat_template: t.chat_template, bos_token: t.bos_token, eos_token: t.eos_token })
     }
 
     /// Token ids of `text`; `add_special_tokens` as transformers' argument of that name.
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, LlamaError> {
-        let encoding = guard("tokenizer", || self.inner.encode(text, add_special_tokens))?
-            .map_err(|e| tok_err("tokenizer", e))?;
+        let encoding = guard("tokenizer", || self.inner.encode(text, add_special_tokens))?.map_err(|e| tok_err("tokenizer", e))?;
         Ok(encoding.get_ids().to_vec())
     }
 
     /// Text of `ids`.
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String, LlamaError> {
-        guard("tokenizer", || self.inner.decode(ids, skip_special_tokens))?
-            .map_err(|e| tok_err("tokenizer", e))
+        guard("tokenizer", || self.inner.decode(ids, skip_special_tokens))?.map_err(|e| tok_err("tokenizer", e))
     }
 
     /// The id of a token string, if it is in the vocabulary.
@@ -150,13 +124,7 @@ impl TextTokenizer {
     /// where the vocabulary has them, plus `extra`.
     pub fn stop_ids(&self, extra: &[u32]) -> Vec<u32> {
         let mut ids: Vec<u32> = extra.to_vec();
-        let names = self.eos_token.iter().map(String::as_str).chain([
-            "<|im_end|>",
-            "<|eot_id|>",
-            "<|end_of_text|>",
-            "</s>",
-            "<|endoftext|>",
-        ]);
+        let names = self.eos_token.iter().map(String::as_str).chain(["<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "</s>", "<|endoftext|>"]);
         for name in names {
             if let Some(id) = self.token_id(name) {
                 if !ids.contains(&id) {
@@ -169,22 +137,9 @@ impl TextTokenizer {
 
     /// Renders `messages` with the model's chat template, as `tokenizer.apply_chat_template(messages,
     /// tokenize=False, add_generation_prompt=...)` does.
-    pub fn apply_chat_template(
-        &self,
-        messages: &[ChatMessage],
-        add_generation_prompt: bool,
-    ) -> Result<String, LlamaError> {
-        let template = self
-            .chat_template
-            .as_deref()
-            .ok_or_else(|| tok_err("tokenizer", "the model has no chat template"))?;
-        render_chat_template(
-            template,
-            messages,
-            add_generation_prompt,
-            self.bos_token.as_deref(),
-            self.eos_token.as_deref(),
-        )
+    pub fn apply_chat_template(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String, LlamaError> {
+        let template = self.chat_template.as_deref().ok_or_else(|| tok_err("tokenizer", "the model has no chat template"))?;
+        render_chat_template(template, messages, add_generation_prompt, self.bos_token.as_deref(), self.eos_token.as_deref())
     }
 }
 
@@ -197,27 +152,13 @@ pub fn render_chat_template(
     eos_token: Option<&str>,
 ) -> Result<String, LlamaError> {
     let mut env = Environment::new();
-    env.set_syntax(
-        SyntaxConfig::builder()
-            .trim_blocks(true)
-            .lstrip_blocks(true)
-            .build()
-            .expect("default delimiters"),
-    );
+    env.set_syntax(SyntaxConfig::builder().trim_blocks(true).lstrip_blocks(true).build().expect("default delimiters"));
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-    env.add_function(
-        "raise_exception",
-        |message: String| -> Result<String, JinjaError> {
-            Err(JinjaError::new(ErrorKind::InvalidOperation, message))
-        },
-    );
-    env.add_function("strftime_now", |format: String| -> String {
-        strftime_now(&format)
+    env.add_function("raise_exception", |message: String| -> Result<String, JinjaError> {
+        Err(JinjaError::new(ErrorKind::InvalidOperation, message))
     });
-    let err = |e: JinjaError| LlamaError::Tokenizer {
-        file: "chat template".into(),
-        reason: format!("{e:#}"),
-    };
+    env.add_function("strftime_now", |format: String| -> String { strftime_now(&format) });
+    let err = |e: JinjaError| LlamaError::Tokenizer { file: "chat template".into(), reason: format!("{e:#}") };
     env.add_template("chat", template).map_err(err)?;
     let tmpl = env.get_template("chat").map_err(err)?;
     tmpl.render(context! {
@@ -232,10 +173,7 @@ pub fn render_chat_template(
 
 /// Today's date in a strftime format, for templates that print it (only the common directives).
 fn strftime_now(format: &str) -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     let days = (secs / 86_400) as i64;
     // Civil date from days since the epoch (Howard Hinnant's algorithm).
     let z = days + 719_468;
@@ -247,20 +185,7 @@ fn strftime_now(format: &str) -> String {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    const MONTHS: [&str; 12] = [
-        "January",
-        "February",
-        "March",
-        "April",
-        "May",
-        "June",
-        "July",
-        "August",
-        "September",
-        "October",
-        "November",
-        "December",
-    ];
+    const MONTHS: [&str; 12] = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October", "November", "December"];
     format
         .replace("%Y", &year.to_string())
         .replace("%m", &format!("{month:02}"))
@@ -277,25 +202,15 @@ mod tests {
 
     #[test]
     fn renders_chatml_like_transformers() {
-        let out = render_chat_template(CHATML, &[ChatMessage::new("user", "Hi")], true, None, None)
-            .unwrap();
-        assert_eq!(
-            out,
-            "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
-        );
+        let out = render_chat_template(CHATML, &[ChatMessage::new("user", "Hi")], true, None, None).unwrap();
+        assert_eq!(out, "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n");
     }
 
     #[test]
     fn python_methods_and_raise_exception() {
         let t = "{% if messages[0]['content'].strip().startswith('x') %}{{ raise_exception('no x') }}{% endif %}{{ messages[0]['content'].upper() }}";
-        assert_eq!(
-            render_chat_template(t, &[ChatMessage::new("user", " ab ")], false, None, None)
-                .unwrap(),
-            " AB "
-        );
-        let e = render_chat_template(t, &[ChatMessage::new("user", "xy")], false, None, None)
-            .unwrap_err()
-            .to_string();
+        assert_eq!(render_chat_template(t, &[ChatMessage::new("user", " ab ")], false, None, None).unwrap(), " AB ");
+        let e = render_chat_template(t, &[ChatMessage::new("user", "xy")], false, None, None).unwrap_err().to_string();
         assert!(e.contains("no x"), "{e}");
     }
 

@@ -33,13 +33,9 @@ impl TargetModules {
     pub fn matches(&self, name: &str, is_output: bool) -> Result<bool, LoraError> {
         Ok(match self {
             TargetModules::AllLinear => !is_output,
-            TargetModules::Names(names) => names
-                .iter()
-                .any(|t| name == t || name.ends_with(&format!(".{t}"))),
+            TargetModules::Names(names) => names.iter().any(|t| name == t || name.ends_with(&format!(".{t}"))),
             TargetModules::Regex(pattern) => {
-                let re = regex::Regex::new(&format!("^(?:{pattern})$")).map_err(|e| {
-                    LoraError::Config(format!("target_modules regex `{pattern}`: {e}"))
-                })?;
+                let re = regex::Regex::new(&format!("^(?:{pattern})$")).map_err(|e| LoraError::Config(format!("target_modules regex `{pattern}`: {e}")))?;
                 re.is_match(name)
             }
         })
@@ -67,20 +63,11 @@ pub struct LoraConfig {
 impl LoraConfig {
     /// The factor applied to the adapter's output.
     pub fn scaling(&self) -> f64 {
-        if self.use_rslora {
-            self.alpha / (self.r as f64).sqrt()
-        } else {
-            self.alpha / self.r as f64
-        }
+        if self.use_rslora { self.alpha / (self.r as f64).sqrt() } else { self.alpha / self.r as f64 }
     }
 
     /// Checks the rank against a layer's dimensions.
-    pub fn check(
-        &self,
-        module: &str,
-        in_features: usize,
-        out_features: usize,
-    ) -> Result<(), LoraError> {
+    pub fn check(&self, module: &str, in_features: usize, out_features: usize) -> Result<(), LoraError> {
         if self.r == 0 {
             return Err(LoraError::Config("rank r must be at least 1".into()));
         }
@@ -91,37 +78,20 @@ impl LoraConfig {
             )));
         }
         if !(0.0..1.0).contains(&self.dropout) {
-            return Err(LoraError::Config(format!(
-                "lora dropout {} must be in [0, 1)",
-                self.dropout
-            )));
+            return Err(LoraError::Config(format!("lora dropout {} must be in [0, 1)", self.dropout)));
         }
         Ok(())
     }
 
     /// A fresh adapter for a layer, A initialised per `init`, B zero, in f32.
-    pub fn init_adapter(
-        &self,
-        module: &str,
-        in_features: usize,
-        out_features: usize,
-        device: &Device,
-    ) -> Result<LoraAdapter, LoraError> {
+    pub fn init_adapter(&self, module: &str, in_features: usize, out_features: usize, device: &Device) -> Result<LoraAdapter, LoraError> {
         self.check(module, in_features, out_features)?;
         let a = match self.init {
             LoraInit::Kaiming => {
                 let bound = 1.0 / (in_features as f64).sqrt();
-                Tensor::<2>::random(
-                    [self.r, in_features],
-                    Distribution::Uniform(-bound, bound),
-                    device,
-                )
+                Tensor::<2>::random([self.r, in_features], Distribution::Uniform(-bound, bound), device)
             }
-            LoraInit::Gaussian => Tensor::<2>::random(
-                [self.r, in_features],
-                Distribution::Normal(0.0, 1.0 / self.r as f64),
-                device,
-            ),
+            LoraInit::Gaussian => Tensor::<2>::random([self.r, in_features], Distribution::Normal(0.0, 1.0 / self.r as f64), device),
         };
         let b = Tensor::<2>::zeros([out_features, self.r], device);
         Ok(LoraAdapter::new(a, b, self.scaling(), self.dropout))
@@ -148,13 +118,7 @@ impl LoraAdapter {
     }
 
     /// From PEFT-layout values: A `[r, in]`, B `[out, r]`.
-    pub fn from_values(
-        a: (Vec<f32>, [usize; 2]),
-        b: (Vec<f32>, [usize; 2]),
-        scaling: f64,
-        dropout: f64,
-        device: &Device,
-    ) -> Self {
+    pub fn from_values(a: (Vec<f32>, [usize; 2]), b: (Vec<f32>, [usize; 2]), scaling: f64, dropout: f64, device: &Device) -> Self {
         let ta = Tensor::<2>::from_data(TensorData::new(a.0, a.1), device);
         let tb = Tensor::<2>::from_data(TensorData::new(b.0, b.1), device);
         LoraAdapter::new(ta, tb, scaling, dropout)
@@ -169,9 +133,7 @@ impl LoraAdapter {
         let dtype = x.dtype();
         let a = self.lora_a.val().cast(dtype);
         let b = self.lora_b.val().cast(dtype);
-        let training = self.dropout.training.is_enabled()
-            && x.device().is_autodiff()
-            && self.dropout.prob > 0.0;
+        let training = self.dropout.training.is_enabled() && x.device().is_autodiff() && self.dropout.prob > 0.0;
         let x = if training {
             let seed = crate::dropout::draw_seed(&x.device());
             crate::dropout::seeded_dropout(x, self.dropout.prob, seed)
@@ -179,18 +141,12 @@ impl LoraAdapter {
             x
         };
         // The scaling goes on the `[rows, r]` intermediate, not on the `[rows, out]` result.
-        x.matmul(a.transpose())
-            .mul_scalar(self.scaling)
-            .matmul(b.transpose())
+        x.matmul(a.transpose()).mul_scalar(self.scaling).matmul(b.transpose())
     }
 
     /// `scaling · B · A` `[out, in]` in f32, what merging adds to the base weight.
     pub fn merged_delta(&self) -> Tensor<2> {
-        self.lora_b
-            .val()
-            .cast(DType::F32)
-            .matmul(self.lora_a.val().cast(DType::F32))
-            .mul_scalar(self.scaling)
+        self.lora_b.val().cast(DType::F32).matmul(self.lora_a.val().cast(DType::F32)).mul_scalar(self.scaling)
     }
 }
 
@@ -204,10 +160,7 @@ pub struct LoraLinear {
 impl LoraLinear {
     /// A layer without an adapter.
     pub fn frozen(base: FrozenLinear) -> Self {
-        LoraLinear {
-            base,
-            adapter: None,
-        }
+        LoraLinear { base, adapter: None }
     }
 
     pub fn in_features(&self) -> usize {
@@ -220,9 +173,7 @@ impl LoraLinear {
 
     /// `base(x) + adapter(x)` for `x [..., in]`.
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        let Some(adapter) = &self.adapter else {
-            return self.base.forward(x);
-        };
+        let Some(adapter) = &self.adapter else { return self.base.forward(x) };
         let dims = x.dims();
         let rows: usize = dims[..D - 1].iter().product();
         let x2: Tensor<2> = x.reshape([rows, self.base.in_features]);

@@ -26,23 +26,13 @@ impl FrozenLinear {
     /// A dense layer from an HF-layout weight `[out, in]` (transposed once here).
     pub fn dense(weight_out_in: Tensor<2>, bias: Option<Tensor<1>>) -> Self {
         let [out_features, in_features] = weight_out_in.dims();
-        FrozenLinear {
-            weight: BaseWeight::Dense(weight_out_in.transpose()),
-            bias,
-            in_features,
-            out_features,
-        }
+        FrozenLinear { weight: BaseWeight::Dense(weight_out_in.transpose()), bias, in_features, out_features }
     }
 
     /// A 4-bit layer.
     pub fn quantized(weight: DeviceQuantizedWeight, bias: Option<Tensor<1>>) -> Self {
         let (out_features, in_features) = (weight.rows, weight.cols);
-        FrozenLinear {
-            weight: BaseWeight::Quantized(weight),
-            bias,
-            in_features,
-            out_features,
-        }
+        FrozenLinear { weight: BaseWeight::Quantized(weight), bias, in_features, out_features }
     }
 
     /// `x·Wᵀ + b` for `x` of shape `[..., in_features]`. A 4-bit weight goes through

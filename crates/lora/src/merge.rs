@@ -5,13 +5,13 @@ use std::path::Path;
 
 use burn::tensor::{Device, Tensor, TensorData};
 use half::bf16;
-use quant::bnb::{BnbQuantizationConfig, StoredTensor, bnb_tensors};
-use quant::checkpoint::{AUXILIARY_FILES, HfCheckpoint, write_atomically};
+use quant::bnb::{bnb_tensors, BnbQuantizationConfig, StoredTensor};
+use quant::checkpoint::{write_atomically, HfCheckpoint, AUXILIARY_FILES};
 use quant::{QuantConfig, QuantizedWeight};
 use serde_json::Value;
 
-use crate::LoraError;
 use crate::peft::read_peft_adapter;
+use crate::LoraError;
 
 /// The form of the merged weights.
 #[derive(Debug, Clone, PartialEq)]
@@ -40,21 +40,13 @@ fn err(e: impl std::fmt::Display) -> LoraError {
 
 /// Merges the PEFT adapter in `adapter_dir` into the HF (or bitsandbytes 4-bit) checkpoint in `model_dir`
 /// and writes the result to `out_dir`.
-pub fn merge_checkpoint(
-    model_dir: &Path,
-    adapter_dir: &Path,
-    out_dir: &Path,
-    output: &MergeOutput,
-) -> Result<MergeReport, LoraError> {
+pub fn merge_checkpoint(model_dir: &Path, adapter_dir: &Path, out_dir: &Path, output: &MergeOutput) -> Result<MergeReport, LoraError> {
     let adapter = read_peft_adapter(adapter_dir)?;
     let scaling = adapter.config.scaling() as f32;
     let checkpoint = HfCheckpoint::open(model_dir).map_err(err)?;
     for module in adapter.modules.keys() {
         if !checkpoint.contains(&format!("{module}.weight")) {
-            return Err(err(format!(
-                "adapter module `{module}` has no weight in {}",
-                model_dir.display()
-            )));
+            return Err(err(format!("adapter module `{module}` has no weight in {}", model_dir.display())));
         }
     }
     std::fs::create_dir_all(out_dir).map_err(err)?;
@@ -66,9 +58,7 @@ pub fn merge_checkpoint(
     let names: Vec<String> = checkpoint.names().map(String::from).collect();
     for name in &names {
         // bitsandbytes statistics tensors belong to their weight, handled with it.
-        if name.contains(".weight.")
-            && checkpoint.contains(&name[..name.find(".weight.").unwrap() + 7])
-        {
+        if name.contains(".weight.") && checkpoint.contains(&name[..name.find(".weight.").unwrap() + 7]) {
             continue;
         }
         let module = name.strip_suffix(".weight");
@@ -76,14 +66,7 @@ pub fn merge_checkpoint(
         let quantized = checkpoint.bnb_weight(name).map_err(err)?;
         if stored.is_none() && quantized.is_none() {
             let (view, _) = checkpoint.tensor(name).map_err(err)?;
-            tensors.push((
-                name.clone(),
-                StoredTensor {
-                    dtype: view.dtype(),
-                    shape: view.shape().to_vec(),
-                    data: view.data().to_vec(),
-                },
-            ));
+            tensors.push((name.clone(), StoredTensor { dtype: view.dtype(), shape: view.shape().to_vec(), data: view.data().to_vec() }));
             continue;
         }
         let (mut values, shape) = match quantized {
@@ -93,40 +76,21 @@ pub fn merge_checkpoint(
         if let Some(stored) = stored {
             let [out_f, in_f] = [shape[0], shape[1]];
             if stored.a.1[1] != in_f || stored.b.1[0] != out_f {
-                return Err(err(format!(
-                    "`{name}` is {shape:?} but the adapter has lora_A {:?}, lora_B {:?}",
-                    stored.a.1, stored.b.1
-                )));
+                return Err(err(format!("`{name}` is {shape:?} but the adapter has lora_A {:?}, lora_B {:?}", stored.a.1, stored.b.1)));
             }
-            let a =
-                Tensor::<2>::from_data(TensorData::new(stored.a.0.clone(), stored.a.1), &device);
-            let b =
-                Tensor::<2>::from_data(TensorData::new(stored.b.0.clone(), stored.b.1), &device);
-            let delta: Vec<f32> = b
-                .matmul(a)
-                .mul_scalar(scaling)
-                .into_data()
-                .try_into_vec()
-                .map_err(|e| err(format!("{e:?}")))?;
+            let a = Tensor::<2>::from_data(TensorData::new(stored.a.0.clone(), stored.a.1), &device);
+            let b = Tensor::<2>::from_data(TensorData::new(stored.b.0.clone(), stored.b.1), &device);
+            let delta: Vec<f32> = b.matmul(a).mul_scalar(scaling).into_data().try_into_vec().map_err(|e| err(format!("{e:?}")))?;
             for (w, d) in values.iter_mut().zip(delta) {
                 *w += d;
             }
             report.merged_modules += 1;
         }
         match output {
-            MergeOutput::DenseF32 => {
-                tensors.push((name.clone(), StoredTensor::f32(shape, &values)))
-            }
+            MergeOutput::DenseF32 => tensors.push((name.clone(), StoredTensor::f32(shape, &values))),
             MergeOutput::DenseBf16 => tensors.push((
                 name.clone(),
-                StoredTensor {
-                    dtype: safetensors::Dtype::BF16,
-                    shape,
-                    data: values
-                        .iter()
-                        .flat_map(|v| bf16::from_f32(*v).to_le_bytes())
-                        .collect(),
-                },
+                StoredTensor { dtype: safetensors::Dtype::BF16, shape, data: values.iter().flat_map(|v| bf16::from_f32(*v).to_le_bytes()).collect() },
             )),
             MergeOutput::Requantize(config) => {
                 let q = QuantizedWeight::quantize(name, &values, &shape, config).map_err(err)?;
@@ -144,21 +108,13 @@ pub fn merge_checkpoint(
     if error_count > 0 {
         report.requant_mean_abs_error = error_sum / error_count as f64;
     }
-    let metadata = Some(
-        [("format".to_string(), "pt".to_string())]
-            .into_iter()
-            .collect(),
-    );
-    let bytes = safetensors::serialize(tensors.iter().map(|(k, t)| (k.clone(), t)), metadata)
-        .map_err(err)?;
+    let metadata = Some([("format".to_string(), "pt".to_string())].into_iter().collect());
+    let bytes = safetensors::serialize(tensors.iter().map(|(k, t)| (k.clone(), t)), metadata).map_err(err)?;
     write_atomically(&out_dir.join("model.safetensors"), &bytes).map_err(err)?;
 
     let config_path = model_dir.join("config.json");
-    let mut config: Value =
-        serde_json::from_str(&std::fs::read_to_string(&config_path).map_err(err)?).map_err(err)?;
-    let object = config
-        .as_object_mut()
-        .ok_or_else(|| err("config.json is not an object"))?;
+    let mut config: Value = serde_json::from_str(&std::fs::read_to_string(&config_path).map_err(err)?).map_err(err)?;
+    let object = config.as_object_mut().ok_or_else(|| err("config.json is not an object"))?;
     object.remove("quantization_config");
     match output {
         MergeOutput::DenseF32 => {
@@ -168,26 +124,15 @@ pub fn merge_checkpoint(
             object.insert("dtype".into(), "bfloat16".into());
         }
         MergeOutput::Requantize(q) => {
-            let bnb =
-                BnbQuantizationConfig::new_4bit(q.quant_type, q.double_quant, nf4::FloatDtype::F32);
-            object.insert(
-                "quantization_config".into(),
-                serde_json::to_value(bnb).expect("json"),
-            );
+            let bnb = BnbQuantizationConfig::new_4bit(q.quant_type, q.double_quant, nf4::FloatDtype::F32);
+            object.insert("quantization_config".into(), serde_json::to_value(bnb).expect("json"));
         }
     }
-    write_atomically(
-        &out_dir.join("config.json"),
-        serde_json::to_string_pretty(&config)
-            .expect("json")
-            .as_bytes(),
-    )
-    .map_err(err)?;
+    write_atomically(&out_dir.join("config.json"), serde_json::to_string_pretty(&config).expect("json").as_bytes()).map_err(err)?;
     for file in AUXILIARY_FILES {
         let from = model_dir.join(file);
         if from.is_file() {
-            write_atomically(&out_dir.join(file), &std::fs::read(&from).map_err(err)?)
-                .map_err(err)?;
+            write_atomically(&out_dir.join(file), &std::fs::read(&from).map_err(err)?).map_err(err)?;
         }
     }
     Ok(report)

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use serde_json::{Value, json};
+use serde_json::{json, Value};
 
 use crate::{LoraConfig, LoraError, TargetModules};
 
@@ -35,79 +35,30 @@ fn cfg_err(path: &Path, reason: impl std::fmt::Display) -> LoraError {
 /// per-module rank or alpha patterns, fan-in/fan-out layouts, layer subsets, modules to save).
 pub fn read_adapter_config(path: &Path) -> Result<(LoraConfig, Option<String>), LoraError> {
     let text = std::fs::read_to_string(path).map_err(|e| cfg_err(path, e))?;
-    let v: Value =
-        serde_json::from_str(&text).map_err(|e| cfg_err(path, format!("invalid JSON: {e}")))?;
+    let v: Value = serde_json::from_str(&text).map_err(|e| cfg_err(path, format!("invalid JSON: {e}")))?;
     let peft_type = v.get("peft_type").and_then(Value::as_str).unwrap_or("");
     if peft_type != "LORA" {
-        return Err(cfg_err(
-            path,
-            format!("peft_type `{peft_type}` is not LORA"),
-        ));
+        return Err(cfg_err(path, format!("peft_type `{peft_type}` is not LORA")));
     }
-    let unsupported = |cond: bool, what: &str| {
-        if cond {
-            Err(cfg_err(path, format!("{what} is not supported")))
-        } else {
-            Ok(())
-        }
-    };
-    unsupported(
-        v.get("use_dora").and_then(Value::as_bool).unwrap_or(false),
-        "use_dora (DoRA)",
-    )?;
-    unsupported(
-        v.get("fan_in_fan_out")
-            .and_then(Value::as_bool)
-            .unwrap_or(false),
-        "fan_in_fan_out",
-    )?;
-    unsupported(
-        v.get("bias")
-            .and_then(Value::as_str)
-            .is_some_and(|b| b != "none"),
-        "a LoRA bias other than \"none\"",
-    )?;
-    unsupported(
-        v.get("lora_bias").and_then(Value::as_bool).unwrap_or(false),
-        "lora_bias",
-    )?;
+    let unsupported = |cond: bool, what: &str| if cond { Err(cfg_err(path, format!("{what} is not supported"))) } else { Ok(()) };
+    unsupported(v.get("use_dora").and_then(Value::as_bool).unwrap_or(false), "use_dora (DoRA)")?;
+    unsupported(v.get("fan_in_fan_out").and_then(Value::as_bool).unwrap_or(false), "fan_in_fan_out")?;
+    unsupported(v.get("bias").and_then(Value::as_str).is_some_and(|b| b != "none"), "a LoRA bias other than \"none\"")?;
+    unsupported(v.get("lora_bias").and_then(Value::as_bool).unwrap_or(false), "lora_bias")?;
     for key in ["rank_pattern", "alpha_pattern"] {
-        unsupported(
-            v.get(key)
-                .and_then(Value::as_object)
-                .is_some_and(|m| !m.is_empty()),
-            key,
-        )?;
+        unsupported(v.get(key).and_then(Value::as_object).is_some_and(|m| !m.is_empty()), key)?;
     }
-    for key in [
-        "layers_to_transform",
-        "modules_to_save",
-        "layer_replication",
-        "trainable_token_indices",
-    ] {
+    for key in ["layers_to_transform", "modules_to_save", "layer_replication", "trainable_token_indices"] {
         unsupported(v.get(key).is_some_and(|x| !x.is_null()), key)?;
     }
-    let r = v
-        .get("r")
-        .and_then(Value::as_u64)
-        .ok_or_else(|| cfg_err(path, "missing or invalid `r`"))? as usize;
-    let alpha = v
-        .get("lora_alpha")
-        .and_then(Value::as_f64)
-        .ok_or_else(|| cfg_err(path, "missing or invalid `lora_alpha`"))?;
+    let r = v.get("r").and_then(Value::as_u64).ok_or_else(|| cfg_err(path, "missing or invalid `r`"))? as usize;
+    let alpha = v.get("lora_alpha").and_then(Value::as_f64).ok_or_else(|| cfg_err(path, "missing or invalid `lora_alpha`"))?;
     let dropout = v.get("lora_dropout").and_then(Value::as_f64).unwrap_or(0.0);
     let target_modules = match v.get("target_modules") {
         Some(Value::String(s)) if s == "all-linear" => TargetModules::AllLinear,
         Some(Value::String(s)) => TargetModules::Regex(s.clone()),
         Some(Value::Array(items)) => TargetModules::Names(
-            items
-                .iter()
-                .map(|i| {
-                    i.as_str()
-                        .map(String::from)
-                        .ok_or_else(|| cfg_err(path, "target_modules holds a non-string"))
-                })
-                .collect::<Result<_, _>>()?,
+            items.iter().map(|i| i.as_str().map(String::from).ok_or_else(|| cfg_err(path, "target_modules holds a non-string"))).collect::<Result<_, _>>()?,
         ),
         _ => return Err(cfg_err(path, "missing `target_modules`")),
     };
@@ -116,20 +67,11 @@ pub fn read_adapter_config(path: &Path) -> Result<(LoraConfig, Option<String>), 
         .with_alpha(alpha)
         .with_dropout(dropout)
         .with_target_modules(target_modules)
-        .with_use_rslora(
-            v.get("use_rslora")
-                .and_then(Value::as_bool)
-                .unwrap_or(false),
-        );
+        .with_use_rslora(v.get("use_rslora").and_then(Value::as_bool).unwrap_or(false));
     if r == 0 {
         return Err(cfg_err(path, "rank r must be at least 1"));
     }
-    Ok((
-        config,
-        v.get("base_model_name_or_path")
-            .and_then(Value::as_str)
-            .map(String::from),
-    ))
+    Ok((config, v.get("base_model_name_or_path").and_then(Value::as_str).map(String::from)))
 }
 
 /// Reads a PEFT adapter directory, checking every tensor's dtype and shape against the config's rank.
@@ -138,52 +80,26 @@ pub fn read_peft_adapter(dir: &Path) -> Result<PeftAdapter, LoraError> {
     let path = dir.join("adapter_model.safetensors");
     let bytes = std::fs::read(&path).map_err(|e| cfg_err(&path, e))?;
     let tensors = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| cfg_err(&path, e))?;
-    let mut halves: BTreeMap<
-        String,
-        (
-            Option<(Vec<f32>, [usize; 2])>,
-            Option<(Vec<f32>, [usize; 2])>,
-        ),
-    > = BTreeMap::new();
+    let mut halves: BTreeMap<String, (Option<(Vec<f32>, [usize; 2])>, Option<(Vec<f32>, [usize; 2])>)> = BTreeMap::new();
     for (key, view) in tensors.tensors() {
         let Some(rest) = key.strip_prefix(PEFT_PREFIX) else {
-            return Err(cfg_err(
-                &path,
-                format!("tensor `{key}` does not start with `{PEFT_PREFIX}`"),
-            ));
+            return Err(cfg_err(&path, format!("tensor `{key}` does not start with `{PEFT_PREFIX}`")));
         };
         let (module, which) = if let Some(m) = rest.strip_suffix(".lora_A.weight") {
             (m, 0)
         } else if let Some(m) = rest.strip_suffix(".lora_B.weight") {
             (m, 1)
         } else {
-            return Err(cfg_err(
-                &path,
-                format!("tensor `{key}` is not a lora_A or lora_B weight"),
-            ));
+            return Err(cfg_err(&path, format!("tensor `{key}` is not a lora_A or lora_B weight")));
         };
-        let shape: [usize; 2] = view.shape().try_into().map_err(|_| {
-            cfg_err(
-                &path,
-                format!("tensor `{key}` is not 2-D: {:?}", view.shape()),
-            )
-        })?;
-        let values = quant::checkpoint::read_float(&view, &key, &path.display().to_string())
-            .map_err(|e| LoraError::Adapter(e.to_string()))?
-            .into_f32();
+        let shape: [usize; 2] = view.shape().try_into().map_err(|_| cfg_err(&path, format!("tensor `{key}` is not 2-D: {:?}", view.shape())))?;
+        let values = quant::checkpoint::read_float(&view, &key, &path.display().to_string()).map_err(|e| LoraError::Adapter(e.to_string()))?.into_f32();
         let rank_dim = if which == 0 { shape[0] } else { shape[1] };
         if rank_dim != config.r {
-            return Err(cfg_err(
-                &path,
-                format!("tensor `{key}` has shape {shape:?}, but r = {}", config.r),
-            ));
+            return Err(cfg_err(&path, format!("tensor `{key}` has shape {shape:?}, but r = {}", config.r)));
         }
         let entry = halves.entry(module.to_string()).or_default();
-        if which == 0 {
-            entry.0 = Some((values, shape))
-        } else {
-            entry.1 = Some((values, shape))
-        }
+        if which == 0 { entry.0 = Some((values, shape)) } else { entry.1 = Some((values, shape)) }
     }
     let mut modules = BTreeMap::new();
     for (module, (a, b)) in halves {
@@ -191,22 +107,13 @@ pub fn read_peft_adapter(dir: &Path) -> Result<PeftAdapter, LoraError> {
             (Some(a), Some(b)) => {
                 modules.insert(module, StoredAdapter { a, b });
             }
-            _ => {
-                return Err(cfg_err(
-                    &path,
-                    format!("module `{module}` lacks its lora_A or lora_B weight"),
-                ));
-            }
+            _ => return Err(cfg_err(&path, format!("module `{module}` lacks its lora_A or lora_B weight"))),
         }
     }
     if modules.is_empty() {
         return Err(cfg_err(&path, "no LoRA tensors"));
     }
-    Ok(PeftAdapter {
-        config,
-        base_model_name_or_path: base,
-        modules,
-    })
+    Ok(PeftAdapter { config, base_model_name_or_path: base, modules })
 }
 
 /// Writes a PEFT adapter: `adapter_config.json` (PEFT 0.21's fields) and `adapter_model.safetensors` (f32),
@@ -221,10 +128,7 @@ pub fn write_peft_adapter(
     let target_modules = match &config.target_modules {
         // Like PEFT after expanding "all-linear": the module names themselves (unique last components).
         TargetModules::AllLinear | TargetModules::Names(_) => {
-            let mut names: Vec<String> = modules
-                .keys()
-                .map(|m| m.rsplit('.').next().unwrap_or(m).to_string())
-                .collect();
+            let mut names: Vec<String> = modules.keys().map(|m| m.rsplit('.').next().unwrap_or(m).to_string()).collect();
             names.sort();
             names.dedup();
             json!(names)
@@ -256,27 +160,13 @@ pub fn write_peft_adapter(
     for (module, adapter) in modules {
         for (suffix, (values, shape)) in [("lora_A", &adapter.a), ("lora_B", &adapter.b)] {
             let data: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-            tensors.push((
-                format!("{PEFT_PREFIX}{module}.{suffix}.weight"),
-                quant::bnb::StoredTensor {
-                    dtype: safetensors::Dtype::F32,
-                    shape: shape.to_vec(),
-                    data,
-                },
-            ));
+            tensors.push((format!("{PEFT_PREFIX}{module}.{suffix}.weight"), quant::bnb::StoredTensor { dtype: safetensors::Dtype::F32, shape: shape.to_vec(), data }));
         }
     }
-    let metadata = Some(
-        [("format".to_string(), "pt".to_string())]
-            .into_iter()
-            .collect(),
-    );
-    let bytes = safetensors::serialize(tensors.iter().map(|(k, t)| (k.clone(), t)), metadata)
-        .map_err(|e| cfg_err(dir, e))?;
-    quant::checkpoint::write_atomically(&dir.join("adapter_model.safetensors"), &bytes)
-        .map_err(|e| LoraError::Adapter(e.to_string()))?;
+    let metadata = Some([("format".to_string(), "pt".to_string())].into_iter().collect());
+    let bytes = safetensors::serialize(tensors.iter().map(|(k, t)| (k.clone(), t)), metadata).map_err(|e| cfg_err(dir, e))?;
+    quant::checkpoint::write_atomically(&dir.join("adapter_model.safetensors"), &bytes).map_err(|e| LoraError::Adapter(e.to_string()))?;
     let text = serde_json::to_string_pretty(&adapter_config).expect("json");
-    quant::checkpoint::write_atomically(&dir.join("adapter_config.json"), text.as_bytes())
-        .map_err(|e| LoraError::Adapter(e.to_string()))?;
+    quant::checkpoint::write_atomically(&dir.join("adapter_config.json"), text.as_bytes()).map_err(|e| LoraError::Adapter(e.to_string()))?;
     Ok(())
 }

@@ -4,7 +4,7 @@
 //! double quantization at blocksize 64, dequantized to f32 and to bf16. Throughput is counted in output
 //! bytes, the same bytes the memcpy baseline moves. RAYON_NUM_THREADS sets the thread count.
 
-use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use half::bf16;
 use nf4::QuantType;
 use std::hint::black_box;
@@ -34,37 +34,18 @@ fn bench(c: &mut Criterion) {
     group.throughput(Throughput::Bytes((n * 4) as u64));
     let src = vec![1.0f32; n];
     let mut dst = vec![0.0f32; n];
-    group.bench_function(BenchmarkId::new("memcpy", "f32"), |b| {
-        b.iter(|| dst.copy_from_slice(black_box(&src)))
-    });
+    group.bench_function(BenchmarkId::new("memcpy", "f32"), |b| b.iter(|| dst.copy_from_slice(black_box(&src))));
     group.bench_function(BenchmarkId::new("dequantize", "f32"), |b| {
-        b.iter(|| {
-            nf4::dequantize_4bit_into(black_box(&q.packed), &absmax, 64, QuantType::Nf4, &mut dst)
-                .unwrap()
-        })
+        b.iter(|| nf4::dequantize_4bit_into(black_box(&q.packed), &absmax, 64, QuantType::Nf4, &mut dst).unwrap())
     });
-    group.bench_function(
-        BenchmarkId::new("dequantize_incl_absmax_decode", "f32"),
-        |b| b.iter(|| q.dequantize_into(&mut dst).unwrap()),
-    );
+    group.bench_function(BenchmarkId::new("dequantize_incl_absmax_decode", "f32"), |b| b.iter(|| q.dequantize_into(&mut dst).unwrap()));
 
     group.throughput(Throughput::Bytes((n * 2) as u64));
     let src16 = vec![bf16::ONE; n];
     let mut dst16 = vec![bf16::ZERO; n];
-    group.bench_function(BenchmarkId::new("memcpy", "bf16"), |b| {
-        b.iter(|| dst16.copy_from_slice(black_box(&src16)))
-    });
+    group.bench_function(BenchmarkId::new("memcpy", "bf16"), |b| b.iter(|| dst16.copy_from_slice(black_box(&src16))));
     group.bench_function(BenchmarkId::new("dequantize", "bf16"), |b| {
-        b.iter(|| {
-            nf4::dequantize_4bit_into(
-                black_box(&q.packed),
-                &absmax,
-                64,
-                QuantType::Nf4,
-                &mut dst16,
-            )
-            .unwrap()
-        })
+        b.iter(|| nf4::dequantize_4bit_into(black_box(&q.packed), &absmax, 64, QuantType::Nf4, &mut dst16).unwrap())
     });
     group.finish();
 }

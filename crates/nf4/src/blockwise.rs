@@ -10,9 +10,9 @@
 
 use rayon::prelude::*;
 
-use crate::Nf4Error;
 use crate::codebook::QuantType;
 use crate::element::Element;
+use crate::Nf4Error;
 
 /// bitsandbytes clamps a block's absmax to this before taking its reciprocal (`clamp(min=1e-38)`).
 const ABSMAX_FLOOR: f32 = 1e-38;
@@ -63,21 +63,14 @@ impl CodeSearch {
         let codebook = quant_type.codebook();
         let mut order: Vec<u8> = (0..16).collect();
         // Stable sort: equal values (the two zeros of FP4, codes 0 and 8) keep their code order, as torch.argsort does here.
-        order.sort_by(|&a, &b| {
-            codebook[a as usize]
-                .partial_cmp(&codebook[b as usize])
-                .expect("finite code book")
-        });
+        order.sort_by(|&a, &b| codebook[a as usize].partial_cmp(&codebook[b as usize]).expect("finite code book"));
         let mut midpoints = [0.0f32; 15];
         for (i, m) in midpoints.iter_mut().enumerate() {
             *m = (codebook[order[i] as usize] + codebook[order[i + 1] as usize]) / 2.0;
         }
         let mut sorted_to_code = [0u8; 16];
         sorted_to_code.copy_from_slice(&order);
-        CodeSearch {
-            midpoints,
-            sorted_to_code,
-        }
+        CodeSearch { midpoints, sorted_to_code }
     }
 
     /// `torch.bucketize(x, midpoints, right=False)`: the number of midpoints strictly below `x`.
@@ -92,11 +85,7 @@ impl CodeSearch {
 ///
 /// Errors on an invalid blocksize, an empty input, or a NaN/infinite element (which bitsandbytes would turn
 /// into garbage codes silently).
-pub fn quantize_4bit<T: Element>(
-    input: &[T],
-    blocksize: usize,
-    quant_type: QuantType,
-) -> Result<Quantized4bit, Nf4Error> {
+pub fn quantize_4bit<T: Element>(input: &[T], blocksize: usize, quant_type: QuantType) -> Result<Quantized4bit, Nf4Error> {
     check_blocksize(blocksize)?;
     if input.is_empty() {
         return Err(Nf4Error::Empty);
@@ -115,21 +104,13 @@ pub fn quantize_4bit<T: Element>(
         .map(|(task, (absmax_chunk, packed_chunk))| {
             let first_block = task * BLOCKS_PER_TASK;
             let mut first_bad = None;
-            for (b, (amax_slot, bytes)) in absmax_chunk
-                .iter_mut()
-                .zip(packed_chunk.chunks_mut(bytes_per_block))
-                .enumerate()
+            for (b, (amax_slot, bytes)) in
+                absmax_chunk.iter_mut().zip(packed_chunk.chunks_mut(bytes_per_block)).enumerate()
             {
                 let block = first_block + b;
                 let start = block * blocksize;
                 let end = (start + blocksize).min(numel);
-                if let Some(bad) = quantize_block(
-                    &input[start..end],
-                    end - start < blocksize,
-                    &search,
-                    amax_slot,
-                    bytes,
-                ) {
+                if let Some(bad) = quantize_block(&input[start..end], end - start < blocksize, &search, amax_slot, bytes) {
                     first_bad.get_or_insert(start + bad);
                 }
             }
@@ -138,29 +119,14 @@ pub fn quantize_4bit<T: Element>(
         .flatten()
         .min();
     if let Some(index) = first_bad {
-        return Err(Nf4Error::NonFinite {
-            index,
-            value: input[index].to_f32(),
-        });
+        return Err(Nf4Error::NonFinite { index, value: input[index].to_f32() });
     }
-    Ok(Quantized4bit {
-        packed,
-        absmax,
-        numel,
-        blocksize,
-        quant_type,
-    })
+    Ok(Quantized4bit { packed, absmax, numel, blocksize, quant_type })
 }
 
 /// Quantizes one block into `bytes`; returns the offset of a non-finite element if there is one.
 #[inline]
-fn quantize_block<T: Element>(
-    block: &[T],
-    ragged: bool,
-    search: &CodeSearch,
-    absmax_out: &mut f32,
-    bytes: &mut [u8],
-) -> Option<usize> {
+fn quantize_block<T: Element>(block: &[T], ragged: bool, search: &CodeSearch, absmax_out: &mut f32, bytes: &mut [u8]) -> Option<usize> {
     let mut amax = 0.0f32;
     for (i, v) in block.iter().enumerate() {
         let x = v.to_f32();
@@ -172,8 +138,7 @@ fn quantize_block<T: Element>(
     let clamped = amax.max(ABSMAX_FLOOR);
     // Full blocks: x * (1 / absmax); the ragged last block: x / absmax, whose stored absmax keeps the clamp.
     let reciprocal = 1.0f32 / clamped;
-    let scale =
-        |x: f32| -> f32 { (if ragged { x / clamped } else { x * reciprocal }).clamp(-1.0, 1.0) };
+    let scale = |x: f32| -> f32 { (if ragged { x / clamped } else { x * reciprocal }).clamp(-1.0, 1.0) };
     *absmax_out = if ragged { clamped } else { amax };
     let mut pairs = block.chunks(2);
     for byte in bytes.iter_mut() {
@@ -209,42 +174,32 @@ pub fn dequantize_4bit_with_codebook_into<T: Element>(
     check_blocksize(blocksize)?;
     let numel = out.len();
     if packed.len() != packed_len(numel) {
-        return Err(Nf4Error::LengthMismatch {
-            what: "packed 4-bit codes (bytes)",
-            expected: packed_len(numel),
-            found: packed.len(),
-        });
+        return Err(Nf4Error::LengthMismatch { what: "packed 4-bit codes (bytes)", expected: packed_len(numel), found: packed.len() });
     }
     if absmax.len() != num_blocks(numel, blocksize) {
-        return Err(Nf4Error::LengthMismatch {
-            what: "absmax (one per block)",
-            expected: num_blocks(numel, blocksize),
-            found: absmax.len(),
-        });
+        return Err(Nf4Error::LengthMismatch { what: "absmax (one per block)", expected: num_blocks(numel, blocksize), found: absmax.len() });
     }
     let task_elems = BLOCKS_PER_TASK * blocksize;
-    out.par_chunks_mut(task_elems)
-        .enumerate()
-        .for_each(|(task, out_chunk)| {
-            let first_block = task * BLOCKS_PER_TASK;
-            for (b, out_block) in out_chunk.chunks_mut(blocksize).enumerate() {
-                let block = first_block + b;
-                let scale = absmax[block];
-                let bytes = &packed[block * blocksize / 2..];
-                // Rounding the 16 products once per block gives the same values as rounding every element.
-                let lut: [T; 16] = std::array::from_fn(|c| T::from_f32(codebook[c] * scale));
-                let half = out_block.len() / 2;
-                let mut pairs = out_block.chunks_exact_mut(2);
-                for (pair, &byte) in (&mut pairs).zip(bytes) {
-                    pair[0] = lut[(byte >> 4) as usize];
-                    pair[1] = lut[(byte & 0x0f) as usize];
-                }
-                let rest = pairs.into_remainder();
-                if let Some(last) = rest.first_mut() {
-                    *last = lut[(bytes[half] >> 4) as usize];
-                }
+    out.par_chunks_mut(task_elems).enumerate().for_each(|(task, out_chunk)| {
+        let first_block = task * BLOCKS_PER_TASK;
+        for (b, out_block) in out_chunk.chunks_mut(blocksize).enumerate() {
+            let block = first_block + b;
+            let scale = absmax[block];
+            let bytes = &packed[block * blocksize / 2..];
+            // Rounding the 16 products once per block gives the same values as rounding every element.
+            let lut: [T; 16] = std::array::from_fn(|c| T::from_f32(codebook[c] * scale));
+            let half = out_block.len() / 2;
+            let mut pairs = out_block.chunks_exact_mut(2);
+            for (pair, &byte) in (&mut pairs).zip(bytes) {
+                pair[0] = lut[(byte >> 4) as usize];
+                pair[1] = lut[(byte & 0x0f) as usize];
             }
-        });
+            let rest = pairs.into_remainder();
+            if let Some(last) = rest.first_mut() {
+                *last = lut[(bytes[half] >> 4) as usize];
+            }
+        }
+    });
     Ok(())
 }
 
@@ -264,14 +219,8 @@ pub fn dequantize_4bit<T: Element>(
 impl Quantized4bit {
     /// Dequantizes back to `T`.
     pub fn dequantize<T: Element>(&self) -> Vec<T> {
-        dequantize_4bit(
-            &self.packed,
-            &self.absmax,
-            self.numel,
-            self.blocksize,
-            self.quant_type,
-        )
-        .expect("a Quantized4bit is consistent by construction")
+        dequantize_4bit(&self.packed, &self.absmax, self.numel, self.blocksize, self.quant_type)
+            .expect("a Quantized4bit is consistent by construction")
     }
 
     /// The 4-bit code of element `i` (unpacked).
@@ -288,10 +237,7 @@ mod tests {
     #[test]
     fn rejects_bad_blocksizes() {
         for bs in [0, 1, 16, 48, 100, 8192] {
-            assert_eq!(
-                quantize_4bit(&[1.0f32; 64], bs, QuantType::Nf4).unwrap_err(),
-                Nf4Error::InvalidBlocksize(bs)
-            );
+            assert_eq!(quantize_4bit(&[1.0f32; 64], bs, QuantType::Nf4).unwrap_err(), Nf4Error::InvalidBlocksize(bs));
         }
     }
 
@@ -299,16 +245,7 @@ mod tests {
     fn rejects_non_finite_with_index() {
         let mut x = vec![0.5f32; 200];
         x[130] = f32::NAN;
-        assert_eq!(
-            quantize_4bit(&x, 64, QuantType::Nf4)
-                .unwrap_err()
-                .to_string(),
-            Nf4Error::NonFinite {
-                index: 130,
-                value: f32::NAN
-            }
-            .to_string()
-        );
+        assert_eq!(quantize_4bit(&x, 64, QuantType::Nf4).unwrap_err().to_string(), Nf4Error::NonFinite { index: 130, value: f32::NAN }.to_string());
     }
 
     #[test]
@@ -341,8 +278,7 @@ mod tests {
     fn length_checks_on_dequantize() {
         let err = dequantize_4bit::<f32>(&[0u8; 3], &[1.0], 64, 64, QuantType::Nf4).unwrap_err();
         assert!(matches!(err, Nf4Error::LengthMismatch { .. }));
-        let err =
-            dequantize_4bit::<f32>(&[0u8; 32], &[1.0, 2.0], 64, 64, QuantType::Nf4).unwrap_err();
+        let err = dequantize_4bit::<f32>(&[0u8; 32], &[1.0, 2.0], 64, 64, QuantType::Nf4).unwrap_err();
         assert!(matches!(err, Nf4Error::LengthMismatch { .. }));
     }
 }

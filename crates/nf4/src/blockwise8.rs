@@ -68,28 +68,18 @@ pub struct Quantized8bit {
 
 /// Quantizes `values` blockwise to 8-bit codes of `codebook` (bitsandbytes' CPU `quantize_blockwise`).
 /// A block of zeros gets absmax 0 and code 0.
-pub fn quantize_blockwise_8bit(
-    values: &[f32],
-    codebook: &Codebook8,
-    blocksize: usize,
-) -> Result<Quantized8bit, Nf4Error> {
+pub fn quantize_blockwise_8bit(values: &[f32], codebook: &Codebook8, blocksize: usize) -> Result<Quantized8bit, Nf4Error> {
     if blocksize == 0 || !blocksize.is_power_of_two() {
         return Err(Nf4Error::InvalidNestedBlocksize(blocksize));
     }
     if let Some(index) = values.iter().position(|v| !v.is_finite()) {
-        return Err(Nf4Error::NonFinite {
-            index,
-            value: values[index],
-        });
+        return Err(Nf4Error::NonFinite { index, value: values[index] });
     }
     let blocks = values.len().div_ceil(blocksize);
     let mut codes = vec![0u8; values.len()];
     let mut absmax = vec![0.0f32; blocks];
-    codes
-        .par_chunks_mut(blocksize)
-        .zip(values.par_chunks(blocksize))
-        .zip(absmax.par_iter_mut())
-        .for_each(|((out, block), amax_slot)| {
+    codes.par_chunks_mut(blocksize).zip(values.par_chunks(blocksize)).zip(absmax.par_iter_mut()).for_each(
+        |((out, block), amax_slot)| {
             let amax = block.iter().fold(0.0f32, |m, v| m.max(v.abs()));
             *amax_slot = amax;
             if amax == 0.0 {
@@ -100,37 +90,21 @@ pub fn quantize_blockwise_8bit(
             for (o, &v) in out.iter_mut().zip(block) {
                 *o = codebook.code_of_scaled(v * inverse);
             }
-        });
-    Ok(Quantized8bit {
-        codes,
-        absmax,
-        blocksize,
-    })
+        },
+    );
+    Ok(Quantized8bit { codes, absmax, blocksize })
 }
 
 /// `value = code[q] * absmax[block]` in f32 (bitsandbytes' CPU `dequantize_blockwise`).
-pub fn dequantize_blockwise_8bit(
-    codes: &[u8],
-    absmax: &[f32],
-    codebook: &[f32; 256],
-    blocksize: usize,
-) -> Result<Vec<f32>, Nf4Error> {
+pub fn dequantize_blockwise_8bit(codes: &[u8], absmax: &[f32], codebook: &[f32; 256], blocksize: usize) -> Result<Vec<f32>, Nf4Error> {
     if blocksize == 0 || !blocksize.is_power_of_two() {
         return Err(Nf4Error::InvalidNestedBlocksize(blocksize));
     }
     let blocks = codes.len().div_ceil(blocksize);
     if absmax.len() != blocks {
-        return Err(Nf4Error::LengthMismatch {
-            what: "8-bit absmax (one per block)",
-            expected: blocks,
-            found: absmax.len(),
-        });
+        return Err(Nf4Error::LengthMismatch { what: "8-bit absmax (one per block)", expected: blocks, found: absmax.len() });
     }
-    Ok(codes
-        .iter()
-        .enumerate()
-        .map(|(i, &q)| codebook[q as usize] * absmax[i / blocksize])
-        .collect())
+    Ok(codes.iter().enumerate().map(|(i, &q)| codebook[q as usize] * absmax[i / blocksize]).collect())
 }
 
 #[cfg(test)]
@@ -145,9 +119,7 @@ mod tests {
         // 65,536-point grid is coarser than the code spacing near zero.
         let mut exact = 0;
         for (i, &v) in book.values().iter().enumerate() {
-            if book.code_of_scaled(v) as usize == i
-                || book.values()[book.code_of_scaled(v) as usize] == v
-            {
+            if book.code_of_scaled(v) as usize == i || book.values()[book.code_of_scaled(v) as usize] == v {
                 exact += 1;
             }
         }

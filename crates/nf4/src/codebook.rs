@@ -8,11 +8,7 @@ use crate::normal::normal_ppf;
 
 /// The 4-bit data types we quantize to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[cfg_attr(
-    feature = "serde",
-    derive(serde::Serialize, serde::Deserialize),
-    serde(rename_all = "lowercase")
-)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize), serde(rename_all = "lowercase"))]
 pub enum QuantType {
     /// 4-bit NormalFloat: 16 quantiles of N(0, 1) scaled to [-1, 1] with an exact zero (QLoRA paper).
     Nf4,
@@ -94,10 +90,8 @@ pub const INT4_CODEBOOK: [f32; 16] = int4_codebook();
 
 const fn fp4_codebook() -> [f32; 16] {
     // bitsandbytes writes code 8 as `-0` in a Python list of numbers: the integer zero, so the value is +0.0.
-    let raw: [f32; 16] = [
-        0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, 0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0,
-        -3.0,
-    ];
+    let raw: [f32; 16] =
+        [0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, 0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0];
     let mut out = [0.0f32; 16];
     let mut i = 0;
     while i < 16 {
@@ -128,19 +122,11 @@ pub const NF4_OFFSET: f64 = 0.9677083;
 /// `offset` to 0.5 for the positive half (8 kept) and 8 for the negative half (7 kept), their N(0,1)
 /// quantiles, an exact zero, and everything divided by the largest value.
 pub fn build_nf4_codebook(offset: f64) -> [f32; 16] {
-    let positive: Vec<f32> = torch_linspace_f32(offset as f32, 0.5, 9)[..8]
-        .iter()
-        .map(|&p| normal_ppf(p as f64) as f32)
-        .collect();
-    let negative: Vec<f32> = torch_linspace_f32(offset as f32, 0.5, 8)[..7]
-        .iter()
-        .map(|&p| -normal_ppf(p as f64) as f32)
-        .collect();
-    let mut values: Vec<f32> = negative
-        .into_iter()
-        .chain(std::iter::once(0.0))
-        .chain(positive)
-        .collect();
+    let positive: Vec<f32> =
+        torch_linspace_f32(offset as f32, 0.5, 9)[..8].iter().map(|&p| normal_ppf(p as f64) as f32).collect();
+    let negative: Vec<f32> =
+        torch_linspace_f32(offset as f32, 0.5, 8)[..7].iter().map(|&p| -normal_ppf(p as f64) as f32).collect();
+    let mut values: Vec<f32> = negative.into_iter().chain(std::iter::once(0.0)).chain(positive).collect();
     values.sort_by(f32::total_cmp);
     let max = values[15];
     let mut out = [0.0f32; 16];
@@ -231,11 +217,7 @@ mod tests {
     fn nf4_construction_equals_bitsandbytes_table_bit_for_bit() {
         let built = build_nf4_codebook(NF4_OFFSET);
         for (i, (b, t)) in built.iter().zip(NF4_CODEBOOK.iter()).enumerate() {
-            assert_eq!(
-                b.to_bits(),
-                t.to_bits(),
-                "code {i}: built {b:e}, bitsandbytes {t:e}"
-            );
+            assert_eq!(b.to_bits(), t.to_bits(), "code {i}: built {b:e}, bitsandbytes {t:e}");
         }
     }
 

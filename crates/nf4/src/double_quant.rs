@@ -8,10 +8,10 @@
 
 use std::sync::OnceLock;
 
-use crate::Nf4Error;
-use crate::blockwise8::{Codebook8, dequantize_blockwise_8bit, quantize_blockwise_8bit};
+use crate::blockwise8::{dequantize_blockwise_8bit, quantize_blockwise_8bit, Codebook8};
 use crate::codebook::signed_dynamic_map;
-use crate::torch_sum::{TORCH_AVX2_LANES, torch_mean_f32};
+use crate::torch_sum::{torch_mean_f32, TORCH_AVX2_LANES};
+use crate::Nf4Error;
 
 /// bitsandbytes' nested blocksize for double quantization.
 pub const NESTED_BLOCKSIZE: usize = 256;
@@ -58,12 +58,7 @@ pub fn double_quantize(absmax: &[f32]) -> Result<DoubleQuantized, Nf4Error> {
 impl DoubleQuantized {
     /// The f32 absmax values back: `code[q] * nested_absmax[b / nested_blocksize] + offset`.
     pub fn dequantize(&self) -> Result<Vec<f32>, Nf4Error> {
-        let mut values = dequantize_blockwise_8bit(
-            &self.codes,
-            &self.nested_absmax,
-            &self.code,
-            self.nested_blocksize,
-        )?;
+        let mut values = dequantize_blockwise_8bit(&self.codes, &self.nested_absmax, &self.code, self.nested_blocksize)?;
         for v in values.iter_mut() {
             *v += self.offset;
         }
@@ -77,9 +72,7 @@ mod tests {
 
     #[test]
     fn round_trip_is_close() {
-        let absmax: Vec<f32> = (0..1000)
-            .map(|i| 0.01 + (i as f32 * 0.37).sin().abs() * 0.2)
-            .collect();
+        let absmax: Vec<f32> = (0..1000).map(|i| 0.01 + (i as f32 * 0.37).sin().abs() * 0.2).collect();
         let dq = double_quantize(&absmax).unwrap();
         assert_eq!(dq.codes.len(), 1000);
         assert_eq!(dq.nested_absmax.len(), 4);

@@ -12,11 +12,7 @@ pub enum Nf4Error {
     #[error("element {index} is not finite ({value}): NaN and infinity cannot be quantized")]
     NonFinite { index: usize, value: f32 },
     #[error("{what}: expected {expected} values, found {found}")]
-    LengthMismatch {
-        what: &'static str,
-        expected: usize,
-        found: usize,
-    },
+    LengthMismatch { what: &'static str, expected: usize, found: usize },
     #[error("cannot quantize an empty tensor")]
     Empty,
 }

@@ -20,23 +20,18 @@ mod normal;
 mod torch_sum;
 
 pub use blockwise::{
-    Quantized4bit, check_blocksize, dequantize_4bit, dequantize_4bit_into,
-    dequantize_4bit_with_codebook_into, num_blocks, packed_len, quantize_4bit,
+    check_blocksize, dequantize_4bit, dequantize_4bit_into, dequantize_4bit_with_codebook_into, num_blocks, packed_len, quantize_4bit, Quantized4bit,
 };
-pub use blockwise8::{
-    Codebook8, Quantized8bit, dequantize_blockwise_8bit, quantize_blockwise_8bit,
-};
+pub use blockwise8::{dequantize_blockwise_8bit, quantize_blockwise_8bit, Codebook8, Quantized8bit};
 pub use codebook::{
-    FP4_CODEBOOK, INT4_CODEBOOK, NF4_CODEBOOK, NF4_OFFSET, QuantType, build_nf4_codebook,
-    signed_dynamic_map, unsigned_dynamic_map,
+    build_nf4_codebook, signed_dynamic_map, unsigned_dynamic_map, QuantType, FP4_CODEBOOK, INT4_CODEBOOK, NF4_CODEBOOK,
+    NF4_OFFSET,
 };
-pub use double_quant::{
-    DoubleQuantized, NESTED_BLOCKSIZE, double_quantize, signed_dynamic_codebook,
-};
+pub use double_quant::{double_quantize, signed_dynamic_codebook, DoubleQuantized, NESTED_BLOCKSIZE};
 pub use element::{Element, FloatDtype};
 pub use error::Nf4Error;
 pub use normal::normal_ppf;
-pub use torch_sum::{TORCH_AVX2_LANES, torch_mean_f32, torch_sum_f32};
+pub use torch_sum::{torch_mean_f32, torch_sum_f32, TORCH_AVX2_LANES};
 
 /// The default 4-bit blocksize of bitsandbytes and QLoRA.
 pub const DEFAULT_BLOCKSIZE: usize = 64;
@@ -87,36 +82,17 @@ pub struct Blockwise4bit {
 
 /// Quantizes `input` to 4 bits, double-quantizing the statistics when `double_quant` is set
 /// (bitsandbytes' `quantize_4bit(A, blocksize, compress_statistics=double_quant, quant_type)`).
-pub fn quantize<T: Element>(
-    input: &[T],
-    blocksize: usize,
-    quant_type: QuantType,
-    double_quant: bool,
-) -> Result<Blockwise4bit, Nf4Error> {
+pub fn quantize<T: Element>(input: &[T], blocksize: usize, quant_type: QuantType, double_quant: bool) -> Result<Blockwise4bit, Nf4Error> {
     let q = quantize_4bit(input, blocksize, quant_type)?;
-    let absmax = if double_quant {
-        Absmax::Double(double_quantize(&q.absmax)?)
-    } else {
-        Absmax::Plain(q.absmax)
-    };
-    Ok(Blockwise4bit {
-        packed: q.packed,
-        absmax,
-        numel: q.numel,
-        blocksize,
-        quant_type,
-    })
+    let absmax = if double_quant { Absmax::Double(double_quantize(&q.absmax)?) } else { Absmax::Plain(q.absmax) };
+    Ok(Blockwise4bit { packed: q.packed, absmax, numel: q.numel, blocksize, quant_type })
 }
 
 impl Blockwise4bit {
     /// Dequantizes into `out` (its length must be `numel`).
     pub fn dequantize_into<T: Element>(&self, out: &mut [T]) -> Result<(), Nf4Error> {
         if out.len() != self.numel {
-            return Err(Nf4Error::LengthMismatch {
-                what: "dequantize output",
-                expected: self.numel,
-                found: out.len(),
-            });
+            return Err(Nf4Error::LengthMismatch { what: "dequantize output", expected: self.numel, found: out.len() });
         }
         let absmax = self.absmax.to_f32()?;
         dequantize_4bit_into(&self.packed, &absmax, self.blocksize, self.quant_type, out)
@@ -158,17 +134,11 @@ mod tests {
 
     #[test]
     fn quantize_with_and_without_double_quant() {
-        let x: Vec<f32> = (0..5000)
-            .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
-            .collect();
+        let x: Vec<f32> = (0..5000).map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0).collect();
         for dq in [false, true] {
             let q = quantize(&x, 64, QuantType::Nf4, dq).unwrap();
             let back: Vec<f32> = q.dequantize().unwrap();
-            let max_err = x
-                .iter()
-                .zip(&back)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0.0f32, f32::max);
+            let max_err = x.iter().zip(&back).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
             assert!(max_err < 0.2, "double_quant={dq}: max error {max_err}");
         }
     }

@@ -32,12 +32,7 @@ pub fn torch_sum_f32(values: &[f32], lanes: usize) -> f32 {
         }
         acc
     } else {
-        row_sum(
-            &|i: usize| values[i],
-            n,
-            || 0.0f32,
-            |a: &mut f32, b: &f32| *a += *b,
-        )
+        row_sum(&|i: usize| values[i], n, || 0.0f32, |a: &mut f32, b: &f32| *a += *b)
     }
 }
 
@@ -49,12 +44,7 @@ fn add_vec(a: &mut Vec<f32>, b: &Vec<f32>) {
 
 /// `row_sum`: the row viewed as `(-1, 4)`, four partial sums by `multi_row_sum`, the leftovers added to the
 /// first, then the four combined in order.
-fn row_sum<T: Clone>(
-    load: &dyn Fn(usize) -> T,
-    size: usize,
-    zero: impl Fn() -> T,
-    add: impl Fn(&mut T, &T),
-) -> T {
+fn row_sum<T: Clone>(load: &dyn Fn(usize) -> T, size: usize, zero: impl Fn() -> T, add: impl Fn(&mut T, &T)) -> T {
     const ILP: usize = 4;
     let size_ilp = size / ILP;
     let mut partial = multi_row_sum::<T, ILP>(&|i, k| load(i * ILP + k), size_ilp, &zero, &add);
@@ -79,9 +69,7 @@ fn multi_row_sum<T: Clone, const ROWS: usize>(
     let level_power = 4.max(ceil_log2(size) / LEVELS as u32);
     let level_step = 1usize << level_power;
     let level_mask = level_step - 1;
-    let mut acc: Vec<Vec<T>> = (0..LEVELS)
-        .map(|_| (0..ROWS).map(|_| zero()).collect())
-        .collect();
+    let mut acc: Vec<Vec<T>> = (0..LEVELS).map(|_| (0..ROWS).map(|_| zero()).collect()).collect();
     let mut i = 0;
     while i + level_step <= size {
         for _ in 0..level_step {
@@ -118,11 +106,7 @@ fn multi_row_sum<T: Clone, const ROWS: usize>(
 
 /// ATen's `CeilLog2`: 1 for x ≤ 2, else ⌈log2 x⌉.
 fn ceil_log2(x: usize) -> u32 {
-    if x <= 2 {
-        1
-    } else {
-        usize::BITS - (x - 1).leading_zeros()
-    }
+    if x <= 2 { 1 } else { usize::BITS - (x - 1).leading_zeros() }
 }
 
 #[cfg(test)]
@@ -132,10 +116,7 @@ mod tests {
     #[test]
     fn small_sums_are_exact() {
         assert_eq!(torch_sum_f32(&[1.0, 2.0, 3.0], 8), 6.0);
-        assert_eq!(
-            torch_mean_f32(&(1..=100).map(|i| i as f32).collect::<Vec<_>>(), 8),
-            50.5
-        );
+        assert_eq!(torch_mean_f32(&(1..=100).map(|i| i as f32).collect::<Vec<_>>(), 8), 50.5);
     }
 
     #[test]

@@ -9,20 +9,13 @@ fn half_step(codebook: &[f32; 16], s: f32) -> f32 {
     let mut sorted: Vec<f32> = codebook.to_vec();
     sorted.sort_by(f32::total_cmp);
     sorted.dedup();
-    let hi = sorted
-        .iter()
-        .position(|&c| c >= s)
-        .unwrap_or(sorted.len() - 1);
+    let hi = sorted.iter().position(|&c| c >= s).unwrap_or(sorted.len() - 1);
     let lo = hi.saturating_sub(1);
     (sorted[hi] - sorted[lo]) / 2.0
 }
 
 fn quant_type() -> impl Strategy<Value = QuantType> {
-    prop_oneof![
-        Just(QuantType::Nf4),
-        Just(QuantType::Fp4),
-        Just(QuantType::Int4)
-    ]
+    prop_oneof![Just(QuantType::Nf4), Just(QuantType::Fp4), Just(QuantType::Int4)]
 }
 
 proptest! {

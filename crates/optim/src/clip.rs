@@ -8,21 +8,12 @@ use rayon::prelude::*;
 
 /// The L2 norm of one tensor, accumulated in f64 and rounded once.
 pub fn tensor_norm(values: &[f32]) -> f32 {
-    values
-        .par_chunks(1 << 14)
-        .map(|c| c.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>())
-        .sum::<f64>()
-        .sqrt() as f32
+    values.par_chunks(1 << 14).map(|c| c.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>()).sum::<f64>().sqrt() as f32
 }
 
 /// The global norm: the L2 norm of the per-tensor norms (each rounded to f32, as torch's `_foreach_norm`).
 pub fn global_grad_norm<'a>(grads: impl IntoIterator<Item = &'a [f32]>) -> f32 {
-    grads
-        .into_iter()
-        .map(|g| tensor_norm(g) as f64)
-        .map(|n| n * n)
-        .sum::<f64>()
-        .sqrt() as f32
+    grads.into_iter().map(|g| tensor_norm(g) as f64).map(|n| n * n).sum::<f64>().sqrt() as f32
 }
 
 /// The factor torch multiplies every gradient by: `min(max_norm / (total_norm + 1e-6), 1)` in f32.

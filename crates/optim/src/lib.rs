@@ -22,7 +22,7 @@ pub mod update;
 use std::collections::BTreeMap;
 use std::path::Path;
 
-pub use module::{HostTensor, gradients_of, trainable_tensors, write_tensors};
+pub use module::{gradients_of, trainable_tensors, write_tensors, HostTensor};
 pub use optimizer::{AdamPrecision, PagedAdamW, PagedAdamWConfig, ParamGrad};
 pub use page::{PageState, StateFormat};
 pub use pager::{HostMemory, PageDevice, Pager, PagerStats};
@@ -37,9 +37,7 @@ pub enum OptimError {
     BudgetTooSmall { budget: usize, page_bytes: usize },
     #[error("parameter {key}: {reason}")]
     Param { key: String, reason: String },
-    #[error(
-        "gradient norm is {norm} (gradient of {key} is not finite): stopping before the update"
-    )]
+    #[error("gradient norm is {norm} (gradient of {key} is not finite): stopping before the update")]
     NonFiniteGradient { key: String, norm: f32 },
     #[error("optimizer checkpoint {path}: {reason}")]
     Checkpoint { path: String, reason: String },
@@ -47,10 +45,7 @@ pub enum OptimError {
 
 impl OptimError {
     pub(crate) fn checkpoint(path: &Path, reason: impl std::fmt::Display) -> Self {
-        OptimError::Checkpoint {
-            path: path.display().to_string(),
-            reason: reason.to_string(),
-        }
+        OptimError::Checkpoint { path: path.display().to_string(), reason: reason.to_string() }
     }
 }
 
@@ -76,49 +71,28 @@ impl<D: PageDevice> PagedAdamW<D> {
     ) -> Result<(M, StepReport), OptimError> {
         let norm = clip::global_grad_norm(grads.values().map(|g| g.values.as_slice()));
         if !norm.is_finite() {
-            let key = grads
-                .iter()
-                .find(|(_, g)| g.values.iter().any(|v| !v.is_finite()))
-                .map(|(k, _)| k.clone())
-                .unwrap_or_default();
+            let key = grads.iter().find(|(_, g)| g.values.iter().any(|v| !v.is_finite())).map(|(k, _)| k.clone()).unwrap_or_default();
             return Err(OptimError::NonFiniteGradient { key, norm });
         }
         if let Some(max) = max_grad_norm {
-            let mut slices: Vec<&mut [f32]> = grads
-                .values_mut()
-                .map(|g| g.values.as_mut_slice())
-                .collect();
+            let mut slices: Vec<&mut [f32]> = grads.values_mut().map(|g| g.values.as_mut_slice()).collect();
             clip::clip_grad_norm(&mut slices, max);
         }
         let mut params = trainable_tensors(module)?;
         if let Some(unknown) = grads.keys().find(|k| !params.contains_key(*k)) {
-            return Err(OptimError::Param {
-                key: unknown.clone(),
-                reason: "has a gradient but is not a trainable parameter".into(),
-            });
+            return Err(OptimError::Param { key: unknown.clone(), reason: "has a gradient but is not a trainable parameter".into() });
         }
         let mut updates: Vec<ParamGrad<'_>> = Vec::with_capacity(grads.len());
         for (key, param) in params.iter_mut() {
             if let Some(grad) = grads.get(key) {
-                updates.push(ParamGrad {
-                    key,
-                    param: &mut param.values,
-                    grad: &grad.values,
-                });
+                updates.push(ParamGrad { key, param: &mut param.values, grad: &grad.values });
             }
         }
         let pager = self.step(lr, &mut updates)?;
         drop(updates);
         params.retain(|k, _| grads.contains_key(k));
         let module = write_tensors(module.clone(), &params)?;
-        Ok((
-            module,
-            StepReport {
-                grad_norm: norm,
-                lr,
-                pager,
-            },
-        ))
+        Ok((module, StepReport { grad_norm: norm, lr, pager }))
     }
 }
 

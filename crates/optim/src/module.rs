@@ -21,10 +21,7 @@ fn host_values<const D: usize>(path: &str, tensor: Tensor<D>) -> Result<HostTens
         .into_data()
         .convert::<f32>()
         .try_into_vec::<f32>()
-        .map_err(|e| OptimError::Param {
-            key: path.to_string(),
-            reason: format!("cannot read as f32: {e:?}"),
-        })?;
+        .map_err(|e| OptimError::Param { key: path.to_string(), reason: format!("cannot read as f32: {e:?}") })?;
     Ok(HostTensor { shape, values })
 }
 
@@ -67,30 +64,15 @@ impl ModuleVisitor for Collector<'_> {
 }
 
 /// Every trainable (require-grad) float parameter of `module`, by module path.
-pub fn trainable_tensors<M: Module>(
-    module: &M,
-) -> Result<BTreeMap<String, HostTensor>, OptimError> {
-    let mut c = Collector {
-        path: Vec::new(),
-        grads: None,
-        out: BTreeMap::new(),
-        error: None,
-    };
+pub fn trainable_tensors<M: Module>(module: &M) -> Result<BTreeMap<String, HostTensor>, OptimError> {
+    let mut c = Collector { path: Vec::new(), grads: None, out: BTreeMap::new(), error: None };
     module.visit(&mut c);
     c.error.map_or(Ok(c.out), Err)
 }
 
 /// The gradient of every parameter of `module` that has one in `grads`, by module path.
-pub fn gradients_of<M: Module>(
-    module: &M,
-    grads: &Gradients,
-) -> Result<BTreeMap<String, HostTensor>, OptimError> {
-    let mut c = Collector {
-        path: Vec::new(),
-        grads: Some(grads),
-        out: BTreeMap::new(),
-        error: None,
-    };
+pub fn gradients_of<M: Module>(module: &M, grads: &Gradients) -> Result<BTreeMap<String, HostTensor>, OptimError> {
+    let mut c = Collector { path: Vec::new(), grads: Some(grads), out: BTreeMap::new(), error: None };
     module.visit(&mut c);
     c.error.map_or(Ok(c.out), Err)
 }
@@ -111,19 +93,15 @@ impl ModuleMapper for Writer<'_> {
     }
 
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-        let Some(new) = self.values.get(&self.path.join(".")) else {
-            return param;
-        };
+        let Some(new) = self.values.get(&self.path.join(".")) else { return param };
         let (id, tensor, mapper) = param.consume();
         let require_grad = tensor.is_require_grad();
         let strategy = tensor.gradient_checkpointing_strategy();
-        let data =
-            TensorData::new(new.values.clone(), new.shape.clone()).convert_dtype(tensor.dtype());
+        let data = TensorData::new(new.values.clone(), new.shape.clone()).convert_dtype(tensor.dtype());
         let updated = match strategy {
             Some(strategy) => {
                 let inner_device = tensor.inner().device();
-                let mut t = Tensor::from_inner(Tensor::<D>::from_data(data, &inner_device))
-                    .with_gradient_checkpointing_strategy(strategy);
+                let mut t = Tensor::from_inner(Tensor::<D>::from_data(data, &inner_device)).with_gradient_checkpointing_strategy(strategy);
                 if require_grad {
                     t = t.require_grad();
                 }
@@ -138,36 +116,18 @@ impl ModuleMapper for Writer<'_> {
 
 /// Writes `values` (by module path) into `module`'s parameters. Every key must name a parameter of matching
 /// shape; the module is returned unchanged with an error otherwise.
-pub fn write_tensors<M: Module>(
-    module: M,
-    values: &BTreeMap<String, HostTensor>,
-) -> Result<M, OptimError> {
+pub fn write_tensors<M: Module>(module: M, values: &BTreeMap<String, HostTensor>) -> Result<M, OptimError> {
     let current = trainable_tensors(&module)?;
     for (key, value) in values {
         match current.get(key) {
-            None => {
-                return Err(OptimError::Param {
-                    key: key.clone(),
-                    reason: "is not a trainable parameter of the module".into(),
-                });
-            }
+            None => return Err(OptimError::Param { key: key.clone(), reason: "is not a trainable parameter of the module".into() }),
             Some(cur) if cur.shape != value.shape || value.values.len() != cur.values.len() => {
-                return Err(OptimError::Param {
-                    key: key.clone(),
-                    reason: format!(
-                        "shape {:?} does not match the module's {:?}",
-                        value.shape, cur.shape
-                    ),
-                });
+                return Err(OptimError::Param { key: key.clone(), reason: format!("shape {:?} does not match the module's {:?}", value.shape, cur.shape) });
             }
             Some(_) => {}
         }
     }
-    let mut writer = Writer {
-        path: Vec::new(),
-        values,
-        written: 0,
-    };
+    let mut writer = Writer { path: Vec::new(), values, written: 0 };
     let module = module.map(&mut writer);
     debug_assert_eq!(writer.written, values.len());
     Ok(module)

@@ -6,10 +6,10 @@ use std::ops::Range;
 use burn::config::Config;
 use serde::{Deserialize, Serialize};
 
-use crate::OptimError;
-use crate::page::{PageState, StateFormat, split_into_pages};
+use crate::page::{split_into_pages, PageState, StateFormat};
 use crate::pager::{HostMemory, PageDevice, Pager, PagerStats, UpdateRule};
 use crate::update::AdamHyper;
+use crate::OptimError;
 
 /// The state precision of AdamW.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -27,9 +27,7 @@ impl std::str::FromStr for AdamPrecision {
         match s {
             "32" | "32bit" | "bits32" => Ok(AdamPrecision::Bits32),
             "8" | "8bit" | "bits8" => Ok(AdamPrecision::Bits8),
-            other => Err(OptimError::Config(format!(
-                "unknown optimizer precision `{other}` (expected 32bit or 8bit)"
-            ))),
+            other => Err(OptimError::Config(format!("unknown optimizer precision `{other}` (expected 32bit or 8bit)"))),
         }
     }
 }
@@ -71,16 +69,11 @@ impl PagedAdamWConfig {
     pub fn init_on<D: PageDevice>(&self, device: D) -> Result<PagedAdamW<D>, OptimError> {
         for (name, beta) in [("beta1", self.beta1), ("beta2", self.beta2)] {
             if !(0.0..1.0).contains(&beta) {
-                return Err(OptimError::Config(format!(
-                    "{name} = {beta} must be in [0, 1)"
-                )));
+                return Err(OptimError::Config(format!("{name} = {beta} must be in [0, 1)")));
             }
         }
         if !(self.eps >= 0.0) || !(self.weight_decay >= 0.0) {
-            return Err(OptimError::Config(format!(
-                "eps ({}) and weight decay ({}) must be ≥ 0",
-                self.eps, self.weight_decay
-            )));
+            return Err(OptimError::Config(format!("eps ({}) and weight decay ({}) must be ≥ 0", self.eps, self.weight_decay)));
         }
         for format in [StateFormat::F32, StateFormat::Blockwise8] {
             if format.elements_per_page(self.page_bytes) == 0 {
@@ -93,17 +86,9 @@ impl PagedAdamWConfig {
         if let Some(budget) = self.device_budget_bytes
             && budget < self.page_bytes
         {
-            return Err(OptimError::BudgetTooSmall {
-                budget,
-                page_bytes: self.page_bytes,
-            });
+            return Err(OptimError::BudgetTooSmall { budget, page_bytes: self.page_bytes });
         }
-        Ok(PagedAdamW {
-            config: self.clone(),
-            params: Vec::new(),
-            index: HashMap::new(),
-            pager: Pager::new(device, self.device_budget_bytes),
-        })
+        Ok(PagedAdamW { config: self.clone(), params: Vec::new(), index: HashMap::new(), pager: Pager::new(device, self.device_budget_bytes) })
     }
 }
 
@@ -156,22 +141,11 @@ impl<D: PageDevice> PagedAdamW<D> {
     }
 
     /// Registers a parameter with the given state (fresh zeros unless restored from a checkpoint).
-    pub(crate) fn register(
-        &mut self,
-        key: &str,
-        numel: usize,
-        step: u64,
-        state: Option<PageState>,
-    ) -> Result<usize, OptimError> {
+    pub(crate) fn register(&mut self, key: &str, numel: usize, step: u64, state: Option<PageState>) -> Result<usize, OptimError> {
         if numel == 0 {
-            return Err(OptimError::Param {
-                key: key.to_string(),
-                reason: "has no elements".into(),
-            });
+            return Err(OptimError::Param { key: key.to_string(), reason: "has no elements".into() });
         }
-        let format = state
-            .as_ref()
-            .map_or_else(|| self.format_for(numel), PageState::format);
+        let format = state.as_ref().map_or_else(|| self.format_for(numel), PageState::format);
         let elements_per_page = format.elements_per_page(self.config.page_bytes);
         let param = self.params.len();
         let first = self.pager.pages().len();
@@ -183,49 +157,29 @@ impl<D: PageDevice> PagedAdamW<D> {
             self.pager.add_page(info, page_state)?;
         }
         let pages = first..self.pager.pages().len();
-        self.params.push(ParamEntry {
-            key: key.to_string(),
-            numel,
-            format,
-            step,
-            pages,
-        });
+        self.params.push(ParamEntry { key: key.to_string(), numel, format, step, pages });
         self.index.insert(key.to_string(), param);
         Ok(param)
     }
 
     /// One AdamW step at learning rate `lr` for every parameter given (in the given order). Parameters seen
     /// for the first time get fresh state, as in torch.
-    pub fn step(
-        &mut self,
-        lr: f64,
-        params: &mut [ParamGrad<'_>],
-    ) -> Result<PagerStats, OptimError> {
+    pub fn step(&mut self, lr: f64, params: &mut [ParamGrad<'_>]) -> Result<PagerStats, OptimError> {
         if !lr.is_finite() || lr < 0.0 {
-            return Err(OptimError::Config(format!(
-                "learning rate {lr} must be finite and ≥ 0"
-            )));
+            return Err(OptimError::Config(format!("learning rate {lr} must be finite and ≥ 0")));
         }
         for p in params.iter() {
             if p.param.len() != p.grad.len() {
                 return Err(OptimError::Param {
                     key: p.key.to_string(),
-                    reason: format!(
-                        "{} values but {} gradient values",
-                        p.param.len(),
-                        p.grad.len()
-                    ),
+                    reason: format!("{} values but {} gradient values", p.param.len(), p.grad.len()),
                 });
             }
             match self.index.get(p.key) {
                 Some(&i) if self.params[i].numel != p.param.len() => {
                     return Err(OptimError::Param {
                         key: p.key.to_string(),
-                        reason: format!(
-                            "has {} elements but its optimizer state has {}",
-                            p.param.len(),
-                            self.params[i].numel
-                        ),
+                        reason: format!("has {} elements but its optimizer state has {}", p.param.len(), self.params[i].numel),
                     });
                 }
                 Some(_) => {}
@@ -250,13 +204,7 @@ impl<D: PageDevice> PagedAdamW<D> {
             };
             for page in entry.pages.clone() {
                 let range = self.pager.pages()[page].range.clone();
-                self.pager.update(
-                    page,
-                    rule,
-                    &mut p.param[range.clone()],
-                    &p.grad[range],
-                    &hyper,
-                );
+                self.pager.update(page, rule, &mut p.param[range.clone()], &p.grad[range], &hyper);
             }
         }
         Ok(self.pager.stats())
@@ -295,32 +243,13 @@ fn concat_states(format: StateFormat, parts: Vec<PageState>) -> PageState {
     let mut out = PageState::zeros(format, 0);
     for part in parts {
         match (&mut out, part) {
-            (
-                PageState::F32 {
-                    exp_avg,
-                    exp_avg_sq,
-                },
-                PageState::F32 {
-                    exp_avg: a,
-                    exp_avg_sq: b,
-                },
-            ) => {
+            (PageState::F32 { exp_avg, exp_avg_sq }, PageState::F32 { exp_avg: a, exp_avg_sq: b }) => {
                 exp_avg.extend(a);
                 exp_avg_sq.extend(b);
             }
             (
-                PageState::Blockwise8 {
-                    codes1,
-                    absmax1,
-                    codes2,
-                    absmax2,
-                },
-                PageState::Blockwise8 {
-                    codes1: c1,
-                    absmax1: a1,
-                    codes2: c2,
-                    absmax2: a2,
-                },
+                PageState::Blockwise8 { codes1, absmax1, codes2, absmax2 },
+                PageState::Blockwise8 { codes1: c1, absmax1: a1, codes2: c2, absmax2: a2 },
             ) => {
                 codes1.extend(c1);
                 absmax1.extend(a1);
@@ -337,19 +266,10 @@ fn concat_states(format: StateFormat, parts: Vec<PageState>) -> PageState {
 fn slice_state(full: &PageState, range: Range<usize>) -> PageState {
     use crate::update::STATE_BLOCKSIZE;
     match full {
-        PageState::F32 {
-            exp_avg,
-            exp_avg_sq,
-        } => PageState::F32 {
-            exp_avg: exp_avg[range.clone()].to_vec(),
-            exp_avg_sq: exp_avg_sq[range].to_vec(),
-        },
-        PageState::Blockwise8 {
-            codes1,
-            absmax1,
-            codes2,
-            absmax2,
-        } => {
+        PageState::F32 { exp_avg, exp_avg_sq } => {
+            PageState::F32 { exp_avg: exp_avg[range.clone()].to_vec(), exp_avg_sq: exp_avg_sq[range].to_vec() }
+        }
+        PageState::Blockwise8 { codes1, absmax1, codes2, absmax2 } => {
             let blocks = range.start / STATE_BLOCKSIZE..range.end.div_ceil(STATE_BLOCKSIZE);
             PageState::Blockwise8 {
                 codes1: codes1[range.clone()].to_vec(),

@@ -34,26 +34,15 @@ impl StateFormat {
 /// The state of one page, wherever it currently lives.
 #[derive(Debug, Clone, PartialEq)]
 pub enum PageState {
-    F32 {
-        exp_avg: Vec<f32>,
-        exp_avg_sq: Vec<f32>,
-    },
-    Blockwise8 {
-        codes1: Vec<u8>,
-        absmax1: Vec<f32>,
-        codes2: Vec<u8>,
-        absmax2: Vec<f32>,
-    },
+    F32 { exp_avg: Vec<f32>, exp_avg_sq: Vec<f32> },
+    Blockwise8 { codes1: Vec<u8>, absmax1: Vec<f32>, codes2: Vec<u8>, absmax2: Vec<f32> },
 }
 
 impl PageState {
     /// Fresh (zero) state for `elements` elements, as torch and bitsandbytes initialise it.
     pub fn zeros(format: StateFormat, elements: usize) -> Self {
         match format {
-            StateFormat::F32 => PageState::F32 {
-                exp_avg: vec![0.0; elements],
-                exp_avg_sq: vec![0.0; elements],
-            },
+            StateFormat::F32 => PageState::F32 { exp_avg: vec![0.0; elements], exp_avg_sq: vec![0.0; elements] },
             StateFormat::Blockwise8 => {
                 let blocks = elements.div_ceil(STATE_BLOCKSIZE);
                 PageState::Blockwise8 {
@@ -99,22 +88,12 @@ pub struct PageInfo {
 }
 
 /// Splits a parameter of `numel` elements into pages of at most `elements_per_page` elements.
-pub fn split_into_pages(
-    param: usize,
-    numel: usize,
-    format: StateFormat,
-    elements_per_page: usize,
-) -> Vec<PageInfo> {
+pub fn split_into_pages(param: usize, numel: usize, format: StateFormat, elements_per_page: usize) -> Vec<PageInfo> {
     (0..numel)
         .step_by(elements_per_page.max(1))
         .map(|start| {
             let end = (start + elements_per_page).min(numel);
-            PageInfo {
-                param,
-                range: start..end,
-                format,
-                bytes: format.bytes_for(end - start),
-            }
+            PageInfo { param, range: start..end, format, bytes: format.bytes_for(end - start) }
         })
         .collect()
 }

@@ -5,9 +5,9 @@
 //! and only the other n - k stream through (the minimum), where least-recently-used eviction would move every page every
 //! step. With a budget of at least the whole state nothing moves after the first step.
 
-use crate::OptimError;
 use crate::page::{PageInfo, PageState};
-use crate::update::{AdamHyper, Blockwise8Mut, adamw_bnb8, adamw_bnb32, adamw_torch};
+use crate::update::{adamw_bnb32, adamw_bnb8, adamw_torch, AdamHyper, Blockwise8Mut};
+use crate::OptimError;
 
 /// Which update rule a page gets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,14 +33,7 @@ pub trait PageDevice {
     /// A host copy of a resident page (for checkpoints), leaving it resident.
     fn snapshot(&self, page: &Self::Page) -> PageState;
     /// Runs the update on a resident page for the parameter elements it covers.
-    fn update(
-        &mut self,
-        page: &mut Self::Page,
-        rule: UpdateRule,
-        param: &mut [f32],
-        grad: &[f32],
-        hyper: &AdamHyper,
-    );
+    fn update(&mut self, page: &mut Self::Page, rule: UpdateRule, param: &mut [f32], grad: &[f32], hyper: &AdamHyper);
 }
 
 /// The CPU as a page device. With `copy_on_transfer` false (the default for the CPU), host and device memory
@@ -55,71 +48,24 @@ impl PageDevice for HostMemory {
     type Page = PageState;
 
     fn upload(&mut self, host: PageState) -> PageState {
-        if self.copy_on_transfer {
-            host.clone()
-        } else {
-            host
-        }
+        if self.copy_on_transfer { host.clone() } else { host }
     }
 
     fn download(&mut self, page: PageState) -> PageState {
-        if self.copy_on_transfer {
-            page.clone()
-        } else {
-            page
-        }
+        if self.copy_on_transfer { page.clone() } else { page }
     }
 
     fn snapshot(&self, page: &PageState) -> PageState {
         page.clone()
     }
 
-    fn update(
-        &mut self,
-        page: &mut PageState,
-        rule: UpdateRule,
-        param: &mut [f32],
-        grad: &[f32],
-        hyper: &AdamHyper,
-    ) {
+    fn update(&mut self, page: &mut PageState, rule: UpdateRule, param: &mut [f32], grad: &[f32], hyper: &AdamHyper) {
         match (page, rule) {
-            (
-                PageState::F32 {
-                    exp_avg,
-                    exp_avg_sq,
-                },
-                UpdateRule::TorchAdamW,
-            ) => adamw_torch(param, grad, exp_avg, exp_avg_sq, hyper),
-            (
-                PageState::F32 {
-                    exp_avg,
-                    exp_avg_sq,
-                },
-                UpdateRule::Bnb32,
-            ) => adamw_bnb32(param, grad, exp_avg, exp_avg_sq, hyper),
-            (
-                PageState::Blockwise8 {
-                    codes1,
-                    absmax1,
-                    codes2,
-                    absmax2,
-                },
-                UpdateRule::Bnb8,
-            ) => {
-                let state = Blockwise8Mut {
-                    codes1,
-                    absmax1,
-                    codes2,
-                    absmax2,
-                };
-                adamw_bnb8(
-                    param,
-                    grad,
-                    state,
-                    crate::codebooks::signed(),
-                    crate::codebooks::unsigned(),
-                    hyper,
-                )
+            (PageState::F32 { exp_avg, exp_avg_sq }, UpdateRule::TorchAdamW) => adamw_torch(param, grad, exp_avg, exp_avg_sq, hyper),
+            (PageState::F32 { exp_avg, exp_avg_sq }, UpdateRule::Bnb32) => adamw_bnb32(param, grad, exp_avg, exp_avg_sq, hyper),
+            (PageState::Blockwise8 { codes1, absmax1, codes2, absmax2 }, UpdateRule::Bnb8) => {
+                let state = Blockwise8Mut { codes1, absmax1, codes2, absmax2 };
+                adamw_bnb8(param, grad, state, crate::codebooks::signed(), crate::codebooks::unsigned(), hyper)
             }
             (page, rule) => unreachable!("update rule {rule:?} on a {:?} page", page.format()),
         }
@@ -159,19 +105,8 @@ pub struct Pager<D: PageDevice> {
 
 impl<D: PageDevice> Pager<D> {
     pub fn new(device: D, budget: Option<usize>) -> Self {
-        let stats = PagerStats {
-            budget_bytes: budget.map_or(u64::MAX, |b| b as u64),
-            ..PagerStats::default()
-        };
-        Pager {
-            device,
-            budget,
-            pages: Vec::new(),
-            host: Vec::new(),
-            resident: Vec::new(),
-            resident_bytes: 0,
-            stats,
-        }
+        let stats = PagerStats { budget_bytes: budget.map_or(u64::MAX, |b| b as u64), ..PagerStats::default() };
+        Pager { device, budget, pages: Vec::new(), host: Vec::new(), resident: Vec::new(), resident_bytes: 0, stats }
     }
 
     /// Adds a page (in host memory) and returns its index.
@@ -179,10 +114,7 @@ impl<D: PageDevice> Pager<D> {
         if let Some(budget) = self.budget
             && info.bytes > budget
         {
-            return Err(OptimError::BudgetTooSmall {
-                budget,
-                page_bytes: info.bytes,
-            });
+            return Err(OptimError::BudgetTooSmall { budget, page_bytes: info.bytes });
         }
         self.stats.state_bytes += info.bytes as u64;
         self.pages.push(info);
@@ -206,14 +138,7 @@ impl<D: PageDevice> Pager<D> {
     }
 
     /// Makes page `index` resident (evicting others if the budget requires) and updates it.
-    pub fn update(
-        &mut self,
-        index: usize,
-        rule: UpdateRule,
-        param: &mut [f32],
-        grad: &[f32],
-        hyper: &AdamHyper,
-    ) {
+    pub fn update(&mut self, index: usize, rule: UpdateRule, param: &mut [f32], grad: &[f32], hyper: &AdamHyper) {
         self.make_resident(index);
         let page = self.resident[index].as_mut().expect("page made resident");
         self.device.update(page, rule, param, grad, hyper);
@@ -226,30 +151,21 @@ impl<D: PageDevice> Pager<D> {
         let bytes = self.pages[index].bytes;
         if let Some(budget) = self.budget {
             while self.resident_bytes + bytes > budget {
-                let victim = self
-                    .furthest_next_use(index)
-                    .expect("a page is resident while the budget is exceeded");
+                let victim = self.furthest_next_use(index).expect("a page is resident while the budget is exceeded");
                 self.evict(victim);
             }
         }
-        let host = self.host[index]
-            .take()
-            .expect("a non-resident page is on the host");
+        let host = self.host[index].take().expect("a non-resident page is on the host");
         self.resident[index] = Some(self.device.upload(host));
         self.resident_bytes += bytes;
         self.stats.paged_in_bytes += bytes as u64;
         self.stats.total_paged_in_bytes += bytes as u64;
         self.stats.resident_bytes = self.resident_bytes as u64;
-        self.stats.peak_resident_bytes = self
-            .stats
-            .peak_resident_bytes
-            .max(self.resident_bytes as u64);
+        self.stats.peak_resident_bytes = self.stats.peak_resident_bytes.max(self.resident_bytes as u64);
     }
 
     fn evict(&mut self, index: usize) {
-        let page = self.resident[index]
-            .take()
-            .expect("evicting a resident page");
+        let page = self.resident[index].take().expect("evicting a resident page");
         self.host[index] = Some(self.device.download(page));
         let bytes = self.pages[index].bytes;
         self.resident_bytes -= bytes;
@@ -262,9 +178,7 @@ impl<D: PageDevice> Pager<D> {
     /// order, cyclically.
     fn furthest_next_use(&self, current: usize) -> Option<usize> {
         let n = self.pages.len();
-        (0..n)
-            .filter(|&i| i != current && self.resident[i].is_some())
-            .max_by_key(|&i| (i + n - current) % n)
+        (0..n).filter(|&i| i != current && self.resident[i].is_some()).max_by_key(|&i| (i + n - current) % n)
     }
 
     /// A host copy of page `index`, wherever it lives.

@@ -24,9 +24,7 @@ impl std::str::FromStr for ScheduleKind {
             "constant" => Ok(ScheduleKind::Constant),
             "linear" => Ok(ScheduleKind::Linear),
             "cosine" => Ok(ScheduleKind::Cosine),
-            other => Err(OptimError::Config(format!(
-                "unknown LR schedule `{other}` (expected constant, linear or cosine)"
-            ))),
+            other => Err(OptimError::Config(format!("unknown LR schedule `{other}` (expected constant, linear or cosine)"))),
         }
     }
 }
@@ -56,26 +54,14 @@ impl LrScheduleConfig {
     /// The schedule for a run of `total_steps` optimizer steps.
     pub fn init(&self, total_steps: u64) -> Result<LrSchedule, OptimError> {
         if !self.lr.is_finite() || self.lr < 0.0 {
-            return Err(OptimError::Config(format!(
-                "learning rate {} must be finite and ≥ 0",
-                self.lr
-            )));
+            return Err(OptimError::Config(format!("learning rate {} must be finite and ≥ 0", self.lr)));
         }
         let warmup_steps = match self.warmup {
             Warmup::Steps(n) => n,
             Warmup::Ratio(r) if (0.0..=1.0).contains(&r) => (total_steps as f64 * r).ceil() as u64,
-            Warmup::Ratio(r) => {
-                return Err(OptimError::Config(format!(
-                    "warmup ratio {r} must be in [0, 1]"
-                )));
-            }
+            Warmup::Ratio(r) => return Err(OptimError::Config(format!("warmup ratio {r} must be in [0, 1]"))),
         };
-        Ok(LrSchedule {
-            lr: self.lr,
-            kind: self.kind,
-            warmup_steps,
-            total_steps,
-        })
+        Ok(LrSchedule { lr: self.lr, kind: self.kind, warmup_steps, total_steps })
     }
 }
 
@@ -90,11 +76,7 @@ pub struct LrSchedule {
 impl LrSchedule {
     /// The multiplier of the peak learning rate at 0-based optimizer step `step`.
     pub fn factor(&self, step: u64) -> f64 {
-        let (s, w, t) = (
-            step as f64,
-            self.warmup_steps as f64,
-            self.total_steps as f64,
-        );
+        let (s, w, t) = (step as f64, self.warmup_steps as f64, self.total_steps as f64);
         if step < self.warmup_steps {
             return s / w.max(1.0);
         }

@@ -13,7 +13,7 @@ use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 use serde_json::Value;
 
-use crate::bnb::{BnbQuantizationConfig, StoredTensor, bnb_tensors};
+use crate::bnb::{bnb_tensors, BnbQuantizationConfig, StoredTensor};
 use crate::{QuantConfig, QuantError, QuantizedWeight};
 
 /// Tokenizer and generation files copied alongside converted weights.
@@ -41,10 +41,7 @@ pub struct HfCheckpoint {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> QuantError + '_ {
-    move |source| QuantError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
+    move |source| QuantError::Io { path: path.to_path_buf(), source }
 }
 
 impl HfCheckpoint {
@@ -54,17 +51,11 @@ impl HfCheckpoint {
         let index_path = dir.join("model.safetensors.index.json");
         let shard_names: Vec<String> = if index_path.exists() {
             let text = std::fs::read_to_string(&index_path).map_err(io_err(&index_path))?;
-            let value: Value = serde_json::from_str(&text).map_err(|source| QuantError::Json {
+            let value: Value = serde_json::from_str(&text).map_err(|source| QuantError::Json { path: index_path.clone(), source })?;
+            let map = value.get("weight_map").and_then(Value::as_object).ok_or_else(|| QuantError::InvalidConfig {
                 path: index_path.clone(),
-                source,
+                reason: "no `weight_map` object".into(),
             })?;
-            let map = value
-                .get("weight_map")
-                .and_then(Value::as_object)
-                .ok_or_else(|| QuantError::InvalidConfig {
-                    path: index_path.clone(),
-                    reason: "no `weight_map` object".into(),
-                })?;
             let mut names: Vec<String> = Vec::new();
             for (tensor, file) in map {
                 let file = file.as_str().ok_or_else(|| QuantError::InvalidConfig {
@@ -72,10 +63,7 @@ impl HfCheckpoint {
                     reason: format!("weight_map entry `{tensor}` is not a file name"),
                 })?;
                 if file.contains('/') || file.contains('\\') || file.starts_with('.') {
-                    return Err(QuantError::InvalidConfig {
-                        path: index_path.clone(),
-                        reason: format!("shard name `{file}` leaves the checkpoint directory"),
-                    });
+                    return Err(QuantError::InvalidConfig { path: index_path.clone(), reason: format!("shard name `{file}` leaves the checkpoint directory") });
                 }
                 if !names.iter().any(|n| n == file) {
                     names.push(file.to_string());
@@ -99,11 +87,8 @@ impl HfCheckpoint {
             // SAFETY: the mapping is read-only; a checkpoint changed underneath a running conversion is the
             // user's error, and safetensors re-validates offsets against the mapped length.
             let mmap = unsafe { Mmap::map(&file) }.map_err(io_err(&path))?;
-            let tensors =
-                SafeTensors::deserialize(&mmap).map_err(|source| QuantError::Safetensors {
-                    file: path.display().to_string(),
-                    source,
-                })?;
+            let tensors = SafeTensors::deserialize(&mmap)
+                .map_err(|source| QuantError::Safetensors { file: path.display().to_string(), source })?;
             for tensor in tensors.names() {
                 if index.insert(tensor.to_string(), i).is_some() {
                     return Err(QuantError::InvalidTensor {
@@ -115,11 +100,7 @@ impl HfCheckpoint {
             }
             files.push((path, mmap));
         }
-        Ok(HfCheckpoint {
-            dir: dir.to_path_buf(),
-            files,
-            index,
-        })
+        Ok(HfCheckpoint { dir: dir.to_path_buf(), files, index })
     }
 
     /// Every tensor name, sorted.
@@ -135,21 +116,16 @@ impl HfCheckpoint {
     pub fn shard_of(&self, name: &str) -> Option<(SafeTensors<'_>, &Path)> {
         let &i = self.index.get(name)?;
         let (path, mmap) = &self.files[i];
-        Some((
-            SafeTensors::deserialize(mmap).expect("validated in open"),
-            path,
-        ))
+        Some((SafeTensors::deserialize(mmap).expect("validated in open"), path))
     }
 
     /// A view of tensor `name`.
     pub fn tensor(&self, name: &str) -> Result<(TensorView<'_>, &Path), QuantError> {
-        let (shard, path) = self
-            .shard_of(name)
-            .ok_or_else(|| QuantError::MissingTensor {
-                file: self.dir.display().to_string(),
-                weight: name.to_string(),
-                tensor: name.to_string(),
-            })?;
+        let (shard, path) = self.shard_of(name).ok_or_else(|| QuantError::MissingTensor {
+            file: self.dir.display().to_string(),
+            weight: name.to_string(),
+            tensor: name.to_string(),
+        })?;
         let view = shard.tensor(name).expect("indexed name exists");
         Ok((view, path))
     }
@@ -163,9 +139,7 @@ impl HfCheckpoint {
 
     /// The quantized weight `name` when the checkpoint stores it in bitsandbytes 4-bit form.
     pub fn bnb_weight(&self, name: &str) -> Result<Option<QuantizedWeight>, QuantError> {
-        let Some((shard, path)) = self.shard_of(name) else {
-            return Ok(None);
-        };
+        let Some((shard, path)) = self.shard_of(name) else { return Ok(None) };
         if !crate::bnb::is_bnb_4bit(&shard, name) {
             return Ok(None);
         }
@@ -192,34 +166,18 @@ impl FloatValues {
 }
 
 /// Reads a float tensor (F32, BF16 or F16, little-endian).
-pub fn read_float(
-    view: &TensorView<'_>,
-    name: &str,
-    file: &str,
-) -> Result<FloatValues, QuantError> {
+pub fn read_float(view: &TensorView<'_>, name: &str, file: &str) -> Result<FloatValues, QuantError> {
     let data = view.data();
     Ok(match view.dtype() {
-        Dtype::F32 => FloatValues::F32(
-            data.chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-        ),
-        Dtype::BF16 => FloatValues::Bf16(
-            data.chunks_exact(2)
-                .map(|c| bf16::from_le_bytes([c[0], c[1]]))
-                .collect(),
-        ),
-        Dtype::F16 => FloatValues::F16(
-            data.chunks_exact(2)
-                .map(|c| f16::from_le_bytes([c[0], c[1]]))
-                .collect(),
-        ),
+        Dtype::F32 => FloatValues::F32(data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()),
+        Dtype::BF16 => FloatValues::Bf16(data.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]])).collect()),
+        Dtype::F16 => FloatValues::F16(data.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]])).collect()),
         other => {
             return Err(QuantError::InvalidTensor {
                 file: file.into(),
                 tensor: name.into(),
                 reason: format!("is {other:?}; expected F32, BF16 or F16"),
-            });
+            })
         }
     })
 }
@@ -244,45 +202,20 @@ pub struct QuantizeReport {
 /// Converts the Hugging Face checkpoint in `src` to bitsandbytes 4-bit form in `dst`: every decoder linear
 /// weight quantized with `config`, every other tensor copied as it is, config.json given its
 /// `quantization_config`, tokenizer and generation files copied. Files appear atomically.
-pub fn quantize_checkpoint(
-    src: &Path,
-    dst: &Path,
-    config: &QuantConfig,
-) -> Result<QuantizeReport, QuantError> {
+pub fn quantize_checkpoint(src: &Path, dst: &Path, config: &QuantConfig) -> Result<QuantizeReport, QuantError> {
     if config.quant_type == QuantType::Int4 {
-        return Err(QuantError::InvalidConfig {
-            path: dst.to_path_buf(),
-            reason: "int4 has no bitsandbytes checkpoint layout; use nf4 or fp4".into(),
-        });
+        return Err(QuantError::InvalidConfig { path: dst.to_path_buf(), reason: "int4 has no bitsandbytes checkpoint layout; use nf4 or fp4".into() });
     }
     let config_path = src.join("config.json");
     let text = std::fs::read_to_string(&config_path).map_err(io_err(&config_path))?;
-    let mut model_config: Value =
-        serde_json::from_str(&text).map_err(|source| QuantError::Json {
-            path: config_path.clone(),
-            source,
-        })?;
-    let object = model_config
-        .as_object_mut()
-        .ok_or_else(|| QuantError::InvalidConfig {
-            path: config_path.clone(),
-            reason: "not a JSON object".into(),
-        })?;
+    let mut model_config: Value = serde_json::from_str(&text).map_err(|source| QuantError::Json { path: config_path.clone(), source })?;
+    let object = model_config.as_object_mut().ok_or_else(|| QuantError::InvalidConfig { path: config_path.clone(), reason: "not a JSON object".into() })?;
     if object.contains_key("quantization_config") {
-        return Err(QuantError::InvalidConfig {
-            path: config_path.clone(),
-            reason: "the checkpoint is already quantized (config.json has quantization_config)"
-                .into(),
-        });
+        return Err(QuantError::InvalidConfig { path: config_path.clone(), reason: "the checkpoint is already quantized (config.json has quantization_config)".into() });
     }
     let compute_dtype = ["dtype", "torch_dtype"]
         .iter()
-        .find_map(|k| {
-            object
-                .get(*k)
-                .and_then(Value::as_str)
-                .and_then(FloatDtype::parse)
-        })
+        .find_map(|k| object.get(*k).and_then(Value::as_str).and_then(FloatDtype::parse))
         .unwrap_or(FloatDtype::F32);
     let checkpoint = HfCheckpoint::open(src)?;
     std::fs::create_dir_all(dst).map_err(io_err(dst))?;
@@ -306,14 +239,7 @@ pub fn quantize_checkpoint(
             bnb_tensors(name, &weight)?
         } else {
             report.copied_tensors += 1;
-            vec![(
-                name.to_string(),
-                StoredTensor {
-                    dtype: view.dtype(),
-                    shape,
-                    data: view.data().to_vec(),
-                },
-            )]
+            vec![(name.to_string(), StoredTensor { dtype: view.dtype(), shape, data: view.data().to_vec() })]
         };
         let bytes: usize = outputs.iter().map(|(_, t)| t.data.len()).sum();
         if shard_bytes > 0 && shard_bytes + bytes > MAX_SHARD_BYTES {
@@ -325,56 +251,31 @@ pub fn quantize_checkpoint(
         shards.last_mut().expect("one shard").extend(outputs);
     }
 
-    let metadata = Some(
-        [("format".to_string(), "pt".to_string())]
-            .into_iter()
-            .collect(),
-    );
+    let metadata = Some([("format".to_string(), "pt".to_string())].into_iter().collect());
     report.shards = shards.len();
     if shards.len() == 1 {
         let bytes = safetensors::serialize(shards[0].iter().map(|(k, t)| (k.clone(), t)), metadata)
-            .map_err(|source| QuantError::Safetensors {
-                file: dst.join("model.safetensors").display().to_string(),
-                source,
-            })?;
+            .map_err(|source| QuantError::Safetensors { file: dst.join("model.safetensors").display().to_string(), source })?;
         write_atomically(&dst.join("model.safetensors"), &bytes)?;
     } else {
         let count = shards.len();
         let mut weight_map = serde_json::Map::new();
         for (i, shard) in shards.iter().enumerate() {
             let file_name = format!("model-{:05}-of-{count:05}.safetensors", i + 1);
-            let bytes =
-                safetensors::serialize(shard.iter().map(|(k, t)| (k.clone(), t)), metadata.clone())
-                    .map_err(|source| QuantError::Safetensors {
-                        file: file_name.clone(),
-                        source,
-                    })?;
+            let bytes = safetensors::serialize(shard.iter().map(|(k, t)| (k.clone(), t)), metadata.clone())
+                .map_err(|source| QuantError::Safetensors { file: file_name.clone(), source })?;
             write_atomically(&dst.join(&file_name), &bytes)?;
             for (k, _) in shard {
                 weight_map.insert(k.clone(), Value::String(file_name.clone()));
             }
         }
         let index = serde_json::json!({ "metadata": { "total_size": report.output_bytes }, "weight_map": weight_map });
-        write_atomically(
-            &dst.join("model.safetensors.index.json"),
-            serde_json::to_string_pretty(&index)
-                .expect("json")
-                .as_bytes(),
-        )?;
+        write_atomically(&dst.join("model.safetensors.index.json"), serde_json::to_string_pretty(&index).expect("json").as_bytes())?;
     }
 
-    let quantization =
-        BnbQuantizationConfig::new_4bit(config.quant_type, config.double_quant, compute_dtype);
-    object.insert(
-        "quantization_config".into(),
-        serde_json::to_value(&quantization).expect("json"),
-    );
-    write_atomically(
-        &dst.join("config.json"),
-        serde_json::to_string_pretty(&model_config)
-            .expect("json")
-            .as_bytes(),
-    )?;
+    let quantization = BnbQuantizationConfig::new_4bit(config.quant_type, config.double_quant, compute_dtype);
+    object.insert("quantization_config".into(), serde_json::to_value(&quantization).expect("json"));
+    write_atomically(&dst.join("config.json"), serde_json::to_string_pretty(&model_config).expect("json").as_bytes())?;
     for name in AUXILIARY_FILES {
         let from = src.join(name);
         if from.is_file() {
@@ -389,10 +290,7 @@ pub fn quantize_checkpoint(
 /// temporary file in the same directory, fsync, rename, fsync of the directory.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), QuantError> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    let file_name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().to_string())
-        .unwrap_or_default();
+    let file_name = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
     let tmp = dir.join(format!(".{file_name}.tmp-{}", std::process::id()));
     let result = (|| {
         let mut file = File::create(&tmp)?;
@@ -406,10 +304,7 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), QuantError> {
     })();
     result.map_err(|source| {
         let _ = std::fs::remove_file(&tmp);
-        QuantError::Io {
-            path: path.to_path_buf(),
-            source,
-        }
+        QuantError::Io { path: path.to_path_buf(), source }
     })
 }
 
@@ -419,26 +314,11 @@ mod tests {
 
     #[test]
     fn decoder_linear_rule() {
-        assert!(is_decoder_linear_weight(
-            "model.layers.3.self_attn.q_proj.weight",
-            &[64, 64]
-        ));
-        assert!(is_decoder_linear_weight(
-            "model.layers.0.mlp.down_proj.weight",
-            &[64, 172]
-        ));
-        assert!(!is_decoder_linear_weight(
-            "model.layers.0.input_layernorm.weight",
-            &[64]
-        ));
-        assert!(!is_decoder_linear_weight(
-            "model.layers.0.self_attn.q_proj.bias",
-            &[64]
-        ));
-        assert!(!is_decoder_linear_weight(
-            "model.embed_tokens.weight",
-            &[100, 64]
-        ));
+        assert!(is_decoder_linear_weight("model.layers.3.self_attn.q_proj.weight", &[64, 64]));
+        assert!(is_decoder_linear_weight("model.layers.0.mlp.down_proj.weight", &[64, 172]));
+        assert!(!is_decoder_linear_weight("model.layers.0.input_layernorm.weight", &[64]));
+        assert!(!is_decoder_linear_weight("model.layers.0.self_attn.q_proj.bias", &[64]));
+        assert!(!is_decoder_linear_weight("model.embed_tokens.weight", &[100, 64]));
         assert!(!is_decoder_linear_weight("lm_head.weight", &[100, 64]));
     }
 
@@ -454,11 +334,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let t = StoredTensor::f32(vec![4, 4], &[1.0; 16]);
         let bytes = safetensors::serialize([("a".to_string(), &t)], None).unwrap();
-        std::fs::write(
-            dir.path().join("model.safetensors"),
-            &bytes[..bytes.len() - 8],
-        )
-        .unwrap();
+        std::fs::write(dir.path().join("model.safetensors"), &bytes[..bytes.len() - 8]).unwrap();
         let err = HfCheckpoint::open(dir.path()).err().unwrap();
         assert!(err.to_string().contains("model.safetensors"), "{err}");
     }

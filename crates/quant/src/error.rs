@@ -13,32 +13,13 @@ pub enum QuantError {
         source: nf4::Nf4Error,
     },
     #[error("tensor `{tensor}`: shape {shape:?} holds {expected} elements but {found} were given")]
-    NumelMismatch {
-        tensor: String,
-        shape: Vec<usize>,
-        expected: usize,
-        found: usize,
-    },
-    #[error(
-        "{file}: missing tensor `{tensor}` (needed for the bitsandbytes 4-bit weight `{weight}`)"
-    )]
-    MissingTensor {
-        file: String,
-        weight: String,
-        tensor: String,
-    },
+    NumelMismatch { tensor: String, shape: Vec<usize>, expected: usize, found: usize },
+    #[error("{file}: missing tensor `{tensor}` (needed for the bitsandbytes 4-bit weight `{weight}`)")]
+    MissingTensor { file: String, weight: String, tensor: String },
     #[error("{file}: tensor `{tensor}` is invalid: {reason}")]
-    InvalidTensor {
-        file: String,
-        tensor: String,
-        reason: String,
-    },
+    InvalidTensor { file: String, tensor: String, reason: String },
     #[error("{file}: tensor `{tensor}` holds a malformed bitsandbytes quant_state: {reason}")]
-    InvalidQuantState {
-        file: String,
-        tensor: String,
-        reason: String,
-    },
+    InvalidQuantState { file: String, tensor: String, reason: String },
     #[error("{file}: {source}")]
     Safetensors {
         file: String,

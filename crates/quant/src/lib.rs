@@ -14,6 +14,7 @@ mod device;
 mod error;
 mod weight;
 
+
 pub use device::{DeviceAbsmax, DeviceDoubleQuant, DeviceQuantizedWeight};
 pub use error::QuantError;
 pub use weight::{QuantConfig, QuantizedWeight};

@@ -32,12 +32,7 @@ pub struct QuantizedWeight {
 
 impl QuantizedWeight {
     /// Quantizes a row-major weight of `shape`. `name` only labels errors.
-    pub fn quantize<T: Element>(
-        name: &str,
-        values: &[T],
-        shape: &[usize],
-        config: &QuantConfig,
-    ) -> Result<Self, QuantError> {
+    pub fn quantize<T: Element>(name: &str, values: &[T], shape: &[usize], config: &QuantConfig) -> Result<Self, QuantError> {
         let expected: usize = shape.iter().product();
         if expected != values.len() {
             return Err(QuantError::NumelMismatch {
@@ -47,21 +42,9 @@ impl QuantizedWeight {
                 found: values.len(),
             });
         }
-        let data = nf4::quantize(
-            values,
-            config.blocksize,
-            config.quant_type,
-            config.double_quant,
-        )
-        .map_err(|source| QuantError::Quantize {
-            tensor: name.to_string(),
-            source,
-        })?;
-        Ok(QuantizedWeight {
-            data,
-            shape: shape.to_vec(),
-            dtype: T::DTYPE,
-        })
+        let data = nf4::quantize(values, config.blocksize, config.quant_type, config.double_quant)
+            .map_err(|source| QuantError::Quantize { tensor: name.to_string(), source })?;
+        Ok(QuantizedWeight { data, shape: shape.to_vec(), dtype: T::DTYPE })
     }
 
     /// Number of elements.
@@ -83,21 +66,12 @@ impl QuantizedWeight {
 
     /// The config this weight was quantized with.
     pub fn config(&self) -> QuantConfig {
-        QuantConfig {
-            quant_type: self.quant_type(),
-            blocksize: self.blocksize(),
-            double_quant: self.is_double_quant(),
-        }
+        QuantConfig { quant_type: self.quant_type(), blocksize: self.blocksize(), double_quant: self.is_double_quant() }
     }
 
     /// Dequantizes to f32, row-major.
     pub fn dequantize_f32(&self) -> Result<Vec<f32>, QuantError> {
-        self.data
-            .dequantize()
-            .map_err(|source| QuantError::Quantize {
-                tensor: "(dequantize)".into(),
-                source,
-            })
+        self.data.dequantize().map_err(|source| QuantError::Quantize { tensor: "(dequantize)".into(), source })
     }
 
     /// Bits per parameter as the QLoRA paper counts them (NF4 + double quant at blocksize 64: 4.127).
@@ -128,40 +102,19 @@ mod tests {
         let values: Vec<f32> = (0..64 * 256 * 2).map(|i| (i as f32 * 0.01).sin()).collect();
         let w = QuantizedWeight::quantize("w", &values, &[128, 256], &QuantConfig::new()).unwrap();
         assert_eq!(format!("{:.3}", w.bits_per_param()), "4.127");
-        let plain = QuantizedWeight::quantize(
-            "w",
-            &values,
-            &[128, 256],
-            &QuantConfig::new().with_double_quant(false),
-        )
-        .unwrap();
+        let plain = QuantizedWeight::quantize("w", &values, &[128, 256], &QuantConfig::new().with_double_quant(false)).unwrap();
         assert_eq!(plain.bits_per_param(), 4.5);
     }
 
     #[test]
     fn shape_mismatch_names_the_tensor() {
-        let err = QuantizedWeight::quantize(
-            "layers.0.q_proj",
-            &[0.0f32; 10],
-            &[3, 4],
-            &QuantConfig::new(),
-        )
-        .unwrap_err();
+        let err = QuantizedWeight::quantize("layers.0.q_proj", &[0.0f32; 10], &[3, 4], &QuantConfig::new()).unwrap_err();
         assert!(err.to_string().contains("layers.0.q_proj"), "{err}");
     }
 
     #[test]
     fn bad_blocksize_names_the_tensor() {
-        let err = QuantizedWeight::quantize(
-            "w",
-            &[0.0f32; 12],
-            &[3, 4],
-            &QuantConfig::new().with_blocksize(48),
-        )
-        .unwrap_err();
-        assert!(
-            err.to_string().contains("`w`") && err.to_string().contains("48"),
-            "{err}"
-        );
+        let err = QuantizedWeight::quantize("w", &[0.0f32; 12], &[3, 4], &QuantConfig::new().with_blocksize(48)).unwrap_err();
+        assert!(err.to_string().contains("`w`") && err.to_string().contains("48"), "{err}");
     }
 }

@@ -24,45 +24,18 @@ pub struct Question {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum EvalReport {
-    Loss {
-        loss: f64,
-        perplexity: f64,
-        examples: usize,
-        target_tokens: usize,
-    },
-    MultipleChoice {
-        accuracy: f64,
-        correct: usize,
-        total: usize,
-        shots: usize,
-    },
+    Loss { loss: f64, perplexity: f64, examples: usize, target_tokens: usize },
+    MultipleChoice { accuracy: f64, correct: usize, total: usize, shots: usize },
 }
 
 impl std::fmt::Display for EvalReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            EvalReport::Loss {
-                loss,
-                perplexity,
-                examples,
-                target_tokens,
-            } => {
-                write!(
-                    f,
-                    "loss {loss:.4}, perplexity {perplexity:.3} ({examples} examples, {target_tokens} target tokens)"
-                )
+            EvalReport::Loss { loss, perplexity, examples, target_tokens } => {
+                write!(f, "loss {loss:.4}, perplexity {perplexity:.3} ({examples} examples, {target_tokens} target tokens)")
             }
-            EvalReport::MultipleChoice {
-                accuracy,
-                correct,
-                total,
-                shots,
-            } => {
-                write!(
-                    f,
-                    "accuracy {:.2}% ({correct}/{total}, {shots}-shot)",
-                    accuracy * 100.0
-                )
+            EvalReport::MultipleChoice { accuracy, correct, total, shots } => {
+                write!(f, "accuracy {:.2}% ({correct}/{total}, {shots}-shot)", accuracy * 100.0)
             }
         }
     }
@@ -79,27 +52,14 @@ pub fn is_multiple_choice(text: &str) -> bool {
 /// Parses MMLU-style lines; `answer` is an index or a letter (A, B, …).
 pub fn parse_questions(text: &str, file: &str) -> Result<Vec<Question>, TrainError> {
     let mut out = Vec::new();
-    for (i, line) in text
-        .lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-    {
+    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
         let bad = |reason: String| TrainError::Input(format!("{file}:{}: {reason}", i + 1));
-        let v: Value =
-            serde_json::from_str(line).map_err(|e| bad(format!("not valid JSON: {e}")))?;
-        let question = v
-            .get("question")
-            .and_then(Value::as_str)
-            .ok_or_else(|| bad("`question` must be a string".into()))?
-            .to_string();
+        let v: Value = serde_json::from_str(line).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+        let question = v.get("question").and_then(Value::as_str).ok_or_else(|| bad("`question` must be a string".into()))?.to_string();
         let choices: Vec<String> = v
             .get("choices")
             .and_then(Value::as_array)
-            .map(|a| {
-                a.iter()
-                    .map(|c| c.as_str().map(String::from))
-                    .collect::<Option<Vec<_>>>()
-            })
+            .map(|a| a.iter().map(|c| c.as_str().map(String::from)).collect::<Option<Vec<_>>>())
             .flatten()
             .ok_or_else(|| bad("`choices` must be a list of strings".into()))?;
         if choices.len() < 2 {
@@ -107,23 +67,12 @@ pub fn parse_questions(text: &str, file: &str) -> Result<Vec<Question>, TrainErr
         }
         let answer = match v.get("answer") {
             Some(Value::Number(n)) => n.as_u64().map(|n| n as usize),
-            Some(Value::String(s)) if s.len() == 1 && s.as_bytes()[0].is_ascii_uppercase() => {
-                Some((s.as_bytes()[0] - b'A') as usize)
-            }
+            Some(Value::String(s)) if s.len() == 1 && s.as_bytes()[0].is_ascii_uppercase() => Some((s.as_bytes()[0] - b'A') as usize),
             _ => None,
         }
         .filter(|&a| a < choices.len())
-        .ok_or_else(|| {
-            bad(format!(
-                "`answer` must be an index below {} or a letter",
-                choices.len()
-            ))
-        })?;
-        out.push(Question {
-            question,
-            choices,
-            answer,
-        });
+        .ok_or_else(|| bad(format!("`answer` must be an index below {} or a letter", choices.len())))?;
+        out.push(Question { question, choices, answer });
     }
     if out.is_empty() {
         return Err(TrainError::Input(format!("{file}: no questions")));
@@ -135,49 +84,22 @@ pub fn parse_questions(text: &str, file: &str) -> Result<Vec<Question>, TrainErr
 pub fn nll_per_example(model: &LlamaModel, batch: &Batch) -> Vec<f64> {
     let device = model.device();
     let (b, t) = (batch.batch, batch.len);
-    let ids = Tensor::<2, Int>::from_data(
-        TensorData::new(
-            batch.ids.iter().map(|&i| i as i64).collect::<Vec<_>>(),
-            [b, t],
-        ),
-        &device,
-    );
-    let labels = Tensor::<3, Int>::from_data(
-        TensorData::new(
-            batch.labels.iter().map(|&i| i as i64).collect::<Vec<_>>(),
-            [b, t, 1],
-        ),
-        &device,
-    );
+    let ids = Tensor::<2, Int>::from_data(TensorData::new(batch.ids.iter().map(|&i| i as i64).collect::<Vec<_>>(), [b, t]), &device);
+    let labels = Tensor::<3, Int>::from_data(TensorData::new(batch.labels.iter().map(|&i| i as i64).collect::<Vec<_>>(), [b, t, 1]), &device);
     let mask = Tensor::<2>::from_data(TensorData::new(batch.label_mask.clone(), [b, t]), &device);
     let log_probs = log_softmax(model.forward(ids, None).cast(DType::F32), 2);
-    let nll = (log_probs.gather(2, labels).reshape([b, t]) * mask)
-        .sum_dim(1)
-        .neg();
-    nll.into_data()
-        .convert::<f64>()
-        .try_to_vec::<f64>()
-        .expect("f64")
+    let nll = (log_probs.gather(2, labels).reshape([b, t]) * mask).sum_dim(1).neg();
+    nll.into_data().convert::<f64>().try_to_vec::<f64>().expect("f64")
 }
 
 fn shot_text(q: &Question) -> String {
-    format!(
-        "Question: {}\nAnswer: {}\n\n",
-        q.question, q.choices[q.answer]
-    )
+    format!("Question: {}\nAnswer: {}\n\n", q.question, q.choices[q.answer])
 }
 
 /// Multiple-choice accuracy: the first `shots` questions are the demonstrations, the rest are scored.
-pub fn multiple_choice(
-    loaded: &LoadedModel,
-    questions: &[Question],
-    shots: usize,
-) -> Result<EvalReport, TrainError> {
+pub fn multiple_choice(loaded: &LoadedModel, questions: &[Question], shots: usize) -> Result<EvalReport, TrainError> {
     if shots >= questions.len() {
-        return Err(TrainError::Input(format!(
-            "{shots} shots leave none of the {} questions to score",
-            questions.len()
-        )));
+        return Err(TrainError::Input(format!("{shots} shots leave none of the {} questions to score", questions.len())));
     }
     let tokenizer = loaded.tokenizer()?;
     let model = &loaded.model;
@@ -185,41 +107,23 @@ pub fn multiple_choice(
     let bos = tokenizer.bos_token.clone().unwrap_or_default();
     let mut correct = 0;
     for q in &questions[shots..] {
-        let prompt = tokenizer.encode(
-            &format!("{bos}{prefix}Question: {}\nAnswer:", q.question),
-            false,
-        )?;
+        let prompt = tokenizer.encode(&format!("{bos}{prefix}Question: {}\nAnswer:", q.question), false)?;
         let rows: Vec<TokenizedExample> = q
             .choices
             .iter()
             .map(|c| {
                 let cont = tokenizer.encode(&format!(" {c}"), false)?;
-                let target = std::iter::repeat_n(false, prompt.len())
-                    .chain(std::iter::repeat_n(true, cont.len()))
-                    .collect();
-                Ok(TokenizedExample {
-                    ids: prompt.iter().copied().chain(cont).collect(),
-                    target,
-                })
+                let target = std::iter::repeat_n(false, prompt.len()).chain(std::iter::repeat_n(true, cont.len())).collect();
+                Ok(TokenizedExample { ids: prompt.iter().copied().chain(cont).collect(), target })
             })
             .collect::<Result<_, TrainError>>()?;
         let batch = Batch::new(&rows.iter().collect::<Vec<_>>(), 0);
         let nll = nll_per_example(model, &batch);
-        let best = nll
-            .iter()
-            .enumerate()
-            .min_by(|a, b| a.1.total_cmp(b.1))
-            .map(|(i, _)| i)
-            .expect("choices");
+        let best = nll.iter().enumerate().min_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i).expect("choices");
         correct += usize::from(best == q.answer);
     }
     let total = questions.len() - shots;
-    Ok(EvalReport::MultipleChoice {
-        accuracy: correct as f64 / total as f64,
-        correct,
-        total,
-        shots,
-    })
+    Ok(EvalReport::MultipleChoice { accuracy: correct as f64 / total as f64, correct, total, shots })
 }
 
 /// What `qlora eval` needs.
@@ -235,10 +139,7 @@ pub struct EvalArgs {
 /// Runs `qlora eval` on a loaded model (with its adapter applied, if any).
 pub fn run(loaded: &LoadedModel, args: &EvalArgs) -> Result<EvalReport, TrainError> {
     let path: &Path = &args.data;
-    let text = std::fs::read_to_string(path).map_err(|source| TrainError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let text = std::fs::read_to_string(path).map_err(|source| TrainError::Io { path: path.to_path_buf(), source })?;
     let file = path.display().to_string();
     if is_multiple_choice(&text) {
         return multiple_choice(loaded, &parse_questions(&text, &file)?, args.shots);
@@ -252,10 +153,5 @@ pub fn run(loaded: &LoadedModel, args: &EvalArgs) -> Result<EvalReport, TrainErr
         tokens += batch.targets;
     }
     let loss = sum / tokens.max(1) as f64;
-    Ok(EvalReport::Loss {
-        loss,
-        perplexity: loss.exp(),
-        examples: tokenized.examples.len(),
-        target_tokens: tokens,
-    })
+    Ok(EvalReport::Loss { loss, perplexity: loss.exp(), examples: tokenized.examples.len(), target_tokens: tokens })
 }

@@ -45,10 +45,7 @@ impl MetricsLog {
     /// checkpoint, so the file reads as one uninterrupted run); 0 starts a fresh file.
     pub fn open(path: &Path, keep_through: u64) -> Result<Self, TrainError> {
         let kept: String = if keep_through > 0 && path.exists() {
-            let text = std::fs::read_to_string(path).map_err(|source| TrainError::Io {
-                path: path.to_path_buf(),
-                source,
-            })?;
+            let text = std::fs::read_to_string(path).map_err(|source| TrainError::Io { path: path.to_path_buf(), source })?;
             text.lines()
                 .filter(|l| serde_json::from_str::<Line>(l).is_ok_and(|m| m.step <= keep_through))
                 .map(|l| format!("{l}\n"))
@@ -57,26 +54,12 @@ impl MetricsLog {
             String::new()
         };
         quant::checkpoint::write_atomically(path, kept.as_bytes())?;
-        let file = OpenOptions::new()
-            .append(true)
-            .open(path)
-            .map_err(|source| TrainError::Io {
-                path: path.to_path_buf(),
-                source,
-            })?;
-        Ok(MetricsLog {
-            path: path.to_path_buf(),
-            file,
-        })
+        let file = OpenOptions::new().append(true).open(path).map_err(|source| TrainError::Io { path: path.to_path_buf(), source })?;
+        Ok(MetricsLog { path: path.to_path_buf(), file })
     }
 
     fn write(&mut self, value: serde_json::Value) -> Result<(), TrainError> {
-        writeln!(self.file, "{value}")
-            .and_then(|_| self.file.flush())
-            .map_err(|source| TrainError::Io {
-                path: self.path.clone(),
-                source,
-            })
+        writeln!(self.file, "{value}").and_then(|_| self.file.flush()).map_err(|source| TrainError::Io { path: self.path.clone(), source })
     }
 
     pub fn step(&mut self, m: &StepMetrics) -> Result<(), TrainError> {
@@ -94,11 +77,7 @@ impl MetricsLog {
 pub fn peak_rss_mib() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        })
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok()))
         .map_or(0.0, |kib| kib / 1024.0)
 }
 
@@ -110,15 +89,10 @@ pub fn reset_peak_rss() -> bool {
 
 /// Training and eval losses from a metrics file.
 pub fn read_losses(metrics: &Path) -> Result<(Vec<(f64, f64)>, Vec<(f64, f64)>), TrainError> {
-    let text = std::fs::read_to_string(metrics).map_err(|source| TrainError::Io {
-        path: metrics.to_path_buf(),
-        source,
-    })?;
+    let text = std::fs::read_to_string(metrics).map_err(|source| TrainError::Io { path: metrics.to_path_buf(), source })?;
     let (mut train, mut eval) = (Vec::new(), Vec::new());
     for line in text.lines() {
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
-            continue;
-        };
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else { continue };
         let step = v["step"].as_f64().unwrap_or(0.0);
         match v["kind"].as_str() {
             Some("train") => train.extend(v["loss"].as_f64().map(|l| (step, l))),
@@ -139,27 +113,15 @@ pub fn plot_losses(metrics: &Path, png: &Path) -> Result<PathBuf, TrainError> {
         return Err(TrainError::Input("no training steps to plot".into()));
     }
     let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, FONT);
-    let err =
-        |e: &dyn std::fmt::Display| TrainError::Input(format!("drawing {}: {e}", png.display()));
+    let err = |e: &dyn std::fmt::Display| TrainError::Input(format!("drawing {}: {e}", png.display()));
     // The encoder picks the format from the extension, so the temporary file keeps `.png`.
-    let tmp = png.with_file_name(format!(
-        ".{}.partial.png",
-        png.file_stem()
-            .map(|s| s.to_string_lossy())
-            .unwrap_or_default()
-    ));
+    let tmp = png.with_file_name(format!(".{}.partial.png", png.file_stem().map(|s| s.to_string_lossy()).unwrap_or_default()));
     {
         let root = BitMapBackend::new(&tmp, (900, 540)).into_drawing_area();
         root.fill(&WHITE).map_err(|e| err(&e))?;
         let max_step = train.iter().chain(&eval).map(|p| p.0).fold(1.0, f64::max);
-        let losses = train
-            .iter()
-            .chain(&eval)
-            .map(|p| p.1)
-            .filter(|l| l.is_finite());
-        let (lo, hi) = losses.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), l| {
-            (lo.min(l), hi.max(l))
-        });
+        let losses = train.iter().chain(&eval).map(|p| p.1).filter(|l| l.is_finite());
+        let (lo, hi) = losses.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), l| (lo.min(l), hi.max(l)));
         let pad = ((hi - lo) * 0.05).max(1e-3);
         let mut chart = ChartBuilder::on(&root)
             .caption("QLoRA loss", ("sans-serif", 24))
@@ -168,12 +130,7 @@ pub fn plot_losses(metrics: &Path, png: &Path) -> Result<PathBuf, TrainError> {
             .y_label_area_size(60)
             .build_cartesian_2d(0.0..max_step, (lo - pad)..(hi + pad))
             .map_err(|e| err(&e))?;
-        chart
-            .configure_mesh()
-            .x_desc("optimizer step")
-            .y_desc("loss")
-            .draw()
-            .map_err(|e| err(&e))?;
+        chart.configure_mesh().x_desc("optimizer step").y_desc("loss").draw().map_err(|e| err(&e))?;
         chart
             .draw_series(LineSeries::new(train.iter().copied(), &BLUE))
             .map_err(|e| err(&e))?
@@ -181,24 +138,14 @@ pub fn plot_losses(metrics: &Path, png: &Path) -> Result<PathBuf, TrainError> {
             .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE));
         if !eval.is_empty() {
             chart
-                .draw_series(
-                    LineSeries::new(eval.iter().copied(), RED.stroke_width(2)).point_size(3),
-                )
+                .draw_series(LineSeries::new(eval.iter().copied(), RED.stroke_width(2)).point_size(3))
                 .map_err(|e| err(&e))?
                 .label("held-out")
                 .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED));
         }
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .draw()
-            .map_err(|e| err(&e))?;
+        chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw().map_err(|e| err(&e))?;
         root.present().map_err(|e| err(&e))?;
     }
-    std::fs::rename(&tmp, png).map_err(|source| TrainError::Io {
-        path: png.to_path_buf(),
-        source,
-    })?;
+    std::fs::rename(&tmp, png).map_err(|source| TrainError::Io { path: png.to_path_buf(), source })?;
     Ok(png.to_path_buf())
 }

@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use quant::checkpoint::{QuantizeReport, quantize_checkpoint};
+use quant::checkpoint::{quantize_checkpoint, QuantizeReport};
 use quant::{QuantConfig, QuantError};
 
 /// What `qlora quantize` was asked to do.
@@ -45,11 +45,7 @@ pub fn summary(args: &QuantizeArgs, report: &QuantizeReport, seconds: f64) -> St
         report.quantized_params as f64 / 1e6,
         args.config.quant_type,
         args.config.blocksize,
-        if args.config.double_quant {
-            "on"
-        } else {
-            "off"
-        },
+        if args.config.double_quant { "on" } else { "off" },
         nf4::bits_per_param(args.config.blocksize, args.config.double_quant),
         report.copied_tensors,
         mib(report.input_bytes),

@@ -15,30 +15,8 @@ fn qlora(out: &Path) -> Command {
         .arg(fixtures().join("model-nf4"))
         .arg("--data")
         .arg(fixtures().join("chat-train.jsonl"))
-        .args([
-            "--lora-r",
-            "8",
-            "--micro-batch-size",
-            "2",
-            "--grad-accum",
-            "2",
-            "--max-steps",
-            "12",
-            "--lr",
-            "2e-3",
-        ])
-        .args([
-            "--save-steps",
-            "2",
-            "--save-total-limit",
-            "3",
-            "--eval-steps",
-            "0",
-            "--lora-dropout",
-            "0.1",
-            "--sample-prompt",
-            "",
-        ])
+        .args(["--lora-r", "8", "--micro-batch-size", "2", "--grad-accum", "2", "--max-steps", "12", "--lr", "2e-3"])
+        .args(["--save-steps", "2", "--save-total-limit", "3", "--eval-steps", "0", "--lora-dropout", "0.1", "--sample-prompt", ""])
         .arg("--output-dir")
         .arg(out)
         .stdout(Stdio::null())
@@ -64,21 +42,12 @@ fn assert_only_complete_files(out: &Path) {
         }
         if name.starts_with("checkpoint-") {
             let dir = entry.path();
-            let state: serde_json::Value = serde_json::from_str(
-                &std::fs::read_to_string(dir.join("trainer_state.json")).unwrap(),
-            )
-            .unwrap();
+            let state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("trainer_state.json")).unwrap()).unwrap();
             assert_eq!(format!("checkpoint-{}", state["step"]), name);
-            for file in [
-                "adapter/adapter_config.json",
-                "adapter/adapter_model.safetensors",
-                "optimizer.safetensors",
-            ] {
-                let bytes =
-                    std::fs::read(dir.join(file)).unwrap_or_else(|e| panic!("{name}/{file}: {e}"));
+            for file in ["adapter/adapter_config.json", "adapter/adapter_model.safetensors", "optimizer.safetensors"] {
+                let bytes = std::fs::read(dir.join(file)).unwrap_or_else(|e| panic!("{name}/{file}: {e}"));
                 if file.ends_with(".safetensors") {
-                    safetensors::SafeTensors::deserialize(&bytes)
-                        .unwrap_or_else(|e| panic!("{name}/{file}: {e}"));
+                    safetensors::SafeTensors::deserialize(&bytes).unwrap_or_else(|e| panic!("{name}/{file}: {e}"));
                 }
             }
         }
@@ -99,10 +68,7 @@ fn run_and_kill(out: &Path, kill_when: impl Fn(&Path) -> bool) -> bool {
             child.wait().unwrap();
             return true;
         }
-        assert!(
-            started.elapsed() < Duration::from_secs(600),
-            "run did not progress"
-        );
+        assert!(started.elapsed() < Duration::from_secs(600), "run did not progress");
         std::thread::sleep(Duration::from_millis(1));
     }
 }
@@ -115,29 +81,15 @@ fn killed_runs_resume_with_the_losses_of_an_uninterrupted_run() {
     assert_eq!(expected.len(), 12);
 
     // A kill point from the clock, so that runs of the test cover different steps.
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos() as usize;
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos() as usize;
     let kill_at_step = 3 + nanos % 7;
     let scenarios: [(&str, Box<dyn Fn(&Path) -> bool>); 2] = [
-        (
-            "during a step",
-            Box::new(move |out: &Path| {
-                std::fs::read_to_string(out.join("metrics.jsonl"))
-                    .is_ok_and(|t| t.lines().count() >= kill_at_step)
-            }),
-        ),
+        ("during a step", Box::new(move |out: &Path| std::fs::read_to_string(out.join("metrics.jsonl")).is_ok_and(|t| t.lines().count() >= kill_at_step))),
         (
             "during a checkpoint write",
             Box::new(|out: &Path| {
-                std::fs::read_dir(out)
-                    .into_iter()
-                    .flatten()
-                    .flatten()
-                    .any(|e| e.file_name().to_string_lossy().contains(".partial-"))
-                    || std::fs::read_to_string(out.join("metrics.jsonl"))
-                        .is_ok_and(|t| t.lines().count() >= 9)
+                std::fs::read_dir(out).into_iter().flatten().flatten().any(|e| e.file_name().to_string_lossy().contains(".partial-"))
+                    || std::fs::read_to_string(out.join("metrics.jsonl")).is_ok_and(|t| t.lines().count() >= 9)
             }),
         ),
     ];
@@ -145,31 +97,16 @@ fn killed_runs_resume_with_the_losses_of_an_uninterrupted_run() {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("run");
         let killed = run_and_kill(&out, kill_when);
-        println!(
-            "{what}: killed = {killed}, losses logged before the kill: {}",
-            train_losses(&out).len()
-        );
+        println!("{what}: killed = {killed}, losses logged before the kill: {}", train_losses(&out).len());
         assert_only_complete_files(&out);
         if killed {
             let mut resume = Command::new(env!("CARGO_BIN_EXE_qlora"));
-            resume
-                .args(["train", "--resume"])
-                .arg(&out)
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped());
+            resume.args(["train", "--resume"]).arg(&out).stdout(Stdio::null()).stderr(Stdio::piped());
             let output = resume.output().unwrap();
-            assert!(
-                output.status.success(),
-                "resume failed: {}",
-                String::from_utf8_lossy(&output.stderr)
-            );
+            assert!(output.status.success(), "resume failed: {}", String::from_utf8_lossy(&output.stderr));
         }
         assert_only_complete_files(&out);
-        assert_eq!(
-            train_losses(&out),
-            expected,
-            "{what}: losses after resuming"
-        );
+        assert_eq!(train_losses(&out), expected, "{what}: losses after resuming");
     }
 }
 
@@ -194,20 +131,9 @@ fn a_full_disk_is_a_clear_error_and_leaves_nothing_half_written() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success(), "the run must fail");
-    assert!(
-        stderr.contains("File too large") && stderr.contains(&out.display().to_string()),
-        "{stderr}"
-    );
+    assert!(stderr.contains("File too large") && stderr.contains(&out.display().to_string()), "{stderr}");
     assert_only_complete_files(&out);
-    let leftovers: Vec<String> = std::fs::read_dir(&out)
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().to_string())
-        .filter(|n| n.starts_with('.'))
-        .collect();
+    let leftovers: Vec<String> = std::fs::read_dir(&out).unwrap().flatten().map(|e| e.file_name().to_string_lossy().to_string()).filter(|n| n.starts_with('.')).collect();
     assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
-    assert!(
-        train_losses(&out).len() >= 2,
-        "the steps before the failed checkpoint are logged"
-    );
+    assert!(train_losses(&out).len() >= 2, "the steps before the failed checkpoint are logged");
 }
