@@ -148,20 +148,23 @@ impl Attention {
         let v = self.v_proj.forward(x).reshape([b, t, kvh, d]).swap_dims(1, 2);
         let q = Rotary::apply(q, cos, sin);
         let k = Rotary::apply(k, cos, sin);
-        let (k, v) = match cache {
-            Some((cache, layer)) => cache.append(layer, k, v),
-            None => (k, v),
-        };
-        let s = k.dims()[2];
-        let k = repeat_kv(k, h / kvh);
-        let v = repeat_kv(v, h / kvh);
         let scale = (d as f64).powf(-0.5);
-        let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale);
-        let dtype = scores.dtype();
-        let scores = scores.cast(DType::F32).mask_fill(mask.clone().reshape([1, 1, t, s]).expand([b, h, t, s]), f32::NEG_INFINITY);
-        let probs = softmax(scores, 3).cast(dtype);
-        let out = probs.matmul(v).swap_dims(1, 2).reshape([b, t, h * d]);
-        self.o_proj.forward(out)
+        let out = match cache {
+            // Training, evaluation, and forward passes without a cache: the fused op, whose backward keeps no
+            // `[len, len]` matrices (`crate::attention`).
+            None => crate::attention::causal_attention(q, k, v, scale as f32),
+            Some((cache, layer)) => {
+                let (k, v) = cache.append(layer, k, v);
+                let s = k.dims()[2];
+                let k = repeat_kv(k, h / kvh);
+                let v = repeat_kv(v, h / kvh);
+                let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale);
+                let dtype = scores.dtype();
+                let scores = scores.cast(DType::F32).mask_fill(mask.clone().reshape([1, 1, t, s]).expand([b, h, t, s]), f32::NEG_INFINITY);
+                softmax(scores, 3).cast(dtype).matmul(v)
+            }
+        };
+        self.o_proj.forward(out.swap_dims(1, 2).reshape([b, t, h * d]))
     }
 }
 

@@ -1,0 +1,280 @@
+//! Causal self-attention with grouped K/V heads, `softmax(q·kᵀ·scale + causal) · v`, as one op with its own
+//! backward that keeps no score or probability matrix between forward and backward.
+//!
+//! Through burn's autodiff the decomposed attention keeps the scores and the probabilities
+//! (`[batch, heads, len, len]` each, 36 MiB per layer in f32 at SmolLM2's 9 heads × 1,024 tokens) for the
+//! backward of every layer. Here the backward keeps only q, k and v (retrieved through the checkpointer, so
+//! gradient checkpointing may recompute them instead) and recomputes one batch row's probabilities at a time:
+//! `dv = Pᵀ·do`, `dP = do·vᵀ`, `dS = P ⊙ (dP − rowsum(P ⊙ dP))`, `dq = dS·k·scale`, `dk = dSᵀ·q·scale`.
+//! Grouped heads need no `repeat_kv` copy: the `rep` query heads of a K/V head are stacked as `rep · len`
+//! rows against that head's keys. The op sequence of the forward is transformers' eager attention (scores in
+//! the compute dtype, softmax in f32, probabilities back to the compute dtype).
+
+#[cfg(feature = "cube")]
+use burn::backend::Cube;
+use burn::backend::autodiff::{
+    Autodiff, NodeId,
+    checkpoint::{base::Checkpointer, strategy::CheckpointStrategy},
+    grads::Gradients,
+    ops::{Backward, Ops, OpsKind},
+};
+use burn::backend::{
+    Backend, Dispatch, Flex, FloatDType, TensorMetadata, backend_extension,
+    tensor::FloatTensor,
+};
+use burn::tensor::{Shape, Slice, Tensor, TensorData};
+
+/// The extension: `Flex` (and the CubeCL backend) run the batch-row-at-a-time reference below, `Autodiff`
+/// adds the hand-written backward.
+#[backend_extension(Flex, Cube: cfg(feature = "cube"), Autodiff)]
+pub trait CausalAttentionBackend: Backend {
+    /// `q [batch, heads, len, head_dim]`, `k`, `v [batch, kv_heads, len, head_dim]` (`heads` a multiple of
+    /// `kv_heads`; query head `i` reads K/V head `i / (heads / kv_heads)`, as HF's `repeat_kv`) → the
+    /// attended values `[batch, heads, len, head_dim]`; position `i` sees positions `0..=i`.
+    fn causal_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        scale: f32,
+    ) -> FloatTensor<Self>;
+}
+
+/// `[rep · len, len]` f32: −∞ where row `r` (position `r mod len`) must not see column `j` (`j > r mod len`),
+/// 0 elsewhere; added to the scores it is transformers' `masked_fill(−∞)` (an f32 tensor, because boolean
+/// storage differs between backends).
+fn causal_bias<B: Backend>(rep: usize, len: usize, device: &B::Device) -> FloatTensor<B> {
+    let values: Vec<f32> =
+        (0..rep * len).flat_map(|r| (0..len).map(move |j| if j > r % len { f32::NEG_INFINITY } else { 0.0 })).collect();
+    B::float_from_data(TensorData::new(values, [rep * len, len]), device)
+}
+
+/// Batch row `i` of a `[batch, heads, len, d]` tensor as `[kv_heads, rep · len, d]`.
+fn grouped_row<B: Backend>(t: &FloatTensor<B>, i: usize, kv_heads: usize) -> FloatTensor<B> {
+    let shape = t.shape();
+    let (heads, len, d) = (shape[1], shape[2], shape[3]);
+    let row = B::float_slice(
+        t.clone(),
+        &[Slice::from(i..i + 1), Slice::from(..), Slice::from(..), Slice::from(..)],
+    );
+    B::float_reshape(row, Shape::new([kv_heads, heads / kv_heads * len, d]))
+}
+
+/// The f32 probabilities `[kv_heads, rep · len, len]` of one batch row, in transformers' op order.
+fn probabilities<B: Backend>(
+    q_row: FloatTensor<B>,
+    k_row: FloatTensor<B>,
+    bias: &FloatTensor<B>,
+    scale: f32,
+) -> FloatTensor<B> {
+    let scores = B::float_mul_scalar(B::float_matmul(q_row, B::float_transpose(k_row)), scale.into());
+    let scores = B::float_cast(scores, FloatDType::F32);
+    let [g, rows, cols] = [scores.shape()[0], scores.shape()[1], scores.shape()[2]];
+    let bias = B::float_expand(B::float_reshape(bias.clone(), Shape::new([1, rows, cols])), Shape::new([g, rows, cols]));
+    B::softmax(B::float_add(scores, bias), 2)
+}
+
+fn check_shapes(q: &Shape, k: &Shape, v: &Shape) -> (usize, usize, usize, usize, usize) {
+    let (b, h, t, d) = (q[0], q[1], q[2], q[3]);
+    let kvh = k[1];
+    assert!(
+        q.num_dims() == 4 && k.num_dims() == 4 && k == v && k[0] == b && k[2] == t && k[3] == d,
+        "causal attention: q {q:?}, k {k:?}, v {v:?}"
+    );
+    assert!(kvh > 0 && h % kvh == 0, "causal attention: {h} query heads over {kvh} K/V heads");
+    (b, h, kvh, t, d)
+}
+
+/// The attention with plain backend ops, one batch row at a time.
+pub fn causal_attention_reference<B: Backend>(
+    q: FloatTensor<B>,
+    k: FloatTensor<B>,
+    v: FloatTensor<B>,
+    scale: f32,
+) -> FloatTensor<B> {
+    let (b, h, kvh, t, d) = check_shapes(&q.shape(), &k.shape(), &v.shape());
+    let dtype: FloatDType = q.dtype().into();
+    let bias = causal_bias::<B>(h / kvh, t, &q.device());
+    let rows: Vec<FloatTensor<B>> = (0..b)
+        .map(|i| {
+            let probs = probabilities::<B>(grouped_row::<B>(&q, i, kvh), grouped_row::<B>(&k, i, kvh), &bias, scale);
+            let out = B::float_matmul(B::float_cast(probs, dtype), grouped_row::<B>(&v, i, kvh));
+            B::float_reshape(out, Shape::new([1, h, t, d]))
+        })
+        .collect();
+    if b == 1 { rows.into_iter().next().expect("one row") } else { B::float_cat(rows, 0) }
+}
+
+/// `(dq, dk, dv)` for the upstream gradient `grad` (`[batch, heads, len, head_dim]`), recomputing the
+/// probabilities one batch row at a time.
+pub fn causal_attention_grad_reference<B: Backend>(
+    q: FloatTensor<B>,
+    k: FloatTensor<B>,
+    v: FloatTensor<B>,
+    grad: FloatTensor<B>,
+    scale: f32,
+) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {
+    let (b, h, kvh, t, d) = check_shapes(&q.shape(), &k.shape(), &v.shape());
+    let dtype: FloatDType = q.dtype().into();
+    let grad = B::float_cast(grad, dtype);
+    let bias = causal_bias::<B>(h / kvh, t, &q.device());
+    let (mut dqs, mut dks, mut dvs) = (Vec::with_capacity(b), Vec::with_capacity(b), Vec::with_capacity(b));
+    for i in 0..b {
+        let (q_row, k_row, v_row) = (grouped_row::<B>(&q, i, kvh), grouped_row::<B>(&k, i, kvh), grouped_row::<B>(&v, i, kvh));
+        let do_row = grouped_row::<B>(&grad, i, kvh);
+        let probs = probabilities::<B>(q_row.clone(), k_row.clone(), &bias, scale);
+        // dv = Pᵀ · do, with P in the compute dtype as the forward used it.
+        let dv = B::float_matmul(B::float_transpose(B::float_cast(probs.clone(), dtype)), do_row.clone());
+        // dP = do · vᵀ; dS = P ⊙ (dP − Σ_j P ⊙ dP) in f32, then scaled into the compute dtype.
+        let dp = B::float_cast(B::float_matmul(do_row, B::float_transpose(v_row)), FloatDType::F32);
+        let row_dot = B::float_sum_dim(B::float_mul(probs.clone(), dp.clone()), 2);
+        let ds = B::float_mul(probs, B::float_sub(dp, row_dot));
+        let ds = B::float_cast(B::float_mul_scalar(ds, scale.into()), dtype);
+        let dq = B::float_matmul(ds.clone(), k_row);
+        let dk = B::float_matmul(B::float_transpose(ds), q_row);
+        dqs.push(B::float_reshape(dq, Shape::new([1, h, t, d])));
+        dks.push(B::float_reshape(dk, Shape::new([1, kvh, t, d])));
+        dvs.push(B::float_reshape(dv, Shape::new([1, kvh, t, d])));
+    }
+    let cat = |mut parts: Vec<FloatTensor<B>>| if parts.len() == 1 { parts.pop().expect("one part") } else { B::float_cat(parts, 0) };
+    (cat(dqs), cat(dks), cat(dvs))
+}
+
+impl CausalAttentionBackend for Flex {
+    fn causal_attention(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, scale: f32) -> FloatTensor<Self> {
+        causal_attention_reference::<Self>(q, k, v, scale)
+    }
+}
+
+/// On the CubeCL backend the same reference, in the device's own ops.
+#[cfg(feature = "cube")]
+impl CausalAttentionBackend for Cube {
+    fn causal_attention(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, scale: f32) -> FloatTensor<Self> {
+        causal_attention_reference::<Self>(q, k, v, scale)
+    }
+}
+
+impl<B: Backend + CausalAttentionBackend, C: CheckpointStrategy> CausalAttentionBackend for Autodiff<B, C> {
+    fn causal_attention(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, scale: f32) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct CausalAttentionBackward;
+
+        impl<B: Backend> Backward<B, 3> for CausalAttentionBackward {
+            /// q, k and v as checkpointed nodes (stored or recomputed), and the scale: no scores.
+            type State = (NodeId, NodeId, NodeId, f32);
+
+            fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, checkpointer: &mut Checkpointer) {
+                let [node_q, node_k, node_v] = ops.parents;
+                let grad = grads.consume::<B>(&ops.node);
+                let (q, k, v, scale) = ops.state;
+                let q: FloatTensor<B> = checkpointer.retrieve_node_output(q);
+                let k: FloatTensor<B> = checkpointer.retrieve_node_output(k);
+                let v: FloatTensor<B> = checkpointer.retrieve_node_output(v);
+                let (dq, dk, dv) = causal_attention_grad_reference::<B>(q, k, v, grad, scale);
+                for (node, grad) in [(node_q, dq), (node_k, dk), (node_v, dv)] {
+                    if let Some(node) = node {
+                        grads.register::<B>(node.id, grad);
+                    }
+                }
+            }
+        }
+
+        match CausalAttentionBackward
+            .prepare::<C>([q.node(), k.node(), v.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(mut prep) => {
+                let state = (prep.checkpoint(&q), prep.checkpoint(&k), prep.checkpoint(&v), scale);
+                let out = B::causal_attention(q.into_primitive(), k.into_primitive(), v.into_primitive(), scale);
+                prep.finish(state, out)
+            }
+            OpsKind::UnTracked(prep) => {
+                prep.finish(B::causal_attention(q.into_primitive(), k.into_primitive(), v.into_primitive(), scale))
+            }
+        }
+    }
+}
+
+/// Causal attention of `q [batch, heads, len, head_dim]` over `k`, `v [batch, kv_heads, len, head_dim]`
+/// scaled by `scale` (usually `head_dim^-½`): `[batch, heads, len, head_dim]`. Gradients flow to q, k, v.
+pub fn causal_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, scale: f32) -> Tensor<4> {
+    Tensor::from_dispatch(<Dispatch as CausalAttentionBackend>::causal_attention(
+        q.into_dispatch(),
+        k.into_dispatch(),
+        v.into_dispatch(),
+        scale,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::activation::softmax;
+    use burn::tensor::{Bool, DType, Device, Distribution};
+
+    /// The decomposed attention of transformers' eager path (repeat_kv, mask, f32 softmax) through autodiff.
+    fn decomposed(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, scale: f32) -> Tensor<4> {
+        let [b, h, t, _] = q.dims();
+        let [_, kvh, _, d] = k.dims();
+        let rep = h / kvh;
+        let repeat = |x: Tensor<4>| x.unsqueeze_dim::<5>(2).expand([b, kvh, rep, t, d]).reshape([b, h, t, d]);
+        let (k, v) = (repeat(k), repeat(v));
+        let values: Vec<bool> = (0..t).flat_map(|i| (0..t).map(move |j| j > i)).collect();
+        let mask = Tensor::<2, Bool>::from_data(TensorData::new(values, [t, t]), &q.device());
+        let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale);
+        let dtype = scores.dtype();
+        let scores = scores.cast(DType::F32).mask_fill(mask.reshape([1, 1, t, t]).expand([b, h, t, t]), f32::NEG_INFINITY);
+        softmax(scores, 3).cast(dtype).matmul(v)
+    }
+
+    fn values(t: Tensor<4>) -> Vec<f32> {
+        t.into_data().convert::<f32>().try_into_vec().unwrap()
+    }
+
+    fn worst(a: &[f32], b: &[f32]) -> f32 {
+        assert_eq!(a.len(), b.len());
+        let scale = b.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(1e-12);
+        a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max) / scale
+    }
+
+    /// Value and all three input gradients equal the decomposed attention's, with grouped heads (6 over 2),
+    /// ungrouped heads and a batch of 3, under a non-uniform upstream gradient.
+    #[test]
+    fn fused_attention_and_its_gradients_equal_the_decomposed_attention() {
+        let device = Device::flex().autodiff();
+        for (b, h, kvh, t, d) in [(3, 6, 2, 17, 8), (1, 4, 4, 33, 16), (2, 3, 1, 5, 4)] {
+            let scale = (d as f32).powf(-0.5);
+            let q0 = Tensor::<4>::random([b, h, t, d], Distribution::Normal(0.0, 1.0), &device);
+            let k0 = Tensor::<4>::random([b, kvh, t, d], Distribution::Normal(0.0, 1.0), &device);
+            let v0 = Tensor::<4>::random([b, kvh, t, d], Distribution::Normal(0.0, 1.0), &device);
+            let c = Tensor::<4>::random([b, h, t, d], Distribution::Normal(0.0, 1.0), &device);
+            let run = |fused: bool| {
+                let (q, k, v) = (q0.clone().detach().require_grad(), k0.clone().detach().require_grad(), v0.clone().detach().require_grad());
+                let out = if fused {
+                    causal_attention(q.clone(), k.clone(), v.clone(), scale)
+                } else {
+                    decomposed(q.clone(), k.clone(), v.clone(), scale)
+                };
+                let grads = (out.clone() * c.clone()).sum().backward();
+                let grad = |x: &Tensor<4>| values(x.grad(&grads).unwrap());
+                (values(out), grad(&q), grad(&k), grad(&v))
+            };
+            let (ours, theirs) = (run(true), run(false));
+            let errors = [worst(&ours.0, &theirs.0), worst(&ours.1, &theirs.1), worst(&ours.2, &theirs.2), worst(&ours.3, &theirs.3)];
+            assert!(errors.iter().all(|&e| e < 2e-6), "{b}x{h}/{kvh}x{t}x{d}: out, dq, dk, dv off by {errors:?}");
+        }
+    }
+
+    /// Position 0 attends to itself only: its output is v's first row of its K/V head.
+    #[test]
+    fn the_first_position_sees_only_itself() {
+        let device = Device::flex();
+        let q = Tensor::<4>::random([1, 4, 6, 8], Distribution::Normal(0.0, 1.0), &device);
+        let k = Tensor::<4>::random([1, 2, 6, 8], Distribution::Normal(0.0, 1.0), &device);
+        let v = Tensor::<4>::random([1, 2, 6, 8], Distribution::Normal(0.0, 1.0), &device);
+        let out = values(causal_attention(q, k, v.clone(), 0.3).slice([0..1, 0..4, 0..1, 0..8]));
+        let v = values(v.slice([0..1, 0..2, 0..1, 0..8]));
+        let expected: Vec<f32> = [0, 0, 1, 1].iter().flat_map(|&g| v[g * 8..g * 8 + 8].to_vec()).collect();
+        assert!(worst(&out, &expected) < 1e-6, "{out:?} vs {expected:?}");
+    }
+}
