@@ -126,7 +126,8 @@ fn main() -> Result<()> {
             // One build: the CLI is exercised by the tests themselves (a separate `cargo run` would resolve
             // burn's features differently and compile it a second time).
             run(cargo().args(["test", "--workspace", "--no-fail-fast"]))?;
-            // The CUDA build must keep compiling; offline, through the LLVM 22 stand-in.
+            // The CUDA build must keep compiling (the kernels' check binary and `qlora --features cuda`, as
+            // `cargo xtask gpu-check` builds them: one feature set); offline, through the LLVM 22 stand-in.
             let mut check = cargo();
             check.args([
                 "check",
@@ -135,6 +136,12 @@ fn main() -> Result<()> {
                 "--features",
                 "gpu-check",
                 "--bins",
+                "-p",
+                "qlora-train",
+                "--features",
+                "qlora-train/cuda",
+                "--bin",
+                "qlora",
             ]);
             if std::env::var_os("QLORA_ONLINE_LLVM").is_none() {
                 check.env("XDG_DATA_HOME", llvm_standin()?);
