@@ -5,7 +5,10 @@ use burn::module::{Module, Param};
 use burn::nn::{Dropout, DropoutConfig};
 use burn::tensor::{DType, Device, Distribution, Tensor, TensorData};
 
-use crate::{FrozenLinear, LoraError};
+use quant::DeviceQuantizedWeight;
+
+use crate::qlora_linear::LoraScalars;
+use crate::{BaseWeight, FrozenLinear, LoraError};
 
 /// How A is initialised (B always starts at zero, so a fresh adapter changes nothing).
 #[derive(Config, Debug, PartialEq, Eq, Copy)]
@@ -128,20 +131,33 @@ impl LoraAdapter {
         self.lora_a.val().dims()[0]
     }
 
+    /// The dropout's seed for one forward, when it is active (training under autodiff, p > 0).
+    fn dropout_seed(&self, x: &Tensor<2>) -> Option<u64> {
+        let training = self.dropout.training.is_enabled() && x.device().is_autodiff() && self.dropout.prob > 0.0;
+        training.then(|| crate::dropout::draw_seed(&x.device()))
+    }
+
     /// `scaling · dropout(x) · Aᵀ · Bᵀ` for `x [rows, in]`, computed in x's dtype.
     pub fn delta(&self, x: Tensor<2>) -> Tensor<2> {
         let dtype = x.dtype();
         let a = self.lora_a.val().cast(dtype);
         let b = self.lora_b.val().cast(dtype);
-        let training = self.dropout.training.is_enabled() && x.device().is_autodiff() && self.dropout.prob > 0.0;
-        let x = if training {
-            let seed = crate::dropout::draw_seed(&x.device());
-            crate::dropout::seeded_dropout(x, self.dropout.prob, seed)
-        } else {
-            x
+        let x = match self.dropout_seed(&x) {
+            Some(seed) => crate::dropout::seeded_dropout(x, self.dropout.prob, seed),
+            None => x,
         };
         // The scaling goes on the `[rows, r]` intermediate, not on the `[rows, out]` result.
         x.matmul(a.transpose()).mul_scalar(self.scaling).matmul(b.transpose())
+    }
+
+    /// `x·dequant(W)ᵀ + delta(x)` as one op ([`qlora_linear`](crate::qlora_linear::qlora_linear)): the same
+    /// values as the composed sum, with only x and the `[rows, r]` intermediate kept for the backward.
+    pub fn forward_on_4bit(&self, x: Tensor<2>, weight: &DeviceQuantizedWeight) -> Tensor<2> {
+        let dtype = x.dtype();
+        let a = self.lora_a.val().cast(dtype);
+        let b = self.lora_b.val().cast(dtype);
+        let dropout = self.dropout_seed(&x).map(|seed| (seed, 1.0 - self.dropout.prob));
+        crate::qlora_linear::qlora_linear(x, weight, a, b, LoraScalars { scaling: self.scaling, dropout })
     }
 
     /// `scaling · B · A` `[out, in]` in f32, what merging adds to the base weight.
@@ -177,7 +193,10 @@ impl LoraLinear {
         let dims = x.dims();
         let rows: usize = dims[..D - 1].iter().product();
         let x2: Tensor<2> = x.reshape([rows, self.base.in_features]);
-        let y = self.base.forward(x2.clone()) + adapter.delta(x2);
+        let y = match &self.base.weight {
+            BaseWeight::Quantized(weight) => self.base.add_bias(adapter.forward_on_4bit(x2, weight)),
+            BaseWeight::Dense(_) => self.base.forward(x2.clone()) + adapter.delta(x2),
+        };
         let mut out = dims;
         out[D - 1] = self.base.out_features;
         y.reshape(out)

@@ -41,16 +41,22 @@ impl FrozenLinear {
         let dims = x.dims();
         let rows: usize = dims[..D - 1].iter().product();
         let x2: Tensor<2> = x.reshape([rows, self.in_features]);
-        let mut y = match &self.weight {
+        let y = match &self.weight {
             BaseWeight::Dense(w) => x2.matmul(w.clone()),
             BaseWeight::Quantized(q) => crate::quant_matmul::quant_matmul_t(x2, q),
         };
-        if let Some(b) = &self.bias {
-            y = y + b.clone().unsqueeze::<2>();
-        }
+        let y = self.add_bias(y);
         let mut out_dims = dims;
         out_dims[D - 1] = self.out_features;
         y.reshape(out_dims)
+    }
+
+    /// `y + b` for `y [rows, out]` (y itself without a bias).
+    pub fn add_bias(&self, y: Tensor<2>) -> Tensor<2> {
+        match &self.bias {
+            Some(b) => y + b.clone().unsqueeze::<2>(),
+            None => y,
+        }
     }
 
     /// Whether the base is stored in 4 bits.

@@ -16,6 +16,7 @@ pub mod dropout;
 mod frozen;
 pub mod merge;
 pub mod peft;
+pub mod qlora_linear;
 pub mod quant_matmul;
 
 pub use adapter::{LoraAdapter, LoraConfig, LoraInit, LoraLinear, TargetModules};

@@ -15,7 +15,7 @@ use serde::Serialize;
 
 use crate::TrainError;
 use crate::config::TrainConfig;
-use crate::metrics::{peak_rss_mib, reset_peak_rss};
+use crate::metrics::{peak_rss_mib, reset_peak_rss, rss_mib};
 use crate::trainer::{accumulate_gradients, load_for_training, optimizer_config, training_device};
 
 /// What to time.
@@ -44,6 +44,8 @@ pub struct StepBenchReport {
     pub tokens_per_s: f64,
     pub step_peak_rss_mib: f64,
     pub process_peak_rss_mib: f64,
+    /// Resident set when the steps start (model, adapters and optimizer loaded).
+    pub rss_after_load_mib: f64,
     pub trainable_params: usize,
     pub loss_first: f64,
     pub loss_last: f64,
@@ -89,6 +91,7 @@ pub fn run(config: &TrainConfig, bench: &StepBench) -> Result<StepBenchReport, T
     let mut optimizer: PagedAdamW = optimizer_config(config)?.init()?;
     let max_grad_norm = (config.max_grad_norm > 0.0).then_some(config.max_grad_norm as f32);
     let process_peak_after_load = peak_rss_mib();
+    let rss_after_load = rss_mib();
     reset_peak_rss();
 
     let mut times = Vec::with_capacity(bench.steps);
@@ -136,6 +139,7 @@ pub fn run(config: &TrainConfig, bench: &StepBench) -> Result<StepBenchReport, T
         tokens_per_s: (bench.batch * bench.seq) as f64 / median_s,
         step_peak_rss_mib: step_peak,
         process_peak_rss_mib: process_peak_after_load.max(step_peak),
+        rss_after_load_mib: rss_after_load,
         trainable_params,
         loss_first: losses[0],
         loss_last: losses[losses.len() - 1],
