@@ -66,7 +66,7 @@ fn probabilities<B: Backend>(
     bias: &FloatTensor<B>,
     scale: f32,
 ) -> FloatTensor<B> {
-    let scores = B::float_mul_scalar(B::float_matmul(q_row, B::float_transpose(k_row)), scale.into());
+    let scores = B::float_mul_scalar(lora::host_matmul::matmul::<B>(q_row, B::float_transpose(k_row)), scale.into());
     let scores = B::float_cast(scores, FloatDType::F32);
     let [g, rows, cols] = [scores.shape()[0], scores.shape()[1], scores.shape()[2]];
     let bias = B::float_expand(B::float_reshape(bias.clone(), Shape::new([1, rows, cols])), Shape::new([g, rows, cols]));
@@ -97,7 +97,7 @@ pub fn causal_attention_reference<B: Backend>(
     let rows: Vec<FloatTensor<B>> = (0..b)
         .map(|i| {
             let probs = probabilities::<B>(grouped_row::<B>(&q, i, kvh), grouped_row::<B>(&k, i, kvh), &bias, scale);
-            let out = B::float_matmul(B::float_cast(probs, dtype), grouped_row::<B>(&v, i, kvh));
+            let out = lora::host_matmul::matmul::<B>(B::float_cast(probs, dtype), grouped_row::<B>(&v, i, kvh));
             B::float_reshape(out, Shape::new([1, h, t, d]))
         })
         .collect();
@@ -123,14 +123,14 @@ pub fn causal_attention_grad_reference<B: Backend>(
         let do_row = grouped_row::<B>(&grad, i, kvh);
         let probs = probabilities::<B>(q_row.clone(), k_row.clone(), &bias, scale);
         // dv = Pᵀ · do, with P in the compute dtype as the forward used it.
-        let dv = B::float_matmul(B::float_transpose(B::float_cast(probs.clone(), dtype)), do_row.clone());
+        let dv = lora::host_matmul::matmul::<B>(B::float_transpose(B::float_cast(probs.clone(), dtype)), do_row.clone());
         // dP = do · vᵀ; dS = P ⊙ (dP − Σ_j P ⊙ dP) in f32, then scaled into the compute dtype.
-        let dp = B::float_cast(B::float_matmul(do_row, B::float_transpose(v_row)), FloatDType::F32);
+        let dp = B::float_cast(lora::host_matmul::matmul::<B>(do_row, B::float_transpose(v_row)), FloatDType::F32);
         let row_dot = B::float_sum_dim(B::float_mul(probs.clone(), dp.clone()), 2);
         let ds = B::float_mul(probs, B::float_sub(dp, row_dot));
         let ds = B::float_cast(B::float_mul_scalar(ds, scale.into()), dtype);
-        let dq = B::float_matmul(ds.clone(), k_row);
-        let dk = B::float_matmul(B::float_transpose(ds), q_row);
+        let dq = lora::host_matmul::matmul::<B>(ds.clone(), k_row);
+        let dk = lora::host_matmul::matmul::<B>(B::float_transpose(ds), q_row);
         dqs.push(B::float_reshape(dq, Shape::new([1, h, t, d])));
         dks.push(B::float_reshape(dk, Shape::new([1, kvh, t, d])));
         dvs.push(B::float_reshape(dv, Shape::new([1, kvh, t, d])));

@@ -19,8 +19,10 @@ pub mod gguf;
 pub mod gguf_tokenizer;
 mod load;
 pub mod loss;
+mod loss_host;
 mod model;
 pub mod random;
+mod simd;
 pub mod source;
 pub mod tokenizer;
 

@@ -61,7 +61,7 @@ fn shifted_logits<B: Backend>(
     end: usize,
 ) -> (FloatTensor<B>, FloatTensor<B>) {
     let logits = B::float_cast(
-        B::float_matmul(rows::<B>(h.clone(), start, end), w_t.clone()),
+        lora::host_matmul::matmul::<B>(rows::<B>(h.clone(), start, end), w_t.clone()),
         FloatDType::F32,
     );
     let max = B::float_max_dim(logits.clone(), 1);
@@ -134,7 +134,7 @@ pub fn chunked_nll_grad_reference<B: Backend>(
         );
         let weight = B::float_mul(rows::<B>(mask.clone(), start, end), grad.clone());
         let dlogits = B::float_cast(B::float_mul(dlogits, weight), dtype);
-        parts.push(B::float_matmul(dlogits, w.clone()));
+        parts.push(lora::host_matmul::matmul::<B>(dlogits, w.clone()));
     }
     if parts.len() == 1 {
         parts.pop().expect("one part")
@@ -151,7 +151,7 @@ impl ChunkedNllBackend for Flex {
         mask: FloatTensor<Self>,
         chunk: usize,
     ) -> FloatTensor<Self> {
-        chunked_nll_reference::<Self>(h, w_t, labels, mask, chunk)
+        crate::loss_host::chunked_nll(h, w_t, labels, mask, chunk)
     }
 
     fn chunked_nll_grad(
@@ -162,7 +162,7 @@ impl ChunkedNllBackend for Flex {
         grad: FloatTensor<Self>,
         chunk: usize,
     ) -> FloatTensor<Self> {
-        chunked_nll_grad_reference::<Self>(h, w_t, labels, mask, grad, chunk)
+        crate::loss_host::chunked_nll_grad(h, w_t, labels, mask, grad, chunk)
     }
 }
 

@@ -14,6 +14,7 @@ mod adapter;
 pub mod cube;
 pub mod dropout;
 mod frozen;
+pub mod host_matmul;
 pub mod merge;
 pub mod peft;
 pub mod qlora_linear;

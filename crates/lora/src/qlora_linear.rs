@@ -23,6 +23,7 @@ use burn::tensor::Tensor;
 use quant::DeviceQuantizedWeight;
 
 use crate::dropout::SeededDropoutBackend;
+use crate::host_matmul::matmul;
 use crate::quant_matmul::{PackedShape, QuantMatmulBackend};
 
 /// The frozen 4-bit base of the op: packed codes, f32 absmax per block, code book, geometry.
@@ -69,7 +70,7 @@ fn dropped<B: SeededDropoutBackend>(x: FloatTensor<B>, scalars: LoraScalars) -> 
 
 /// `h = s·dropout(x)·Aᵀ` `[rows, r]`.
 fn lora_intermediate<B: SeededDropoutBackend>(x: FloatTensor<B>, a: FloatTensor<B>, scalars: LoraScalars) -> FloatTensor<B> {
-    let xa = B::float_matmul(dropped::<B>(x, scalars), B::float_transpose(a));
+    let xa = matmul::<B>(dropped::<B>(x, scalars), B::float_transpose(a));
     B::float_mul_scalar(xa, Scalar::Float(scalars.scaling))
 }
 
@@ -83,7 +84,7 @@ fn forward_with_intermediate<B: QuantMatmulBackend + SeededDropoutBackend>(
 ) -> (FloatTensor<B>, FloatTensor<B>) {
     let h = lora_intermediate::<B>(x.clone(), a, scalars);
     let y_base = B::quant_matmul(x, base.packed, base.absmax, base.codebook, base.shape, true);
-    let y = B::float_add(y_base, B::float_matmul(h.clone(), B::float_transpose(b)));
+    let y = B::float_add(y_base, matmul::<B>(h.clone(), B::float_transpose(b)));
     (y, h)
 }
 
@@ -159,22 +160,22 @@ where
                 let (x, h, a, b, base, scalars) = ops.state;
                 if let Some(node) = node_b {
                     // dB = dyᵀ·h, [out, r]
-                    grads.register::<B>(node.id, B::float_matmul(B::float_transpose(dy.clone()), h));
+                    grads.register::<B>(node.id, matmul::<B>(B::float_transpose(dy.clone()), h));
                 }
                 if node_x.is_none() && node_a.is_none() {
                     return;
                 }
                 // dh = s·dy·B, [rows, r]
-                let dh = B::float_mul_scalar(B::float_matmul(dy.clone(), b), Scalar::Float(scalars.scaling));
+                let dh = B::float_mul_scalar(matmul::<B>(dy.clone(), b), Scalar::Float(scalars.scaling));
                 if let Some(node) = node_a {
                     let x: FloatTensor<B> = checkpointer.retrieve_node_output(x);
                     // dA = dhᵀ·dropout(x), [r, in]
                     let xd = dropped::<B>(x, scalars);
-                    grads.register::<B>(node.id, B::float_matmul(B::float_transpose(dh.clone()), xd));
+                    grads.register::<B>(node.id, matmul::<B>(B::float_transpose(dh.clone()), xd));
                 }
                 if let Some(node) = node_x {
                     let dx_base = B::quant_matmul(dy, base.packed, base.absmax, base.codebook, base.shape, false);
-                    let dx_lora = dropped::<B>(B::float_matmul(dh, a), scalars);
+                    let dx_lora = dropped::<B>(matmul::<B>(dh, a), scalars);
                     grads.register::<B>(node.id, B::float_add(dx_base, dx_lora));
                 }
             }

@@ -114,24 +114,9 @@ pub fn decode_weight_on_host<B: Backend>(
     dtype: FloatDType,
 ) -> FloatTensor<B> {
     let device = absmax.device();
-    let words: Vec<u32> = read_sync(B::int_into_data(packed))
-        .expect("readable codes")
-        .convert_dtype(DType::U32)
-        .try_into_vec()
-        .expect("u32 codes");
-    let bytes: &[u8] = bytemuck::cast_slice(&words);
-    let bytes = &bytes[..(shape.rows * shape.cols).div_ceil(2)];
-    let absmax: Vec<f32> = read_sync(B::float_into_data(absmax))
-        .expect("readable absmax")
-        .try_into_vec()
-        .expect("f32 absmax");
-    let codebook: Vec<f32> = read_sync(B::float_into_data(codebook))
-        .expect("readable code book")
-        .try_into_vec()
-        .expect("f32 code book");
-    let codebook: [f32; 16] = codebook.try_into().expect("16-entry code book");
+    let host = HostWeight::read::<B>(packed, absmax, codebook, shape);
     let mut out = vec![0.0f32; shape.rows * shape.cols];
-    nf4::dequantize_4bit_with_codebook_into(bytes, &absmax, shape.blocksize, &codebook, &mut out)
+    nf4::dequantize_4bit_with_codebook_into(host.bytes(), &host.absmax, shape.blocksize, &host.codebook, &mut out)
         .expect("consistent packed weight");
     let w = B::float_from_data(TensorData::new(out, [shape.rows, shape.cols]), &device);
     if dtype == FloatDType::F32 {
@@ -139,6 +124,75 @@ pub fn decode_weight_on_host<B: Backend>(
     } else {
         B::float_cast(w, dtype)
     }
+}
+
+/// A packed weight read into host memory (free on CPU backends, whose tensors are host memory).
+struct HostWeight {
+    words: Vec<u32>,
+    numel: usize,
+    absmax: Vec<f32>,
+    codebook: [f32; 16],
+}
+
+impl HostWeight {
+    fn read<B: Backend>(packed: IntTensor<B>, absmax: FloatTensor<B>, codebook: FloatTensor<B>, shape: PackedShape) -> Self {
+        let words: Vec<u32> = read_sync(B::int_into_data(packed))
+            .expect("readable codes")
+            .convert_dtype(DType::U32)
+            .try_into_vec()
+            .expect("u32 codes");
+        let absmax: Vec<f32> = read_sync(B::float_into_data(absmax))
+            .expect("readable absmax")
+            .try_into_vec()
+            .expect("f32 absmax");
+        let codebook: Vec<f32> = read_sync(B::float_into_data(codebook))
+            .expect("readable code book")
+            .try_into_vec()
+            .expect("f32 code book");
+        let codebook: [f32; 16] = codebook.try_into().expect("16-entry code book");
+        HostWeight { words, numel: shape.rows * shape.cols, absmax, codebook }
+    }
+
+    fn bytes(&self) -> &[u8] {
+        &bytemuck::cast_slice(&self.words)[..self.numel.div_ceil(2)]
+    }
+}
+
+/// Whether [`quant_matmul_bf16_on_host`] takes a product: bf16 x, an AVX512-BF16 CPU, an even block size.
+fn fused_bf16_applies(dtype: FloatDType, shape: PackedShape) -> bool {
+    dtype == FloatDType::BF16 && shape.blocksize % 2 == 0 && bf16_gemm::accelerated()
+}
+
+/// The 4-bit product on the host for bf16 x: the weight is decoded into the bf16 GEMM's panels (32 columns
+/// at a time, `bf16_gemm::Packed4bit`) and multiplied with AVX512-BF16 dot products in f32, rounded once
+/// to bf16; no dense W, and no f32 copy of x or of the result.
+pub fn quant_matmul_bf16_on_host<B: Backend>(
+    x: FloatTensor<B>,
+    packed: IntTensor<B>,
+    absmax: FloatTensor<B>,
+    codebook: FloatTensor<B>,
+    shape: PackedShape,
+    transposed: bool,
+) -> FloatTensor<B> {
+    let device = absmax.device();
+    let [m, k] = x.shape().dims();
+    let host = HostWeight::read::<B>(packed, absmax, codebook, shape);
+    let x_data = read_sync(B::float_into_data(x)).expect("readable x");
+    let x_values: &[half::bf16] = x_data.as_slice().expect("bf16 x");
+    let weight = bf16_gemm::Packed4bit::new(
+        host.bytes(),
+        &host.absmax,
+        &host.codebook,
+        shape.blocksize,
+        shape.rows,
+        shape.cols,
+        transposed,
+    )
+    .expect("consistent packed weight");
+    debug_assert_eq!(bf16_gemm::PanelSource::k(&weight), k);
+    let n = bf16_gemm::PanelSource::n(&weight);
+    let out: Vec<half::bf16> = bf16_gemm::matmul(x_values, m, &weight);
+    B::float_from_data(TensorData::new(out, [m, n]), &device)
 }
 
 fn matmul_with<B: Backend>(
@@ -163,6 +217,9 @@ impl QuantMatmulBackend for Flex {
         transposed: bool,
     ) -> FloatTensor<Self> {
         let dtype = float_dtype_of::<Self>(&x);
+        if fused_bf16_applies(dtype, shape) {
+            return quant_matmul_bf16_on_host::<Self>(x, packed, absmax, codebook, shape, transposed);
+        }
         let w = decode_weight_on_host::<Self>(packed, absmax, codebook, shape, dtype);
         matmul_with::<Self>(x, w, transposed)
     }

@@ -1,0 +1,426 @@
+//! # bf16-gemm — bf16 matrix products on AVX512-BF16, f32 accumulation
+//!
+//! At the bottom of the stack beside `nf4`: the CPU matmul that the flex backend's bf16 path lacks (burn's
+//! flex converts bf16 operands to f32, multiplies in f32 and converts back). `C = A·B` for a row-major bf16
+//! A `[m, k]` and a right-hand operand that hands out **panels** ([`PanelSource`]): 32 output columns as
+//! k-pairs of bf16 in u32 words, the layout `vdpbf16ps` multiplies. A panel comes from a dense bf16 matrix
+//! ([`Dense`], either orientation) or straight from a 4-bit bitsandbytes weight ([`Packed4bit`]: NF4/FP4
+//! codes × absmax, decoded into the panel and never into a dense W). Each panel is packed once per product
+//! and reused across all rows; tiles of 12 rows × 32 columns accumulate in 24 zmm registers. Results are
+//! f32 or bf16 (rounded once, to nearest even). Without AVX512-BF16 a portable kernel computes the same.
+
+use std::borrow::Cow;
+
+use half::bf16;
+use rayon::prelude::*;
+
+/// Output columns per panel: two 16-lane f32 accumulators per row.
+pub const NR: usize = 32;
+/// Rows per register tile.
+const MR: usize = 12;
+
+/// Whether this CPU runs the AVX512-BF16 kernel (else [`matmul`] uses the portable one).
+pub fn accelerated() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx512f")
+            && std::is_x86_feature_detected!("avx512bw")
+            && std::is_x86_feature_detected!("avx512vl")
+            && std::is_x86_feature_detected!("avx512bf16")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// The right-hand operand B `[k, n]` of a product, handed out panel by panel.
+pub trait PanelSource: Sync {
+    /// The reduction length.
+    fn k(&self) -> usize;
+    /// The output columns.
+    fn n(&self) -> usize;
+    /// Writes columns `n0 .. n0 + NR` of B into `out` (`k.div_ceil(2) · NR` words): word `p · NR + j`
+    /// holds `B[2p][n0 + j]` in its low half and `B[2p + 1][n0 + j]` in its high half (bf16 bits), zero
+    /// past k and past n.
+    fn pack(&self, n0: usize, out: &mut [u32]);
+}
+
+/// How a dense operand's values are laid out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DenseLayout {
+    /// B itself, row-major `[k, n]`.
+    KByN,
+    /// Bᵀ row-major `[n, k]` (for `A·Wᵀ` with W stored `[n, k]`).
+    NByK,
+}
+
+/// A dense bf16 right-hand operand.
+#[derive(Debug, Clone, Copy)]
+pub struct Dense<'a> {
+    values: &'a [bf16],
+    k: usize,
+    n: usize,
+    layout: DenseLayout,
+}
+
+impl<'a> Dense<'a> {
+    /// B `[k, n]` stored as `layout` says; `None` when `values` does not hold `k · n` elements.
+    pub fn new(values: &'a [bf16], k: usize, n: usize, layout: DenseLayout) -> Option<Self> {
+        (values.len() == k * n).then_some(Dense { values, k, n, layout })
+    }
+}
+
+fn bits(v: bf16) -> u32 {
+    v.to_bits() as u32
+}
+
+impl PanelSource for Dense<'_> {
+    fn k(&self) -> usize {
+        self.k
+    }
+
+    fn n(&self) -> usize {
+        self.n
+    }
+
+    fn pack(&self, n0: usize, out: &mut [u32]) {
+        let (k, n, v) = (self.k, self.n, self.values);
+        out.fill(0);
+        let cols = NR.min(n.saturating_sub(n0));
+        match self.layout {
+            DenseLayout::NByK => {
+                for j in 0..cols {
+                    let row = &v[(n0 + j) * k..(n0 + j + 1) * k];
+                    let mut pairs = row.chunks_exact(2);
+                    for (p, pair) in (&mut pairs).enumerate() {
+                        out[p * NR + j] = bits(pair[0]) | bits(pair[1]) << 16;
+                    }
+                    if let [last] = pairs.remainder() {
+                        out[(k / 2) * NR + j] = bits(*last);
+                    }
+                }
+            }
+            DenseLayout::KByN => {
+                for p in 0..k.div_ceil(2) {
+                    let low = &v[2 * p * n + n0..2 * p * n + n0 + cols];
+                    let words = &mut out[p * NR..p * NR + cols];
+                    if 2 * p + 1 < k {
+                        let high = &v[(2 * p + 1) * n + n0..(2 * p + 1) * n + n0 + cols];
+                        for ((w, l), h) in words.iter_mut().zip(low).zip(high) {
+                            *w = bits(*l) | bits(*h) << 16;
+                        }
+                    } else {
+                        for (w, l) in words.iter_mut().zip(low) {
+                            *w = bits(*l);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A 4-bit weight W `[rows, cols]` in bitsandbytes' layout (two codes per byte, the first in the high
+/// nibble; one absmax per `blocksize` elements of the flattened W), as the operand `Wᵀ` (`transposed`:
+/// k = cols, n = rows, for `x·Wᵀ`) or `W` (k = rows, n = cols, for `dy·W`). Each value is
+/// `bf16(codebook[code] · absmax[block])`, the rounding of the dequantize-then-cast path.
+#[derive(Debug, Clone, Copy)]
+pub struct Packed4bit<'a> {
+    bytes: &'a [u8],
+    absmax: &'a [f32],
+    codebook: &'a [f32; 16],
+    blocksize: usize,
+    rows: usize,
+    cols: usize,
+    transposed: bool,
+}
+
+impl<'a> Packed4bit<'a> {
+    /// `None` when the lengths do not describe a `[rows, cols]` weight or `blocksize` is odd or zero.
+    pub fn new(
+        bytes: &'a [u8],
+        absmax: &'a [f32],
+        codebook: &'a [f32; 16],
+        blocksize: usize,
+        rows: usize,
+        cols: usize,
+        transposed: bool,
+    ) -> Option<Self> {
+        let numel = rows * cols;
+        let fits = blocksize > 0
+            && blocksize % 2 == 0
+            && bytes.len() >= numel.div_ceil(2)
+            && absmax.len() >= numel.div_ceil(blocksize);
+        fits.then_some(Packed4bit { bytes, absmax, codebook, blocksize, rows, cols, transposed })
+    }
+
+    /// The code of flattened element `f`.
+    fn code(&self, f: usize) -> usize {
+        let byte = self.bytes[f / 2];
+        (if f % 2 == 0 { byte >> 4 } else { byte & 0x0f }) as usize
+    }
+
+    /// The 16 values of one block, rounded to bf16 (bits).
+    fn table(&self, block: usize) -> [u16; 16] {
+        let scale = self.absmax[block];
+        std::array::from_fn(|c| bf16::from_f32(self.codebook[c] * scale).to_bits())
+    }
+
+    fn value(&self, f: usize) -> u16 {
+        bf16::from_f32(self.codebook[self.code(f)] * self.absmax[f / self.blocksize]).to_bits()
+    }
+}
+
+impl PanelSource for Packed4bit<'_> {
+    fn k(&self) -> usize {
+        if self.transposed { self.cols } else { self.rows }
+    }
+
+    fn n(&self) -> usize {
+        if self.transposed { self.rows } else { self.cols }
+    }
+
+    fn pack(&self, n0: usize, out: &mut [u32]) {
+        let (rows, cols, bs) = (self.rows, self.cols, self.blocksize);
+        out.fill(0);
+        if self.transposed {
+            // Panel column j is row n0 + j of W; a k-pair is one byte when the row starts on a byte.
+            for j in 0..NR.min(rows.saturating_sub(n0)) {
+                let start = (n0 + j) * cols;
+                if start % 2 == 0 {
+                    let mut k = 0;
+                    while k < cols {
+                        let block = (start + k) / bs;
+                        let end = cols.min((block + 1) * bs - start);
+                        let table = self.table(block);
+                        for kk in (k..end).step_by(2) {
+                            let byte = self.bytes[(start + kk) / 2];
+                            let high = if kk + 1 < cols { table[(byte & 0x0f) as usize] as u32 } else { 0 };
+                            out[(kk / 2) * NR + j] = table[(byte >> 4) as usize] as u32 | high << 16;
+                        }
+                        k = end;
+                    }
+                } else {
+                    for kk in 0..cols {
+                        let v = self.value(start + kk) as u32;
+                        out[(kk / 2) * NR + j] |= if kk % 2 == 0 { v } else { v << 16 };
+                    }
+                }
+            }
+        } else {
+            // Panel row pair p is rows 2p, 2p+1 of W at columns n0 .. n0 + NR.
+            let width = NR.min(cols.saturating_sub(n0));
+            let halves: &mut [u16] = bytemuck_u16(out);
+            for row in 0..rows {
+                let (p, half) = (row / 2, row % 2);
+                let start = row * cols + n0;
+                let one_block = start / bs == (start + width - 1) / bs;
+                if start % 2 == 0 && one_block {
+                    let table = self.table(start / bs);
+                    for (c, &byte) in self.bytes[start / 2..(start + width).div_ceil(2)].iter().enumerate() {
+                        halves[2 * (p * NR + 2 * c) + half] = table[(byte >> 4) as usize];
+                        if 2 * c + 1 < width {
+                            halves[2 * (p * NR + 2 * c + 1) + half] = table[(byte & 0x0f) as usize];
+                        }
+                    }
+                } else {
+                    for j in 0..width {
+                        halves[2 * (p * NR + j) + half] = self.value(start + j);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The panel's words as bf16 halves (little-endian: the low half first).
+fn bytemuck_u16(words: &mut [u32]) -> &mut [u16] {
+    assert!(cfg!(target_endian = "little"), "panels are packed little-endian");
+    bytemuck::cast_slice_mut(words)
+}
+
+/// An element of the product's result.
+pub trait Output: Copy + Send + Sync + 'static {
+    const ZERO: Self;
+    const IS_BF16: bool;
+    fn from_f32(v: f32) -> Self;
+}
+
+impl Output for f32 {
+    const ZERO: Self = 0.0;
+    const IS_BF16: bool = false;
+    fn from_f32(v: f32) -> Self {
+        v
+    }
+}
+
+impl Output for bf16 {
+    const ZERO: Self = bf16::ZERO;
+    const IS_BF16: bool = true;
+    fn from_f32(v: f32) -> Self {
+        bf16::from_f32(v)
+    }
+}
+
+#[derive(Clone, Copy)]
+struct SendPtr<T>(*mut T);
+unsafe impl<T> Send for SendPtr<T> {}
+unsafe impl<T> Sync for SendPtr<T> {}
+
+/// `A · B` for A `[m, k]` row-major (k = `source.k()`), in f32 or bf16, row-major `[m, n]`. Threads: rayon's
+/// pool. Panics when `a` does not hold `m · k` elements.
+pub fn matmul<O: Output>(a: &[bf16], m: usize, source: &(impl PanelSource + ?Sized)) -> Vec<O> {
+    matmul_with(a, m, source, accelerated())
+}
+
+/// [`matmul`] with the kernel chosen by the caller (`accelerated` needs [`accelerated()`] to be true).
+pub fn matmul_with<O: Output>(a: &[bf16], m: usize, source: &(impl PanelSource + ?Sized), accelerated: bool) -> Vec<O> {
+    let (k, n) = (source.k(), source.n());
+    assert_eq!(a.len(), m * k, "A holds {} values, expected {m} × {k}", a.len());
+    assert!(!accelerated || self::accelerated(), "the AVX512-BF16 kernel needs a CPU with AVX512-BF16");
+    let mut out = vec![O::ZERO; m * n];
+    if m == 0 || n == 0 {
+        return out;
+    }
+    let pairs = k.div_ceil(2);
+    // A as k-pairs (u32 words), padded with a zero when k is odd.
+    let a_words: Cow<[u32]> = match (k % 2, bytemuck::try_cast_slice::<bf16, u32>(a)) {
+        (0, Ok(words)) => Cow::Borrowed(words),
+        _ => Cow::Owned(
+            (0..m)
+                .flat_map(|i| {
+                    let row = &a[i * k..(i + 1) * k];
+                    (0..pairs).map(move |p| bits(row[2 * p]) | row.get(2 * p + 1).map_or(0, |&h| bits(h) << 16))
+                })
+                .collect(),
+        ),
+    };
+    let panels = n.div_ceil(NR);
+    let threads = rayon::current_num_threads().max(1);
+    let per_task = (panels / (2 * threads)).clamp(1, 4);
+    let groups = panels.div_ceil(per_task);
+    // Few panels (a narrow B): split the rows too, so every thread gets work.
+    let row_chunks = (2 * threads).div_ceil(groups).clamp(1, m.div_ceil(MR));
+    let rows_per_chunk = m.div_ceil(row_chunks).div_ceil(MR) * MR;
+    let out_ptr = SendPtr(out.as_mut_ptr());
+    let panel_len = pairs * NR;
+    (0..groups * row_chunks).into_par_iter().for_each_init(Vec::<u32>::new, |buf, task| {
+        let (group, chunk) = (task / row_chunks, task % row_chunks);
+        let (p0, p1) = (group * per_task, ((group + 1) * per_task).min(panels));
+        let (r_start, r_end) = (chunk * rows_per_chunk, ((chunk + 1) * rows_per_chunk).min(m));
+        if r_start >= r_end {
+            return;
+        }
+        buf.resize((p1 - p0) * panel_len, 0);
+        for (i, p) in (p0..p1).enumerate() {
+            source.pack(p * NR, &mut buf[i * panel_len..(i + 1) * panel_len]);
+        }
+        let out_ptr = out_ptr;
+        for r0 in (r_start..r_end).step_by(MR) {
+            let rows = MR.min(r_end - r0);
+            let a_tile = &a_words[r0 * pairs..];
+            for (i, p) in (p0..p1).enumerate() {
+                let panel = &buf[i * panel_len..(i + 1) * panel_len];
+                let cols = NR.min(n - p * NR);
+                // Safety: tasks write disjoint tiles (rows r0.., columns p·NR..) of `out`, which outlives them.
+                unsafe {
+                    let c = out_ptr.0.add(r0 * n + p * NR);
+                    tile(accelerated, rows, a_tile, pairs, panel, c, n, cols);
+                }
+            }
+        }
+    });
+    out
+}
+
+/// One `rows × cols` tile (rows ≤ MR, cols ≤ NR) of C over the whole reduction.
+///
+/// Safety: `c` points at a tile of `rows` rows of stride `ldc` with `cols` writable elements each.
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile<O: Output>(accelerated: bool, rows: usize, a: &[u32], pairs: usize, panel: &[u32], c: *mut O, ldc: usize, cols: usize) {
+    debug_assert!(a.len() >= (rows - 1) * pairs + pairs && panel.len() >= pairs * NR);
+    #[cfg(target_arch = "x86_64")]
+    if accelerated {
+        macro_rules! dispatch {
+            ($($r:literal)*) => {
+                match rows {
+                    $($r => unsafe { avx512::tile::<$r, O>(a.as_ptr(), pairs, panel.as_ptr(), pairs, c, ldc, cols) },)*
+                    _ => unreachable!("tile rows ≤ {MR}"),
+                }
+            };
+        }
+        dispatch!(1 2 3 4 5 6 7 8 9 10 11 12);
+        return;
+    }
+    let _ = accelerated;
+    let half = |w: u32, high: bool| bf16::from_bits(if high { (w >> 16) as u16 } else { w as u16 }).to_f32();
+    for i in 0..rows {
+        let a_row = &a[i * pairs..(i + 1) * pairs];
+        for j in 0..cols {
+            let mut acc = 0.0f32;
+            for (p, &w) in a_row.iter().enumerate() {
+                let b = panel[p * NR + j];
+                acc = acc + half(w, false) * half(b, false) + half(w, true) * half(b, true);
+            }
+            unsafe { c.add(i * ldc + j).write(O::from_f32(acc)) };
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::{NR, Output};
+
+    /// `R` rows × 32 columns: per k-pair, two panel vectors and one broadcast A pair per row, two
+    /// `vdpbf16ps` per row into f32 accumulators; stored once (masked past `cols`).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    pub(super) unsafe fn tile<const R: usize, O: Output>(
+        a: *const u32,
+        lda: usize,
+        panel: *const u32,
+        pairs: usize,
+        c: *mut O,
+        ldc: usize,
+        cols: usize,
+    ) {
+        let mut acc0 = [_mm512_setzero_ps(); R];
+        let mut acc1 = [_mm512_setzero_ps(); R];
+        for p in 0..pairs {
+            unsafe {
+                let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(panel.add(p * NR) as *const _));
+                let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(panel.add(p * NR + 16) as *const _));
+                for i in 0..R {
+                    let pair: __m512bh = std::mem::transmute(_mm512_set1_epi32(a.add(i * lda + p).read() as i32));
+                    acc0[i] = _mm512_dpbf16_ps(acc0[i], pair, b0);
+                    acc1[i] = _mm512_dpbf16_ps(acc1[i], pair, b1);
+                }
+            }
+        }
+        let mask = |n: usize| -> __mmask16 { if n >= 16 { 0xFFFF } else { ((1u32 << n) - 1) as u16 } };
+        let (m0, m1) = (mask(cols), mask(cols.saturating_sub(16)));
+        for i in 0..R {
+            unsafe {
+                let row = c.add(i * ldc);
+                if O::IS_BF16 {
+                    let low: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(acc0[i]));
+                    _mm256_mask_storeu_epi16(row as *mut i16, m0, low);
+                    if m1 != 0 {
+                        let high: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(acc1[i]));
+                        _mm256_mask_storeu_epi16((row as *mut i16).add(16), m1, high);
+                    }
+                } else {
+                    _mm512_mask_storeu_ps(row as *mut f32, m0, acc0[i]);
+                    if m1 != 0 {
+                        _mm512_mask_storeu_ps((row as *mut f32).add(16), m1, acc1[i]);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
