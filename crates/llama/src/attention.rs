@@ -63,13 +63,18 @@ fn grouped_row<B: Backend>(t: &FloatTensor<B>, i: usize, kv_heads: usize) -> Flo
 fn probabilities<B: Backend>(
     q_row: FloatTensor<B>,
     k_row: FloatTensor<B>,
-    bias: &FloatTensor<B>,
+    bias: Option<&FloatTensor<B>>,
     scale: f32,
 ) -> FloatTensor<B> {
-    let scores = B::float_mul_scalar(lora::host_matmul::matmul::<B>(q_row, B::float_transpose(k_row)), scale.into());
-    let scores = B::float_cast(scores, FloatDType::F32);
+    let scores = lora::host_matmul::matmul::<B>(q_row, B::float_transpose(k_row));
+    let scores = match lora::host_matmul::downcast_flex::<B>(scores) {
+        Ok(scores) => return lora::host_matmul::upcast_flex::<B>(host::causal_softmax(&scores, scale)),
+        Err(scores) => scores,
+    };
+    let scores = B::float_cast(B::float_mul_scalar(scores, scale.into()), FloatDType::F32);
     let [g, rows, cols] = [scores.shape()[0], scores.shape()[1], scores.shape()[2]];
-    let bias = B::float_expand(B::float_reshape(bias.clone(), Shape::new([1, rows, cols])), Shape::new([g, rows, cols]));
+    let bias = bias.expect("the causal bias off flex").clone();
+    let bias = B::float_expand(B::float_reshape(bias, Shape::new([1, rows, cols])), Shape::new([g, rows, cols]));
     B::softmax(B::float_add(scores, bias), 2)
 }
 
@@ -93,10 +98,11 @@ pub fn causal_attention_reference<B: Backend>(
 ) -> FloatTensor<B> {
     let (b, h, kvh, t, d) = check_shapes(&q.shape(), &k.shape(), &v.shape());
     let dtype: FloatDType = q.dtype().into();
-    let bias = causal_bias::<B>(h / kvh, t, &q.device());
+    // flex masks inside its host softmax.
+    let bias = (!lora::host_matmul::is_flex::<B>()).then(|| causal_bias::<B>(h / kvh, t, &q.device()));
     let rows: Vec<FloatTensor<B>> = (0..b)
         .map(|i| {
-            let probs = probabilities::<B>(grouped_row::<B>(&q, i, kvh), grouped_row::<B>(&k, i, kvh), &bias, scale);
+            let probs = probabilities::<B>(grouped_row::<B>(&q, i, kvh), grouped_row::<B>(&k, i, kvh), bias.as_ref(), scale);
             let out = lora::host_matmul::matmul::<B>(B::float_cast(probs, dtype), grouped_row::<B>(&v, i, kvh));
             B::float_reshape(out, Shape::new([1, h, t, d]))
         })
@@ -116,19 +122,27 @@ pub fn causal_attention_grad_reference<B: Backend>(
     let (b, h, kvh, t, d) = check_shapes(&q.shape(), &k.shape(), &v.shape());
     let dtype: FloatDType = q.dtype().into();
     let grad = B::float_cast(grad, dtype);
-    let bias = causal_bias::<B>(h / kvh, t, &q.device());
+    // flex masks inside its host softmax.
+    let bias = (!lora::host_matmul::is_flex::<B>()).then(|| causal_bias::<B>(h / kvh, t, &q.device()));
     let (mut dqs, mut dks, mut dvs) = (Vec::with_capacity(b), Vec::with_capacity(b), Vec::with_capacity(b));
     for i in 0..b {
         let (q_row, k_row, v_row) = (grouped_row::<B>(&q, i, kvh), grouped_row::<B>(&k, i, kvh), grouped_row::<B>(&v, i, kvh));
         let do_row = grouped_row::<B>(&grad, i, kvh);
-        let probs = probabilities::<B>(q_row.clone(), k_row.clone(), &bias, scale);
+        let probs = probabilities::<B>(q_row.clone(), k_row.clone(), bias.as_ref(), scale);
         // dv = Pᵀ · do, with P in the compute dtype as the forward used it.
         let dv = lora::host_matmul::matmul::<B>(B::float_transpose(B::float_cast(probs.clone(), dtype)), do_row.clone());
         // dP = do · vᵀ; dS = P ⊙ (dP − Σ_j P ⊙ dP) in f32, then scaled into the compute dtype.
-        let dp = B::float_cast(lora::host_matmul::matmul::<B>(do_row, B::float_transpose(v_row)), FloatDType::F32);
-        let row_dot = B::float_sum_dim(B::float_mul(probs.clone(), dp.clone()), 2);
-        let ds = B::float_mul(probs, B::float_sub(dp, row_dot));
-        let ds = B::float_cast(B::float_mul_scalar(ds, scale.into()), dtype);
+        let dp = lora::host_matmul::matmul::<B>(do_row, B::float_transpose(v_row));
+        let ds = match (lora::host_matmul::downcast_flex::<B>(probs), lora::host_matmul::downcast_flex::<B>(dp)) {
+            (Ok(probs), Ok(dp)) => lora::host_matmul::upcast_flex::<B>(host::softmax_backward(&probs, &dp, scale)),
+            (Err(probs), Err(dp)) => {
+                let dp = B::float_cast(dp, FloatDType::F32);
+                let row_dot = B::float_sum_dim(B::float_mul(probs.clone(), dp.clone()), 2);
+                let ds = B::float_mul(probs, B::float_sub(dp, row_dot));
+                B::float_cast(B::float_mul_scalar(ds, scale.into()), dtype)
+            }
+            _ => unreachable!("both tensors are on one backend"),
+        };
         let dq = lora::host_matmul::matmul::<B>(ds.clone(), k_row);
         let dk = lora::host_matmul::matmul::<B>(B::float_transpose(ds), q_row);
         dqs.push(B::float_reshape(dq, Shape::new([1, h, t, d])));
@@ -204,6 +218,94 @@ pub fn causal_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, scale: f32) ->
         v.into_dispatch(),
         scale,
     ))
+}
+
+/// The softmax and its backward on the flex backend, one row at a time on the host: the causal part of
+/// each row only (the rest is 0 and costs nothing), scaled as transformers does (`bf16(score · scale)`),
+/// the statistics in f32 with the vectorised exp.
+mod host {
+    use burn::backend::flex::FlexTensor;
+    use burn::tensor::{DType, TensorData};
+    use half::bf16;
+    use rayon::prelude::*;
+
+    use crate::simd;
+
+    fn contiguous(t: &FlexTensor) -> FlexTensor {
+        if t.is_contiguous() { t.clone() } else { t.to_contiguous() }
+    }
+
+    /// Row `r` of a `[.., len]` tensor widened to f32.
+    fn row_f32(t: &FlexTensor, r: usize, len: usize, out: &mut [f32]) {
+        let offset = t.layout().start_offset() + r * len;
+        let n = out.len();
+        match t.dtype() {
+            DType::F32 => out.copy_from_slice(&t.storage::<f32>()[offset..offset + n]),
+            DType::BF16 => {
+                for (o, v) in out.iter_mut().zip(&t.storage::<bf16>()[offset..offset + n]) {
+                    *o = v.to_f32();
+                }
+            }
+            other => unreachable!("attention in {other:?}"),
+        }
+    }
+
+    /// `softmax(bf16(scores · scale) + causal mask)` in f32, scores `[g, rep · len, len]` (row `r` is
+    /// position `r mod len`).
+    pub fn causal_softmax(scores: &FlexTensor, scale: f32) -> FlexTensor {
+        let scores = contiguous(scores);
+        let shape = scores.layout().shape().clone();
+        let len = shape[shape.num_dims() - 1];
+        let bf16_scores = scores.dtype() == DType::BF16;
+        let mut out = vec![0.0f32; shape.num_elements()];
+        out.par_chunks_mut(len).enumerate().for_each(|(r, out_row)| {
+            let visible = &mut out_row[..r % len + 1];
+            row_f32(&scores, r, len, visible);
+            for v in visible.iter_mut() {
+                *v = if bf16_scores { bf16::from_f32(*v * scale).to_f32() } else { *v * scale };
+            }
+            simd::softmax(visible);
+        });
+        FlexTensor::from_data(TensorData::new(out, shape))
+    }
+
+    /// `dS = bf16?(scale · P ⊙ (dP − Σ_j P ⊙ dP))` in dP's dtype, P `[g, rep · len, len]` f32.
+    pub fn softmax_backward(probs: &FlexTensor, dp: &FlexTensor, scale: f32) -> FlexTensor {
+        let (probs, dp) = (contiguous(probs), contiguous(dp));
+        let shape = dp.layout().shape().clone();
+        let len = shape[shape.num_dims() - 1];
+        let p_values = &probs.storage::<f32>()[probs.layout().start_offset()..][..shape.num_elements()];
+        let row_ds = |r: usize, dp_row: &mut [f32]| {
+            let visible = r % len + 1;
+            row_f32(&dp, r, len, &mut dp_row[..visible]);
+            let p = &p_values[r * len..r * len + visible];
+            let dot: f32 = p.iter().zip(&dp_row[..visible]).map(|(p, d)| p * d).sum();
+            for (d, p) in dp_row[..visible].iter_mut().zip(p) {
+                *d = p * (*d - dot) * scale;
+            }
+            dp_row[visible..].fill(0.0);
+        };
+        match dp.dtype() {
+            DType::BF16 => {
+                let mut out = vec![bf16::ZERO; shape.num_elements()];
+                out.par_chunks_mut(len).enumerate().for_each_init(
+                    || vec![0.0f32; len],
+                    |buf, (r, out_row)| {
+                        row_ds(r, buf);
+                        for (o, v) in out_row.iter_mut().zip(buf.iter()) {
+                            *o = bf16::from_f32(*v);
+                        }
+                    },
+                );
+                FlexTensor::from_data(TensorData::new(out, shape))
+            }
+            _ => {
+                let mut out = vec![0.0f32; shape.num_elements()];
+                out.par_chunks_mut(len).enumerate().for_each(|(r, out_row)| row_ds(r, out_row));
+                FlexTensor::from_data(TensorData::new(out, shape))
+            }
+        }
+    }
 }
 
 #[cfg(test)]

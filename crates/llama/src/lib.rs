@@ -14,6 +14,7 @@ mod adapters;
 pub mod attention;
 mod config;
 mod error;
+pub mod fused;
 pub mod generate;
 pub mod gguf;
 pub mod gguf_tokenizer;

@@ -2,7 +2,7 @@
 //! attention with a causal mask and a KV cache, SwiGLU MLP, tied or untied lm_head.
 
 use burn::module::Module;
-use burn::tensor::activation::{silu, softmax};
+use burn::tensor::activation::softmax;
 use burn::tensor::{Bool, DType, Device, Int, Tensor, TensorData};
 use lora::{FrozenLinear, LoraLinear};
 
@@ -17,11 +17,7 @@ pub struct RmsNorm {
 
 impl RmsNorm {
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        let dtype = x.dtype();
-        let x32 = x.cast(DType::F32);
-        let variance = x32.clone().square().mean_dim(D - 1);
-        let normed = x32 * (variance + self.eps).sqrt().recip();
-        self.weight.clone().unsqueeze::<D>() * normed.cast(dtype)
+        crate::fused::rms_norm(x, self.weight.clone(), self.eps)
     }
 }
 
@@ -187,7 +183,7 @@ pub struct Mlp {
 
 impl Mlp {
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        self.down_proj.forward(silu(self.gate_proj.forward(x.clone())) * self.up_proj.forward(x))
+        self.down_proj.forward(crate::fused::swiglu(self.gate_proj.forward(x.clone()), self.up_proj.forward(x)))
     }
 }
 

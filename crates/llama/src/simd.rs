@@ -67,6 +67,35 @@ fn softmax_grad_body(row: &[f32], max: f32, log_sum: f32, label: usize, weight: 
     }
 }
 
+/// `row ← exp(row − max) / Σ exp(row − max)`.
+#[inline(always)]
+fn softmax_body(row: &mut [f32]) {
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    let mut chunks = row.chunks_exact(LANES);
+    for c in &mut chunks {
+        for i in 0..LANES {
+            lanes[i] = lanes[i].max(c[i]);
+        }
+    }
+    let max = lanes.iter().chain(chunks.remainder()).fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    let mut sums = [0.0f32; LANES];
+    let mut chunks = row.chunks_exact_mut(LANES);
+    for c in &mut chunks {
+        for i in 0..LANES {
+            c[i] = exp(c[i] - max);
+            sums[i] += c[i];
+        }
+    }
+    let mut sum = sums.iter().sum::<f32>();
+    for x in chunks.into_remainder() {
+        *x = exp(*x - max);
+        sum += *x;
+    }
+    for x in row.iter_mut() {
+        *x /= sum;
+    }
+}
+
 macro_rules! dispatch {
     ($body:ident($($arg:expr),*)) => {{
         #[cfg(target_arch = "x86_64")]
@@ -85,6 +114,10 @@ macro_rules! dispatch {
 #[cfg(target_arch = "x86_64")]
 mod avx512_variant {
     #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn softmax_body(row: &mut [f32]) {
+        super::softmax_body(row)
+    }
+    #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn max_sum_exp_body(row: &[f32]) -> (f32, f32) {
         super::max_sum_exp_body(row)
     }
@@ -97,6 +130,10 @@ mod avx512_variant {
 #[cfg(target_arch = "x86_64")]
 mod avx2_variant {
     #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn softmax_body(row: &mut [f32]) {
+        super::softmax_body(row)
+    }
+    #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn max_sum_exp_body(row: &[f32]) -> (f32, f32) {
         super::max_sum_exp_body(row)
     }
@@ -104,6 +141,11 @@ mod avx2_variant {
     pub(super) unsafe fn softmax_grad_body(row: &[f32], max: f32, log_sum: f32, label: usize, weight: f32, out: &mut [f32]) {
         super::softmax_grad_body(row, max, log_sum, label, weight, out)
     }
+}
+
+/// The softmax of a row, in place.
+pub fn softmax(row: &mut [f32]) {
+    dispatch!(softmax_body(row))
 }
 
 /// The row's maximum and `Σ exp(x − max)`.
@@ -155,6 +197,12 @@ mod tests {
         softmax_grad(&row, max, sum.ln(), 3, 0.5, &mut fast);
         softmax_grad_body(&row, max, sum.ln(), 3, 0.5, &mut plain);
         assert_eq!(fast, plain);
+        let mut soft = row.clone();
+        softmax(&mut soft);
+        let mut plain_soft = row.clone();
+        softmax_body(&mut plain_soft);
+        assert_eq!(soft, plain_soft);
+        assert!(soft.iter().zip(&row).all(|(p, &x)| ((*p as f64) - (x as f64 - max as f64).exp() / want).abs() < 1e-6));
         let total: f32 = fast.iter().sum();
         assert!(total.abs() < 1e-5, "softmax − one-hot sums to 0: {total}");
     }

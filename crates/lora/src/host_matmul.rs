@@ -17,20 +17,35 @@ use burn::backend::{Backend, Flex, tensor::FloatTensor};
 use burn::tensor::{DType, TensorData};
 use half::bf16;
 
+/// Whether B is the flex backend (whose tensors host kernels can read in place).
+pub fn is_flex<B: Backend>() -> bool {
+    TypeId::of::<B>() == TypeId::of::<Flex>()
+}
+
+/// `t` as the flex backend's tensor when B is flex (`Err(t)` otherwise), for host kernels.
+pub fn downcast_flex<B: Backend>(t: FloatTensor<B>) -> Result<FlexTensor, FloatTensor<B>> {
+    if TypeId::of::<B>() != TypeId::of::<Flex>() {
+        return Err(t);
+    }
+    let any: Box<dyn Any> = Box::new(t);
+    Ok(*any.downcast::<FlexTensor>().expect("flex float tensors are FlexTensors"))
+}
+
+/// The inverse of [`downcast_flex`]; B must be flex.
+pub fn upcast_flex<B: Backend>(t: FlexTensor) -> FloatTensor<B> {
+    let any: Box<dyn Any> = Box::new(t);
+    *any.downcast::<FloatTensor<B>>().expect("B is Flex")
+}
+
 /// `lhs · rhs` for `[m, k] · [k, n]` or batched `[b, m, k] · [b, k, n]` (no broadcasting), as
 /// `B::float_matmul`.
 pub fn matmul<B: Backend>(lhs: FloatTensor<B>, rhs: FloatTensor<B>) -> FloatTensor<B> {
-    if TypeId::of::<B>() == TypeId::of::<Flex>() && bf16_gemm::accelerated() {
-        let (lhs, rhs): (Box<dyn Any>, Box<dyn Any>) = (Box::new(lhs), Box::new(rhs));
-        let (lhs, rhs) = (
-            lhs.downcast::<FlexTensor>().expect("flex float tensors are FlexTensors"),
-            rhs.downcast::<FlexTensor>().expect("flex float tensors are FlexTensors"),
-        );
-        let out: Box<dyn Any> = Box::new(match flex_bf16_matmul(&lhs, &rhs) {
+    if bf16_gemm::accelerated() && TypeId::of::<B>() == TypeId::of::<Flex>() {
+        let (lhs, rhs) = (downcast_flex::<B>(lhs).ok().expect("B is Flex"), downcast_flex::<B>(rhs).ok().expect("B is Flex"));
+        return upcast_flex::<B>(match flex_bf16_matmul(&lhs, &rhs) {
             Some(out) => out,
-            None => <Flex as FloatTensorOps<Flex>>::float_matmul(*lhs, *rhs),
+            None => <Flex as FloatTensorOps<Flex>>::float_matmul(lhs, rhs),
         });
-        return *out.downcast::<FloatTensor<B>>().expect("B is Flex");
     }
     B::float_matmul(lhs, rhs)
 }
