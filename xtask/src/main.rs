@@ -264,6 +264,7 @@ fn main() -> Result<()> {
             if criterion {
                 run(cargo().args(["bench", "-p", "qlora-nf4", "--bench", "dequantize"]))?;
                 run(cargo().args(["bench", "-p", "qlora-optim", "--bench", "optimizer_step"]))?;
+                run(cargo().args(["bench", "-p", "qlora-bf16-gemm", "--bench", "gemm"]))?;
             } else {
                 bench::step_bench(bench::StepBenchArgs {
                     shapes,
