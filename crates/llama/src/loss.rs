@@ -38,6 +38,16 @@ pub trait ChunkedNllBackend: Backend {
         mask: FloatTensor<Self>,
         chunk: usize,
     ) -> FloatTensor<Self>;
+    /// The loss and `dh` for an upstream gradient of 1 (in h's dtype), from one pass over each chunk's
+    /// logits: what the autodiff forward runs, so the backward only scales `dh` (the loss is linear in its
+    /// upstream gradient) instead of making every chunk's logits again.
+    fn chunked_nll_and_unit_grad(
+        h: FloatTensor<Self>,
+        w_t: FloatTensor<Self>,
+        labels: IntTensor<Self>,
+        mask: FloatTensor<Self>,
+        chunk: usize,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>);
     /// `dh` for an upstream gradient `grad` (`[1]`) of that loss, in h's dtype.
     fn chunked_nll_grad(
         h: FloatTensor<Self>,
@@ -143,6 +153,19 @@ pub fn chunked_nll_grad_reference<B: Backend>(
     }
 }
 
+/// [`ChunkedNllBackend::chunked_nll_and_unit_grad`] with plain backend ops (two passes).
+pub fn chunked_nll_and_unit_grad_reference<B: Backend>(
+    h: FloatTensor<B>,
+    w_t: FloatTensor<B>,
+    labels: IntTensor<B>,
+    mask: FloatTensor<B>,
+    chunk: usize,
+) -> (FloatTensor<B>, FloatTensor<B>) {
+    let one = B::float_ones(Shape::new([1]), &h.device(), FloatDType::F32);
+    let loss = chunked_nll_reference::<B>(h.clone(), w_t.clone(), labels.clone(), mask.clone(), chunk);
+    (loss, chunked_nll_grad_reference::<B>(h, w_t, labels, mask, one, chunk))
+}
+
 impl ChunkedNllBackend for Flex {
     fn chunked_nll(
         h: FloatTensor<Self>,
@@ -152,6 +175,16 @@ impl ChunkedNllBackend for Flex {
         chunk: usize,
     ) -> FloatTensor<Self> {
         crate::loss_host::chunked_nll(h, w_t, labels, mask, chunk)
+    }
+
+    fn chunked_nll_and_unit_grad(
+        h: FloatTensor<Self>,
+        w_t: FloatTensor<Self>,
+        labels: IntTensor<Self>,
+        mask: FloatTensor<Self>,
+        chunk: usize,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        crate::loss_host::chunked_nll_and_unit_grad(h, w_t, labels, mask, chunk)
     }
 
     fn chunked_nll_grad(
@@ -179,6 +212,16 @@ impl ChunkedNllBackend for Cube {
         chunked_nll_reference::<Self>(h, w_t, labels, mask, chunk)
     }
 
+    fn chunked_nll_and_unit_grad(
+        h: FloatTensor<Self>,
+        w_t: FloatTensor<Self>,
+        labels: IntTensor<Self>,
+        mask: FloatTensor<Self>,
+        chunk: usize,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        chunked_nll_and_unit_grad_reference::<Self>(h, w_t, labels, mask, chunk)
+    }
+
     fn chunked_nll_grad(
         h: FloatTensor<Self>,
         w_t: FloatTensor<Self>,
@@ -203,14 +246,8 @@ impl<B: Backend + ChunkedNllBackend, C: CheckpointStrategy> ChunkedNllBackend fo
         struct ChunkedNllBackward;
 
         impl<B: Backend + ChunkedNllBackend> Backward<B, 1> for ChunkedNllBackward {
-            /// Hidden states, output weight, labels, mask, chunk rows: never the logits.
-            type State = (
-                FloatTensor<B>,
-                FloatTensor<B>,
-                IntTensor<B>,
-                FloatTensor<B>,
-                usize,
-            );
+            /// `dh` for an upstream gradient of 1 (`[rows, hidden]`, made with the loss): never the logits.
+            type State = FloatTensor<B>;
 
             fn backward(
                 self,
@@ -220,12 +257,12 @@ impl<B: Backend + ChunkedNllBackend, C: CheckpointStrategy> ChunkedNllBackend fo
             ) {
                 let [node_h] = ops.parents;
                 let grad = grads.consume::<B>(&ops.node);
-                let (h, w_t, labels, mask, chunk) = ops.state;
+                let unit = ops.state;
                 if let Some(node) = node_h {
-                    grads.register::<B>(
-                        node.id,
-                        B::chunked_nll_grad(h, w_t, labels, mask, grad, chunk),
-                    );
+                    let dtype: FloatDType = unit.dtype().into();
+                    let g = B::float_reshape(B::float_cast(grad, FloatDType::F32), Shape::new([1, 1]));
+                    let dh = B::float_mul(B::float_cast(unit, FloatDType::F32), g);
+                    grads.register::<B>(node.id, B::float_cast(dh, dtype));
                 }
             }
         }
@@ -239,12 +276,22 @@ impl<B: Backend + ChunkedNllBackend, C: CheckpointStrategy> ChunkedNllBackend fo
             .stateful()
         {
             OpsKind::Tracked(prep) => {
-                let out =
-                    B::chunked_nll(h.clone(), w_t.clone(), labels.clone(), mask.clone(), chunk);
-                prep.finish((h, w_t, labels, mask, chunk), out)
+                let (out, unit) = B::chunked_nll_and_unit_grad(h, w_t, labels, mask, chunk);
+                prep.finish(unit, out)
             }
             OpsKind::UnTracked(prep) => prep.finish(B::chunked_nll(h, w_t, labels, mask, chunk)),
         }
+    }
+
+    fn chunked_nll_and_unit_grad(
+        h: FloatTensor<Self>,
+        w_t: FloatTensor<Self>,
+        labels: IntTensor<Self>,
+        mask: FloatTensor<Self>,
+        chunk: usize,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        // As below: only the inner backend's runs inside a forward.
+        chunked_nll_and_unit_grad_reference::<Self>(h, w_t, labels, mask, chunk)
     }
 
     fn chunked_nll_grad(

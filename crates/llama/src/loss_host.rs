@@ -6,6 +6,7 @@
 
 use burn::backend::flex::FlexTensor;
 use burn::backend::ops::{FloatTensorOps, IntTensorOps};
+use burn::backend::tensor::IntTensor;
 use burn::backend::{Flex, TensorMetadata};
 use burn::tensor::{DType, Shape, Slice, TensorData, read_sync};
 use half::bf16;
@@ -27,7 +28,7 @@ fn host_f32(t: FlexTensor) -> Vec<f32> {
     read_sync(Flex::float_into_data(t)).expect("host tensor").convert::<f32>().try_into_vec::<f32>().expect("f32 values")
 }
 
-fn host_labels(t: burn::backend::tensor::IntTensor<Flex>) -> Vec<i64> {
+fn host_labels(t: IntTensor<Flex>) -> Vec<i64> {
     read_sync(Flex::int_into_data(t)).expect("host tensor").convert::<i64>().try_into_vec::<i64>().expect("i64 values")
 }
 
@@ -69,83 +70,99 @@ fn row_statistics(row: &[f32]) -> (f32, f32) {
     (max, sum.ln())
 }
 
-/// The masked summed loss `[1]` (f32).
-pub fn chunked_nll(h: FlexTensor, w_t: FlexTensor, labels: burn::backend::tensor::IntTensor<Flex>, mask: FlexTensor, chunk: usize) -> FlexTensor {
-    let n = h.shape()[0];
-    let (labels, mask) = (host_labels(labels), host_f32(mask));
-    let mut total = 0.0f32;
-    for start in (0..n).step_by(chunk.max(1)) {
-        let end = (start + chunk.max(1)).min(n);
-        let logits = HostRows::new(chunk_logits(&h, &w_t, start, end));
-        let losses: Vec<f32> = (0..logits.len())
-            .into_par_iter()
-            .map_init(Vec::new, |buf, r| {
-                let i = start + r;
-                if mask[i] == 0.0 {
-                    return 0.0;
-                }
-                let row = logits.row(r, buf);
-                let (max, log_sum) = row_statistics(row);
-                let picked = usize::try_from(labels[i]).ok().and_then(|l| row.get(l)).map_or(f32::NAN, |&x| x - max);
-                (log_sum - picked) * mask[i]
-            })
-            .collect();
-        total += losses.iter().sum::<f32>();
-    }
-    FlexTensor::from_data(TensorData::new(vec![total], [1]))
-}
-
-/// `dh` for an upstream gradient `grad` (`[1]`), in h's dtype.
-pub fn chunked_nll_grad(
-    h: FlexTensor,
-    w_t: FlexTensor,
-    labels: burn::backend::tensor::IntTensor<Flex>,
+/// One pass over the chunks: the summed loss and, with `grad = Some(g)`, `dh` for the upstream gradient g
+/// (in h's dtype), each chunk's logits made once and reduced row by row for both.
+fn chunk_pass(
+    h: &FlexTensor,
+    w_t: &FlexTensor,
+    labels: IntTensor<Flex>,
     mask: FlexTensor,
-    grad: FlexTensor,
     chunk: usize,
-) -> FlexTensor {
+    grad: Option<f32>,
+) -> (f32, Option<FlexTensor>) {
     let n = h.shape()[0];
     let vocab = w_t.shape()[1];
     let dtype = h.dtype();
     let (labels, mask) = (host_labels(labels), host_f32(mask));
-    let g = host_f32(grad)[0];
-    let w = Flex::float_transpose(w_t.clone());
+    let w = grad.map(|_| Flex::float_transpose(w_t.clone()));
+    let mut total = 0.0f32;
     let mut parts = Vec::new();
     for start in (0..n).step_by(chunk.max(1)) {
         let end = (start + chunk.max(1)).min(n);
-        let logits = HostRows::new(chunk_logits(&h, &w_t, start, end));
+        let logits = HostRows::new(chunk_logits(h, w_t, start, end));
         let rows = logits.len();
-        let grad_row = |r: usize, buf: &mut Vec<f32>, out: &mut [f32]| {
+        // Row r's loss, and its gradient row into `out` when asked for.
+        let row = |r: usize, buf: &mut Vec<f32>, out: Option<&mut [f32]>| -> f32 {
             let i = start + r;
             let row = logits.row(r, buf);
             let (max, log_sum) = row_statistics(row);
-            let label = usize::try_from(labels[i]).unwrap_or(usize::MAX);
-            simd::softmax_grad(row, max, log_sum, label, mask[i] * g, out);
+            let label = usize::try_from(labels[i]).ok().filter(|&l| l < row.len());
+            if let (Some(out), Some(g)) = (out, grad) {
+                simd::softmax_grad(row, max, log_sum, label.unwrap_or(usize::MAX), mask[i] * g, out);
+            }
+            if mask[i] == 0.0 {
+                return 0.0;
+            }
+            let picked = label.map_or(f32::NAN, |l| row[l] - max);
+            (log_sum - picked) * mask[i]
         };
-        let dlogits = match dtype {
-            DType::BF16 => {
+        let losses: Vec<f32> = match (grad, dtype) {
+            (None, _) => (0..rows).into_par_iter().map_init(Vec::new, |buf, r| row(r, buf, None)).collect(),
+            (Some(_), DType::BF16) => {
                 let mut out = vec![bf16::ZERO; rows * vocab];
-                out.par_chunks_mut(vocab).enumerate().for_each_init(
-                    || (Vec::new(), vec![0.0f32; vocab]),
-                    |(buf, grad), (r, out_row)| {
-                        grad_row(r, buf, grad);
-                        out_row.convert_from_f32_slice(grad);
-                    },
-                );
-                TensorData::new(out, [rows, vocab])
+                let losses = out
+                    .par_chunks_mut(vocab)
+                    .enumerate()
+                    .map_init(
+                        || (Vec::new(), vec![0.0f32; vocab]),
+                        |(buf, grad_row), (r, out_row)| {
+                            let loss = row(r, buf, Some(grad_row));
+                            out_row.convert_from_f32_slice(grad_row);
+                            loss
+                        },
+                    )
+                    .collect();
+                parts.push(FlexTensor::from_data(TensorData::new(out, [rows, vocab])));
+                losses
             }
-            _ => {
+            (Some(_), _) => {
                 let mut out = vec![0.0f32; rows * vocab];
-                out.par_chunks_mut(vocab).enumerate().for_each_init(Vec::new, |buf, (r, out_row)| grad_row(r, buf, out_row));
-                TensorData::new(out, [rows, vocab])
+                let losses = out.par_chunks_mut(vocab).enumerate().map_init(Vec::new, |buf, (r, out_row)| row(r, buf, Some(out_row))).collect();
+                parts.push(FlexTensor::from_data(TensorData::new(out, [rows, vocab])));
+                losses
             }
         };
+        total += losses.iter().sum::<f32>();
         drop(logits);
-        parts.push(lora::host_matmul::matmul::<Flex>(FlexTensor::from_data(dlogits), w.clone()));
+        if let (Some(w), Some(dlogits)) = (&w, parts.pop()) {
+            parts.push(lora::host_matmul::matmul::<Flex>(dlogits, w.clone()));
+        }
     }
-    match parts.len() {
+    let dh = grad.map(|_| match parts.len() {
         0 => Flex::float_zeros(Shape::new([0, h.shape()[1]]), &h.device(), dtype.into()),
         1 => parts.pop().expect("one part"),
         _ => Flex::float_cat(parts, 0),
-    }
+    });
+    (total, dh)
+}
+
+fn scalar(total: f32) -> FlexTensor {
+    FlexTensor::from_data(TensorData::new(vec![total], [1]))
+}
+
+/// The masked summed loss `[1]` (f32).
+pub fn chunked_nll(h: FlexTensor, w_t: FlexTensor, labels: IntTensor<Flex>, mask: FlexTensor, chunk: usize) -> FlexTensor {
+    scalar(chunk_pass(&h, &w_t, labels, mask, chunk, None).0)
+}
+
+/// `dh` for an upstream gradient `grad` (`[1]`), in h's dtype.
+pub fn chunked_nll_grad(h: FlexTensor, w_t: FlexTensor, labels: IntTensor<Flex>, mask: FlexTensor, grad: FlexTensor, chunk: usize) -> FlexTensor {
+    let g = host_f32(grad)[0];
+    chunk_pass(&h, &w_t, labels, mask, chunk, Some(g)).1.expect("asked for dh")
+}
+
+/// The loss and `dh` for an upstream gradient of 1, from the same logits.
+pub fn chunked_nll_and_unit_grad(h: FlexTensor, w_t: FlexTensor, labels: IntTensor<Flex>, mask: FlexTensor, chunk: usize) -> (FlexTensor, FlexTensor) {
+    let (total, dh) = chunk_pass(&h, &w_t, labels, mask, chunk, Some(1.0));
+    (scalar(total), dh.expect("asked for dh"))
 }

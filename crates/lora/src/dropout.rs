@@ -21,15 +21,45 @@ use rayon::prelude::*;
 
 const CHUNK: usize = 1 << 16;
 
-fn splitmix(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let mut z = *state;
+const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
+
+/// The generator state of chunk `chunk`.
+fn chunk_seed(seed: u64, chunk: usize) -> u64 {
+    seed ^ (chunk as u64).wrapping_mul(0xD1B5_4A32_D192_ED03)
+}
+
+/// The random word of elements `2p` (low half) and `2p + 1` (high half) of a chunk: SplitMix64's output at
+/// counter `p + 2` from the chunk's state (the first output is skipped). Counter-based, so a chunk's words
+/// are independent of each other and the loops below vectorise.
+#[inline(always)]
+fn pair_bits(chunk_seed: u64, p: usize) -> u64 {
+    let mut z = chunk_seed.wrapping_add((p as u64 + 2).wrapping_mul(GOLDEN));
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
 }
 
-/// The mask for `numel` elements: `scale` where kept, 0 where dropped, written by `write(kept, slot)`.
+/// Elements with a 32-bit draw below this are kept.
+fn keep_threshold(keep: f64) -> u64 {
+    (keep * 4_294_967_296.0).round().min(4_294_967_296.0) as u64
+}
+
+/// `out[i] = f(i, kept)` over one chunk, `kept` drawn as the mask does.
+#[inline(always)]
+fn for_chunk<T>(chunk_seed: u64, threshold: u64, out: &mut [T], f: impl Fn(usize, bool) -> T) {
+    let last = out.len() / 2;
+    let mut pairs = out.chunks_exact_mut(2);
+    for (p, pair) in (&mut pairs).enumerate() {
+        let bits = pair_bits(chunk_seed, p);
+        pair[0] = f(2 * p, bits & 0xFFFF_FFFF < threshold);
+        pair[1] = f(2 * p + 1, bits >> 32 < threshold);
+    }
+    if let [slot] = pairs.into_remainder() {
+        *slot = f(2 * last, pair_bits(chunk_seed, last) & 0xFFFF_FFFF < threshold);
+    }
+}
+
+/// The mask for `numel` elements: `kept` where kept, `dropped` where dropped.
 fn fill_mask<T: Copy + Send + Sync>(
     numel: usize,
     seed: u64,
@@ -37,23 +67,73 @@ fn fill_mask<T: Copy + Send + Sync>(
     kept: T,
     dropped: T,
 ) -> Vec<T> {
-    let threshold = (keep * 4_294_967_296.0).round().min(4_294_967_296.0) as u64;
+    let threshold = keep_threshold(keep);
     let mut mask = vec![dropped; numel];
-    mask.par_chunks_mut(CHUNK)
-        .enumerate()
-        .for_each(|(chunk, out)| {
-            let mut state = seed ^ (chunk as u64).wrapping_mul(0xD1B5_4A32_D192_ED03);
-            splitmix(&mut state);
-            for pair in out.chunks_mut(2) {
-                let bits = splitmix(&mut state);
-                for (i, slot) in pair.iter_mut().enumerate() {
-                    if (bits >> (32 * i)) & 0xFFFF_FFFF < threshold {
-                        *slot = kept;
-                    }
-                }
-            }
-        });
+    mask.par_chunks_mut(CHUNK).enumerate().for_each(|(chunk, out)| {
+        for_chunk(chunk_seed(seed, chunk), threshold, out, |_, k| if k { kept } else { dropped })
+    });
     mask
+}
+
+/// An element the flex kernel multiplies in place of `x ⊙ mask` (the mask's value in the element type,
+/// the product in f32, rounded once: what flex's `float_mul` with the mask tensor computes).
+trait HostFloat: Copy + Send + Sync + bytemuck::Pod + burn::tensor::Element {
+    fn to32(self) -> f32;
+    fn from32(v: f32) -> Self;
+    fn from64(v: f64) -> Self;
+}
+
+impl HostFloat for f32 {
+    fn to32(self) -> f32 {
+        self
+    }
+    fn from32(v: f32) -> Self {
+        v
+    }
+    fn from64(v: f64) -> Self {
+        v as f32
+    }
+}
+
+impl HostFloat for half::bf16 {
+    fn to32(self) -> f32 {
+        self.to_f32()
+    }
+    fn from32(v: f32) -> Self {
+        half::bf16::from_f32(v)
+    }
+    fn from64(v: f64) -> Self {
+        half::bf16::from_f64(v)
+    }
+}
+
+#[inline(always)]
+fn dropout_chunk<T: HostFloat>(chunk_seed: u64, threshold: u64, scale: f32, x: &[T], out: &mut [T]) {
+    for_chunk(chunk_seed, threshold, out, |i, kept| T::from32(x[i].to32() * if kept { scale } else { 0.0 }))
+}
+
+/// `x ⊙ m` on flex in one pass: the mask is drawn and multiplied in per chunk, never stored.
+fn host_dropout<T: HostFloat>(x: &burn::backend::flex::FlexTensor, seed: u64, keep: f64) -> burn::backend::flex::FlexTensor {
+    let x = if x.is_contiguous() { x.clone() } else { x.to_contiguous() };
+    let shape = x.layout().shape().clone();
+    let numel = shape.num_elements();
+    let values = &x.storage::<T>()[x.layout().start_offset()..][..numel];
+    let (threshold, scale) = (keep_threshold(keep), T::from64(1.0 / keep).to32());
+    let mut out = vec![T::from32(0.0); numel];
+    out.par_chunks_mut(CHUNK).zip(values.par_chunks(CHUNK)).enumerate().for_each(|(chunk, (out, x))| {
+        let seed = chunk_seed(seed, chunk);
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx512dq") {
+            #[target_feature(enable = "avx512f,avx512dq")]
+            unsafe fn wide<T: HostFloat>(seed: u64, threshold: u64, scale: f32, x: &[T], out: &mut [T]) {
+                dropout_chunk(seed, threshold, scale, x, out)
+            }
+            // Safety: the CPU has AVX512-DQ (checked above).
+            return unsafe { wide(seed, threshold, scale, x, out) };
+        }
+        dropout_chunk(seed, threshold, scale, x, out)
+    });
+    burn::backend::flex::FlexTensor::from_data(TensorData::new(out, shape))
 }
 
 /// `x ⊙ m` with plain backend ops: the mask is made on the host in x's dtype and multiplied in.
@@ -100,7 +180,11 @@ pub trait SeededDropoutBackend: Backend {
 
 impl SeededDropoutBackend for Flex {
     fn seeded_dropout(x: FloatTensor<Self>, seed: u64, keep: f64) -> FloatTensor<Self> {
-        apply_mask::<Self>(x, seed, keep)
+        match x.dtype() {
+            burn::tensor::DType::F32 => host_dropout::<f32>(&x, seed, keep),
+            burn::tensor::DType::BF16 => host_dropout::<half::bf16>(&x, seed, keep),
+            _ => apply_mask::<Self>(x, seed, keep),
+        }
     }
 }
 
@@ -188,6 +272,15 @@ mod tests {
                 .zip(&mask)
                 .all(|(b, m)| (b.to_f32() != 0.0) == (*m != 0.0))
         );
+        // The one-pass flex kernel equals multiplying by the mask tensor (f32 and bf16, odd length, 2 chunks).
+        for dtype in [burn::tensor::DType::F32, burn::tensor::DType::BF16] {
+            let x = Tensor::<1>::random([CHUNK + 77], Distribution::Normal(0.0, 2.0), &Device::flex()).cast(dtype);
+            let x = burn::backend::flex::FlexTensor::from_data(x.into_data());
+            let fused = <Flex as SeededDropoutBackend>::seeded_dropout(x.clone(), 9, keep);
+            let plain = apply_mask::<Flex>(x, 9, keep);
+            let (a, b) = (fused.into_data().convert::<f32>(), plain.into_data().convert::<f32>());
+            assert_eq!(a.try_into_vec::<f32>().unwrap(), b.try_into_vec::<f32>().unwrap(), "{dtype:?}");
+        }
         // Neighbouring chunks are not copies of each other.
         assert_ne!(mask[..CHUNK], mask[CHUNK..2 * CHUNK]);
 
