@@ -4,10 +4,11 @@
 //! Through burn's autodiff the decomposed attention keeps the scores and the probabilities
 //! (`[batch, heads, len, len]` each, 36 MiB per layer in f32 at SmolLM2's 9 heads × 1,024 tokens) for the
 //! backward of every layer. Here the backward keeps only q, k and v (retrieved through the checkpointer, so
-//! gradient checkpointing may recompute them instead) and recomputes one batch row's probabilities at a time:
-//! `dv = Pᵀ·do`, `dP = do·vᵀ`, `dS = P ⊙ (dP − rowsum(P ⊙ dP))`, `dq = dS·k·scale`, `dk = dSᵀ·q·scale`.
-//! Grouped heads need no `repeat_kv` copy: the `rep` query heads of a K/V head are stacked as `rep · len`
-//! rows against that head's keys. The op sequence of the forward is transformers' eager attention (scores in
+//! gradient checkpointing may recompute them instead) and recomputes the probabilities one batch row and one
+//! block of 128 query positions at a time: `dv = Pᵀ·do`, `dP = do·vᵀ`, `dS = P ⊙ (dP − rowsum(P ⊙ dP))`,
+//! `dq = dS·k·scale`, `dk = dSᵀ·q·scale`. A block of positions `[p0, p1)` multiplies against keys `0..p1`
+//! only, skipping most of the masked triangle. Grouped heads need no `repeat_kv` copy: the `rep` query
+//! heads of a K/V head are stacked position-major as `len · rep` rows against that head's keys. The op sequence of the forward is transformers' eager attention (scores in
 //! the compute dtype, softmax in f32, probabilities back to the compute dtype).
 
 #[cfg(feature = "cube")]
@@ -39,41 +40,73 @@ pub trait CausalAttentionBackend: Backend {
     ) -> FloatTensor<Self>;
 }
 
-/// `[rep · len, len]` f32: −∞ where row `r` (position `r mod len`) must not see column `j` (`j > r mod len`),
-/// 0 elsewhere; added to the scores it is transformers' `masked_fill(−∞)` (an f32 tensor, because boolean
+/// Query positions per block: block `[p0, p1)` attends to keys `0..p1` only, so the products skip most
+/// of the masked upper triangle (at 1,024 tokens they do 56 % of the full products' work).
+pub const BLOCK_POSITIONS: usize = 128;
+
+/// `[(p1 − p0) · rep, p1]` f32: −∞ where row `r` (position `p0 + r / rep`) must not see column `j`, 0
+/// elsewhere; added to the scores it is transformers' `masked_fill(−∞)` (an f32 tensor, because boolean
 /// storage differs between backends).
-fn causal_bias<B: Backend>(rep: usize, len: usize, device: &B::Device) -> FloatTensor<B> {
+fn causal_bias<B: Backend>(rep: usize, p0: usize, p1: usize, device: &B::Device) -> FloatTensor<B> {
+    let rows = (p1 - p0) * rep;
     let values: Vec<f32> =
-        (0..rep * len).flat_map(|r| (0..len).map(move |j| if j > r % len { f32::NEG_INFINITY } else { 0.0 })).collect();
-    B::float_from_data(TensorData::new(values, [rep * len, len]), device)
+        (0..rows).flat_map(|r| (0..p1).map(move |j| if j > p0 + r / rep { f32::NEG_INFINITY } else { 0.0 })).collect();
+    B::float_from_data(TensorData::new(values, [rows, p1]), device)
 }
 
-/// Batch row `i` of a `[batch, heads, len, d]` tensor as `[kv_heads, rep · len, d]`.
+/// Batch row `i` of a `[batch, heads, len, d]` tensor as `[kv_heads, len · rep, d]`, position-major: row
+/// `pos · rep + j` is query head `g · rep + j` of K/V head `g` at `pos` (for K and V, rep = 1).
 fn grouped_row<B: Backend>(t: &FloatTensor<B>, i: usize, kv_heads: usize) -> FloatTensor<B> {
     let shape = t.shape();
     let (heads, len, d) = (shape[1], shape[2], shape[3]);
-    let row = B::float_slice(
-        t.clone(),
-        &[Slice::from(i..i + 1), Slice::from(..), Slice::from(..), Slice::from(..)],
-    );
-    B::float_reshape(row, Shape::new([kv_heads, heads / kv_heads * len, d]))
+    let rep = heads / kv_heads;
+    let row = B::float_slice(t.clone(), &[Slice::from(i..i + 1), Slice::from(..), Slice::from(..), Slice::from(..)]);
+    if rep == 1 {
+        return B::float_reshape(row, Shape::new([kv_heads, len, d]));
+    }
+    let by_head = B::float_reshape(row, Shape::new([kv_heads, rep, len, d]));
+    B::float_reshape(B::float_swap_dims(by_head, 1, 2), Shape::new([kv_heads, len * rep, d]))
 }
 
-/// The f32 probabilities `[kv_heads, rep · len, len]` of one batch row, in transformers' op order.
-fn probabilities<B: Backend>(
-    q_row: FloatTensor<B>,
-    k_row: FloatTensor<B>,
-    bias: Option<&FloatTensor<B>>,
-    scale: f32,
-) -> FloatTensor<B> {
-    let scores = lora::host_matmul::matmul::<B>(q_row, B::float_transpose(k_row));
+/// The inverse of [`grouped_row`]: `[kv_heads, len · rep, d]` → `[1, kv_heads · rep, len, d]`.
+fn ungrouped<B: Backend>(t: FloatTensor<B>, kv_heads: usize, rep: usize, len: usize, d: usize) -> FloatTensor<B> {
+    if rep == 1 {
+        return B::float_reshape(t, Shape::new([1, kv_heads, len, d]));
+    }
+    let by_position = B::float_reshape(t, Shape::new([kv_heads, len, rep, d]));
+    B::float_reshape(B::float_swap_dims(by_position, 1, 2), Shape::new([1, kv_heads * rep, len, d]))
+}
+
+/// Rows `[p0 · rep, p1 · rep)` (dim 1) of a grouped `[kv_heads, len · rep, d]` tensor.
+fn rows<B: Backend>(t: &FloatTensor<B>, from: usize, to: usize) -> FloatTensor<B> {
+    B::float_slice(t.clone(), &[Slice::from(..), Slice::from(from..to), Slice::from(..)])
+}
+
+/// One block of query positions `[p0, p1)` with `rep` query heads per K/V head.
+#[derive(Debug, Clone, Copy)]
+struct Block {
+    p0: usize,
+    p1: usize,
+    rep: usize,
+}
+
+impl Block {
+    fn all(len: usize, rep: usize) -> impl Iterator<Item = Block> {
+        (0..len).step_by(BLOCK_POSITIONS).map(move |p0| Block { p0, p1: (p0 + BLOCK_POSITIONS).min(len), rep })
+    }
+}
+
+/// The f32 probabilities `[kv_heads, (p1 − p0) · rep, p1]` of one block of query rows against keys `0..p1`,
+/// in transformers' op order.
+fn probabilities<B: Backend>(q_block: FloatTensor<B>, k_prefix: FloatTensor<B>, block: Block, scale: f32) -> FloatTensor<B> {
+    let scores = lora::host_matmul::matmul::<B>(q_block, B::float_transpose(k_prefix));
     let scores = match lora::host_matmul::downcast_flex::<B>(scores) {
-        Ok(scores) => return lora::host_matmul::upcast_flex::<B>(host::causal_softmax(&scores, scale)),
+        Ok(scores) => return lora::host_matmul::upcast_flex::<B>(host::causal_softmax(&scores, scale, block)),
         Err(scores) => scores,
     };
     let scores = B::float_cast(B::float_mul_scalar(scores, scale.into()), FloatDType::F32);
     let [g, rows, cols] = [scores.shape()[0], scores.shape()[1], scores.shape()[2]];
-    let bias = bias.expect("the causal bias off flex").clone();
+    let bias = causal_bias::<B>(block.rep, block.p0, block.p1, &scores.device());
     let bias = B::float_expand(B::float_reshape(bias, Shape::new([1, rows, cols])), Shape::new([g, rows, cols]));
     B::softmax(B::float_add(scores, bias), 2)
 }
@@ -89,7 +122,11 @@ fn check_shapes(q: &Shape, k: &Shape, v: &Shape) -> (usize, usize, usize, usize,
     (b, h, kvh, t, d)
 }
 
-/// The attention with plain backend ops, one batch row at a time.
+fn cat_or_single<B: Backend>(mut parts: Vec<FloatTensor<B>>, dim: usize) -> FloatTensor<B> {
+    if parts.len() == 1 { parts.pop().expect("one part") } else { B::float_cat(parts, dim) }
+}
+
+/// The attention with plain backend ops, one batch row and one block of query positions at a time.
 pub fn causal_attention_reference<B: Backend>(
     q: FloatTensor<B>,
     k: FloatTensor<B>,
@@ -97,21 +134,33 @@ pub fn causal_attention_reference<B: Backend>(
     scale: f32,
 ) -> FloatTensor<B> {
     let (b, h, kvh, t, d) = check_shapes(&q.shape(), &k.shape(), &v.shape());
+    let rep = h / kvh;
     let dtype: FloatDType = q.dtype().into();
-    // flex masks inside its host softmax.
-    let bias = (!lora::host_matmul::is_flex::<B>()).then(|| causal_bias::<B>(h / kvh, t, &q.device()));
-    let rows: Vec<FloatTensor<B>> = (0..b)
+    let batch_rows: Vec<FloatTensor<B>> = (0..b)
         .map(|i| {
-            let probs = probabilities::<B>(grouped_row::<B>(&q, i, kvh), grouped_row::<B>(&k, i, kvh), bias.as_ref(), scale);
-            let out = lora::host_matmul::matmul::<B>(B::float_cast(probs, dtype), grouped_row::<B>(&v, i, kvh));
-            B::float_reshape(out, Shape::new([1, h, t, d]))
+            let (q_row, k_row, v_row) = (grouped_row::<B>(&q, i, kvh), grouped_row::<B>(&k, i, kvh), grouped_row::<B>(&v, i, kvh));
+            let blocks: Vec<FloatTensor<B>> = Block::all(t, rep)
+                .map(|block| {
+                    let q_block = rows::<B>(&q_row, block.p0 * rep, block.p1 * rep);
+                    let probs = probabilities::<B>(q_block, rows::<B>(&k_row, 0, block.p1), block, scale);
+                    lora::host_matmul::matmul::<B>(B::float_cast(probs, dtype), rows::<B>(&v_row, 0, block.p1))
+                })
+                .collect();
+            ungrouped::<B>(cat_or_single::<B>(blocks, 1), kvh, rep, t, d)
         })
         .collect();
-    if b == 1 { rows.into_iter().next().expect("one row") } else { B::float_cat(rows, 0) }
+    cat_or_single::<B>(batch_rows, 0)
+}
+
+/// `acc[:, 0..to, :] += part` (f32).
+fn add_prefix<B: Backend>(acc: FloatTensor<B>, part: FloatTensor<B>, to: usize) -> FloatTensor<B> {
+    let slices = [Slice::from(..), Slice::from(0..to), Slice::from(..)];
+    let sum = B::float_add(B::float_slice(acc.clone(), &slices), B::float_cast(part, FloatDType::F32));
+    B::float_slice_assign(acc, &slices, sum)
 }
 
 /// `(dq, dk, dv)` for the upstream gradient `grad` (`[batch, heads, len, head_dim]`), recomputing the
-/// probabilities one batch row at a time.
+/// probabilities one batch row and one block at a time; dk and dv sum over blocks in f32.
 pub fn causal_attention_grad_reference<B: Backend>(
     q: FloatTensor<B>,
     k: FloatTensor<B>,
@@ -120,37 +169,45 @@ pub fn causal_attention_grad_reference<B: Backend>(
     scale: f32,
 ) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {
     let (b, h, kvh, t, d) = check_shapes(&q.shape(), &k.shape(), &v.shape());
+    let rep = h / kvh;
     let dtype: FloatDType = q.dtype().into();
     let grad = B::float_cast(grad, dtype);
-    // flex masks inside its host softmax.
-    let bias = (!lora::host_matmul::is_flex::<B>()).then(|| causal_bias::<B>(h / kvh, t, &q.device()));
+    let device = q.device();
     let (mut dqs, mut dks, mut dvs) = (Vec::with_capacity(b), Vec::with_capacity(b), Vec::with_capacity(b));
     for i in 0..b {
         let (q_row, k_row, v_row) = (grouped_row::<B>(&q, i, kvh), grouped_row::<B>(&k, i, kvh), grouped_row::<B>(&v, i, kvh));
         let do_row = grouped_row::<B>(&grad, i, kvh);
-        let probs = probabilities::<B>(q_row.clone(), k_row.clone(), bias.as_ref(), scale);
-        // dv = Pᵀ · do, with P in the compute dtype as the forward used it.
-        let dv = lora::host_matmul::matmul::<B>(B::float_transpose(B::float_cast(probs.clone(), dtype)), do_row.clone());
-        // dP = do · vᵀ; dS = P ⊙ (dP − Σ_j P ⊙ dP) in f32, then scaled into the compute dtype.
-        let dp = lora::host_matmul::matmul::<B>(do_row, B::float_transpose(v_row));
-        let ds = match (lora::host_matmul::downcast_flex::<B>(probs), lora::host_matmul::downcast_flex::<B>(dp)) {
-            (Ok(probs), Ok(dp)) => lora::host_matmul::upcast_flex::<B>(host::softmax_backward(&probs, &dp, scale)),
-            (Err(probs), Err(dp)) => {
-                let dp = B::float_cast(dp, FloatDType::F32);
-                let row_dot = B::float_sum_dim(B::float_mul(probs.clone(), dp.clone()), 2);
-                let ds = B::float_mul(probs, B::float_sub(dp, row_dot));
-                B::float_cast(B::float_mul_scalar(ds, scale.into()), dtype)
-            }
-            _ => unreachable!("both tensors are on one backend"),
-        };
-        let dq = lora::host_matmul::matmul::<B>(ds.clone(), k_row);
-        let dk = lora::host_matmul::matmul::<B>(B::float_transpose(ds), q_row);
-        dqs.push(B::float_reshape(dq, Shape::new([1, h, t, d])));
-        dks.push(B::float_reshape(dk, Shape::new([1, kvh, t, d])));
-        dvs.push(B::float_reshape(dv, Shape::new([1, kvh, t, d])));
+        let mut dk = B::float_zeros(Shape::new([kvh, t, d]), &device, FloatDType::F32);
+        let mut dv = B::float_zeros(Shape::new([kvh, t, d]), &device, FloatDType::F32);
+        let mut dq_blocks = Vec::new();
+        for block in Block::all(t, rep) {
+            let (q_block, do_block) = (rows::<B>(&q_row, block.p0 * rep, block.p1 * rep), rows::<B>(&do_row, block.p0 * rep, block.p1 * rep));
+            let (k_prefix, v_prefix) = (rows::<B>(&k_row, 0, block.p1), rows::<B>(&v_row, 0, block.p1));
+            let probs = probabilities::<B>(q_block.clone(), k_prefix.clone(), block, scale);
+            // dv = Pᵀ · do, with P in the compute dtype as the forward used it.
+            let dv_part = lora::host_matmul::matmul::<B>(B::float_transpose(B::float_cast(probs.clone(), dtype)), do_block.clone());
+            dv = add_prefix::<B>(dv, dv_part, block.p1);
+            // dP = do · vᵀ; dS = P ⊙ (dP − Σ_j P ⊙ dP) in f32, then scaled into the compute dtype.
+            let dp = lora::host_matmul::matmul::<B>(do_block, B::float_transpose(v_prefix));
+            let ds = match (lora::host_matmul::downcast_flex::<B>(probs), lora::host_matmul::downcast_flex::<B>(dp)) {
+                (Ok(probs), Ok(dp)) => lora::host_matmul::upcast_flex::<B>(host::softmax_backward(&probs, &dp, scale, block)),
+                (Err(probs), Err(dp)) => {
+                    let dp = B::float_cast(dp, FloatDType::F32);
+                    let row_dot = B::float_sum_dim(B::float_mul(probs.clone(), dp.clone()), 2);
+                    let ds = B::float_mul(probs, B::float_sub(dp, row_dot));
+                    B::float_cast(B::float_mul_scalar(ds, scale.into()), dtype)
+                }
+                _ => unreachable!("both tensors are on one backend"),
+            };
+            dq_blocks.push(lora::host_matmul::matmul::<B>(ds.clone(), k_prefix));
+            let dk_part = lora::host_matmul::matmul::<B>(B::float_transpose(ds), q_block);
+            dk = add_prefix::<B>(dk, dk_part, block.p1);
+        }
+        dqs.push(ungrouped::<B>(cat_or_single::<B>(dq_blocks, 1), kvh, rep, t, d));
+        dks.push(ungrouped::<B>(B::float_cast(dk, dtype), kvh, 1, t, d));
+        dvs.push(ungrouped::<B>(B::float_cast(dv, dtype), kvh, 1, t, d));
     }
-    let cat = |mut parts: Vec<FloatTensor<B>>| if parts.len() == 1 { parts.pop().expect("one part") } else { B::float_cat(parts, 0) };
-    (cat(dqs), cat(dks), cat(dvs))
+    (cat_or_single::<B>(dqs, 0), cat_or_single::<B>(dks, 0), cat_or_single::<B>(dvs, 0))
 }
 
 impl CausalAttentionBackend for Flex {
@@ -250,16 +307,21 @@ mod host {
         }
     }
 
-    /// `softmax(bf16(scores · scale) + causal mask)` in f32, scores `[g, rep · len, len]` (row `r` is
-    /// position `r mod len`).
-    pub fn causal_softmax(scores: &FlexTensor, scale: f32) -> FlexTensor {
+    /// The visible keys of row `r` of a block's `[g, (p1 − p0) · rep, p1]` matrix.
+    fn visible(r: usize, block: super::Block) -> usize {
+        let rows = (block.p1 - block.p0) * block.rep;
+        block.p0 + (r % rows) / block.rep + 1
+    }
+
+    /// `softmax(bf16(scores · scale) + causal mask)` in f32 for one block of query rows.
+    pub fn causal_softmax(scores: &FlexTensor, scale: f32, block: super::Block) -> FlexTensor {
         let scores = contiguous(scores);
         let shape = scores.layout().shape().clone();
         let len = shape[shape.num_dims() - 1];
         let bf16_scores = scores.dtype() == DType::BF16;
         let mut out = vec![0.0f32; shape.num_elements()];
         out.par_chunks_mut(len).enumerate().for_each(|(r, out_row)| {
-            let visible = &mut out_row[..r % len + 1];
+            let visible = &mut out_row[..visible(r, block)];
             row_f32(&scores, r, len, visible);
             for v in visible.iter_mut() {
                 *v = if bf16_scores { bf16::from_f32(*v * scale).to_f32() } else { *v * scale };
@@ -269,14 +331,14 @@ mod host {
         FlexTensor::from_data(TensorData::new(out, shape))
     }
 
-    /// `dS = bf16?(scale · P ⊙ (dP − Σ_j P ⊙ dP))` in dP's dtype, P `[g, rep · len, len]` f32.
-    pub fn softmax_backward(probs: &FlexTensor, dp: &FlexTensor, scale: f32) -> FlexTensor {
+    /// `dS = scale · P ⊙ (dP − Σ_j P ⊙ dP)` in dP's dtype for one block, P f32.
+    pub fn softmax_backward(probs: &FlexTensor, dp: &FlexTensor, scale: f32, block: super::Block) -> FlexTensor {
         let (probs, dp) = (contiguous(probs), contiguous(dp));
         let shape = dp.layout().shape().clone();
         let len = shape[shape.num_dims() - 1];
         let p_values = &probs.storage::<f32>()[probs.layout().start_offset()..][..shape.num_elements()];
         let row_ds = |r: usize, dp_row: &mut [f32]| {
-            let visible = r % len + 1;
+            let visible = visible(r, block);
             row_f32(&dp, r, len, &mut dp_row[..visible]);
             let p = &p_values[r * len..r * len + visible];
             let dot: f32 = p.iter().zip(&dp_row[..visible]).map(|(p, d)| p * d).sum();
@@ -344,7 +406,7 @@ mod tests {
     #[test]
     fn fused_attention_and_its_gradients_equal_the_decomposed_attention() {
         let device = Device::flex().autodiff();
-        for (b, h, kvh, t, d) in [(3, 6, 2, 17, 8), (1, 4, 4, 33, 16), (2, 3, 1, 5, 4)] {
+        for (b, h, kvh, t, d) in [(3, 6, 2, 17, 8), (1, 4, 4, 33, 16), (2, 3, 1, 5, 4), (2, 6, 2, 300, 8)] {
             let scale = (d as f32).powf(-0.5);
             let q0 = Tensor::<4>::random([b, h, t, d], Distribution::Normal(0.0, 1.0), &device);
             let k0 = Tensor::<4>::random([b, kvh, t, d], Distribution::Normal(0.0, 1.0), &device);
