@@ -32,12 +32,15 @@ pub trait CausalAttentionBackend: Backend {
     /// `q [batch, heads, len, head_dim]`, `k`, `v [batch, kv_heads, len, head_dim]` (`heads` a multiple of
     /// `kv_heads`; query head `i` reads K/V head `i / (heads / kv_heads)`, as HF's `repeat_kv`) → the
     /// attended values `[batch, heads, len, head_dim]`; position `i` sees positions `0..=i`.
+    /// The default is the reference below in backend ops (flex and the CubeCL backend use it).
     fn causal_attention(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
         scale: f32,
-    ) -> FloatTensor<Self>;
+    ) -> FloatTensor<Self> {
+        causal_attention_reference::<Self>(q, k, v, scale)
+    }
 }
 
 /// Query positions per block: block `[p0, p1)` attends to keys `0..p1` only, so the products skip most
@@ -210,19 +213,10 @@ pub fn causal_attention_grad_reference<B: Backend>(
     (cat_or_single::<B>(dqs, 0), cat_or_single::<B>(dks, 0), cat_or_single::<B>(dvs, 0))
 }
 
-impl CausalAttentionBackend for Flex {
-    fn causal_attention(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, scale: f32) -> FloatTensor<Self> {
-        causal_attention_reference::<Self>(q, k, v, scale)
-    }
-}
+impl CausalAttentionBackend for Flex {}
 
-/// On the CubeCL backend the same reference, in the device's own ops.
 #[cfg(feature = "cube")]
-impl CausalAttentionBackend for Cube {
-    fn causal_attention(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, scale: f32) -> FloatTensor<Self> {
-        causal_attention_reference::<Self>(q, k, v, scale)
-    }
-}
+impl CausalAttentionBackend for Cube {}
 
 impl<B: Backend + CausalAttentionBackend, C: CheckpointStrategy> CausalAttentionBackend for Autodiff<B, C> {
     fn causal_attention(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, scale: f32) -> FloatTensor<Self> {

@@ -27,18 +27,26 @@ use rayon::prelude::*;
 
 use crate::simd;
 
-/// The extension: `Flex` runs the host kernels below, `Cube` the formulas in backend ops, `Autodiff` adds
-/// the backward.
+/// The extension. Its default bodies are the formulas in backend ops (the CubeCL backend uses them); `Flex`
+/// runs the host kernels below; `Autodiff` adds the backward.
 #[backend_extension(Flex, Cube: cfg(feature = "cube"), Autodiff)]
 pub trait FusedOpsBackend: Backend {
     /// `w · (x · (mean(x²) + ε)^−½)` per row of `x [rows, hidden]`, `w [hidden]`, in x's dtype.
-    fn rms_norm(x: FloatTensor<Self>, weight: FloatTensor<Self>, eps: f64) -> FloatTensor<Self>;
+    fn rms_norm(x: FloatTensor<Self>, weight: FloatTensor<Self>, eps: f64) -> FloatTensor<Self> {
+        rms_norm_reference::<Self>(x, weight, eps)
+    }
     /// The input gradient of [`rms_norm`](FusedOpsBackend::rms_norm) for the upstream `grad`.
-    fn rms_norm_grad(x: FloatTensor<Self>, weight: FloatTensor<Self>, eps: f64, grad: FloatTensor<Self>) -> FloatTensor<Self>;
+    fn rms_norm_grad(x: FloatTensor<Self>, weight: FloatTensor<Self>, eps: f64, grad: FloatTensor<Self>) -> FloatTensor<Self> {
+        rms_norm_grad_reference::<Self>(x, weight, eps, grad)
+    }
     /// `silu(gate) · up`, any shape (both the same), in their dtype.
-    fn swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self>;
+    fn swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
+        swiglu_reference::<Self>(gate, up)
+    }
     /// `(d_gate, d_up)` of [`swiglu`](FusedOpsBackend::swiglu) for the upstream `grad`.
-    fn swiglu_grad(gate: FloatTensor<Self>, up: FloatTensor<Self>, grad: FloatTensor<Self>) -> (FloatTensor<Self>, FloatTensor<Self>);
+    fn swiglu_grad(gate: FloatTensor<Self>, up: FloatTensor<Self>, grad: FloatTensor<Self>) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        swiglu_grad_reference::<Self>(gate, up, grad)
+    }
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -267,20 +275,7 @@ impl FusedOpsBackend for Flex {
 }
 
 #[cfg(feature = "cube")]
-impl FusedOpsBackend for Cube {
-    fn rms_norm(x: FloatTensor<Self>, weight: FloatTensor<Self>, eps: f64) -> FloatTensor<Self> {
-        rms_norm_reference::<Self>(x, weight, eps)
-    }
-    fn rms_norm_grad(x: FloatTensor<Self>, weight: FloatTensor<Self>, eps: f64, grad: FloatTensor<Self>) -> FloatTensor<Self> {
-        rms_norm_grad_reference::<Self>(x, weight, eps, grad)
-    }
-    fn swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
-        swiglu_reference::<Self>(gate, up)
-    }
-    fn swiglu_grad(gate: FloatTensor<Self>, up: FloatTensor<Self>, grad: FloatTensor<Self>) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        swiglu_grad_reference::<Self>(gate, up, grad)
-    }
-}
+impl FusedOpsBackend for Cube {}
 
 impl<B: Backend + FusedOpsBackend, C: CheckpointStrategy> FusedOpsBackend for Autodiff<B, C> {
     fn rms_norm(x: FloatTensor<Self>, weight: FloatTensor<Self>, eps: f64) -> FloatTensor<Self> {
@@ -310,11 +305,6 @@ impl<B: Backend + FusedOpsBackend, C: CheckpointStrategy> FusedOpsBackend for Au
             }
             OpsKind::UnTracked(prep) => prep.finish(B::rms_norm(x.into_primitive(), weight, eps)),
         }
-    }
-
-    fn rms_norm_grad(x: FloatTensor<Self>, weight: FloatTensor<Self>, eps: f64, grad: FloatTensor<Self>) -> FloatTensor<Self> {
-        // Only the inner backend's runs in a backward; this one (never differentiated) is the reference.
-        rms_norm_grad_reference::<Self>(x, weight, eps, grad)
     }
 
     fn swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
@@ -349,9 +339,6 @@ impl<B: Backend + FusedOpsBackend, C: CheckpointStrategy> FusedOpsBackend for Au
         }
     }
 
-    fn swiglu_grad(gate: FloatTensor<Self>, up: FloatTensor<Self>, grad: FloatTensor<Self>) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        swiglu_grad_reference::<Self>(gate, up, grad)
-    }
 }
 
 /// RMSNorm over the last dimension of `x` with weight `[hidden]`; gradients flow to x.

@@ -26,7 +26,8 @@ use burn::tensor::{IndexingUpdateOp, Int, Shape, Slice, Tensor};
 /// Rows per chunk: `[256, vocab]` f32 logits (48 MiB for a 49,152-token vocabulary) at a time.
 pub const DEFAULT_CHUNK_ROWS: usize = 256;
 
-/// The extension: `Flex` runs the chunked reference below, `Autodiff` adds the hand-written backward.
+/// The extension. Its default bodies are the chunked reference in backend ops (the CubeCL backend uses
+/// them); `Flex` runs the host kernels of `loss_host`; `Autodiff` adds the hand-written backward.
 #[backend_extension(Flex, Cube: cfg(feature = "cube"), Autodiff)]
 pub trait ChunkedNllBackend: Backend {
     /// The masked summed loss `[1]` (f32) of `h [rows, hidden]` against `w_t [hidden, vocab]`, labels
@@ -37,7 +38,9 @@ pub trait ChunkedNllBackend: Backend {
         labels: IntTensor<Self>,
         mask: FloatTensor<Self>,
         chunk: usize,
-    ) -> FloatTensor<Self>;
+    ) -> FloatTensor<Self> {
+        chunked_nll_reference::<Self>(h, w_t, labels, mask, chunk)
+    }
     /// The loss and `dh` for an upstream gradient of 1 (in h's dtype), from one pass over each chunk's
     /// logits: what the autodiff forward runs, so the backward only scales `dh` (the loss is linear in its
     /// upstream gradient) instead of making every chunk's logits again.
@@ -47,8 +50,11 @@ pub trait ChunkedNllBackend: Backend {
         labels: IntTensor<Self>,
         mask: FloatTensor<Self>,
         chunk: usize,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>);
-    /// `dh` for an upstream gradient `grad` (`[1]`) of that loss, in h's dtype.
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        chunked_nll_and_unit_grad_reference::<Self>(h, w_t, labels, mask, chunk)
+    }
+    /// `dh` for an upstream gradient `grad` (`[1]`) of that loss, in h's dtype. (Under autodiff only the
+    /// inner backend's runs, inside a backward; the autodiff one is the reference through autodiff's ops.)
     fn chunked_nll_grad(
         h: FloatTensor<Self>,
         w_t: FloatTensor<Self>,
@@ -56,7 +62,9 @@ pub trait ChunkedNllBackend: Backend {
         mask: FloatTensor<Self>,
         grad: FloatTensor<Self>,
         chunk: usize,
-    ) -> FloatTensor<Self>;
+    ) -> FloatTensor<Self> {
+        chunked_nll_grad_reference::<Self>(h, w_t, labels, mask, grad, chunk)
+    }
 }
 
 fn rows<B: Backend>(t: FloatTensor<B>, start: usize, end: usize) -> FloatTensor<B> {
@@ -199,40 +207,9 @@ impl ChunkedNllBackend for Flex {
     }
 }
 
-/// On the CubeCL backend the same chunked reference, in the device's own ops.
+/// On the CubeCL backend the chunked reference, in the device's own ops (the trait's defaults).
 #[cfg(feature = "cube")]
-impl ChunkedNllBackend for Cube {
-    fn chunked_nll(
-        h: FloatTensor<Self>,
-        w_t: FloatTensor<Self>,
-        labels: IntTensor<Self>,
-        mask: FloatTensor<Self>,
-        chunk: usize,
-    ) -> FloatTensor<Self> {
-        chunked_nll_reference::<Self>(h, w_t, labels, mask, chunk)
-    }
-
-    fn chunked_nll_and_unit_grad(
-        h: FloatTensor<Self>,
-        w_t: FloatTensor<Self>,
-        labels: IntTensor<Self>,
-        mask: FloatTensor<Self>,
-        chunk: usize,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        chunked_nll_and_unit_grad_reference::<Self>(h, w_t, labels, mask, chunk)
-    }
-
-    fn chunked_nll_grad(
-        h: FloatTensor<Self>,
-        w_t: FloatTensor<Self>,
-        labels: IntTensor<Self>,
-        mask: FloatTensor<Self>,
-        grad: FloatTensor<Self>,
-        chunk: usize,
-    ) -> FloatTensor<Self> {
-        chunked_nll_grad_reference::<Self>(h, w_t, labels, mask, grad, chunk)
-    }
-}
+impl ChunkedNllBackend for Cube {}
 
 impl<B: Backend + ChunkedNllBackend, C: CheckpointStrategy> ChunkedNllBackend for Autodiff<B, C> {
     fn chunked_nll(
@@ -281,30 +258,6 @@ impl<B: Backend + ChunkedNllBackend, C: CheckpointStrategy> ChunkedNllBackend fo
             }
             OpsKind::UnTracked(prep) => prep.finish(B::chunked_nll(h, w_t, labels, mask, chunk)),
         }
-    }
-
-    fn chunked_nll_and_unit_grad(
-        h: FloatTensor<Self>,
-        w_t: FloatTensor<Self>,
-        labels: IntTensor<Self>,
-        mask: FloatTensor<Self>,
-        chunk: usize,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        // As below: only the inner backend's runs inside a forward.
-        chunked_nll_and_unit_grad_reference::<Self>(h, w_t, labels, mask, chunk)
-    }
-
-    fn chunked_nll_grad(
-        h: FloatTensor<Self>,
-        w_t: FloatTensor<Self>,
-        labels: IntTensor<Self>,
-        mask: FloatTensor<Self>,
-        grad: FloatTensor<Self>,
-        chunk: usize,
-    ) -> FloatTensor<Self> {
-        // Only the inner backend's is called by the backward; this one (never differentiated twice) runs the
-        // reference through autodiff's own ops.
-        chunked_nll_grad_reference::<Self>(h, w_t, labels, mask, grad, chunk)
     }
 }
 

@@ -48,6 +48,7 @@ pub struct LoraScalars {
 pub trait QloraLinearBackend: Backend {
     /// `x [rows, in]` → `[rows, out]` for W `[out, in]` (packed), A `[r, in]`, B `[out, r]`, all in x's dtype
     /// (but the absmax and code book, f32).
+    /// The default composes the backend's own 4-bit product and dropout (flex and Cube use it).
     #[allow(clippy::too_many_arguments)]
     fn qlora_linear(
         x: FloatTensor<Self>,
@@ -58,7 +59,12 @@ pub trait QloraLinearBackend: Backend {
         a: FloatTensor<Self>,
         b: FloatTensor<Self>,
         scalars: LoraScalars,
-    ) -> FloatTensor<Self>;
+    ) -> FloatTensor<Self>
+    where
+        Self: QuantMatmulBackend + SeededDropoutBackend,
+    {
+        qlora_linear_reference::<Self>(x, PackedBase { packed, absmax, codebook, shape }, a, b, scalars)
+    }
 }
 
 fn dropped<B: SeededDropoutBackend>(x: FloatTensor<B>, scalars: LoraScalars) -> FloatTensor<B> {
@@ -99,36 +105,10 @@ pub fn qlora_linear_reference<B: QuantMatmulBackend + SeededDropoutBackend>(
     forward_with_intermediate::<B>(x, base, a, b, scalars).0
 }
 
-impl QloraLinearBackend for Flex {
-    fn qlora_linear(
-        x: FloatTensor<Self>,
-        packed: IntTensor<Self>,
-        absmax: FloatTensor<Self>,
-        codebook: FloatTensor<Self>,
-        shape: PackedShape,
-        a: FloatTensor<Self>,
-        b: FloatTensor<Self>,
-        scalars: LoraScalars,
-    ) -> FloatTensor<Self> {
-        qlora_linear_reference::<Self>(x, PackedBase { packed, absmax, codebook, shape }, a, b, scalars)
-    }
-}
+impl QloraLinearBackend for Flex {}
 
 #[cfg(feature = "cube")]
-impl QloraLinearBackend for burn::backend::Cube {
-    fn qlora_linear(
-        x: FloatTensor<Self>,
-        packed: IntTensor<Self>,
-        absmax: FloatTensor<Self>,
-        codebook: FloatTensor<Self>,
-        shape: PackedShape,
-        a: FloatTensor<Self>,
-        b: FloatTensor<Self>,
-        scalars: LoraScalars,
-    ) -> FloatTensor<Self> {
-        qlora_linear_reference::<Self>(x, PackedBase { packed, absmax, codebook, shape }, a, b, scalars)
-    }
-}
+impl QloraLinearBackend for burn::backend::Cube {}
 
 impl<B, C> QloraLinearBackend for Autodiff<B, C>
 where
