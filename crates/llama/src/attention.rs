@@ -367,6 +367,7 @@ mod host {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_util::{values, worst};
     use burn::tensor::activation::softmax;
     use burn::tensor::{Bool, DType, Device, Distribution};
 
@@ -385,15 +386,6 @@ mod tests {
         softmax(scores, 3).cast(dtype).matmul(v)
     }
 
-    fn values(t: Tensor<4>) -> Vec<f32> {
-        t.into_data().convert::<f32>().try_into_vec().unwrap()
-    }
-
-    fn worst(a: &[f32], b: &[f32]) -> f32 {
-        assert_eq!(a.len(), b.len());
-        let scale = b.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(1e-12);
-        a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max) / scale
-    }
 
     /// Value and all three input gradients equal the decomposed attention's, with grouped heads (6 over 2),
     /// ungrouped heads and a batch of 3, under a non-uniform upstream gradient.

@@ -354,6 +354,7 @@ pub fn swiglu<const D: usize>(gate: Tensor<D>, up: Tensor<D>) -> Tensor<D> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_util::{values, worst};
     use burn::tensor::activation::silu;
     use burn::tensor::{Device, Distribution};
 
@@ -366,15 +367,6 @@ mod tests {
         weight.unsqueeze::<2>() * normed.cast(dtype)
     }
 
-    fn values(t: Tensor<2>) -> Vec<f32> {
-        t.into_data().convert::<f32>().try_into_vec().unwrap()
-    }
-
-    fn worst(a: &[f32], b: &[f32]) -> f32 {
-        assert_eq!(a.len(), b.len());
-        let scale = b.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(1e-12);
-        a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max) / scale
-    }
 
     /// Values and input gradients of both fused ops equal the composed autodiff versions (f32 and bf16,
     /// rows not a multiple of the 16 lanes), and the flex kernels equal the backend-op formulas.

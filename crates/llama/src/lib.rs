@@ -24,6 +24,8 @@ mod loss_host;
 mod model;
 pub mod random;
 mod simd;
+#[cfg(test)]
+mod test_util;
 pub mod source;
 pub mod tokenizer;
 
