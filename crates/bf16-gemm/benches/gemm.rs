@@ -1,8 +1,9 @@
 //! bf16-gemm at SmolLM2's QLoRA shapes (4 × 256 tokens): GFLOP/s of the 4-bit products (`x·Wᵀ`, `dy·W`)
-//! and of dense products (lm_head chunk, LoRA down-projection), against an f32 reference loop's shape.
+//! in bf16 and in f32 (AVX-512 FMA kernel, same panels decoded to f32), and of dense bf16 products (lm_head
+//! chunk, LoRA products).
 //! `cargo bench -p qlora-bf16-gemm --bench gemm` (criterion prints elements/s = FLOP/s).
 
-use bf16_gemm::{Dense, DenseLayout, Packed4bit, PanelSource, matmul};
+use bf16_gemm::{Dense, DenseLayout, Packed4bit, PanelSource, matmul, matmul_f32};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use half::bf16;
 
@@ -33,6 +34,8 @@ fn bench(c: &mut Criterion) {
         let a = values(m * w.k(), 1);
         group.throughput(Throughput::Elements((2 * m * w.k() * w.n()) as u64));
         group.bench_function(name, |b| b.iter(|| matmul::<bf16>(&a, m, &w)));
+        let a32: Vec<f32> = a.iter().map(|v| v.to_f32()).collect();
+        group.bench_function(format!("{name} (f32)"), |b| b.iter(|| matmul_f32(&a32, m, &w)));
     }
     for &(m, k, n, layout, name) in &[
         (256, 576, 8192, DenseLayout::NByK, "h·Eᵀ dense 256×576→8192"),

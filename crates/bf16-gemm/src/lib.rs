@@ -234,6 +234,50 @@ impl PanelSource for Packed4bit<'_> {
     }
 }
 
+/// A right-hand operand that also hands out f32 panels, for the f32 kernel ([`matmul_f32`]).
+pub trait F32Panels: PanelSource {
+    /// Writes columns `n0 .. n0 + NR` of B into `out` (`k · NR` values, row `kk` at `kk · NR`), zero past n.
+    fn pack_f32(&self, n0: usize, out: &mut [f32]);
+}
+
+impl Packed4bit<'_> {
+    /// `put(i, W[start + i])` (flattened W, f32 `codebook · absmax` as the dequantize kernel rounds them)
+    /// for `len` consecutive elements, one block's table at a time.
+    fn for_run(&self, start: usize, len: usize, mut put: impl FnMut(usize, f32)) {
+        let bs = self.blocksize;
+        let mut i = 0;
+        while i < len {
+            let block = (start + i) / bs;
+            let end = len.min((block + 1) * bs - start);
+            let scale = self.absmax[block];
+            let table: [f32; 16] = std::array::from_fn(|c| self.codebook[c] * scale);
+            for j in i..end {
+                put(j, table[self.code(start + j)]);
+            }
+            i = end;
+        }
+    }
+}
+
+impl F32Panels for Packed4bit<'_> {
+    fn pack_f32(&self, n0: usize, out: &mut [f32]) {
+        let (rows, cols) = (self.rows, self.cols);
+        out.fill(0.0);
+        if self.transposed {
+            // Panel column j is row n0 + j of W, down the panel's k rows.
+            for j in 0..NR.min(rows.saturating_sub(n0)) {
+                self.for_run((n0 + j) * cols, cols, |kk, v| out[kk * NR + j] = v);
+            }
+        } else {
+            // Panel row kk is row kk of W at columns n0 .. n0 + NR.
+            let width = NR.min(cols.saturating_sub(n0));
+            for (row, panel_row) in out.chunks_exact_mut(NR).take(rows).enumerate() {
+                self.for_run(row * cols + n0, width, |j, v| panel_row[j] = v);
+            }
+        }
+    }
+}
+
 /// The panel's words as bf16 halves (little-endian: the low half first).
 fn bytemuck_u16(words: &mut [u32]) -> &mut [u16] {
     assert!(cfg!(target_endian = "little"), "panels are packed little-endian");
@@ -296,6 +340,85 @@ pub fn matmul_with<O: Output>(a: &[bf16], m: usize, source: &(impl PanelSource +
                 .collect(),
         ),
     };
+    drive(&a_words, m, pairs, n, &mut out, |n0, panel| source.pack(n0, panel), |rows, a, panel, c, cols| {
+        // Safety: `drive` hands out tiles inside `out` (see `tile`).
+        unsafe { tile(accelerated, rows, a, pairs, panel, c, n, cols) }
+    });
+    out
+}
+
+/// Whether this CPU runs the AVX-512 f32 kernel of [`matmul_f32`].
+pub fn accelerated_f32() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// `A · B` in f32 for A `[m, k]` row-major f32 and B's f32 panels (for a 4-bit B: decoded into the panels,
+/// never into a dense W), with the AVX-512 FMA kernel where the CPU has it.
+pub fn matmul_f32(a: &[f32], m: usize, source: &(impl F32Panels + ?Sized)) -> Vec<f32> {
+    matmul_f32_with(a, m, source, accelerated_f32())
+}
+
+/// [`matmul_f32`] with the kernel chosen by the caller (`accelerated` needs [`accelerated_f32()`]).
+pub fn matmul_f32_with(a: &[f32], m: usize, source: &(impl F32Panels + ?Sized), accelerated: bool) -> Vec<f32> {
+    let (k, n) = (source.k(), source.n());
+    assert_eq!(a.len(), m * k, "A holds {} values, expected {m} × {k}", a.len());
+    assert!(!accelerated || accelerated_f32(), "the AVX-512 kernel needs a CPU with AVX-512");
+    let mut out = vec![0.0f32; m * n];
+    if m == 0 || n == 0 || k == 0 {
+        return out;
+    }
+    drive(a, m, k, n, &mut out, |n0, panel| source.pack_f32(n0, panel), |rows, a, panel, c, cols| {
+        // Safety: `drive` hands out tiles inside `out`.
+        unsafe { tile_f32(accelerated, rows, a, k, panel, c, n, cols) }
+    });
+    out
+}
+
+/// One f32 tile, as [`tile`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile_f32(accelerated: bool, rows: usize, a: &[f32], k: usize, panel: &[f32], c: *mut f32, ldc: usize, cols: usize) {
+    debug_assert!(a.len() >= (rows - 1) * k + k && panel.len() >= k * NR);
+    #[cfg(target_arch = "x86_64")]
+    if accelerated {
+        macro_rules! dispatch {
+            ($($r:literal)*) => {
+                match rows {
+                    $($r => unsafe { avx512::tile_f32::<$r>(a.as_ptr(), k, panel.as_ptr(), k, c, ldc, cols) },)*
+                    _ => unreachable!("tile rows ≤ {MR}"),
+                }
+            };
+        }
+        dispatch!(1 2 3 4 5 6 7 8 9 10 11 12);
+        return;
+    }
+    let _ = accelerated;
+    for i in 0..rows {
+        for j in 0..cols {
+            let acc = (0..k).fold(0.0f32, |acc, kk| a[i * k + kk].mul_add(panel[kk * NR + j], acc));
+            unsafe { c.add(i * ldc + j).write(acc) };
+        }
+    }
+}
+
+/// The threaded loop shared by the kernels: A as `m` rows of `steps` words, panels of `steps · NR` words
+/// packed once per task by `pack`, tiles of ≤ MR rows × ≤ NR columns of the row-major `out` `[m, n]`
+/// computed by `tile(rows, A from the tile's first row, panel, C at the tile's corner, cols)`.
+fn drive<W: Copy + Default + Send + Sync, O: Output>(
+    a_words: &[W],
+    m: usize,
+    steps: usize,
+    n: usize,
+    out: &mut [O],
+    pack: impl Fn(usize, &mut [W]) + Sync,
+    tile: impl Fn(usize, &[W], &[W], *mut O, usize) + Sync,
+) {
     let panels = n.div_ceil(NR);
     let threads = rayon::current_num_threads().max(1);
     let per_task = (panels / (2 * threads)).clamp(1, 4);
@@ -304,34 +427,30 @@ pub fn matmul_with<O: Output>(a: &[bf16], m: usize, source: &(impl PanelSource +
     let row_chunks = (2 * threads).div_ceil(groups).clamp(1, m.div_ceil(MR));
     let rows_per_chunk = m.div_ceil(row_chunks).div_ceil(MR) * MR;
     let out_ptr = SendPtr(out.as_mut_ptr());
-    let panel_len = pairs * NR;
-    (0..groups * row_chunks).into_par_iter().for_each_init(Vec::<u32>::new, |buf, task| {
+    let panel_len = steps * NR;
+    (0..groups * row_chunks).into_par_iter().for_each_init(Vec::<W>::new, |buf, task| {
         let (group, chunk) = (task / row_chunks, task % row_chunks);
         let (p0, p1) = (group * per_task, ((group + 1) * per_task).min(panels));
         let (r_start, r_end) = (chunk * rows_per_chunk, ((chunk + 1) * rows_per_chunk).min(m));
         if r_start >= r_end {
             return;
         }
-        buf.resize((p1 - p0) * panel_len, 0);
+        buf.resize((p1 - p0) * panel_len, W::default());
         for (i, p) in (p0..p1).enumerate() {
-            source.pack(p * NR, &mut buf[i * panel_len..(i + 1) * panel_len]);
+            pack(p * NR, &mut buf[i * panel_len..(i + 1) * panel_len]);
         }
         let out_ptr = out_ptr;
         for r0 in (r_start..r_end).step_by(MR) {
             let rows = MR.min(r_end - r0);
-            let a_tile = &a_words[r0 * pairs..];
+            let a_tile = &a_words[r0 * steps..];
             for (i, p) in (p0..p1).enumerate() {
                 let panel = &buf[i * panel_len..(i + 1) * panel_len];
                 let cols = NR.min(n - p * NR);
-                // Safety: tasks write disjoint tiles (rows r0.., columns p·NR..) of `out`, which outlives them.
-                unsafe {
-                    let c = out_ptr.0.add(r0 * n + p * NR);
-                    tile(accelerated, rows, a_tile, pairs, panel, c, n, cols);
-                }
+                // Tasks write disjoint tiles (rows r0.., columns p·NR..) of `out`, which outlives them.
+                tile(rows, a_tile, panel, out_ptr.0.wrapping_add(r0 * n + p * NR), cols);
             }
         }
     });
-    out
 }
 
 /// One `rows × cols` tile (rows ≤ MR, cols ≤ NR) of C over the whole reduction.
@@ -416,6 +535,44 @@ mod avx512 {
                     if m1 != 0 {
                         _mm512_mask_storeu_ps((row as *mut f32).add(16), m1, acc1[i]);
                     }
+                }
+            }
+        }
+    }
+
+    /// `R` rows × 32 columns in f32: per k, two panel vectors and one broadcast A value per row, two FMAs per
+    /// row into the accumulators; stored once (masked past `cols`).
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn tile_f32<const R: usize>(
+        a: *const f32,
+        lda: usize,
+        panel: *const f32,
+        k: usize,
+        c: *mut f32,
+        ldc: usize,
+        cols: usize,
+    ) {
+        let mut acc0 = [_mm512_setzero_ps(); R];
+        let mut acc1 = [_mm512_setzero_ps(); R];
+        for p in 0..k {
+            unsafe {
+                let b0 = _mm512_loadu_ps(panel.add(p * NR));
+                let b1 = _mm512_loadu_ps(panel.add(p * NR + 16));
+                for i in 0..R {
+                    let value = _mm512_set1_ps(a.add(i * lda + p).read());
+                    acc0[i] = _mm512_fmadd_ps(value, b0, acc0[i]);
+                    acc1[i] = _mm512_fmadd_ps(value, b1, acc1[i]);
+                }
+            }
+        }
+        let mask = |n: usize| -> __mmask16 { if n >= 16 { 0xFFFF } else { ((1u32 << n) - 1) as u16 } };
+        let (m0, m1) = (mask(cols), mask(cols.saturating_sub(16)));
+        for i in 0..R {
+            unsafe {
+                let row = c.add(i * ldc);
+                _mm512_mask_storeu_ps(row, m0, acc0[i]);
+                if m1 != 0 {
+                    _mm512_mask_storeu_ps(row.add(16), m1, acc1[i]);
                 }
             }
         }

@@ -132,3 +132,55 @@ fn four_bit_panels_equal_the_panels_of_the_decoded_weight() {
     assert!(Packed4bit::new(&[0; 1], &[1.0], &[0.0; 16], 64, 2, 2, true).is_none(), "too few bytes");
     assert!(Dense::new(&[bf16::ZERO; 5], 2, 3, DenseLayout::KByN).is_none());
 }
+
+/// The f32 kernel on 4-bit panels: each panel holds the f32 dequantized values (codebook · absmax), and
+/// the product equals the f64 product of those values (both orientations, odd shapes, both kernels).
+#[test]
+fn f32_products_of_four_bit_panels_equal_the_f64_product() {
+    let mut rng = Rng::fresh("f32 4-bit");
+    let kernels: Vec<bool> = if accelerated_f32() { vec![false, true] } else { vec![false] };
+    for &(rows, cols, blocksize) in &[(45, 70, 64), (33, 31, 6), (100, 576, 64), (7, 130, 2)] {
+        let (bytes, absmax, codebook) = weight(&mut rng, rows, cols, blocksize);
+        let dense: Vec<f32> = (0..rows * cols)
+            .map(|f| codebook[(if f % 2 == 0 { bytes[f / 2] >> 4 } else { bytes[f / 2] & 15 }) as usize] * absmax[f / blocksize])
+            .collect();
+        for transposed in [true, false] {
+            let packed = Packed4bit::new(&bytes, &absmax, &codebook, blocksize, rows, cols, transposed).expect("consistent");
+            let (k, n) = (packed.k(), packed.n());
+            let b = |kk: usize, j: usize| if transposed { dense[j * cols + kk] } else { dense[kk * cols + j] };
+            for n0 in (0..n).step_by(NR) {
+                let mut panel = vec![f32::NAN; k * NR];
+                packed.pack_f32(n0, &mut panel);
+                for kk in 0..k {
+                    for j in 0..NR {
+                        let want = if n0 + j < n { b(kk, n0 + j) } else { 0.0 };
+                        assert_eq!(panel[kk * NR + j], want, "{rows}×{cols} transposed {transposed} panel {n0}");
+                    }
+                }
+            }
+            let m = 17;
+            let a: Vec<f32> = (0..m * k).map(|_| rng.uniform() * 2.0).collect();
+            let (want, scale) = {
+                let mut out = vec![0.0f64; m * n];
+                let mut scale = vec![0.0f64; m * n];
+                for i in 0..m {
+                    for j in 0..n {
+                        for kk in 0..k {
+                            let p = a[i * k + kk] as f64 * b(kk, j) as f64;
+                            out[i * n + j] += p;
+                            scale[i * n + j] += p.abs();
+                        }
+                    }
+                }
+                (out, scale)
+            };
+            for &accel in &kernels {
+                let got = matmul_f32_with(&a, m, &packed, accel);
+                for (idx, ((g, w), s)) in got.iter().zip(&want).zip(&scale).enumerate() {
+                    let tol = 4.0 * (k as f64 + 2.0) * f32::EPSILON as f64 * s + 1e-30;
+                    assert!((*g as f64 - w).abs() <= tol, "{rows}×{cols} transposed {transposed} accelerated {accel}: element {idx}: {g} vs {w}");
+                }
+            }
+        }
+    }
+}

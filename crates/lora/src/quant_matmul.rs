@@ -195,6 +195,36 @@ pub fn quant_matmul_bf16_on_host<B: Backend>(
     B::float_from_data(TensorData::new(out, [m, n]), &device)
 }
 
+/// The 4-bit product on the host for f32 x on an AVX-512 CPU: W decoded into the f32 GEMM's panels
+/// (`bf16_gemm::matmul_f32`), never into a dense f32 W.
+pub fn quant_matmul_f32_on_host<B: Backend>(
+    x: FloatTensor<B>,
+    packed: IntTensor<B>,
+    absmax: FloatTensor<B>,
+    codebook: FloatTensor<B>,
+    shape: PackedShape,
+    transposed: bool,
+) -> FloatTensor<B> {
+    let device = absmax.device();
+    let [m, _] = x.shape().dims();
+    let host = HostWeight::read::<B>(packed, absmax, codebook, shape);
+    let x_data = read_sync(B::float_into_data(x)).expect("readable x");
+    let x_values: &[f32] = x_data.as_slice().expect("f32 x");
+    let weight = bf16_gemm::Packed4bit::new(
+        host.bytes(),
+        &host.absmax,
+        &host.codebook,
+        shape.blocksize,
+        shape.rows,
+        shape.cols,
+        transposed,
+    )
+    .expect("consistent packed weight");
+    let n = bf16_gemm::PanelSource::n(&weight);
+    let out = bf16_gemm::matmul_f32(x_values, m, &weight);
+    B::float_from_data(TensorData::new(out, [m, n]), &device)
+}
+
 fn matmul_with<B: Backend>(
     x: FloatTensor<B>,
     w: FloatTensor<B>,
@@ -219,6 +249,9 @@ impl QuantMatmulBackend for Flex {
         let dtype = float_dtype_of::<Self>(&x);
         if fused_bf16_applies(dtype, shape) {
             return quant_matmul_bf16_on_host::<Self>(x, packed, absmax, codebook, shape, transposed);
+        }
+        if dtype == FloatDType::F32 && shape.blocksize % 2 == 0 && bf16_gemm::accelerated_f32() {
+            return quant_matmul_f32_on_host::<Self>(x, packed, absmax, codebook, shape, transposed);
         }
         let w = decode_weight_on_host::<Self>(packed, absmax, codebook, shape, dtype);
         matmul_with::<Self>(x, w, transposed)
