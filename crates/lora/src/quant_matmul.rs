@@ -158,46 +158,21 @@ impl HostWeight {
     }
 }
 
-/// Whether [`quant_matmul_bf16_on_host`] takes a product: bf16 x, an AVX512-BF16 CPU, an even block size.
-fn fused_bf16_applies(dtype: FloatDType, shape: PackedShape) -> bool {
-    dtype == FloatDType::BF16 && shape.blocksize % 2 == 0 && bf16_gemm::accelerated()
+/// Whether [`quant_matmul_on_host`] takes a product: an even block size, and bf16 x on an AVX512-BF16 CPU
+/// or f32 x on an AVX-512 CPU.
+fn host_product_applies(dtype: FloatDType, shape: PackedShape) -> bool {
+    shape.blocksize % 2 == 0
+        && match dtype {
+            FloatDType::BF16 => bf16_gemm::accelerated(),
+            FloatDType::F32 => bf16_gemm::accelerated_f32(),
+            _ => false,
+        }
 }
 
-/// The 4-bit product on the host for bf16 x: the weight is decoded into the bf16 GEMM's panels (32 columns
-/// at a time, `bf16_gemm::Packed4bit`) and multiplied with AVX512-BF16 dot products in f32, rounded once
-/// to bf16; no dense W, and no f32 copy of x or of the result.
-pub fn quant_matmul_bf16_on_host<B: Backend>(
-    x: FloatTensor<B>,
-    packed: IntTensor<B>,
-    absmax: FloatTensor<B>,
-    codebook: FloatTensor<B>,
-    shape: PackedShape,
-    transposed: bool,
-) -> FloatTensor<B> {
-    let device = absmax.device();
-    let [m, k] = x.shape().dims();
-    let host = HostWeight::read::<B>(packed, absmax, codebook, shape);
-    let x_data = read_sync(B::float_into_data(x)).expect("readable x");
-    let x_values: &[half::bf16] = x_data.as_slice().expect("bf16 x");
-    let weight = bf16_gemm::Packed4bit::new(
-        host.bytes(),
-        &host.absmax,
-        &host.codebook,
-        shape.blocksize,
-        shape.rows,
-        shape.cols,
-        transposed,
-    )
-    .expect("consistent packed weight");
-    debug_assert_eq!(bf16_gemm::PanelSource::k(&weight), k);
-    let n = bf16_gemm::PanelSource::n(&weight);
-    let out: Vec<half::bf16> = bf16_gemm::matmul(x_values, m, &weight);
-    B::float_from_data(TensorData::new(out, [m, n]), &device)
-}
-
-/// The 4-bit product on the host for f32 x on an AVX-512 CPU: W decoded into the f32 GEMM's panels
-/// (`bf16_gemm::matmul_f32`), never into a dense f32 W.
-pub fn quant_matmul_f32_on_host<B: Backend>(
+/// The 4-bit product on the host with W decoded into the GEMM's panels (32 columns at a time,
+/// `bf16_gemm::Packed4bit`), never into a dense W: bf16 x through AVX512-BF16 dot products accumulated in
+/// f32 and rounded once to bf16 (no f32 copy of x or of the result), f32 x through AVX-512 FMAs.
+pub fn quant_matmul_on_host<B: Backend>(
     x: FloatTensor<B>,
     packed: IntTensor<B>,
     absmax: FloatTensor<B>,
@@ -208,8 +183,6 @@ pub fn quant_matmul_f32_on_host<B: Backend>(
     let device = absmax.device();
     let [m, _] = x.shape().dims();
     let host = HostWeight::read::<B>(packed, absmax, codebook, shape);
-    let x_data = read_sync(B::float_into_data(x)).expect("readable x");
-    let x_values: &[f32] = x_data.as_slice().expect("f32 x");
     let weight = bf16_gemm::Packed4bit::new(
         host.bytes(),
         &host.absmax,
@@ -221,8 +194,15 @@ pub fn quant_matmul_f32_on_host<B: Backend>(
     )
     .expect("consistent packed weight");
     let n = bf16_gemm::PanelSource::n(&weight);
-    let out = bf16_gemm::matmul_f32(x_values, m, &weight);
-    B::float_from_data(TensorData::new(out, [m, n]), &device)
+    let x = read_sync(B::float_into_data(x)).expect("readable x");
+    let out = match x.dtype() {
+        DType::BF16 => {
+            let out: Vec<half::bf16> = bf16_gemm::matmul(x.as_slice().expect("bf16 x"), m, &weight);
+            TensorData::new(out, [m, n])
+        }
+        _ => TensorData::new(bf16_gemm::matmul_f32(x.as_slice().expect("f32 x"), m, &weight), [m, n]),
+    };
+    B::float_from_data(out, &device)
 }
 
 fn matmul_with<B: Backend>(
@@ -247,11 +227,8 @@ impl QuantMatmulBackend for Flex {
         transposed: bool,
     ) -> FloatTensor<Self> {
         let dtype = float_dtype_of::<Self>(&x);
-        if fused_bf16_applies(dtype, shape) {
-            return quant_matmul_bf16_on_host::<Self>(x, packed, absmax, codebook, shape, transposed);
-        }
-        if dtype == FloatDType::F32 && shape.blocksize % 2 == 0 && bf16_gemm::accelerated_f32() {
-            return quant_matmul_f32_on_host::<Self>(x, packed, absmax, codebook, shape, transposed);
+        if host_product_applies(dtype, shape) {
+            return quant_matmul_on_host::<Self>(x, packed, absmax, codebook, shape, transposed);
         }
         let w = decode_weight_on_host::<Self>(packed, absmax, codebook, shape, dtype);
         matmul_with::<Self>(x, w, transposed)
