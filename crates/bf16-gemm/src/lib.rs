@@ -161,14 +161,33 @@ impl<'a> Packed4bit<'a> {
         (if f % 2 == 0 { byte >> 4 } else { byte & 0x0f }) as usize
     }
 
-    /// The 16 values of one block, rounded to bf16 (bits).
-    fn table(&self, block: usize) -> [u16; 16] {
-        let scale = self.absmax[block];
-        std::array::from_fn(|c| bf16::from_f32(self.codebook[c] * scale).to_bits())
-    }
-
-    fn value(&self, f: usize) -> u16 {
-        bf16::from_f32(self.codebook[self.code(f)] * self.absmax[f / self.blocksize]).to_bits()
+    /// `put(i, round(W[start + i]))` (flattened W; `codebook · absmax` in f32 as the dequantize kernel
+    /// computes it, then `round`) for `len` consecutive elements, one block's 16-entry table at a time.
+    fn for_run<T: Copy>(&self, start: usize, len: usize, round: impl Fn(f32) -> T, mut put: impl FnMut(usize, T)) {
+        let bs = self.blocksize;
+        let mut i = 0;
+        while i < len {
+            let block = (start + i) / bs;
+            let end = len.min((block + 1) * bs - start);
+            let scale = self.absmax[block];
+            let table: [T; 16] = std::array::from_fn(|c| round(self.codebook[c] * scale));
+            // An odd first element, then a byte (two codes) at a time, then an odd last element.
+            let mut j = i;
+            if (start + j) % 2 == 1 {
+                put(j, table[self.code(start + j)]);
+                j += 1;
+            }
+            while j + 1 < end {
+                let byte = self.bytes[(start + j) / 2];
+                put(j, table[(byte >> 4) as usize]);
+                put(j + 1, table[(byte & 0x0f) as usize]);
+                j += 2;
+            }
+            if j < end {
+                put(j, table[self.code(start + j)]);
+            }
+            i = end;
+        }
     }
 }
 
@@ -182,53 +201,21 @@ impl PanelSource for Packed4bit<'_> {
     }
 
     fn pack(&self, n0: usize, out: &mut [u32]) {
-        let (rows, cols, bs) = (self.rows, self.cols, self.blocksize);
+        let (rows, cols) = (self.rows, self.cols);
+        let bf16_bits = |v: f32| bf16::from_f32(v).to_bits();
         out.fill(0);
+        let halves: &mut [u16] = bytemuck_u16(out);
         if self.transposed {
-            // Panel column j is row n0 + j of W; a k-pair is one byte when the row starts on a byte.
+            // Panel column j is row n0 + j of W: element kk goes to half kk % 2 of word (kk / 2, j).
             for j in 0..NR.min(rows.saturating_sub(n0)) {
-                let start = (n0 + j) * cols;
-                if start % 2 == 0 {
-                    let mut k = 0;
-                    while k < cols {
-                        let block = (start + k) / bs;
-                        let end = cols.min((block + 1) * bs - start);
-                        let table = self.table(block);
-                        for kk in (k..end).step_by(2) {
-                            let byte = self.bytes[(start + kk) / 2];
-                            let high = if kk + 1 < cols { table[(byte & 0x0f) as usize] as u32 } else { 0 };
-                            out[(kk / 2) * NR + j] = table[(byte >> 4) as usize] as u32 | high << 16;
-                        }
-                        k = end;
-                    }
-                } else {
-                    for kk in 0..cols {
-                        let v = self.value(start + kk) as u32;
-                        out[(kk / 2) * NR + j] |= if kk % 2 == 0 { v } else { v << 16 };
-                    }
-                }
+                self.for_run((n0 + j) * cols, cols, bf16_bits, |kk, v| halves[2 * ((kk / 2) * NR + j) + kk % 2] = v);
             }
         } else {
             // Panel row pair p is rows 2p, 2p+1 of W at columns n0 .. n0 + NR.
             let width = NR.min(cols.saturating_sub(n0));
-            let halves: &mut [u16] = bytemuck_u16(out);
             for row in 0..rows {
                 let (p, half) = (row / 2, row % 2);
-                let start = row * cols + n0;
-                let one_block = start / bs == (start + width - 1) / bs;
-                if start % 2 == 0 && one_block {
-                    let table = self.table(start / bs);
-                    for (c, &byte) in self.bytes[start / 2..(start + width).div_ceil(2)].iter().enumerate() {
-                        halves[2 * (p * NR + 2 * c) + half] = table[(byte >> 4) as usize];
-                        if 2 * c + 1 < width {
-                            halves[2 * (p * NR + 2 * c + 1) + half] = table[(byte & 0x0f) as usize];
-                        }
-                    }
-                } else {
-                    for j in 0..width {
-                        halves[2 * (p * NR + j) + half] = self.value(start + j);
-                    }
-                }
+                self.for_run(row * cols + n0, width, bf16_bits, |j, v| halves[2 * (p * NR + j) + half] = v);
             }
         }
     }
@@ -240,25 +227,6 @@ pub trait F32Panels: PanelSource {
     fn pack_f32(&self, n0: usize, out: &mut [f32]);
 }
 
-impl Packed4bit<'_> {
-    /// `put(i, W[start + i])` (flattened W, f32 `codebook · absmax` as the dequantize kernel rounds them)
-    /// for `len` consecutive elements, one block's table at a time.
-    fn for_run(&self, start: usize, len: usize, mut put: impl FnMut(usize, f32)) {
-        let bs = self.blocksize;
-        let mut i = 0;
-        while i < len {
-            let block = (start + i) / bs;
-            let end = len.min((block + 1) * bs - start);
-            let scale = self.absmax[block];
-            let table: [f32; 16] = std::array::from_fn(|c| self.codebook[c] * scale);
-            for j in i..end {
-                put(j, table[self.code(start + j)]);
-            }
-            i = end;
-        }
-    }
-}
-
 impl F32Panels for Packed4bit<'_> {
     fn pack_f32(&self, n0: usize, out: &mut [f32]) {
         let (rows, cols) = (self.rows, self.cols);
@@ -266,13 +234,13 @@ impl F32Panels for Packed4bit<'_> {
         if self.transposed {
             // Panel column j is row n0 + j of W, down the panel's k rows.
             for j in 0..NR.min(rows.saturating_sub(n0)) {
-                self.for_run((n0 + j) * cols, cols, |kk, v| out[kk * NR + j] = v);
+                self.for_run((n0 + j) * cols, cols, |v| v, |kk, v| out[kk * NR + j] = v);
             }
         } else {
             // Panel row kk is row kk of W at columns n0 .. n0 + NR.
             let width = NR.min(cols.saturating_sub(n0));
             for (row, panel_row) in out.chunks_exact_mut(NR).take(rows).enumerate() {
-                self.for_run(row * cols + n0, width, |j, v| panel_row[j] = v);
+                self.for_run(row * cols + n0, width, |v| v, |j, v| panel_row[j] = v);
             }
         }
     }
@@ -347,6 +315,23 @@ pub fn matmul_with<O: Output>(a: &[bf16], m: usize, source: &(impl PanelSource +
     out
 }
 
+/// `$body` with `$r` a constant equal to the tile's row count (1 ..= MR), for the kernels' const generics.
+#[cfg(target_arch = "x86_64")]
+macro_rules! with_tile_rows {
+    ($rows:expr, |$r:ident| $body:expr) => {
+        with_tile_rows!(@ $rows, $r, $body, 1 2 3 4 5 6 7 8 9 10 11 12)
+    };
+    (@ $rows:expr, $r:ident, $body:expr, $($n:literal)*) => {
+        match $rows {
+            $($n => {
+                const $r: usize = $n;
+                $body
+            })*
+            _ => unreachable!("tile rows ≤ {MR}"),
+        }
+    };
+}
+
 /// Whether this CPU runs the AVX-512 f32 kernel of [`matmul_f32`].
 pub fn accelerated_f32() -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -387,15 +372,7 @@ unsafe fn tile_f32(accelerated: bool, rows: usize, a: &[f32], k: usize, panel: &
     debug_assert!(a.len() >= (rows - 1) * k + k && panel.len() >= k * NR);
     #[cfg(target_arch = "x86_64")]
     if accelerated {
-        macro_rules! dispatch {
-            ($($r:literal)*) => {
-                match rows {
-                    $($r => unsafe { avx512::tile_f32::<$r>(a.as_ptr(), k, panel.as_ptr(), k, c, ldc, cols) },)*
-                    _ => unreachable!("tile rows ≤ {MR}"),
-                }
-            };
-        }
-        dispatch!(1 2 3 4 5 6 7 8 9 10 11 12);
+        with_tile_rows!(rows, |R| unsafe { avx512::tile_f32::<R>(a.as_ptr(), k, panel.as_ptr(), k, c, ldc, cols) });
         return;
     }
     let _ = accelerated;
@@ -461,15 +438,7 @@ unsafe fn tile<O: Output>(accelerated: bool, rows: usize, a: &[u32], pairs: usiz
     debug_assert!(a.len() >= (rows - 1) * pairs + pairs && panel.len() >= pairs * NR);
     #[cfg(target_arch = "x86_64")]
     if accelerated {
-        macro_rules! dispatch {
-            ($($r:literal)*) => {
-                match rows {
-                    $($r => unsafe { avx512::tile::<$r, O>(a.as_ptr(), pairs, panel.as_ptr(), pairs, c, ldc, cols) },)*
-                    _ => unreachable!("tile rows ≤ {MR}"),
-                }
-            };
-        }
-        dispatch!(1 2 3 4 5 6 7 8 9 10 11 12);
+        with_tile_rows!(rows, |R| unsafe { avx512::tile::<R, O>(a.as_ptr(), pairs, panel.as_ptr(), pairs, c, ldc, cols) });
         return;
     }
     let _ = accelerated;
@@ -518,23 +487,41 @@ mod avx512 {
                 }
             }
         }
+        let (m0, m1) = column_masks(cols);
+        if !O::IS_BF16 {
+            // Safety: O is f32 (the only other output) and `c` is the caller's tile.
+            return unsafe { store_f32(&acc0, &acc1, c as *mut f32, ldc, cols) };
+        }
+        for i in 0..R {
+            unsafe {
+                let row = c.add(i * ldc) as *mut i16;
+                let low: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(acc0[i]));
+                _mm256_mask_storeu_epi16(row, m0, low);
+                if m1 != 0 {
+                    let high: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(acc1[i]));
+                    _mm256_mask_storeu_epi16(row.add(16), m1, high);
+                }
+            }
+        }
+    }
+
+    /// The store masks of a tile's two 16-column halves for `cols` valid columns.
+    fn column_masks(cols: usize) -> (__mmask16, __mmask16) {
         let mask = |n: usize| -> __mmask16 { if n >= 16 { 0xFFFF } else { ((1u32 << n) - 1) as u16 } };
-        let (m0, m1) = (mask(cols), mask(cols.saturating_sub(16)));
+        (mask(cols), mask(cols.saturating_sub(16)))
+    }
+
+    /// Stores `R` rows of f32 accumulators (two 16-column halves each), masked past `cols`.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn store_f32<const R: usize>(acc0: &[__m512; R], acc1: &[__m512; R], c: *mut f32, ldc: usize, cols: usize) {
+        let (m0, m1) = column_masks(cols);
         for i in 0..R {
             unsafe {
                 let row = c.add(i * ldc);
-                if O::IS_BF16 {
-                    let low: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(acc0[i]));
-                    _mm256_mask_storeu_epi16(row as *mut i16, m0, low);
-                    if m1 != 0 {
-                        let high: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(acc1[i]));
-                        _mm256_mask_storeu_epi16((row as *mut i16).add(16), m1, high);
-                    }
-                } else {
-                    _mm512_mask_storeu_ps(row as *mut f32, m0, acc0[i]);
-                    if m1 != 0 {
-                        _mm512_mask_storeu_ps((row as *mut f32).add(16), m1, acc1[i]);
-                    }
+                _mm512_mask_storeu_ps(row, m0, acc0[i]);
+                if m1 != 0 {
+                    _mm512_mask_storeu_ps(row.add(16), m1, acc1[i]);
                 }
             }
         }
@@ -565,17 +552,7 @@ mod avx512 {
                 }
             }
         }
-        let mask = |n: usize| -> __mmask16 { if n >= 16 { 0xFFFF } else { ((1u32 << n) - 1) as u16 } };
-        let (m0, m1) = (mask(cols), mask(cols.saturating_sub(16)));
-        for i in 0..R {
-            unsafe {
-                let row = c.add(i * ldc);
-                _mm512_mask_storeu_ps(row, m0, acc0[i]);
-                if m1 != 0 {
-                    _mm512_mask_storeu_ps(row.add(16), m1, acc1[i]);
-                }
-            }
-        }
+        unsafe { store_f32(&acc0, &acc1, c, ldc, cols) }
     }
 }
 
