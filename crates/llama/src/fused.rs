@@ -25,6 +25,8 @@ use burn::tensor::{DType, Shape, Tensor, TensorData};
 use half::bf16;
 use rayon::prelude::*;
 
+use lora::host_matmul::{HostFloat, host_values};
+
 use crate::simd;
 
 /// The extension. Its default bodies are the formulas in backend ops (the CubeCL backend uses them); `Flex`
@@ -111,40 +113,6 @@ pub fn swiglu_grad_reference<B: Backend>(gate: FloatTensor<B>, up: FloatTensor<B
 
 // ---------------------------------------------------------------------------------------------------
 // Host kernels (flex).
-
-/// An element the host kernels read and write.
-trait HostFloat: Copy + Send + Sync + 'static + bytemuck::Pod + burn::tensor::Element {
-    fn to32(self) -> f32;
-    fn from32(v: f32) -> Self;
-}
-
-impl HostFloat for f32 {
-    fn to32(self) -> f32 {
-        self
-    }
-    fn from32(v: f32) -> Self {
-        v
-    }
-}
-
-impl HostFloat for bf16 {
-    fn to32(self) -> f32 {
-        self.to_f32()
-    }
-    fn from32(v: f32) -> Self {
-        bf16::from_f32(v)
-    }
-}
-
-/// The values of a flex tensor, contiguous, in its own element type.
-fn host_values<T: HostFloat>(t: &FlexTensor) -> std::borrow::Cow<'_, [T]> {
-    if t.is_contiguous() {
-        let offset = t.layout().start_offset();
-        std::borrow::Cow::Borrowed(&t.storage::<T>()[offset..offset + t.layout().num_elements()])
-    } else {
-        std::borrow::Cow::Owned(t.to_contiguous().storage::<T>()[..t.layout().num_elements()].to_vec())
-    }
-}
 
 fn weight_f32(weight: &FlexTensor) -> Vec<f32> {
     match weight.dtype() {

@@ -19,6 +19,8 @@ use burn::backend::{
 use burn::tensor::{Distribution, Tensor, TensorData};
 use rayon::prelude::*;
 
+use crate::host_matmul::{HostFloat, host_values};
+
 const CHUNK: usize = 1 << 16;
 
 const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
@@ -75,49 +77,19 @@ fn fill_mask<T: Copy + Send + Sync>(
     mask
 }
 
-/// An element the flex kernel multiplies in place of `x ⊙ mask` (the mask's value in the element type,
-/// the product in f32, rounded once: what flex's `float_mul` with the mask tensor computes).
-trait HostFloat: Copy + Send + Sync + bytemuck::Pod + burn::tensor::Element {
-    fn to32(self) -> f32;
-    fn from32(v: f32) -> Self;
-    fn from64(v: f64) -> Self;
-}
-
-impl HostFloat for f32 {
-    fn to32(self) -> f32 {
-        self
-    }
-    fn from32(v: f32) -> Self {
-        v
-    }
-    fn from64(v: f64) -> Self {
-        v as f32
-    }
-}
-
-impl HostFloat for half::bf16 {
-    fn to32(self) -> f32 {
-        self.to_f32()
-    }
-    fn from32(v: f32) -> Self {
-        half::bf16::from_f32(v)
-    }
-    fn from64(v: f64) -> Self {
-        half::bf16::from_f64(v)
-    }
-}
-
 #[inline(always)]
 fn dropout_chunk<T: HostFloat>(chunk_seed: u64, threshold: u64, scale: f32, x: &[T], out: &mut [T]) {
     for_chunk(chunk_seed, threshold, out, |i, kept| T::from32(x[i].to32() * if kept { scale } else { 0.0 }))
 }
 
 /// `x ⊙ m` on flex in one pass: the mask is drawn and multiplied in per chunk, never stored.
+///
+/// The mask's value is rounded to the element type and the product computed in f32 and rounded once: what
+/// flex's `float_mul` with the mask tensor computes.
 fn host_dropout<T: HostFloat>(x: &burn::backend::flex::FlexTensor, seed: u64, keep: f64) -> burn::backend::flex::FlexTensor {
-    let x = if x.is_contiguous() { x.clone() } else { x.to_contiguous() };
     let shape = x.layout().shape().clone();
     let numel = shape.num_elements();
-    let values = &x.storage::<T>()[x.layout().start_offset()..][..numel];
+    let values = host_values::<T>(x);
     let (threshold, scale) = (keep_threshold(keep), T::from64(1.0 / keep).to32());
     let mut out = vec![T::from32(0.0); numel];
     out.par_chunks_mut(CHUNK).zip(values.par_chunks(CHUNK)).enumerate().for_each(|(chunk, (out, x))| {

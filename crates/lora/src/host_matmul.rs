@@ -5,7 +5,8 @@
 //! and a CPU with AVX512-BF16, it reads the operands in place (the right-hand one transposed or not, so
 //! `x · Wᵀ` needs no copy of W) and multiplies with bf16 dot products accumulated in f32, rounded once to
 //! bf16 — the same values up to the order of the f32 sums. The QLoRA linear, the attention and the
-//! chunked loss call it for their products.
+//! chunked loss call it for their products. [`HostFloat`] and [`host_values`] serve the other flex host
+//! kernels (dropout, `llama`'s fused ops).
 
 use std::any::{Any, TypeId};
 use std::borrow::Cow;
@@ -16,6 +17,48 @@ use burn::backend::ops::FloatTensorOps;
 use burn::backend::{Backend, Flex, tensor::FloatTensor};
 use burn::tensor::{DType, TensorData};
 use half::bf16;
+
+/// An element the flex host kernels read and write (f32 or bf16): arithmetic in f32, rounded once.
+pub trait HostFloat: Copy + Send + Sync + 'static + bytemuck::Pod + burn::tensor::Element {
+    fn to32(self) -> f32;
+    fn from32(v: f32) -> Self;
+    fn from64(v: f64) -> Self;
+}
+
+impl HostFloat for f32 {
+    fn to32(self) -> f32 {
+        self
+    }
+    fn from32(v: f32) -> Self {
+        v
+    }
+    fn from64(v: f64) -> Self {
+        v as f32
+    }
+}
+
+impl HostFloat for bf16 {
+    fn to32(self) -> f32 {
+        self.to_f32()
+    }
+    fn from32(v: f32) -> Self {
+        bf16::from_f32(v)
+    }
+    fn from64(v: f64) -> Self {
+        bf16::from_f64(v)
+    }
+}
+
+/// The values of a flex tensor in row-major order, in its own element type (borrowed when contiguous).
+pub fn host_values<T: HostFloat>(t: &FlexTensor) -> Cow<'_, [T]> {
+    let numel = t.layout().num_elements();
+    if t.is_contiguous() {
+        let offset = t.layout().start_offset();
+        Cow::Borrowed(&t.storage::<T>()[offset..offset + numel])
+    } else {
+        Cow::Owned(t.to_contiguous().storage::<T>()[..numel].to_vec())
+    }
+}
 
 /// Whether B is the flex backend (whose tensors host kernels can read in place).
 pub fn is_flex<B: Backend>() -> bool {
@@ -72,8 +115,7 @@ fn flex_bf16_matmul(lhs: &FlexTensor, rhs: &FlexTensor) -> Option<FlexTensor> {
         return None;
     }
     // The left operand row-major and dense (copied if it is a view).
-    let lhs: Cow<FlexTensor> = if lhs.is_contiguous() { Cow::Borrowed(lhs) } else { Cow::Owned(lhs.to_contiguous()) };
-    let lhs_values = &lhs.storage::<bf16>()[lhs.layout().start_offset()..][..batch * m * k];
+    let lhs_values = host_values::<bf16>(lhs);
     // The right operand in place when each matrix is row-major or transposed; else a dense copy.
     let in_place = |t: &FlexTensor| {
         let (_, _, _, batch_stride, [s0, s1]) = geometry(t)?;
