@@ -106,8 +106,9 @@ fn chunk_pass(
             let picked = label.map_or(f32::NAN, |l| row[l] - max);
             (log_sum - picked) * mask[i]
         };
-        let losses: Vec<f32> = match (grad, dtype) {
-            (None, _) => (0..rows).into_par_iter().map_init(Vec::new, |buf, r| row(r, buf, None)).collect(),
+        // The chunk's losses and, when asked for, its dlogits `[rows, vocab]` in h's dtype.
+        let (losses, dlogits): (Vec<f32>, Option<TensorData>) = match (grad, dtype) {
+            (None, _) => ((0..rows).into_par_iter().map_init(Vec::new, |buf, r| row(r, buf, None)).collect(), None),
             (Some(_), DType::BF16) => {
                 let mut out = vec![bf16::ZERO; rows * vocab];
                 let losses = out
@@ -122,20 +123,18 @@ fn chunk_pass(
                         },
                     )
                     .collect();
-                parts.push(FlexTensor::from_data(TensorData::new(out, [rows, vocab])));
-                losses
+                (losses, Some(TensorData::new(out, [rows, vocab])))
             }
             (Some(_), _) => {
                 let mut out = vec![0.0f32; rows * vocab];
                 let losses = out.par_chunks_mut(vocab).enumerate().map_init(Vec::new, |buf, (r, out_row)| row(r, buf, Some(out_row))).collect();
-                parts.push(FlexTensor::from_data(TensorData::new(out, [rows, vocab])));
-                losses
+                (losses, Some(TensorData::new(out, [rows, vocab])))
             }
         };
         total += losses.iter().sum::<f32>();
         drop(logits);
-        if let (Some(w), Some(dlogits)) = (&w, parts.pop()) {
-            parts.push(lora::host_matmul::matmul::<Flex>(dlogits, w.clone()));
+        if let (Some(w), Some(dlogits)) = (&w, dlogits) {
+            parts.push(lora::host_matmul::matmul::<Flex>(FlexTensor::from_data(dlogits), w.clone()));
         }
     }
     let dh = grad.map(|_| match parts.len() {
