@@ -6,9 +6,9 @@ use std::sync::OnceLock;
 #[path = "common.rs"]
 mod common;
 
-fn tokenizer() -> &'static llama::tokenizer::TextTokenizer {
-    static T: OnceLock<llama::tokenizer::TextTokenizer> = OnceLock::new();
-    T.get_or_init(|| llama::tokenizer::TextTokenizer::from_dir(&common::fixtures().join("tiny-train/model-nf4")).expect("fixture tokenizer"))
+fn tokenizer() -> &'static formats::tokenizer::TextTokenizer {
+    static T: OnceLock<formats::tokenizer::TextTokenizer> = OnceLock::new();
+    T.get_or_init(|| formats::tokenizer::TextTokenizer::from_dir(&common::fixtures().join("tiny-train/model-nf4")).expect("fixture tokenizer"))
 }
 
 fuzz_target!(|data: &[u8]| {

@@ -18,11 +18,11 @@ fuzz_target!(|data: &[u8]| {
         [] => return,
     };
     let dir = common::dir_with(&[("tokenizer.json", tokenizer), ("tokenizer_config.json", config)]);
-    if let Ok(t) = llama::tokenizer::TextTokenizer::from_dir(dir.path()) {
+    if let Ok(t) = formats::tokenizer::TextTokenizer::from_dir(dir.path()) {
         if let Ok(ids) = t.encode("Hello <s> wörld", true) {
             let _ = t.decode(&ids, false);
         }
-        let messages = [llama::tokenizer::ChatMessage::new("system", "s"), llama::tokenizer::ChatMessage::new("user", "u")];
+        let messages = [formats::tokenizer::ChatMessage::new("system", "s"), formats::tokenizer::ChatMessage::new("user", "u")];
         let _ = t.apply_chat_template(&messages, true);
         let _ = t.stop_ids(&[]);
     }

@@ -1,8 +1,8 @@
 //! The paged optimizer's update on the device: AdamW with f32 state (torch's rule, and bitsandbytes' 32-bit
 //! rule) and with 8-bit blockwise state (bitsandbytes' `AdamW8bit`), fused into one kernel each, and
-//! [`DevicePages`], an `optim::PageDevice` whose pages live in device memory.
+//! [`DevicePages`], an `adamw_rules::PageDevice` whose pages live in device memory.
 //!
-//! Every rule keeps the host reference's f32 operation order (`optim::update`), including its explicit fused
+//! Every rule keeps the host reference's f32 operation order (`adamw_rules::update`), including its explicit fused
 //! multiply-adds; products the reference rounds on their own are kept out of the compiler's FMA contraction.
 //! The 8-bit rule runs one cube per 256-element state block: decode both moments, update them and the
 //! parameter, take the block's new absmax with a shared-memory reduction, and re-quantize through
@@ -10,9 +10,9 @@
 
 use cubecl::prelude::*;
 use cubecl::server::Handle;
-use optim::pager::UpdateRule;
-use optim::update::{AdamHyper, STATE_BLOCKSIZE};
-use optim::{PageDevice, PageState};
+use adamw_rules::UpdateRule;
+use adamw_rules::update::{AdamHyper, STATE_BLOCKSIZE};
+use adamw_rules::{PageDevice, PageState};
 
 use crate::numerics::mul_rounded;
 use crate::weight::{bytes_to_words, read_f32, read_u32, upload_f32, upload_u32, words_to_bytes};
@@ -193,8 +193,8 @@ pub struct DevicePages {
 
 impl DevicePages {
     pub fn new(client: Client) -> Self {
-        let signed = optim::codebooks::signed();
-        let unsigned = optim::codebooks::unsigned();
+        let signed = adamw_rules::codebooks::signed();
+        let unsigned = adamw_rules::codebooks::unsigned();
         DevicePages {
             signed_values: upload_f32(&client, signed.values()),
             unsigned_values: upload_f32(&client, unsigned.values()),
@@ -371,7 +371,7 @@ impl PageDevice for DevicePages {
         let result = self.try_download(&page);
         self.record(result).unwrap_or_else(|| match page {
             DevicePage::F32 { len, .. } => PageState::F32 { exp_avg: vec![f32::NAN; len], exp_avg_sq: vec![f32::NAN; len] },
-            DevicePage::Blockwise8 { len, .. } => PageState::zeros(optim::StateFormat::Blockwise8, len),
+            DevicePage::Blockwise8 { len, .. } => PageState::zeros(adamw_rules::StateFormat::Blockwise8, len),
         })
     }
 
@@ -379,7 +379,7 @@ impl PageDevice for DevicePages {
         let page = page.as_ref().expect("pages are always present once uploaded");
         self.try_download(page).unwrap_or_else(|_| match page {
             DevicePage::F32 { len, .. } => PageState::F32 { exp_avg: vec![f32::NAN; *len], exp_avg_sq: vec![f32::NAN; *len] },
-            DevicePage::Blockwise8 { len, .. } => PageState::zeros(optim::StateFormat::Blockwise8, *len),
+            DevicePage::Blockwise8 { len, .. } => PageState::zeros(adamw_rules::StateFormat::Blockwise8, *len),
         })
     }
 
@@ -394,7 +394,7 @@ impl PageDevice for DevicePages {
 mod tests {
     use super::*;
     use crate::check::{client, Rng};
-    use optim::update::{adamw_bnb32, adamw_bnb8, adamw_torch, Blockwise8Mut};
+    use adamw_rules::update::{adamw_bnb32, adamw_bnb8, adamw_torch, Blockwise8Mut};
 
     fn hyper(step: u64, weight_decay: f64) -> AdamHyper {
         AdamHyper { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay, step }
@@ -449,7 +449,7 @@ mod tests {
                 for rule in [UpdateRule::TorchAdamW, UpdateRule::Bnb32] {
                     let (mut p_host, mut m, mut v) = (init.clone(), vec![0.0; n], vec![0.0; n]);
                     let mut p_dev = init.clone();
-                    let mut page = device.upload(PageState::zeros(optim::StateFormat::F32, n));
+                    let mut page = device.upload(PageState::zeros(adamw_rules::StateFormat::F32, n));
                     for step in 1..=5 {
                         let grad: Vec<f32> = (0..n).map(|_| rng.normal() * 0.1).collect();
                         let h = hyper(step, wd);
@@ -468,13 +468,13 @@ mod tests {
                 // 8-bit blockwise.
                 let mut p_host = init.clone();
                 let mut p_dev = init.clone();
-                let PageState::Blockwise8 { mut codes1, mut absmax1, mut codes2, mut absmax2 } = PageState::zeros(optim::StateFormat::Blockwise8, n) else { panic!() };
-                let mut page = device.upload(PageState::zeros(optim::StateFormat::Blockwise8, n));
+                let PageState::Blockwise8 { mut codes1, mut absmax1, mut codes2, mut absmax2 } = PageState::zeros(adamw_rules::StateFormat::Blockwise8, n) else { panic!() };
+                let mut page = device.upload(PageState::zeros(adamw_rules::StateFormat::Blockwise8, n));
                 for step in 1..=5 {
                     let grad: Vec<f32> = (0..n).map(|_| rng.normal() * 0.1).collect();
                     let h = hyper(step, wd);
                     let state = Blockwise8Mut { codes1: &mut codes1, absmax1: &mut absmax1, codes2: &mut codes2, absmax2: &mut absmax2 };
-                    adamw_bnb8(&mut p_host, &grad, state, optim::codebooks::signed(), optim::codebooks::unsigned(), &h);
+                    adamw_bnb8(&mut p_host, &grad, state, adamw_rules::codebooks::signed(), adamw_rules::codebooks::unsigned(), &h);
                     device.update(&mut page, UpdateRule::Bnb8, &mut p_dev, &grad, &h);
                     assert!(device.take_error().is_none());
                 }
@@ -485,33 +485,6 @@ mod tests {
                 codes_equal(&d2, &codes2, fused, &format!("8-bit n {n}: codes2"));
                 close(&p_dev, &p_host, &format!("8-bit n {n} wd {wd}"));
             }
-        }
-    }
-
-    #[test]
-    fn paged_optimizer_on_device_pages_matches_host_memory() {
-        use optim::{AdamPrecision, PagedAdamWConfig, ParamGrad};
-        let client = client();
-        let mut rng = Rng::from_env("paged_adamw_device");
-        for precision in [AdamPrecision::Bits32, AdamPrecision::Bits8] {
-            let config = PagedAdamWConfig::new().with_precision(precision).with_page_bytes(16 * 1024).with_device_budget_bytes(Some(40 * 1024));
-            let mut host = config.init().unwrap();
-            let mut device = config.init_on(DevicePages::new(client.clone())).unwrap();
-            let keys = ["t0", "t1", "t2"];
-            let sizes = [5000usize, 300, 9000];
-            let mut p_host: Vec<Vec<f32>> = sizes.iter().map(|&n| (0..n).map(|_| rng.normal()).collect()).collect();
-            let mut p_dev = p_host.clone();
-            for _ in 0..4 {
-                let grads: Vec<Vec<f32>> = sizes.iter().map(|&n| (0..n).map(|_| rng.normal() * 0.1).collect()).collect();
-                let mut a: Vec<ParamGrad> = p_host.iter_mut().zip(&grads).enumerate().map(|(i, (p, g))| ParamGrad { key: keys[i], param: p, grad: g }).collect();
-                host.step(1e-3, &mut a).unwrap();
-                let mut b: Vec<ParamGrad> = p_dev.iter_mut().zip(&grads).enumerate().map(|(i, (p, g))| ParamGrad { key: keys[i], param: p, grad: g }).collect();
-                device.step(1e-3, &mut b).unwrap();
-            }
-            for (a, b) in p_dev.iter().zip(&p_host) {
-                close(a, b, &format!("{precision:?} paged"));
-            }
-            assert!(device.stats().total_paged_in_bytes > 0, "the budget forces paging");
         }
     }
 }

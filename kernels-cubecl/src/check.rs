@@ -19,9 +19,9 @@ pub fn poison(client: &Client, bytes: usize) -> Handle {
     client.create_from_slice(&vec![0xABu8; bytes.div_ceil(4) * 4])
 }
 
-/// SplitMix64 (the same generator as `qlora-data`'s, kept here so the kernels need no data crate).
+/// Seeded test inputs from the workspace's SplitMix64.
 pub struct Rng {
-    state: u64,
+    state: splitmix::SplitMix64,
     /// The seed it started from (printed, and replayable through `QLORA_KERNEL_SEED`).
     pub seed: u64,
 }
@@ -33,20 +33,16 @@ impl Rng {
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(7)
         });
         println!("{test}: QLORA_KERNEL_SEED={seed}");
-        Rng { state: seed, seed }
+        Rng { state: splitmix::SplitMix64(seed), seed }
     }
 
     pub fn next_u64(&mut self) -> u64 {
-        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        self.state.next_u64()
     }
 
     /// Uniform in [0, 1).
     pub fn uniform(&mut self) -> f32 {
-        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
+        self.state.unit_f32()
     }
 
     /// Roughly normal (sum of uniforms).

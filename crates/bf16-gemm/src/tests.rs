@@ -3,23 +3,19 @@
 
 use super::*;
 
-struct Rng(u64);
+struct Rng(splitmix::SplitMix64);
 
 impl Rng {
+    /// Seeded from `QLORA_TEST_SEED`, or from the clock; prints the seed so a failure can be replayed.
     fn fresh(what: &str) -> Self {
-        let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64);
-        println!("{what}: seed {seed}");
-        Rng(seed)
-    }
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        let seed = std::env::var("QLORA_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64)
+        });
+        println!("{what}: QLORA_TEST_SEED={seed}");
+        Rng(splitmix::SplitMix64(seed))
     }
     fn uniform(&mut self) -> f32 {
-        (self.next() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+        self.0.unit_f32() * 2.0 - 1.0
     }
     fn values(&mut self, len: usize) -> Vec<bf16> {
         (0..len).map(|_| bf16::from_f32(self.uniform() * 3.0)).collect()
@@ -83,7 +79,7 @@ fn dense_products_equal_the_f64_product_in_both_layouts() {
 /// A bitsandbytes-style 4-bit weight: random codes, absmax and a code book.
 fn weight(rng: &mut Rng, rows: usize, cols: usize, blocksize: usize) -> (Vec<u8>, Vec<f32>, [f32; 16]) {
     let numel = rows * cols;
-    let bytes = (0..numel.div_ceil(2)).map(|_| rng.next() as u8).collect();
+    let bytes = (0..numel.div_ceil(2)).map(|_| rng.0.next_u64() as u8).collect();
     let absmax = (0..numel.div_ceil(blocksize)).map(|_| rng.uniform().abs() * 2.0 + 0.01).collect();
     let codebook = std::array::from_fn(|_| rng.uniform());
     (bytes, absmax, codebook)

@@ -1,7 +1,7 @@
 //! # data — instruction-tuning datasets
 //!
-//! Between `llama` (whose tokenizer and chat template it uses) and `train` in the stack
-//! (nf4 → quant → lora / optim → llama → data → train). Reads JSONL in four formats — Alpaca
+//! Between `formats` (whose tokenizer and chat template it uses) and `train` in the stack
+//! (nf4 / bf16-gemm → quant → ops → lora / optim → formats → llama, t5 → data → serve → train). Reads JSONL in four formats — Alpaca
 //! (`instruction`/`input`/`output`, QLoRA's prompt), OASST1 message trees rendered as Guanaco's
 //! `### Human: … ### Assistant: …`, chat `messages` through the model's chat template, and plain `text` —
 //! reporting malformed lines by number ([`records`]). [`tokenize`] turns examples into token ids with a target

@@ -17,11 +17,25 @@ pub enum DatasetFormat {
     Alpaca,
     /// OpenAssistant OASST1: message trees (one tree per line with `prompt.replies`, or one message per line
     /// with `message_id` / `parent_id`), rendered as Guanaco's `### Human: … ### Assistant: …`.
+    #[serde(alias = "oasst1", alias = "guanaco")]
     Oasst,
     /// `messages`: `[{role, content}]`, rendered with the model's chat template.
+    #[serde(alias = "messages")]
     Chat,
     /// `text`: loss on every token.
     Text,
+}
+
+impl std::fmt::Display for DatasetFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DatasetFormat::Auto => "auto",
+            DatasetFormat::Alpaca => "alpaca",
+            DatasetFormat::Oasst => "oasst",
+            DatasetFormat::Chat => "chat",
+            DatasetFormat::Text => "text",
+        })
+    }
 }
 
 impl std::str::FromStr for DatasetFormat {

@@ -1,4 +1,4 @@
-use llama::tokenizer::TextTokenizer;
+use formats::tokenizer::TextTokenizer;
 use tokenizers::models::bpe::BPE;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::{AddedToken, Tokenizer};
@@ -11,12 +11,27 @@ const CHATML: &str = "{% for message in messages %}{{'<|im_start|>' + message['r
 fn tokenizer() -> TextTokenizer {
     let mut alphabet: Vec<char> = ByteLevel::alphabet().into_iter().collect();
     alphabet.sort();
-    let bpe = BPE::builder().vocab_and_merges(alphabet.into_iter().enumerate().map(|(i, c)| (c.to_string(), i as u32)).collect::<tokenizers::models::bpe::Vocab>(), vec![]).build().unwrap();
+    let bpe = BPE::builder()
+        .vocab_and_merges(
+            alphabet
+                .into_iter()
+                .enumerate()
+                .map(|(i, c)| (c.to_string(), i as u32))
+                .collect::<tokenizers::models::bpe::Vocab>(),
+            vec![],
+        )
+        .build()
+        .unwrap();
     let mut inner = Tokenizer::new(bpe);
     inner.with_pre_tokenizer(Some(ByteLevel::new(false, true, false)));
     inner.with_decoder(Some(ByteLevel::default()));
     inner.add_special_tokens(&["<s>", "</s>", "<|im_start|>", "<|im_end|>"].map(|t| AddedToken::from(t, true)));
-    TextTokenizer { inner, chat_template: Some(CHATML.into()), bos_token: Some("<s>".into()), eos_token: Some("</s>".into()) }
+    TextTokenizer {
+        inner,
+        chat_template: Some(CHATML.into()),
+        bos_token: Some("<s>".into()),
+        eos_token: Some("</s>".into()),
+    }
 }
 
 fn targets_text(t: &TextTokenizer, e: &TokenizedExample) -> String {
@@ -35,7 +50,10 @@ fn alpaca_prompt_and_mask_follow_qlora() {
 {"instruction": "Translate.", "input": "Hallo", "output": "Hello"}"#;
     let report = parse_jsonl(text, "a.jsonl", DatasetFormat::Auto, false).unwrap();
     let Example::SourceTarget { source, target } = &report.examples[0] else { panic!() };
-    assert!(source.starts_with("Below is an instruction that describes a task. Write") && source.ends_with("### Instruction:\nName a colour.\n\n### Response: "));
+    assert!(
+        source.starts_with("Below is an instruction that describes a task. Write")
+            && source.ends_with("### Instruction:\nName a colour.\n\n### Response: ")
+    );
     assert_eq!(target, "Blue.");
     let Example::SourceTarget { source, .. } = &report.examples[1] else { panic!() };
     assert!(source.contains("### Input:\nHallo\n\n### Response: "));
@@ -63,7 +81,18 @@ fn chat_targets_are_the_assistant_turns_with_their_end_tokens() {
     let all: Vec<u32> = out.examples[0].ids.clone();
     assert_eq!(
         t.decode(&all, false).unwrap(),
-        t.apply_chat_template(&[("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello!"), ("user", "Bye"), ("assistant", "Ciao.")].map(|(r, c)| llama::tokenizer::ChatMessage::new(r, c)), false).unwrap()
+        t.apply_chat_template(
+            &[
+                ("system", "Be brief."),
+                ("user", "Hi"),
+                ("assistant", "Hello!"),
+                ("user", "Bye"),
+                ("assistant", "Ciao.")
+            ]
+            .map(|(r, c)| formats::tokenizer::ChatMessage::new(r, c)),
+            false
+        )
+        .unwrap()
     );
 }
 
@@ -106,12 +135,19 @@ fn bad_lines_are_reported_by_number_or_skipped() {
     assert_eq!(lines, [3, 4, 5, 6, 7]);
     assert!(report.skipped_lines[3].1.contains("unknown format"));
     assert!(matches!(parse_jsonl("\n\n", "e.jsonl", DatasetFormat::Auto, false), Err(DataError::Empty { .. })));
-    assert!(matches!(parse_jsonl("bad\n", "e.jsonl", DatasetFormat::Auto, true), Err(DataError::Empty { skipped: 1, .. })));
+    assert!(matches!(
+        parse_jsonl("bad\n", "e.jsonl", DatasetFormat::Auto, true),
+        Err(DataError::Empty { skipped: 1, .. })
+    ));
     assert!("yaml".parse::<DatasetFormat>().is_err());
     // Everything truncated away: a clear error, not an empty run.
-    let report = parse_jsonl(r#"{"instruction": "long prompt", "output": "x"}"#, "l.jsonl", DatasetFormat::Auto, false).unwrap();
+    let report =
+        parse_jsonl(r#"{"instruction": "long prompt", "output": "x"}"#, "l.jsonl", DatasetFormat::Auto, false).unwrap();
     let limits = Limits { source_max_len: 4, target_max_len: 0, train_on_source: false };
-    assert!(matches!(tokenize_all(&report.examples, &tokenizer(), &limits), Err(DataError::NothingToTrain { dropped: 1 })));
+    assert!(matches!(
+        tokenize_all(&report.examples, &tokenizer(), &limits),
+        Err(DataError::NothingToTrain { dropped: 1 })
+    ));
     // Invalid UTF-8 names its line.
     let dir = std::env::temp_dir().join(format!("qlora-data-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -157,7 +193,9 @@ fn epoch_order_is_a_seeded_permutation_and_groups_by_length() {
 
 #[test]
 fn a_stream_resumed_from_its_cursor_continues_identically() {
-    let examples: Vec<TokenizedExample> = (0..23).map(|i| TokenizedExample { ids: vec![i; 1 + i as usize % 5], target: vec![true; 1 + i as usize % 5] }).collect();
+    let examples: Vec<TokenizedExample> = (0..23)
+        .map(|i| TokenizedExample { ids: vec![i; 1 + i as usize % 5], target: vec![true; 1 + i as usize % 5] })
+        .collect();
     let config = OrderConfig { shuffle: true, seed: 7, group_by_length: true, micro_batch_size: 4 };
     let mut straight = BatchStream::new(&examples, config, DataCursor::default());
     let mut firsts = Vec::new();

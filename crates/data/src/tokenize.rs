@@ -1,10 +1,10 @@
 //! Examples → token ids with a per-token "is a target" flag (the loss mask), QLoRA's way.
 
-use llama::tokenizer::{ChatMessage, TextTokenizer};
+use formats::tokenizer::{ChatMessage, TextTokenizer};
 use serde::{Deserialize, Serialize};
 
-use crate::records::{Example, Turn};
 use crate::DataError;
+use crate::records::{Example, Turn};
 
 /// Length limits and what the loss covers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -60,7 +60,11 @@ fn encode(tokenizer: &TextTokenizer, text: &str) -> Result<Vec<u32>, DataError> 
 }
 
 /// Tokenizes one example; `None` when nothing is left to learn from. Also returns whether it was truncated.
-pub fn tokenize_example(example: &Example, tokenizer: &TextTokenizer, limits: &Limits) -> Result<(Option<TokenizedExample>, bool), DataError> {
+pub fn tokenize_example(
+    example: &Example,
+    tokenizer: &TextTokenizer,
+    limits: &Limits,
+) -> Result<(Option<TokenizedExample>, bool), DataError> {
     let bos = tokenizer.bos_token.as_deref().unwrap_or("");
     let eos = tokenizer.eos_token.as_deref().unwrap_or("");
     let (mut ids, mut target, truncated) = match example {
@@ -71,7 +75,8 @@ pub fn tokenize_example(example: &Example, tokenizer: &TextTokenizer, limits: &L
             let truncated = src.len() > limits.source_max_len || tgt.len() > limits.target_max_len;
             src.truncate(limits.source_max_len);
             tgt.truncate(limits.target_max_len);
-            let mask: Vec<bool> = std::iter::repeat_n(false, src.len()).chain(std::iter::repeat_n(true, tgt.len())).collect();
+            let mask: Vec<bool> =
+                std::iter::repeat_n(false, src.len()).chain(std::iter::repeat_n(true, tgt.len())).collect();
             src.extend(tgt);
             (src, mask, truncated)
         }
@@ -117,7 +122,9 @@ pub fn tokenize_example(example: &Example, tokenizer: &TextTokenizer, limits: &L
 fn chat_tokens(turns: &[Turn], tokenizer: &TextTokenizer) -> Result<(Vec<u32>, Vec<bool>), DataError> {
     let messages: Vec<ChatMessage> = turns.iter().map(|t| ChatMessage::new(&t.role, &t.content)).collect();
     let render = |upto: usize, generation_prompt: bool| {
-        tokenizer.apply_chat_template(&messages[..upto], generation_prompt).map_err(|e| DataError::Template(e.to_string()))
+        tokenizer
+            .apply_chat_template(&messages[..upto], generation_prompt)
+            .map_err(|e| DataError::Template(e.to_string()))
     };
     let mut segments: Vec<(String, bool)> = Vec::new();
     let mut done = String::new();
@@ -151,7 +158,11 @@ fn chat_tokens(turns: &[Turn], tokenizer: &TextTokenizer) -> Result<(Vec<u32>, V
 }
 
 /// Tokenizes every example.
-pub fn tokenize_all(examples: &[Example], tokenizer: &TextTokenizer, limits: &Limits) -> Result<TokenizeReport, DataError> {
+pub fn tokenize_all(
+    examples: &[Example],
+    tokenizer: &TextTokenizer,
+    limits: &Limits,
+) -> Result<TokenizeReport, DataError> {
     let mut out = Vec::with_capacity(examples.len());
     let (mut truncated, mut dropped) = (0, 0);
     for example in examples {

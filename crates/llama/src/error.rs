@@ -19,16 +19,20 @@ pub enum LlamaError {
     ShapeMismatch { file: String, tensor: String, expected: Vec<usize>, found: Vec<usize> },
     #[error(transparent)]
     Quant(#[from] quant::QuantError),
+    /// A model file, tokenizer or model spec (`formats`); a GGUF error arrives here too.
     #[error(transparent)]
-    Gguf(#[from] crate::gguf::GgufError),
+    Format(#[from] formats::FormatError),
     #[error("token id {id} is outside the vocabulary ({vocab} tokens)")]
     TokenOutOfRange { id: u32, vocab: usize },
     #[error("{0}")]
     Generation(String),
     #[error("{file}: {reason}")]
     Tokenizer { file: String, reason: String },
-    #[error("hub model `{id}`: {reason}")]
-    Hub { id: String, reason: String },
-    #[error("fetching the model: {0}")]
-    Fetch(String),
+}
+
+/// A GGUF error is a [`formats::FormatError::Gguf`], so each error has one place in [`LlamaError`].
+impl From<formats::gguf::GgufError> for LlamaError {
+    fn from(e: formats::gguf::GgufError) -> Self {
+        LlamaError::Format(e.into())
+    }
 }

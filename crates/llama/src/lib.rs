@@ -1,9 +1,10 @@
 //! # llama — the decoder QLoRA finetunes
 //!
-//! Fifth in the stack (nf4 → quant → lora / optim → llama → data → train). A Llama-family causal LM
+//! Above `lora` and `formats` in the stack (nf4 / bf16-gemm → quant → ops → lora / optim → formats → llama
+//! → data → train). A Llama-family causal LM
 //! (Llama 2/3, Mistral, Qwen2 with q/k/v biases, SmolLM) on burn, computed as transformers computes it:
 //! RMSNorm with f32 statistics, rotary embeddings with rotate_half (and Llama-3 scaling), grouped-query
-//! attention (a fused causal op with its own backward, [`attention`]) and a KV cache, SwiGLU MLP, tied or
+//! attention (a fused causal op with its own backward, `ops::attention`) and a KV cache, SwiGLU MLP, tied or
 //! untied lm_head, f32/bf16/f16 compute.
 //! Every projection is a [`lora::FrozenLinear`], dense or 4-bit, so LoRA wraps one type. Loaders read HF
 //! directories (transformers 4 and 5 config forms, sharded safetensors) and bitsandbytes 4-bit checkpoints
@@ -11,25 +12,16 @@
 //! (temperature, top-k, top-p, repetition penalty) with stop tokens, through the KV cache.
 
 mod adapters;
-pub mod attention;
 mod config;
 mod error;
-pub mod fused;
 pub mod generate;
-pub mod gguf;
-pub mod gguf_tokenizer;
 mod load;
-pub mod loss;
-mod loss_host;
 mod model;
 pub mod random;
-mod simd;
-#[cfg(test)]
-mod test_util;
-pub mod source;
-pub mod tokenizer;
+mod weights;
 
 pub use config::{Llama3RopeScaling, LlamaConfig};
 pub use error::LlamaError;
-pub use load::{load, load_hf, GgufWeights, LoadOptions, LoadedModel, WeightSource};
+pub use load::{load, load_hf, LoadOptions, LoadedModel};
 pub use model::{Attention, DecoderLayer, KvCache, LlamaModel, Mlp, RmsNorm, Rotary};
+pub use weights::{GgufWeights, WeightSource};

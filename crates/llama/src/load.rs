@@ -1,134 +1,20 @@
-//! Building a [`LlamaModel`] from a Hugging Face checkpoint directory.
+//! Building a [`LlamaModel`] from any [`ModelSource`]: an HF checkpoint directory (dense or
+//! bitsandbytes 4-bit), a GGUF file, or `random:…`.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 
 use burn::tensor::{DType, Device, Tensor, TensorData};
+use formats::gguf::GgufFile;
+use formats::source::ModelSource;
+use formats::tokenizer::TextTokenizer;
 use lora::{FrozenLinear, LoraLinear};
 use quant::checkpoint::HfCheckpoint;
 use quant::{QuantConfig, QuantizedWeight};
 
-use crate::gguf::{GgufFile, GgufLlamaParams};
 use crate::model::{Attention, DecoderLayer, Mlp, RmsNorm, Rotary};
-use crate::source::ModelSource;
-use crate::tokenizer::TextTokenizer;
+use crate::random::RandomModel;
+use crate::weights::{GgufWeights, WeightSource};
 use crate::{LlamaConfig, LlamaError, LlamaModel};
-
-/// Where the loader reads weights from, under their Hugging Face names.
-pub trait WeightSource {
-    /// A label for errors (the file holding `name`, or the checkpoint).
-    fn file_of(&self, name: &str) -> String;
-    fn contains(&self, name: &str) -> bool;
-    /// Values (as f32) and shape of a dense tensor.
-    fn tensor_f32(&self, name: &str) -> Result<(Vec<f32>, Vec<usize>), LlamaError>;
-    /// The weight in bitsandbytes 4-bit form, when the source stores it so.
-    fn bnb_weight(&self, name: &str) -> Result<Option<QuantizedWeight>, LlamaError>;
-}
-
-impl WeightSource for HfCheckpoint {
-    fn file_of(&self, name: &str) -> String {
-        self.shard_of(name)
-            .map(|(_, p)| p.display().to_string())
-            .unwrap_or_else(|| self.dir.display().to_string())
-    }
-    fn contains(&self, name: &str) -> bool {
-        HfCheckpoint::contains(self, name)
-    }
-    fn tensor_f32(&self, name: &str) -> Result<(Vec<f32>, Vec<usize>), LlamaError> {
-        Ok(HfCheckpoint::tensor_f32(self, name)?)
-    }
-    fn bnb_weight(&self, name: &str) -> Result<Option<QuantizedWeight>, LlamaError> {
-        Ok(HfCheckpoint::bnb_weight(self, name)?)
-    }
-}
-
-/// A GGUF file seen through Hugging Face names: tensors dequantized, llama.cpp's Q/K permutation undone.
-pub struct GgufWeights {
-    pub file: GgufFile,
-    pub params: GgufLlamaParams,
-    /// HF name → GGUF name.
-    names: BTreeMap<String, String>,
-}
-
-impl GgufWeights {
-    pub fn new(file: GgufFile) -> Result<Self, LlamaError> {
-        let params = file.llama_params()?;
-        let names = file
-            .tensors
-            .iter()
-            .filter_map(|t| crate::gguf::hf_tensor_name(&t.name).map(|hf| (hf, t.name.clone())))
-            .collect();
-        Ok(GgufWeights {
-            file,
-            params,
-            names,
-        })
-    }
-
-    /// The decoder's config from the GGUF hyperparameters (and its tokenizer's bos/eos).
-    pub fn config(&self) -> Result<LlamaConfig, LlamaError> {
-        let p = &self.params;
-        let file = self.file.path().display().to_string();
-        if !["llama", "mistral", "qwen2", "smollm3"].contains(&p.arch.as_str()) {
-            return Err(LlamaError::InvalidConfig {
-                file,
-                reason: format!(
-                    "GGUF architecture `{}` is not a Llama-family decoder",
-                    p.arch
-                ),
-            });
-        }
-        let id = |key: &str| self.file.get_u64(key).ok().map(|v| v as u32);
-        let config = LlamaConfig {
-            vocab_size: p.vocab,
-            hidden_size: p.hidden,
-            intermediate_size: p.intermediate,
-            num_hidden_layers: p.n_layers,
-            num_attention_heads: p.n_heads,
-            num_key_value_heads: p.n_kv_heads,
-            head_dim: Some(p.head_dim),
-            rms_norm_eps: p.rms_eps as f64,
-            rope_theta: p.rope_theta as f64,
-            rope_scaling: None,
-            max_position_embeddings: p.context_length,
-            tie_word_embeddings: p.tie_embeddings,
-            qkv_bias: self
-                .names
-                .contains_key("model.layers.0.self_attn.q_proj.bias"),
-            o_bias: self
-                .names
-                .contains_key("model.layers.0.self_attn.o_proj.bias"),
-            mlp_bias: self.names.contains_key("model.layers.0.mlp.up_proj.bias"),
-            bos_token_id: id("tokenizer.ggml.bos_token_id"),
-            eos_token_ids: id("tokenizer.ggml.eos_token_id").into_iter().collect(),
-        };
-        config.validate(&file)?;
-        Ok(config)
-    }
-}
-
-impl WeightSource for GgufWeights {
-    fn file_of(&self, _name: &str) -> String {
-        self.file.path().display().to_string()
-    }
-    fn contains(&self, name: &str) -> bool {
-        self.names.contains_key(name)
-    }
-    fn tensor_f32(&self, name: &str) -> Result<(Vec<f32>, Vec<usize>), LlamaError> {
-        let gguf_name = self
-            .names
-            .get(name)
-            .ok_or_else(|| LlamaError::MissingTensor {
-                file: self.file_of(name),
-                tensor: name.into(),
-            })?;
-        let (_, values, shape) = self.file.hf_tensor_f32(gguf_name, &self.params)?;
-        Ok((values, shape))
-    }
-    fn bnb_weight(&self, _name: &str) -> Result<Option<QuantizedWeight>, LlamaError> {
-        Ok(None)
-    }
-}
 
 /// A model ready to run: config, weights on the device, tokenizer (absent for a directory without
 /// tokenizer.json, which can still run on token ids).
@@ -141,67 +27,34 @@ pub struct LoadedModel {
 impl LoadedModel {
     /// The tokenizer, or an error saying the model has none.
     pub fn tokenizer(&self) -> Result<&TextTokenizer, LlamaError> {
-        self.tokenizer
-            .as_ref()
-            .ok_or_else(|| LlamaError::Tokenizer {
-                file: "tokenizer.json".into(),
-                reason: "the model directory has no tokenizer.json: pass token ids instead of text"
-                    .into(),
-            })
+        self.tokenizer.as_ref().ok_or_else(|| LlamaError::Tokenizer {
+            file: "tokenizer.json".into(),
+            reason: "the model directory has no tokenizer.json: pass token ids instead of text".into(),
+        })
     }
 }
 
 /// Loads a model from any [`ModelSource`] (HF directory, bitsandbytes checkpoint, GGUF).
-pub fn load(
-    source: &ModelSource,
-    options: &LoadOptions,
-    device: &Device,
-) -> Result<LoadedModel, LlamaError> {
+pub fn load(source: &ModelSource, options: &LoadOptions, device: &Device) -> Result<LoadedModel, LlamaError> {
     match source {
         ModelSource::HfDir(dir) => {
             let (config, model) = load_hf(dir, options, device)?;
-            let tokenizer = if dir.join("tokenizer.json").exists() {
-                Some(TextTokenizer::from_dir(dir)?)
-            } else {
-                None
-            };
-            Ok(LoadedModel {
-                config,
-                model,
-                tokenizer,
-            })
+            let tokenizer =
+                if dir.join("tokenizer.json").exists() { Some(TextTokenizer::from_dir(dir)?) } else { None };
+            Ok(LoadedModel { config, model, tokenizer })
         }
         ModelSource::Gguf(path) => {
             let weights = GgufWeights::new(GgufFile::open(path)?)?;
             let config = weights.config()?;
             let tokenizer = Some(TextTokenizer::from_gguf(&weights.file)?);
-            let model = Loader {
-                source: &weights,
-                config: &config,
-                options,
-                device,
-            }
-            .model()?;
-            Ok(LoadedModel {
-                config,
-                model,
-                tokenizer,
-            })
+            let model = Loader { source: &weights, config: &config, options, device }.model()?;
+            Ok(LoadedModel { config, model, tokenizer })
         }
-        ModelSource::Random(random) => {
+        ModelSource::Random(spec) => {
+            let random = RandomModel::from_spec(spec)?;
             let weights = random.weights();
-            let model = Loader {
-                source: &weights,
-                config: &random.config,
-                options,
-                device,
-            }
-            .model()?;
-            Ok(LoadedModel {
-                config: random.config.clone(),
-                model,
-                tokenizer: None,
-            })
+            let model = Loader { source: &weights, config: &random.config, options, device }.model()?;
+            Ok(LoadedModel { config: random.config, model, tokenizer: None })
         }
     }
 }
@@ -218,28 +71,15 @@ pub struct LoadOptions {
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        LoadOptions {
-            dtype: DType::F32,
-            quant: None,
-        }
+        LoadOptions { dtype: DType::F32, quant: None }
     }
 }
 
 /// Loads config.json and the weights of an HF directory onto `device`.
-pub fn load_hf(
-    dir: &Path,
-    options: &LoadOptions,
-    device: &Device,
-) -> Result<(LlamaConfig, LlamaModel), LlamaError> {
+pub fn load_hf(dir: &Path, options: &LoadOptions, device: &Device) -> Result<(LlamaConfig, LlamaModel), LlamaError> {
     let config = LlamaConfig::from_hf_config(&dir.join("config.json"))?;
     let checkpoint = HfCheckpoint::open(dir)?;
-    let model = Loader {
-        source: &checkpoint,
-        config: &config,
-        options,
-        device,
-    }
-    .model()?;
+    let model = Loader { source: &checkpoint, config: &config, options, device }.model()?;
     Ok((config, model))
 }
 
@@ -257,10 +97,7 @@ impl Loader<'_> {
 
     fn dense(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>, LlamaError> {
         if !self.source.contains(name) {
-            return Err(LlamaError::MissingTensor {
-                file: self.file(name),
-                tensor: name.into(),
-            });
+            return Err(LlamaError::MissingTensor { file: self.file(name), tensor: name.into() });
         }
         let (values, shape) = self.source.tensor_f32(name)?;
         if shape != expected {
@@ -276,25 +113,16 @@ impl Loader<'_> {
 
     fn tensor1(&self, name: &str, len: usize) -> Result<Tensor<1>, LlamaError> {
         let values = self.dense(name, &[len])?;
-        Ok(
-            Tensor::<1>::from_data(TensorData::new(values, [len]), self.device)
-                .cast(self.options.dtype),
-        )
+        Ok(Tensor::<1>::from_data(TensorData::new(values, [len]), self.device).cast(self.options.dtype))
     }
 
     fn tensor2(&self, name: &str, rows: usize, cols: usize) -> Result<Tensor<2>, LlamaError> {
         let values = self.dense(name, &[rows, cols])?;
-        Ok(
-            Tensor::<2>::from_data(TensorData::new(values, [rows, cols]), self.device)
-                .cast(self.options.dtype),
-        )
+        Ok(Tensor::<2>::from_data(TensorData::new(values, [rows, cols]), self.device).cast(self.options.dtype))
     }
 
     fn norm(&self, name: &str) -> Result<RmsNorm, LlamaError> {
-        Ok(RmsNorm {
-            weight: self.tensor1(name, self.config.hidden_size)?,
-            eps: self.config.rms_norm_eps,
-        })
+        Ok(RmsNorm { weight: self.tensor1(name, self.config.hidden_size)?, eps: self.config.rms_norm_eps })
     }
 
     /// A linear layer `prefix.weight` `[out, in]` (+ `prefix.bias`): 4-bit when the checkpoint stores it so or
@@ -307,29 +135,17 @@ impl Loader<'_> {
         bias: bool,
     ) -> Result<FrozenLinear, LlamaError> {
         let name = format!("{prefix}.weight");
-        let bias = if bias {
-            Some(self.tensor1(&format!("{prefix}.bias"), out_features)?)
-        } else {
-            None
-        };
+        let bias = if bias { Some(self.tensor1(&format!("{prefix}.bias"), out_features)?) } else { None };
         if let Some(weight) = self.source.bnb_weight(&name)? {
             return self.quantized(&name, weight, out_features, in_features, bias);
         }
         match &self.options.quant {
             Some(qconfig) => {
                 let values = self.dense(&name, &[out_features, in_features])?;
-                let weight = QuantizedWeight::quantize(
-                    &name,
-                    &values,
-                    &[out_features, in_features],
-                    qconfig,
-                )?;
+                let weight = QuantizedWeight::quantize(&name, &values, &[out_features, in_features], qconfig)?;
                 self.quantized(&name, weight, out_features, in_features, bias)
             }
-            None => Ok(FrozenLinear::dense(
-                self.tensor2(&name, out_features, in_features)?,
-                bias,
-            )),
+            None => Ok(FrozenLinear::dense(self.tensor2(&name, out_features, in_features)?, bias)),
         }
     }
 
@@ -355,10 +171,7 @@ impl Loader<'_> {
     fn model(&self) -> Result<LlamaModel, LlamaError> {
         let c = self.config;
         let (hidden, head_dim) = (c.hidden_size, c.head_dim());
-        let (q_out, kv_out) = (
-            c.num_attention_heads * head_dim,
-            c.num_key_value_heads * head_dim,
-        );
+        let (q_out, kv_out) = (c.num_attention_heads * head_dim, c.num_key_value_heads * head_dim);
         let mut layers = Vec::new(); // grows as layers load: a wrong layer count fails at its first missing tensor
         for i in 0..c.num_hidden_layers {
             let p = format!("model.layers.{i}");
@@ -393,8 +206,7 @@ impl Loader<'_> {
                     num_kv_heads: c.num_key_value_heads,
                     head_dim,
                 },
-                post_attention_layernorm: self
-                    .norm(&format!("{p}.post_attention_layernorm.weight"))?,
+                post_attention_layernorm: self.norm(&format!("{p}.post_attention_layernorm.weight"))?,
                 mlp: Mlp {
                     gate_proj: LoraLinear::frozen(self.linear(
                         &format!("{p}.mlp.gate_proj"),
@@ -425,10 +237,7 @@ impl Loader<'_> {
             let name = "lm_head.weight";
             match self.source.bnb_weight(name)? {
                 Some(w) => Some(self.quantized(name, w, c.vocab_size, hidden, None)?),
-                None => Some(FrozenLinear::dense(
-                    self.tensor2(name, c.vocab_size, hidden)?,
-                    None,
-                )),
+                None => Some(FrozenLinear::dense(self.tensor2(name, c.vocab_size, hidden)?, None)),
             }
         };
         Ok(LlamaModel {

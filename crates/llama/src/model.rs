@@ -17,7 +17,7 @@ pub struct RmsNorm {
 
 impl RmsNorm {
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        crate::fused::rms_norm(x, self.weight.clone(), self.eps)
+        ops::fused::rms_norm(x, self.weight.clone(), self.eps)
     }
 }
 
@@ -148,7 +148,7 @@ impl Attention {
         let out = match cache {
             // Training, evaluation, and forward passes without a cache: the fused op, whose backward keeps no
             // `[len, len]` matrices (`crate::attention`).
-            None => crate::attention::causal_attention(q, k, v, scale as f32),
+            None => ops::attention::causal_attention(q, k, v, scale as f32),
             Some((cache, layer)) => {
                 let (k, v) = cache.append(layer, k, v);
                 let s = k.dims()[2];
@@ -183,7 +183,7 @@ pub struct Mlp {
 
 impl Mlp {
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        self.down_proj.forward(crate::fused::swiglu(self.gate_proj.forward(x.clone()), self.up_proj.forward(x)))
+        self.down_proj.forward(ops::fused::swiglu(self.gate_proj.forward(x.clone()), self.up_proj.forward(x)))
     }
 }
 
@@ -274,7 +274,7 @@ impl LlamaModel {
             Some(_) => None,
         };
         match w_t {
-            Some(w_t) => crate::loss::chunked_nll_sum(hidden.reshape([b * t, hd]), w_t, labels.reshape([b * t]), mask.reshape([b * t]), crate::loss::DEFAULT_CHUNK_ROWS),
+            Some(w_t) => ops::loss::chunked_nll_sum(hidden.reshape([b * t, hd]), w_t, labels.reshape([b * t]), mask.reshape([b * t]), ops::loss::DEFAULT_CHUNK_ROWS),
             None => {
                 let log_probs = burn::tensor::activation::log_softmax(self.logits(hidden).cast(DType::F32), 2);
                 let picked = log_probs.gather(2, labels.reshape([b, t, 1])).reshape([b, t]);

@@ -1,23 +1,22 @@
 //! `random:<architecture>`: a model of any Llama-family shape with random weights, for benchmarks and
 //! tests on machines without the checkpoint (a GPU box with no network, a shape no small model has).
 //!
-//! The spec is `random:<preset or config.json>[,layers=N][,seed=S]`: presets `smollm2-135m` (SmolLM2-135M)
-//! and `llama-7b` (Llama-2-7B), or any HF `config.json`; `layers` overrides the depth. Weights are
-//! N(0, 0.02) as transformers initialises them (norms 1), drawn from SplitMix64 per tensor, so the same
-//! spec always gives the same model. There is no tokenizer: such a model runs on token ids.
+//! The spec `random:<preset or config.json>[,layers=N][,seed=S]` is parsed by
+//! [`formats::source::RandomSpec`]: presets `smollm2-135m` (SmolLM2-135M) and `llama-7b`
+//! (Llama-2-7B), or any HF `config.json`; `layers` overrides the depth. Here it becomes a
+//! [`LlamaConfig`] and weights: N(0, 0.02) as transformers initialises them (norms 1), drawn from
+//! SplitMix64 per tensor, so the same spec always gives the same model. There is no tokenizer: such
+//! a model runs on token ids.
 
 use std::collections::BTreeMap;
-use std::path::Path;
 
+use formats::source::{RandomBase, RandomSpec};
 use quant::QuantizedWeight;
 use rayon::prelude::*;
 use serde_json::Value;
 
-use crate::load::WeightSource;
+use crate::weights::WeightSource;
 use crate::{LlamaConfig, LlamaError};
-
-/// The `random:` prefix of a model spec.
-pub const PREFIX: &str = "random:";
 
 const SMOLLM2_135M: &str = r#"{"model_type":"llama","vocab_size":49152,"hidden_size":576,"intermediate_size":1536,
 "num_hidden_layers":30,"num_attention_heads":9,"num_key_value_heads":3,"rms_norm_eps":1e-5,"rope_theta":100000.0,
@@ -26,7 +25,7 @@ const LLAMA_7B: &str = r#"{"model_type":"llama","vocab_size":32000,"hidden_size"
 "num_hidden_layers":32,"num_attention_heads":32,"num_key_value_heads":32,"rms_norm_eps":1e-5,"rope_theta":10000.0,
 "max_position_embeddings":4096,"tie_word_embeddings":false,"bos_token_id":1,"eos_token_id":2}"#;
 
-/// A parsed `random:` spec.
+/// A `random:` model: the spec's config, built.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RandomModel {
     /// What the spec named (for messages).
@@ -36,78 +35,34 @@ pub struct RandomModel {
 }
 
 impl RandomModel {
-    /// Parses `random:<preset or config.json>[,layers=N][,seed=S]`.
+    /// Parses `random:<preset or config.json>[,layers=N][,seed=S]` and builds its config.
     pub fn parse(spec: &str) -> Result<Self, LlamaError> {
-        let bad = |reason: String| LlamaError::InvalidConfig {
-            file: spec.to_string(),
-            reason,
+        Self::from_spec(&RandomSpec::parse(spec)?)
+    }
+
+    /// The config a parsed spec names: the preset or config.json, with `layers` applied, validated.
+    pub fn from_spec(spec: &RandomSpec) -> Result<Self, LlamaError> {
+        let preset = |json: &str| serde_json::from_str::<Value>(json).expect("preset JSON");
+        let mut config = match &spec.base {
+            RandomBase::Smollm2_135m => LlamaConfig::from_hf_json(&preset(SMOLLM2_135M), &spec.base.name())?,
+            RandomBase::Llama7b => LlamaConfig::from_hf_json(&preset(LLAMA_7B), &spec.base.name())?,
+            RandomBase::ConfigJson(path) => LlamaConfig::from_hf_config(path)?,
         };
-        let body = spec
-            .strip_prefix(PREFIX)
-            .ok_or_else(|| bad(format!("a random model spec starts with `{PREFIX}`")))?;
-        let mut parts = body.split(',');
-        let name = parts.next().unwrap_or_default().trim();
-        let mut config = match name {
-            "smollm2-135m" => LlamaConfig::from_hf_json(
-                &serde_json::from_str::<Value>(SMOLLM2_135M).expect("preset JSON"),
-                name,
-            )?,
-            "llama-7b" => LlamaConfig::from_hf_json(
-                &serde_json::from_str::<Value>(LLAMA_7B).expect("preset JSON"),
-                name,
-            )?,
-            "" => {
-                return Err(bad(
-                    "name a preset (smollm2-135m, llama-7b) or a config.json after `random:`"
-                        .into(),
-                ));
-            }
-            path if Path::new(path).is_file() => LlamaConfig::from_hf_config(Path::new(path))?,
-            other => {
-                return Err(bad(format!(
-                    "`{other}` is neither a preset (smollm2-135m, llama-7b) nor a config.json file"
-                )));
-            }
-        };
-        let mut seed = 0;
-        for part in parts {
-            let (key, value) = part
-                .split_once('=')
-                .ok_or_else(|| bad(format!("`{part}`: expected key=value (layers=N, seed=S)")))?;
-            let number: u64 = value.trim().parse().map_err(|_| {
-                bad(format!(
-                    "`{part}`: {} is not a non-negative integer",
-                    value.trim()
-                ))
-            })?;
-            match key.trim() {
-                "layers" => config.num_hidden_layers = number as usize,
-                "seed" => seed = number,
-                other => return Err(bad(format!("unknown option `{other}` (layers, seed)"))),
-            }
+        if let Some(layers) = spec.layers {
+            config.num_hidden_layers = layers;
         }
-        config.validate(spec)?;
-        Ok(RandomModel {
-            label: spec.to_string(),
-            config,
-            seed,
-        })
+        config.validate(&spec.label)?;
+        Ok(RandomModel { label: spec.label.clone(), config, seed: spec.seed })
     }
 
     /// The weights, under their HF names.
     pub fn weights(&self) -> RandomWeights {
         let c = &self.config;
         let (hidden, head_dim) = (c.hidden_size, c.head_dim());
-        let (q_out, kv_out, inter) = (
-            c.num_attention_heads * head_dim,
-            c.num_key_value_heads * head_dim,
-            c.intermediate_size,
-        );
+        let (q_out, kv_out, inter) =
+            (c.num_attention_heads * head_dim, c.num_key_value_heads * head_dim, c.intermediate_size);
         let mut shapes = BTreeMap::new();
-        shapes.insert(
-            "model.embed_tokens.weight".to_string(),
-            vec![c.vocab_size, hidden],
-        );
+        shapes.insert("model.embed_tokens.weight".to_string(), vec![c.vocab_size, hidden]);
         shapes.insert("model.norm.weight".to_string(), vec![hidden]);
         if !c.tie_word_embeddings {
             shapes.insert("lm_head.weight".to_string(), vec![c.vocab_size, hidden]);
@@ -142,11 +97,7 @@ impl RandomModel {
                 }
             }
         }
-        RandomWeights {
-            label: self.label.clone(),
-            shapes,
-            seed: self.seed,
-        }
+        RandomWeights { label: self.label.clone(), shapes, seed: self.seed }
     }
 }
 
@@ -169,22 +120,20 @@ fn splitmix(state: &mut u64) -> u64 {
 fn normal(n: usize, std: f32, seed: u64) -> Vec<f32> {
     const CHUNK: usize = 1 << 16;
     let mut out = vec![0.0f32; n];
-    out.par_chunks_mut(CHUNK)
-        .enumerate()
-        .for_each(|(chunk, values)| {
-            let mut state = seed ^ (chunk as u64).wrapping_mul(0xD1B5_4A32_D192_ED03);
-            for pair in values.chunks_mut(2) {
-                let bits = splitmix(&mut state);
-                let u1 = ((bits >> 40) as f32 + 1.0) / 16_777_217.0; // (0, 1]
-                let u2 = (bits & 0xFF_FFFF) as f32 / 16_777_216.0;
-                let radius = std * (-2.0 * u1.ln()).sqrt();
-                let angle = std::f32::consts::TAU * u2;
-                pair[0] = radius * angle.cos();
-                if pair.len() > 1 {
-                    pair[1] = radius * angle.sin();
-                }
+    out.par_chunks_mut(CHUNK).enumerate().for_each(|(chunk, values)| {
+        let mut state = seed ^ (chunk as u64).wrapping_mul(0xD1B5_4A32_D192_ED03);
+        for pair in values.chunks_mut(2) {
+            let bits = splitmix(&mut state);
+            let u1 = ((bits >> 40) as f32 + 1.0) / 16_777_217.0; // (0, 1]
+            let u2 = (bits & 0xFF_FFFF) as f32 / 16_777_216.0;
+            let radius = std * (-2.0 * u1.ln()).sqrt();
+            let angle = std::f32::consts::TAU * u2;
+            pair[0] = radius * angle.cos();
+            if pair.len() > 1 {
+                pair[1] = radius * angle.sin();
             }
-        });
+        }
+    });
     out
 }
 
@@ -199,10 +148,7 @@ impl WeightSource for RandomWeights {
         let shape = self
             .shapes
             .get(name)
-            .ok_or_else(|| LlamaError::MissingTensor {
-                file: self.label.clone(),
-                tensor: name.into(),
-            })?;
+            .ok_or_else(|| LlamaError::MissingTensor { file: self.label.clone(), tensor: name.into() })?;
         let n = shape.iter().product();
         let values = if name.ends_with("norm.weight") {
             vec![1.0; n]
@@ -211,9 +157,7 @@ impl WeightSource for RandomWeights {
         } else {
             let seed = name
                 .bytes()
-                .fold(self.seed ^ 0xA076_1D64_78BD_642F, |h, b| {
-                    (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01B3)
-                });
+                .fold(self.seed ^ 0xA076_1D64_78BD_642F, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01B3));
             normal(n, 0.02, seed)
         };
         Ok((values, shape.clone()))
@@ -230,24 +174,11 @@ mod tests {
     #[test]
     fn specs_parse_and_bad_specs_are_clear_errors() {
         let m = RandomModel::parse("random:smollm2-135m,layers=2,seed=3").unwrap();
-        assert_eq!(
-            (m.config.num_hidden_layers, m.config.hidden_size, m.seed),
-            (2, 576, 3)
-        );
-        assert_eq!(
-            RandomModel::parse("random:llama-7b")
-                .unwrap()
-                .config
-                .intermediate_size,
-            11008
-        );
-        for bad in [
-            "random:",
-            "random:gpt9",
-            "random:llama-7b,layers=x",
-            "random:llama-7b,depth=2",
-            "random:llama-7b,layers",
-        ] {
+        assert_eq!((m.config.num_hidden_layers, m.config.hidden_size, m.seed), (2, 576, 3));
+        assert_eq!(RandomModel::parse("random:llama-7b").unwrap().config.intermediate_size, 11008);
+        for bad in
+            ["random:", "random:gpt9", "random:llama-7b,layers=x", "random:llama-7b,depth=2", "random:llama-7b,layers"]
+        {
             let err = RandomModel::parse(bad).unwrap_err().to_string();
             assert!(err.contains(bad), "{bad}: {err}");
         }
@@ -255,39 +186,32 @@ mod tests {
     }
 
     #[test]
+    fn config_json_specs_build_from_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.json");
+        std::fs::write(&path, SMOLLM2_135M).unwrap();
+        let spec = format!("random:{},layers=3,seed=9", path.display());
+        let m = RandomModel::parse(&spec).unwrap();
+        assert_eq!((m.config.num_hidden_layers, m.config.hidden_size, m.seed), (3, 576, 9));
+        assert_eq!(m.label, spec);
+        // A config.json that is not one is the config's error, naming the file.
+        std::fs::write(&path, "{").unwrap();
+        let err = RandomModel::parse(&spec).unwrap_err().to_string();
+        assert!(err.contains("config.json"), "{err}");
+    }
+
+    #[test]
     fn weights_have_the_config_shapes_and_the_initialiser_statistics() {
         let m = RandomModel::parse("random:smollm2-135m,layers=1").unwrap();
         let w = m.weights();
-        let (q, shape) = w
-            .tensor_f32("model.layers.0.self_attn.k_proj.weight")
-            .unwrap();
+        let (q, shape) = w.tensor_f32("model.layers.0.self_attn.k_proj.weight").unwrap();
         assert_eq!(shape, vec![192, 576]);
         let mean = q.iter().map(|&v| v as f64).sum::<f64>() / q.len() as f64;
-        let std =
-            (q.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / q.len() as f64).sqrt();
-        assert!(
-            mean.abs() < 1e-3 && (std - 0.02).abs() < 5e-4,
-            "mean {mean} std {std}"
-        );
-        assert_eq!(
-            w.tensor_f32("model.layers.0.input_layernorm.weight")
-                .unwrap()
-                .0,
-            vec![1.0; 576]
-        );
-        assert_eq!(
-            w.tensor_f32("model.layers.0.self_attn.k_proj.weight")
-                .unwrap()
-                .0,
-            q,
-            "deterministic"
-        );
-        assert_ne!(
-            w.tensor_f32("model.layers.0.self_attn.v_proj.weight")
-                .unwrap()
-                .0,
-            q
-        );
+        let std = (q.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / q.len() as f64).sqrt();
+        assert!(mean.abs() < 1e-3 && (std - 0.02).abs() < 5e-4, "mean {mean} std {std}");
+        assert_eq!(w.tensor_f32("model.layers.0.input_layernorm.weight").unwrap().0, vec![1.0; 576]);
+        assert_eq!(w.tensor_f32("model.layers.0.self_attn.k_proj.weight").unwrap().0, q, "deterministic");
+        assert_ne!(w.tensor_f32("model.layers.0.self_attn.v_proj.weight").unwrap().0, q);
         assert!(!w.contains("lm_head.weight") && !w.contains("model.layers.1.mlp.up_proj.weight"));
     }
 }

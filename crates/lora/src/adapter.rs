@@ -134,7 +134,7 @@ impl LoraAdapter {
     /// The dropout's seed for one forward, when it is active (training under autodiff, p > 0).
     fn dropout_seed(&self, x: &Tensor<2>) -> Option<u64> {
         let training = self.dropout.training.is_enabled() && x.device().is_autodiff() && self.dropout.prob > 0.0;
-        training.then(|| crate::dropout::draw_seed(&x.device()))
+        training.then(|| ops::dropout::draw_seed(&x.device()))
     }
 
     /// `scaling · dropout(x) · Aᵀ · Bᵀ` for `x [rows, in]`, computed in x's dtype.
@@ -143,7 +143,7 @@ impl LoraAdapter {
         let a = self.lora_a.val().cast(dtype);
         let b = self.lora_b.val().cast(dtype);
         let x = match self.dropout_seed(&x) {
-            Some(seed) => crate::dropout::seeded_dropout(x, self.dropout.prob, seed),
+            Some(seed) => ops::dropout::seeded_dropout(x, self.dropout.prob, seed),
             None => x,
         };
         // The scaling goes on the `[rows, r]` intermediate, not on the `[rows, out]` result.

@@ -36,14 +36,14 @@ impl FrozenLinear {
     }
 
     /// `x·Wᵀ + b` for `x` of shape `[..., in_features]`. A 4-bit weight goes through
-    /// [`quant_matmul_t`](crate::quant_matmul::quant_matmul_t): no dense copy outlives the call.
+    /// [`quant_matmul_t`](ops::quant_matmul::quant_matmul_t): no dense copy outlives the call.
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         let dims = x.dims();
         let rows: usize = dims[..D - 1].iter().product();
         let x2: Tensor<2> = x.reshape([rows, self.in_features]);
         let y = match &self.weight {
             BaseWeight::Dense(w) => x2.matmul(w.clone()),
-            BaseWeight::Quantized(q) => crate::quant_matmul::quant_matmul_t(x2, q),
+            BaseWeight::Quantized(q) => ops::quant_matmul::quant_matmul_t(x2, q),
         };
         let y = self.add_bias(y);
         let mut out_dims = dims;

@@ -22,9 +22,9 @@ use burn::backend::{
 use burn::tensor::Tensor;
 use quant::DeviceQuantizedWeight;
 
-use crate::dropout::SeededDropoutBackend;
-use crate::host_matmul::matmul;
-use crate::quant_matmul::{PackedShape, QuantMatmulBackend};
+use ops::dropout::SeededDropoutBackend;
+use ops::host_matmul::matmul;
+use ops::quant_matmul::{PackedShape, QuantMatmulBackend};
 
 /// The frozen 4-bit base of the op: packed codes, f32 absmax per block, code book, geometry.
 #[derive(Debug, Clone)]

@@ -34,6 +34,7 @@ proptest! {
         let q = nf4::quantize(&x, blocksize, qt, false).unwrap();
         let back: Vec<f32> = q.dequantize().unwrap();
         let Absmax::Plain(absmax) = &q.absmax else { unreachable!() };
+        prop_assert_eq!(back.len(), x.len(), "dequantized length");
         for (i, (a, b)) in x.iter().zip(&back).enumerate() {
             let m = absmax[i / blocksize];
             if m == 0.0 { prop_assert_eq!(*b, 0.0); continue; }
@@ -55,6 +56,7 @@ proptest! {
         let (Absmax::Plain(exact), Absmax::Double(d)) = (&plain.absmax, &dq.absmax) else { unreachable!() };
         let decoded = d.dequantize().unwrap();
         let back: Vec<f32> = dq.dequantize().unwrap();
+        prop_assert_eq!(back.len(), values.len(), "dequantized length");
         for (i, (a, b)) in values.iter().zip(&back).enumerate() {
             let block = i / blocksize;
             let s = (a / exact[block]).clamp(-1.0, 1.0);

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::optimizer::{AdamPrecision, PagedAdamW};
 use crate::page::{PageState, StateFormat};
-use crate::pager::PageDevice;
+use adamw_rules::PageDevice;
 use crate::update::STATE_BLOCKSIZE;
 use crate::OptimError;
 

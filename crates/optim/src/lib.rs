@@ -1,6 +1,7 @@
 //! # optim — paged AdamW for QLoRA
 //!
-//! Beside `lora` in the stack (nf4 → quant → lora / optim → llama → data → train). QLoRA's third memory
+//! Beside `lora` in the stack (nf4 / bf16-gemm → quant → ops → lora / optim → formats → llama → data → train),
+//! on `adamw-rules` (the update rules and the page interface, shared with the device kernels). QLoRA's third memory
 //! idea: optimizer state that pages between host and device, so a memory spike never runs a finetune out of
 //! device memory. [`PagedAdamW`] keeps both Adam moments in fixed-size host pages — f32 with
 //! `torch.optim.AdamW`'s update, or 8-bit blockwise with `bitsandbytes.optim.AdamW8bit`'s (signed/unsigned
@@ -11,21 +12,21 @@
 
 mod checkpoint;
 pub mod clip;
-pub mod codebooks;
 pub mod module;
 mod optimizer;
-pub mod page;
 pub mod pager;
 pub mod schedule;
-pub mod update;
+
+/// The update rules, code books and pages live in `adamw-rules` (shared with the device kernels).
+pub use adamw_rules::{codebooks, page, update};
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
 pub use module::{gradients_of, trainable_tensors, write_tensors, HostTensor};
 pub use optimizer::{AdamPrecision, PagedAdamW, PagedAdamWConfig, ParamGrad};
-pub use page::{PageState, StateFormat};
-pub use pager::{HostMemory, PageDevice, Pager, PagerStats};
+pub use adamw_rules::{HostMemory, PageDevice, PageState, StateFormat, UpdateRule};
+pub use pager::{Pager, PagerStats};
 pub use schedule::{LrSchedule, LrScheduleConfig, ScheduleKind, Warmup};
 
 /// Errors of optimizer configuration, parameters and checkpoints.

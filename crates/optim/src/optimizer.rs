@@ -7,7 +7,8 @@ use burn::config::Config;
 use serde::{Deserialize, Serialize};
 
 use crate::page::{split_into_pages, PageState, StateFormat};
-use crate::pager::{HostMemory, PageDevice, Pager, PagerStats, UpdateRule};
+use crate::pager::{Pager, PagerStats};
+use adamw_rules::{HostMemory, PageDevice, UpdateRule};
 use crate::update::AdamHyper;
 use crate::OptimError;
 

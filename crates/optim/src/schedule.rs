@@ -17,6 +17,16 @@ pub enum ScheduleKind {
     Cosine,
 }
 
+impl std::fmt::Display for ScheduleKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ScheduleKind::Constant => "constant",
+            ScheduleKind::Linear => "linear",
+            ScheduleKind::Cosine => "cosine",
+        })
+    }
+}
+
 impl std::str::FromStr for ScheduleKind {
     type Err = OptimError;
     fn from_str(s: &str) -> Result<Self, OptimError> {

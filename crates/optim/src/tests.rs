@@ -9,17 +9,8 @@ use crate::*;
 
 /// Deterministic pseudo-random values (SplitMix64 → uniform [-1, 1)).
 fn values(seed: u64, n: usize, scale: f32) -> Vec<f32> {
-    let mut s = seed;
-    (0..n)
-        .map(|_| {
-            s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = s;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^= z >> 31;
-            ((z >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
-        })
-        .collect()
+    let mut rng = splitmix::SplitMix64(seed);
+    (0..n).map(|_| (rng.unit_f32() * 2.0 - 1.0) * scale).collect()
 }
 
 /// Parameter sizes: a small one (32-bit even in 8-bit mode), ragged and multi-page ones.

@@ -55,14 +55,8 @@ pub struct StepBenchReport {
 
 /// `batch` rows of `seq` token ids below `vocab` (SplitMix64 from `seed`), every next token a target.
 pub fn random_batch(batch: usize, seq: usize, vocab: usize, seed: u64) -> Batch {
-    let mut state = seed;
-    let mut next = move || {
-        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    };
+    let mut rng = splitmix::SplitMix64(seed);
+    let mut next = move || rng.next_u64();
     let rows: Vec<TokenizedExample> = (0..batch)
         .map(|_| TokenizedExample {
             ids: (0..seq).map(|_| (next() % vocab as u64) as u32).collect(),
@@ -79,7 +73,7 @@ pub fn run(config: &TrainConfig, bench: &StepBench) -> Result<StepBenchReport, T
             "bench-step needs --batch ≥ 1, --seq ≥ 2 and --steps ≥ 1".into(),
         ));
     }
-    let model_path = llama::source::resolve(&config.model)?.label();
+    let model_path = formats::source::resolve(&config.model)?.label();
     let device = training_device(config)?;
     let (loaded, _lora) = load_for_training(config, &device)?;
     let mut model = loaded.model.clone();
@@ -130,7 +124,7 @@ pub fn run(config: &TrainConfig, bench: &StepBench) -> Result<StepBenchReport, T
         side: "ours",
         batch: bench.batch,
         seq: bench.seq,
-        dtype: config.compute_dtype.clone(),
+        dtype: config.compute_dtype.name().to_string(),
         threads: burn_threads(),
         steps: bench.steps,
         median_s,

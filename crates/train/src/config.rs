@@ -4,10 +4,152 @@
 use std::path::{Path, PathBuf};
 
 use clap::parser::ValueSource;
-use clap::{ArgMatches, Args, FromArgMatches};
+use clap::{ArgMatches, Args, FromArgMatches, ValueEnum};
+use burn::tensor::DType;
+use data::DatasetFormat;
+use nf4::QuantType;
+use optim::{AdamPrecision, ScheduleKind};
 use serde::{Deserialize, Serialize};
 
 use crate::TrainError;
+
+/// `--quant`: the 4-bit type a model's linear weights are quantized to on load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QuantChoice {
+    /// Keep the weights dense (a bitsandbytes checkpoint stays 4-bit).
+    None,
+    Nf4,
+    Fp4,
+}
+
+impl QuantChoice {
+    pub fn quant_type(self) -> Option<QuantType> {
+        match self {
+            QuantChoice::None => None,
+            QuantChoice::Nf4 => Some(QuantType::Nf4),
+            QuantChoice::Fp4 => Some(QuantType::Fp4),
+        }
+    }
+}
+
+/// `--compute-dtype` of training: QLoRA computes in f32 or bf16.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ComputeDtype {
+    #[value(alias = "float32")]
+    #[serde(alias = "float32")]
+    F32,
+    #[value(alias = "bfloat16")]
+    #[serde(alias = "bfloat16")]
+    Bf16,
+}
+
+impl ComputeDtype {
+    pub fn dtype(self) -> DType {
+        match self {
+            ComputeDtype::F32 => DType::F32,
+            ComputeDtype::Bf16 => DType::BF16,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ComputeDtype::F32 => "f32",
+            ComputeDtype::Bf16 => "bf16",
+        }
+    }
+}
+
+/// `--dtype` of inference (`generate`, `chat`, `forward`, `eval`): f16 too.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InferenceDtype {
+    F32,
+    Bf16,
+    F16,
+}
+
+impl InferenceDtype {
+    pub fn dtype(self) -> DType {
+        match self {
+            InferenceDtype::F32 => DType::F32,
+            InferenceDtype::Bf16 => DType::BF16,
+            InferenceDtype::F16 => DType::F16,
+        }
+    }
+}
+
+/// `--optimizer`: QLoRA's paged AdamW with 32-bit or 8-bit blockwise state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+pub enum OptimizerChoice {
+    #[value(name = "paged_adamw_32bit", aliases = ["adamw_32bit", "adamw"])]
+    #[serde(rename = "paged_adamw_32bit", alias = "adamw_32bit", alias = "adamw")]
+    PagedAdamW32bit,
+    #[value(name = "paged_adamw_8bit", alias = "adamw_8bit")]
+    #[serde(rename = "paged_adamw_8bit", alias = "adamw_8bit")]
+    PagedAdamW8bit,
+}
+
+impl OptimizerChoice {
+    pub fn precision(self) -> AdamPrecision {
+        match self {
+            OptimizerChoice::PagedAdamW32bit => AdamPrecision::Bits32,
+            OptimizerChoice::PagedAdamW8bit => AdamPrecision::Bits8,
+        }
+    }
+}
+
+/// `--device`: `cpu` (burn's flex), `wgpu`, `cuda` or `cuda:N`. The spelling is checked when the command
+/// line or config file is parsed; whether this build and machine have the device, when it is opened
+/// ([`crate::device::open`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum DeviceSpec {
+    Cpu,
+    Wgpu,
+    Cuda(usize),
+}
+
+impl std::str::FromStr for DeviceSpec {
+    type Err = TrainError;
+    fn from_str(spec: &str) -> Result<Self, TrainError> {
+        match spec.trim().to_ascii_lowercase().as_str() {
+            "cpu" | "flex" => Ok(DeviceSpec::Cpu),
+            "wgpu" => Ok(DeviceSpec::Wgpu),
+            "cuda" => Ok(DeviceSpec::Cuda(0)),
+            other => other
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(DeviceSpec::Cuda)
+                .ok_or_else(|| TrainError::Input(format!("--device {spec}: expected cpu, wgpu, cuda or cuda:N"))),
+        }
+    }
+}
+
+impl std::fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DeviceSpec::Cpu => f.write_str("cpu"),
+            DeviceSpec::Wgpu => f.write_str("wgpu"),
+            DeviceSpec::Cuda(0) => f.write_str("cuda"),
+            DeviceSpec::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+impl TryFrom<String> for DeviceSpec {
+    type Error = TrainError;
+    fn try_from(s: String) -> Result<Self, TrainError> {
+        s.parse()
+    }
+}
+
+impl From<DeviceSpec> for String {
+    fn from(d: DeviceSpec) -> String {
+        d.to_string()
+    }
+}
 
 /// Everything a training run depends on. Defaults are QLoRA's recipe where it has one.
 #[derive(Args, Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -16,9 +158,9 @@ pub struct TrainConfig {
     /// An HF model directory, a bitsandbytes 4-bit checkpoint, a .gguf file, a hub id, or `smollm2`.
     #[arg(long, default_value = "smollm2")]
     pub model: String,
-    /// Quantize the linear weights on load: nf4, fp4 or none (a bitsandbytes checkpoint is 4-bit already).
-    #[arg(long, default_value = "nf4")]
-    pub quant: String,
+    /// Quantize the linear weights on load (a bitsandbytes checkpoint is 4-bit already).
+    #[arg(long, value_enum, default_value = "nf4")]
+    pub quant: QuantChoice,
     #[arg(long, default_value_t = 64)]
     pub blocksize: usize,
     /// Keep f32 absmax statistics (double quantization is on by default).
@@ -26,11 +168,11 @@ pub struct TrainConfig {
     pub no_double_quant: bool,
     /// Compute dtype of activations and matmuls: f32, or bf16 (QLoRA's `--bf16`: the 4-bit base decodes to
     /// bf16, norms and the loss stay f32).
-    #[arg(long, default_value = "f32")]
-    pub compute_dtype: String,
+    #[arg(long, value_enum, default_value = "f32")]
+    pub compute_dtype: ComputeDtype,
     /// cpu, or wgpu / cuda / cuda:N in builds with those features.
     #[arg(long, default_value = "cpu")]
-    pub device: String,
+    pub device: DeviceSpec,
     /// Continue from an existing PEFT adapter instead of a fresh LoRA.
     #[arg(long)]
     pub init_adapter: Option<PathBuf>,
@@ -54,7 +196,7 @@ pub struct TrainConfig {
     pub eval_data: Option<String>,
     /// auto, alpaca, oasst, chat or text.
     #[arg(long, default_value = "auto")]
-    pub format: String,
+    pub format: DatasetFormat,
     /// Skip malformed JSONL lines (reported by number) instead of stopping.
     #[arg(long)]
     pub skip_bad_lines: bool,
@@ -92,7 +234,7 @@ pub struct TrainConfig {
     pub lr: f64,
     /// constant, linear or cosine.
     #[arg(long, default_value = "constant")]
-    pub schedule: String,
+    pub schedule: ScheduleKind,
     #[arg(long, default_value_t = 0.03)]
     pub warmup_ratio: f64,
     #[arg(long, default_value_t = 0.3)]
@@ -101,9 +243,8 @@ pub struct TrainConfig {
     pub weight_decay: f64,
     #[arg(long, default_value_t = 0.999)]
     pub adam_beta2: f64,
-    /// paged_adamw_32bit or paged_adamw_8bit.
-    #[arg(long, default_value = "paged_adamw_32bit")]
-    pub optimizer: String,
+    #[arg(long, value_enum, default_value = "paged_adamw_32bit")]
+    pub optimizer: OptimizerChoice,
     /// Device budget for optimizer state in MiB (0: unlimited, state stays resident).
     #[arg(long, default_value_t = 0)]
     pub optimizer_device_budget_mib: usize,
@@ -187,5 +328,81 @@ impl TrainConfig {
         merged
             .try_into()
             .map_err(|e: toml::de::Error| TrainError::Input(format!("{}: {e}", file.display())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        config: TrainConfig,
+    }
+
+    fn parse(args: &[&str]) -> Result<TrainConfig, String> {
+        Cli::try_parse_from(std::iter::once("qlora").chain(args.iter().copied()))
+            .map(|c| c.config)
+            .map_err(|e| e.to_string())
+    }
+
+    /// Every choice is checked when the command line is parsed, before any work: a bad value names the
+    /// flag and what it accepts.
+    #[test]
+    fn bad_choices_fail_at_parse_time() {
+        for (flag, value) in [
+            ("--quant", "nf3"),
+            ("--compute-dtype", "f16"),
+            ("--device", "tpu"),
+            ("--format", "yaml"),
+            ("--schedule", "step"),
+            ("--optimizer", "sgd"),
+        ] {
+            let err = parse(&[flag, value]).unwrap_err();
+            assert!(err.contains(flag) && err.contains(value), "{flag} {value}: {err}");
+        }
+    }
+
+    #[test]
+    fn choices_parse_with_their_aliases() {
+        let c = parse(&[
+            "--quant",
+            "fp4",
+            "--compute-dtype",
+            "bfloat16",
+            "--device",
+            "cuda:1",
+            "--format",
+            "guanaco",
+            "--schedule",
+            "cosine",
+            "--optimizer",
+            "adamw_8bit",
+        ])
+        .unwrap();
+        assert_eq!(c.quant, QuantChoice::Fp4);
+        assert_eq!(c.compute_dtype, ComputeDtype::Bf16);
+        assert_eq!(c.device, DeviceSpec::Cuda(1));
+        assert_eq!(c.format, DatasetFormat::Oasst);
+        assert_eq!(c.schedule, ScheduleKind::Cosine);
+        assert_eq!(c.optimizer, OptimizerChoice::PagedAdamW8bit);
+    }
+
+    /// A config file round-trips, and a bad value in it is an error naming the file (not a later panic).
+    #[test]
+    fn config_files_round_trip_and_reject_bad_choices() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = parse(&["--device", "cuda:2", "--optimizer", "paged_adamw_8bit", "--format", "chat"]).unwrap();
+        let path = dir.path().join("train_config.toml");
+        std::fs::write(&path, config.to_toml()).unwrap();
+        assert_eq!(TrainConfig::from_toml_file(&path).unwrap(), config);
+        for (key, bad) in [("device", "\"tpu\""), ("optimizer", "\"sgd\""), ("format", "\"yaml\""), ("quant", "\"nf3\"")] {
+            let text = config.to_toml().lines().map(|l| if l.starts_with(&format!("{key} =")) { format!("{key} = {bad}") } else { l.to_string() }).collect::<Vec<_>>().join("\n");
+            std::fs::write(&path, text).unwrap();
+            let err = TrainConfig::from_toml_file(&path).unwrap_err().to_string();
+            assert!(err.contains("train_config.toml"), "{key}: {err}");
+        }
     }
 }

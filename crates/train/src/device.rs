@@ -7,6 +7,7 @@
 
 use burn::tensor::Device;
 
+use crate::config::DeviceSpec;
 use crate::TrainError;
 
 /// The devices this build can use, for messages.
@@ -19,36 +20,36 @@ pub fn available() -> &'static str {
     }
 }
 
-/// The device a spec names, checked to open (a missing GPU is an error, not a panic later).
+/// The device a spec names (`cpu`, `wgpu`, `cuda`, `cuda:N`), checked to open.
 pub fn parse_device(spec: &str) -> Result<Device, TrainError> {
-    let unknown = || TrainError::Input(format!("--device {spec}: this build has {}", available()));
-    match spec.trim().to_ascii_lowercase().as_str() {
-        "cpu" | "flex" => Ok(Device::flex()),
+    open(spec.parse()?)
+}
+
+/// Opens a device, checked (a missing GPU or a build without its feature is an error, not a panic later).
+pub fn open(spec: DeviceSpec) -> Result<Device, TrainError> {
+    let unavailable = || TrainError::Input(format!("--device {spec}: this build has {}", available()));
+    match spec {
+        DeviceSpec::Cpu => Ok(Device::flex()),
         #[cfg(feature = "wgpu")]
-        "wgpu" => {
-            lora::cube::probe(qlora_kernels_kind::wgpu())
+        DeviceSpec::Wgpu => {
+            ops::cube::probe(qlora_kernels_kind::wgpu())
                 .map_err(|e| TrainError::Input(format!("--device wgpu: {e}")))?;
             Ok(Device::wgpu(burn::tensor::DeviceKind::DefaultDevice))
         }
         #[cfg(feature = "cuda")]
-        cuda if cuda == "cuda" || cuda.starts_with("cuda:") => {
-            let index: usize = match cuda.strip_prefix("cuda:") {
-                None => 0,
-                Some(n) => n.parse().map_err(|_| {
-                    TrainError::Input(format!("--device {spec}: expected cuda or cuda:N"))
-                })?,
-            };
-            lora::cube::probe(qlora_kernels_kind::cuda(index))
+        DeviceSpec::Cuda(index) => {
+            ops::cube::probe(qlora_kernels_kind::cuda(index))
                 .map_err(|e| TrainError::Input(format!("--device {spec}: {e}")))?;
             Ok(Device::cuda(index))
         }
-        _ => Err(unknown()),
+        #[allow(unreachable_patterns)]
+        _ => Err(unavailable()),
     }
 }
 
 #[cfg(any(feature = "wgpu", feature = "cuda"))]
 mod qlora_kernels_kind {
-    pub use lora::cube::DeviceKind;
+    pub use ops::cube::DeviceKind;
     #[cfg(feature = "wgpu")]
     pub fn wgpu() -> DeviceKind {
         DeviceKind::Wgpu

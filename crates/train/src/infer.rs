@@ -4,9 +4,9 @@ use std::io::{BufRead, Write};
 use std::path::Path;
 
 use burn::tensor::{DType, Device, Int, Tensor, TensorData};
+use formats::source::resolve;
+use formats::tokenizer::ChatMessage;
 use llama::generate::{SamplingConfig, StopReason, generate};
-use llama::source::resolve;
-use llama::tokenizer::ChatMessage;
 use llama::{LoadOptions, LoadedModel, load};
 use quant::bnb::StoredTensor;
 use quant::checkpoint::write_atomically;

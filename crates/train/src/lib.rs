@@ -33,6 +33,8 @@ pub enum TrainError {
     #[error(transparent)]
     Model(#[from] llama::LlamaError),
     #[error(transparent)]
+    Format(#[from] formats::FormatError),
+    #[error(transparent)]
     Quant(#[from] quant::QuantError),
     #[error("{}: {source}", path.display())]
     Io {

@@ -4,14 +4,13 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::Context;
-use burn::tensor::DType;
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand};
+use formats::tokenizer::ChatMessage;
 use llama::LoadOptions;
 use llama::generate::SamplingConfig;
-use llama::tokenizer::ChatMessage;
 use nf4::QuantType;
 use quant::QuantConfig;
-use train::config::TrainConfig;
+use train::config::{ComputeDtype, DeviceSpec, InferenceDtype, QuantChoice, TrainConfig};
 use train::infer;
 use train::quantize::{self, QuantizeArgs};
 
@@ -88,7 +87,7 @@ enum Command {
         requantize: bool,
         /// Dtype of a dense output.
         #[arg(long, value_enum, default_value = "f32")]
-        dtype: DtypeChoice,
+        dtype: ComputeDtype,
     },
     /// Finetune with QLoRA: 4-bit base, LoRA on all linear layers, paged AdamW, QLoRA's recipe by default.
     /// With no arguments: SmolLM2-135M-Instruct on the embedded WordNet dataset.
@@ -131,7 +130,7 @@ enum Command {
         data: PathBuf,
         /// auto, alpaca, oasst, chat or text (loss mode).
         #[arg(long, default_value = "auto")]
-        format: String,
+        format: data::DatasetFormat,
         /// Multiple choice: the first K questions are demonstrations.
         #[arg(long, default_value_t = 0)]
         shots: usize,
@@ -154,19 +153,6 @@ enum Command {
     },
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-enum QuantChoice {
-    None,
-    Nf4,
-    Fp4,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum DtypeChoice {
-    F32,
-    Bf16,
-    F16,
-}
 
 #[derive(Args)]
 struct ModelArgs {
@@ -185,35 +171,25 @@ struct ModelArgs {
     no_double_quant: bool,
     /// Compute dtype.
     #[arg(long, value_enum, default_value = "f32")]
-    dtype: DtypeChoice,
+    dtype: InferenceDtype,
     /// A PEFT LoRA adapter directory to apply.
     #[arg(long)]
     adapter: Option<PathBuf>,
     /// cpu, or wgpu / cuda / cuda:N in builds with those features.
     #[arg(long, default_value = "cpu")]
-    device: String,
+    device: DeviceSpec,
 }
 
 impl ModelArgs {
     fn options(&self) -> anyhow::Result<LoadOptions> {
         nf4::check_blocksize(self.blocksize)?;
-        let quant = match self.quant {
-            QuantChoice::None => None,
-            QuantChoice::Nf4 => Some(QuantType::Nf4),
-            QuantChoice::Fp4 => Some(QuantType::Fp4),
-        }
-        .map(|qt| {
+        let quant = self.quant.quant_type().map(|qt| {
             QuantConfig::new()
                 .with_quant_type(qt)
                 .with_blocksize(self.blocksize)
                 .with_double_quant(!self.no_double_quant)
         });
-        let dtype = match self.dtype {
-            DtypeChoice::F32 => DType::F32,
-            DtypeChoice::Bf16 => DType::BF16,
-            DtypeChoice::F16 => DType::F16,
-        };
-        Ok(LoadOptions { dtype, quant })
+        Ok(LoadOptions { dtype: self.dtype.dtype(), quant })
     }
 
     fn load(&self) -> anyhow::Result<llama::LoadedModel> {
@@ -221,7 +197,7 @@ impl ModelArgs {
         let mut loaded = infer::load_model_on(
             &self.model,
             &options,
-            &train::device::parse_device(&self.device)?,
+            &train::device::open(self.device)?,
         )
         .with_context(|| format!("loading {}", self.model))?;
         if let Some(dir) = &self.adapter {
@@ -470,9 +446,8 @@ fn main() -> anyhow::Result<()> {
         } => {
             let output = match (requantize, dtype) {
                 (true, _) => lora::merge::MergeOutput::Requantize(QuantConfig::new()),
-                (false, DtypeChoice::Bf16) => lora::merge::MergeOutput::DenseBf16,
-                (false, DtypeChoice::F32) => lora::merge::MergeOutput::DenseF32,
-                (false, DtypeChoice::F16) => anyhow::bail!("merged output is f32 or bf16"),
+                (false, ComputeDtype::Bf16) => lora::merge::MergeOutput::DenseBf16,
+                (false, ComputeDtype::F32) => lora::merge::MergeOutput::DenseF32,
             };
             let report = lora::merge::merge_checkpoint(&model, &adapter, &out, &output)
                 .with_context(|| format!("merging {}", adapter.display()))?;
@@ -500,7 +475,7 @@ fn main() -> anyhow::Result<()> {
             let loaded = model.load()?;
             let args = train::eval::EvalArgs {
                 data,
-                format: format.parse()?,
+                format,
                 limits: data::Limits {
                     source_max_len,
                     target_max_len,

@@ -5,14 +5,12 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use burn::module::Module;
-use burn::tensor::{DType, Device, Int, Tensor, TensorData};
-use data::{Batch, BatchStream, DataCursor, DatasetFormat, Limits, OrderConfig, TokenizedExample};
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use data::{Batch, BatchStream, DataCursor, Limits, OrderConfig, TokenizedExample};
 use llama::{LlamaModel, LoadOptions, LoadedModel};
 use lora::{LoraConfig, TargetModules};
-use nf4::QuantType;
 use optim::{
-    AdamPrecision, HostTensor, LrSchedule, LrScheduleConfig, PagedAdamW, PagedAdamWConfig,
-    ScheduleKind, Warmup,
+    HostTensor, LrSchedule, LrScheduleConfig, PagedAdamW, PagedAdamWConfig, Warmup,
 };
 use quant::QuantConfig;
 use serde::{Deserialize, Serialize};
@@ -70,16 +68,9 @@ pub fn load_for_training(
     config: &TrainConfig,
     device: &Device,
 ) -> Result<(LoadedModel, LoraConfig), TrainError> {
-    let quant = match config.quant.as_str() {
-        "none" => None,
-        "nf4" => Some(QuantType::Nf4),
-        "fp4" => Some(QuantType::Fp4),
-        other => {
-            return Err(TrainError::Input(format!(
-                "--quant {other}: expected nf4, fp4 or none"
-            )));
-        }
-    }
+    let quant = config
+        .quant
+        .quant_type()
     .map(|qt| {
         QuantConfig::new()
             .with_quant_type(qt)
@@ -87,8 +78,8 @@ pub fn load_for_training(
             .with_double_quant(!config.no_double_quant)
     });
     nf4::check_blocksize(config.blocksize).map_err(|e| TrainError::Input(e.to_string()))?;
-    let source = llama::source::resolve(&config.model)?;
-    let dtype = compute_dtype(config)?;
+    let source = formats::source::resolve(&config.model)?;
+    let dtype = config.compute_dtype.dtype();
     let mut loaded = llama::load(&source, &LoadOptions { dtype, quant }, device)?;
     let lora = match &config.init_adapter {
         Some(dir) => loaded.model.load_peft_adapter(dir)?.config,
@@ -100,17 +91,6 @@ pub fn load_for_training(
         }
     };
     Ok((loaded, lora))
-}
-
-/// The compute dtype of a run.
-pub fn compute_dtype(config: &TrainConfig) -> Result<DType, TrainError> {
-    match config.compute_dtype.as_str() {
-        "f32" | "float32" => Ok(DType::F32),
-        "bf16" | "bfloat16" => Ok(DType::BF16),
-        other => Err(TrainError::Input(format!(
-            "--compute-dtype {other}: expected f32 or bf16"
-        ))),
-    }
 }
 
 /// The LoRA configuration of a run.
@@ -138,7 +118,7 @@ fn read_dataset(
     config: &TrainConfig,
     notes: &mut Vec<String>,
 ) -> Result<Vec<data::Example>, TrainError> {
-    let format: DatasetFormat = config.format.parse()?;
+    let format = config.format;
     let report = if spec == data::embedded::WORDNET_NAME {
         let text = if heldout {
             data::embedded::WORDNET_HELDOUT
@@ -311,15 +291,7 @@ pub fn accumulate_gradients(
 
 /// The optimizer of a run.
 pub fn optimizer_config(config: &TrainConfig) -> Result<PagedAdamWConfig, TrainError> {
-    let precision = match config.optimizer.as_str() {
-        "paged_adamw_32bit" | "adamw_32bit" | "adamw" => AdamPrecision::Bits32,
-        "paged_adamw_8bit" | "adamw_8bit" => AdamPrecision::Bits8,
-        other => {
-            return Err(TrainError::Input(format!(
-                "--optimizer {other}: expected paged_adamw_32bit or paged_adamw_8bit"
-            )));
-        }
-    };
+    let precision = config.optimizer.precision();
     let budget =
         (config.optimizer_device_budget_mib > 0).then(|| config.optimizer_device_budget_mib << 20);
     Ok(PagedAdamWConfig::new()
@@ -330,7 +302,7 @@ pub fn optimizer_config(config: &TrainConfig) -> Result<PagedAdamWConfig, TrainE
 }
 
 fn schedule(config: &TrainConfig, total_steps: u64) -> Result<LrSchedule, TrainError> {
-    let kind: ScheduleKind = config.schedule.parse()?;
+    let kind = config.schedule;
     Ok(LrScheduleConfig::new()
         .with_lr(config.lr)
         .with_kind(kind)
@@ -354,7 +326,7 @@ fn check_config(config: &TrainConfig) -> Result<(), TrainError> {
 
 /// The device training runs on (`--device`) with autodiff, checkpointing as configured.
 pub fn training_device(config: &TrainConfig) -> Result<Device, TrainError> {
-    let device = crate::device::parse_device(&config.device)?.autodiff();
+    let device = crate::device::open(config.device)?.autodiff();
     Ok(if config.gradient_checkpointing {
         device.gradient_checkpointing()
     } else {
@@ -371,7 +343,7 @@ pub fn sample_answer(
 ) -> Result<String, TrainError> {
     let tokenizer = loaded.tokenizer()?;
     let text = tokenizer
-        .apply_chat_template(&[llama::tokenizer::ChatMessage::new("user", prompt)], true)?;
+        .apply_chat_template(&[formats::tokenizer::ChatMessage::new("user", prompt)], true)?;
     let ids = tokenizer.encode(&text, false)?;
     let stop = tokenizer.stop_ids(&loaded.config.eos_token_ids);
     let sampling = llama::generate::SamplingConfig::new().with_max_new_tokens(max_new_tokens);

@@ -75,14 +75,19 @@ fn run_and_kill(out: &Path, kill_when: impl Fn(&Path) -> bool) -> bool {
 
 #[test]
 fn killed_runs_resume_with_the_losses_of_an_uninterrupted_run() {
+    // A kill point from the clock, so that runs of the test cover different steps; QLORA_CRASH_SEED replays one.
+    let seed: u64 = match std::env::var("QLORA_CRASH_SEED") {
+        Ok(s) => s.trim().parse().unwrap_or_else(|e| panic!("QLORA_CRASH_SEED={s:?}: {e}")),
+        Err(_) => std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos() as u64,
+    };
+    eprintln!("seed {seed} (replay with QLORA_CRASH_SEED={seed})");
+    let kill_at_step = 3 + (seed % 7) as usize;
+    eprintln!("killing during a step once {kill_at_step} metrics lines are written");
     let straight = tempfile::tempdir().unwrap();
     assert!(qlora(straight.path()).status().unwrap().success());
     let expected = train_losses(straight.path());
     assert_eq!(expected.len(), 12);
 
-    // A kill point from the clock, so that runs of the test cover different steps.
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos() as usize;
-    let kill_at_step = 3 + nanos % 7;
     let scenarios: [(&str, Box<dyn Fn(&Path) -> bool>); 2] = [
         ("during a step", Box::new(move |out: &Path| std::fs::read_to_string(out.join("metrics.jsonl")).is_ok_and(|t| t.lines().count() >= kill_at_step))),
         (
@@ -106,7 +111,7 @@ fn killed_runs_resume_with_the_losses_of_an_uninterrupted_run() {
             assert!(output.status.success(), "resume failed: {}", String::from_utf8_lossy(&output.stderr));
         }
         assert_only_complete_files(&out);
-        assert_eq!(train_losses(&out), expected, "{what}: losses after resuming");
+        assert_eq!(train_losses(&out), expected, "{what}: losses after resuming (QLORA_CRASH_SEED={seed})");
     }
 }
 

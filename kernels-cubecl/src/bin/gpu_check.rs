@@ -15,7 +15,7 @@ use cubecl::prelude::*;
 use cubecl::server::Handle;
 use nf4::QuantType;
 use qlora_kernels::check::{Rng, poison};
-use qlora_kernels::dequant::{DeviceDense, dequantize, dequantize_into, dequantize_per_word_into};
+use qlora_kernels::dequant::{DeviceDense, dequantize, dequantize_into};
 use qlora_kernels::matmul::{Product, fused_matmul_into, gemv_into, reference_product};
 use qlora_kernels::quantize::quantize;
 use qlora_kernels::{DeviceKind, DeviceWeight4bit, FloatDtype, client_for, upload_as};
@@ -253,11 +253,11 @@ fn check_quantize(
 }
 
 fn check_adamw(client: &Client, checks: &mut Checks, rng: &mut Rng) -> Result<()> {
-    use optim::pager::UpdateRule;
-    use optim::update::{AdamHyper, Blockwise8Mut, adamw_bnb8, adamw_torch};
-    use optim::{PageDevice, PageState, StateFormat};
+    use adamw_rules::UpdateRule;
+    use adamw_rules::update::{AdamHyper, Blockwise8Mut, adamw_bnb8, adamw_torch};
+    use adamw_rules::{PageDevice, PageState, StateFormat};
     let n = 1 << 20;
-    let mut device = qlora_kernels::adamw::DevicePages::new(client.clone());
+    let mut device = qlora_kernels::adamw_rules::DevicePages::new(client.clone());
     let init = rng.normals(n, 1.0);
     let (mut p_host, mut p_dev) = (init.clone(), init.clone());
     let (mut m, mut v) = (vec![0.0; n], vec![0.0; n]);
@@ -296,8 +296,8 @@ fn check_adamw(client: &Client, checks: &mut Checks, rng: &mut Rng) -> Result<()
             &mut p8_host,
             &grad,
             state,
-            optim::codebooks::signed(),
-            optim::codebooks::unsigned(),
+            adamw_rules::codebooks::signed(),
+            adamw_rules::codebooks::unsigned(),
             &h,
         );
         device.update(&mut page8, UpdateRule::Bnb8, &mut p8_dev, &grad, &h);
@@ -491,9 +491,9 @@ fn main() -> Result<()> {
     writeln!(bench)?;
     writeln!(
         bench,
-        "| weight [out×in] | dequantize NF4+DQ → bf16 (tiled) | GB/s | % of copy | first version (per word) | GB/s | % of copy |"
+        "| weight [out×in] | dequantize NF4+DQ → bf16 | GB/s | % of copy |"
     )?;
-    writeln!(bench, "|---|---|---|---|---|---|---|")?;
+    writeln!(bench, "|---|---|---|---|")?;
     let shapes = [(4096usize, 4096usize), (11008, 4096), (4096, 11008)];
     let mut weights = vec![];
     // A Llama-2-70B MLP weight as well: large enough that per-launch overhead vanishes.
@@ -505,24 +505,9 @@ fn main() -> Result<()> {
         let s = time_it(&client, 50, || {
             Ok(dequantize_into(&client, &weight, FloatDtype::Bf16, &out)?)
         })?;
-        let first = time_it(&client, 50, || {
-            Ok(dequantize_per_word_into(
-                &client,
-                &weight,
-                FloatDtype::Bf16,
-                &out,
-            )?)
-        })?;
         let bytes = (rows * cols) as f64 * (0.5 + 2.0) + (rows * cols / 64) as f64;
-        let (gbs, first_gbs) = (bytes / s / 1e9, bytes / first / 1e9);
-        writeln!(
-            bench,
-            "| {rows}×{cols} | {:.1} µs | {gbs:.0} | {:.0}% | {:.1} µs | {first_gbs:.0} | {:.0}% |",
-            s * 1e6,
-            100.0 * gbs / copy_gbs,
-            first * 1e6,
-            100.0 * first_gbs / copy_gbs
-        )?;
+        let gbs = bytes / s / 1e9;
+        writeln!(bench, "| {rows}×{cols} | {:.1} µs | {gbs:.0} | {:.0}% |", s * 1e6, 100.0 * gbs / copy_gbs)?;
         if rows * cols <= 11008 * 4096 {
             weights.push((rows, cols, weight));
         }

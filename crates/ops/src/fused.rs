@@ -25,8 +25,9 @@ use burn::tensor::{DType, Shape, Tensor, TensorData};
 use half::bf16;
 use rayon::prelude::*;
 
-use lora::host_matmul::{HostFloat, host_values};
+use crate::host_matmul::{HostFloat, host_values};
 
+use crate::dtype::HostDtype;
 use crate::simd;
 
 /// The extension. Its default bodies are the formulas in backend ops (the CubeCL backend uses them); `Flex`
@@ -215,30 +216,31 @@ fn swiglu_grad_host<T: HostFloat>(gate: &FlexTensor, up: &FlexTensor, grad: &Fle
     (output(d_gate, shape.clone()), output(d_up, shape))
 }
 
+/// The host kernel in the tensor's host dtype, or the reference formula for the others ([`crate::dtype`]).
 macro_rules! by_dtype {
-    ($t:expr, $f:ident($($arg:expr),*)) => {
-        match $t.dtype() {
-            DType::BF16 => $f::<bf16>($($arg),*),
-            DType::F32 => $f::<f32>($($arg),*),
-            other => unreachable!("fused ops run in f32 or bf16, not {other:?}"),
+    ($t:expr, $f:ident($($arg:expr),*), $reference:expr) => {
+        match HostDtype::of_tensor(&$t) {
+            Some(HostDtype::Bf16) => $f::<bf16>($($arg),*),
+            Some(HostDtype::F32) => $f::<f32>($($arg),*),
+            None => $reference,
         }
     };
 }
 
 impl FusedOpsBackend for Flex {
     fn rms_norm(x: FloatTensor<Self>, weight: FloatTensor<Self>, eps: f64) -> FloatTensor<Self> {
-        by_dtype!(x, rms_norm_host(&x, &weight, eps))
+        by_dtype!(x, rms_norm_host(&x, &weight, eps), rms_norm_reference::<Self>(x, weight, eps))
     }
     fn rms_norm_grad(x: FloatTensor<Self>, weight: FloatTensor<Self>, eps: f64, grad: FloatTensor<Self>) -> FloatTensor<Self> {
         let grad = if grad.dtype() == x.dtype() { grad } else { Flex::float_cast(grad, x.dtype().into()) };
-        by_dtype!(x, rms_norm_grad_host(&x, &weight, eps, &grad))
+        by_dtype!(x, rms_norm_grad_host(&x, &weight, eps, &grad), rms_norm_grad_reference::<Self>(x, weight, eps, grad))
     }
     fn swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
-        by_dtype!(gate, swiglu_host(&gate, &up))
+        by_dtype!(gate, swiglu_host(&gate, &up), swiglu_reference::<Self>(gate, up))
     }
     fn swiglu_grad(gate: FloatTensor<Self>, up: FloatTensor<Self>, grad: FloatTensor<Self>) -> (FloatTensor<Self>, FloatTensor<Self>) {
         let grad = if grad.dtype() == gate.dtype() { grad } else { Flex::float_cast(grad, gate.dtype().into()) };
-        by_dtype!(gate, swiglu_grad_host(&gate, &up, &grad))
+        by_dtype!(gate, swiglu_grad_host(&gate, &up, &grad), swiglu_grad_reference::<Self>(gate, up, grad))
     }
 }
 

@@ -23,8 +23,6 @@ use crate::host_matmul::{HostFloat, host_values};
 
 const CHUNK: usize = 1 << 16;
 
-const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
-
 /// The generator state of chunk `chunk`.
 fn chunk_seed(seed: u64, chunk: usize) -> u64 {
     seed ^ (chunk as u64).wrapping_mul(0xD1B5_4A32_D192_ED03)
@@ -35,10 +33,7 @@ fn chunk_seed(seed: u64, chunk: usize) -> u64 {
 /// are independent of each other and the loops below vectorise.
 #[inline(always)]
 fn pair_bits(chunk_seed: u64, p: usize) -> u64 {
-    let mut z = chunk_seed.wrapping_add((p as u64 + 2).wrapping_mul(GOLDEN));
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
+    splitmix::SplitMix64::at(chunk_seed, p as u64 + 2)
 }
 
 /// Elements with a 32-bit draw below this are kept.

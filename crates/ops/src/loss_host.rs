@@ -2,7 +2,7 @@
 //! [`chunked_nll_reference`](crate::loss::chunked_nll_reference), but each chunk's logits are reduced row
 //! by row in one pass over a cache-resident row (max, `Σ exp`, vectorised [`crate::simd::exp`]) instead of
 //! seven full-size backend ops, and the backward writes `dlogits` in the compute dtype straight from the
-//! row. The products go through [`lora::host_matmul::matmul`] (AVX512-BF16 for bf16).
+//! row. The products go through [`crate::host_matmul::matmul`] (AVX512-BF16 for bf16).
 
 use burn::backend::flex::FlexTensor;
 use burn::backend::ops::{FloatTensorOps, IntTensorOps};
@@ -21,7 +21,7 @@ fn rows(t: &FlexTensor, start: usize, end: usize) -> FlexTensor {
 
 /// The `[end − start, vocab]` logits of a chunk, in the compute dtype.
 fn chunk_logits(h: &FlexTensor, w_t: &FlexTensor, start: usize, end: usize) -> FlexTensor {
-    lora::host_matmul::matmul::<Flex>(rows(h, start, end), w_t.clone())
+    crate::host_matmul::matmul::<Flex>(rows(h, start, end), w_t.clone())
 }
 
 fn host_f32(t: FlexTensor) -> Vec<f32> {
@@ -134,7 +134,7 @@ fn chunk_pass(
         total += losses.iter().sum::<f32>();
         drop(logits);
         if let (Some(w), Some(dlogits)) = (&w, dlogits) {
-            parts.push(lora::host_matmul::matmul::<Flex>(FlexTensor::from_data(dlogits), w.clone()));
+            parts.push(crate::host_matmul::matmul::<Flex>(FlexTensor::from_data(dlogits), w.clone()));
         }
     }
     let dh = grad.map(|_| match parts.len() {

@@ -25,6 +25,8 @@ use burn::backend::{
 };
 use burn::tensor::{Shape, Slice, Tensor, TensorData};
 
+use crate::dtype::HostDtype;
+
 /// The extension: `Flex` (and the CubeCL backend) run the batch-row-at-a-time reference below, `Autodiff`
 /// adds the hand-written backward.
 #[backend_extension(Flex, Cube: cfg(feature = "cube"), Autodiff)]
@@ -102,9 +104,10 @@ impl Block {
 /// The f32 probabilities `[kv_heads, (p1 − p0) · rep, p1]` of one block of query rows against keys `0..p1`,
 /// in transformers' op order.
 fn probabilities<B: Backend>(q_block: FloatTensor<B>, k_prefix: FloatTensor<B>, block: Block, scale: f32) -> FloatTensor<B> {
-    let scores = lora::host_matmul::matmul::<B>(q_block, B::float_transpose(k_prefix));
-    let scores = match lora::host_matmul::downcast_flex::<B>(scores) {
-        Ok(scores) => return lora::host_matmul::upcast_flex::<B>(host::causal_softmax(&scores, scale, block)),
+    let scores = crate::host_matmul::matmul::<B>(q_block, B::float_transpose(k_prefix));
+    let scores = match crate::host_matmul::downcast_flex::<B>(scores) {
+        Ok(scores) if HostDtype::of_tensor(&scores).is_some() => return crate::host_matmul::upcast_flex::<B>(host::causal_softmax(&scores, scale, block)),
+        Ok(scores) => crate::host_matmul::upcast_flex::<B>(scores),
         Err(scores) => scores,
     };
     let scores = B::float_cast(B::float_mul_scalar(scores, scale.into()), FloatDType::F32);
@@ -146,7 +149,7 @@ pub fn causal_attention_reference<B: Backend>(
                 .map(|block| {
                     let q_block = rows::<B>(&q_row, block.p0 * rep, block.p1 * rep);
                     let probs = probabilities::<B>(q_block, rows::<B>(&k_row, 0, block.p1), block, scale);
-                    lora::host_matmul::matmul::<B>(B::float_cast(probs, dtype), rows::<B>(&v_row, 0, block.p1))
+                    crate::host_matmul::matmul::<B>(B::float_cast(probs, dtype), rows::<B>(&v_row, 0, block.p1))
                 })
                 .collect();
             ungrouped::<B>(cat_or_single::<B>(blocks, 1), kvh, rep, t, d)
@@ -188,22 +191,24 @@ pub fn causal_attention_grad_reference<B: Backend>(
             let (k_prefix, v_prefix) = (rows::<B>(&k_row, 0, block.p1), rows::<B>(&v_row, 0, block.p1));
             let probs = probabilities::<B>(q_block.clone(), k_prefix.clone(), block, scale);
             // dv = Pᵀ · do, with P in the compute dtype as the forward used it.
-            let dv_part = lora::host_matmul::matmul::<B>(B::float_transpose(B::float_cast(probs.clone(), dtype)), do_block.clone());
+            let dv_part = crate::host_matmul::matmul::<B>(B::float_transpose(B::float_cast(probs.clone(), dtype)), do_block.clone());
             dv = add_prefix::<B>(dv, dv_part, block.p1);
             // dP = do · vᵀ; dS = P ⊙ (dP − Σ_j P ⊙ dP) in f32, then scaled into the compute dtype.
-            let dp = lora::host_matmul::matmul::<B>(do_block, B::float_transpose(v_prefix));
-            let ds = match (lora::host_matmul::downcast_flex::<B>(probs), lora::host_matmul::downcast_flex::<B>(dp)) {
-                (Ok(probs), Ok(dp)) => lora::host_matmul::upcast_flex::<B>(host::softmax_backward(&probs, &dp, scale, block)),
-                (Err(probs), Err(dp)) => {
-                    let dp = B::float_cast(dp, FloatDType::F32);
+            let dp = crate::host_matmul::matmul::<B>(do_block, B::float_transpose(v_prefix));
+            let ds = match (crate::host_matmul::downcast_flex::<B>(probs), crate::host_matmul::downcast_flex::<B>(dp)) {
+                (Ok(probs), Ok(dp)) if HostDtype::of_tensor(&dp).is_some() => {
+                    crate::host_matmul::upcast_flex::<B>(host::softmax_backward(&probs, &dp, scale, block))
+                }
+                (probs, dp) => {
+                    let probs = probs.map_or_else(|t| t, crate::host_matmul::upcast_flex::<B>);
+                    let dp = B::float_cast(dp.map_or_else(|t| t, crate::host_matmul::upcast_flex::<B>), FloatDType::F32);
                     let row_dot = B::float_sum_dim(B::float_mul(probs.clone(), dp.clone()), 2);
                     let ds = B::float_mul(probs, B::float_sub(dp, row_dot));
                     B::float_cast(B::float_mul_scalar(ds, scale.into()), dtype)
                 }
-                _ => unreachable!("both tensors are on one backend"),
             };
-            dq_blocks.push(lora::host_matmul::matmul::<B>(ds.clone(), k_prefix));
-            let dk_part = lora::host_matmul::matmul::<B>(B::float_transpose(ds), q_block);
+            dq_blocks.push(crate::host_matmul::matmul::<B>(ds.clone(), k_prefix));
+            let dk_part = crate::host_matmul::matmul::<B>(B::float_transpose(ds), q_block);
             dk = add_prefix::<B>(dk, dk_part, block.p1);
         }
         dqs.push(ungrouped::<B>(cat_or_single::<B>(dq_blocks, 1), kvh, rep, t, d));

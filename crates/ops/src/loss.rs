@@ -21,6 +21,7 @@ use burn::backend::{
     Backend, Dispatch, Flex, FloatDType, TensorMetadata, backend_extension,
     tensor::{FloatTensor, IntTensor},
 };
+use crate::dtype::HostDtype;
 use burn::tensor::{IndexingUpdateOp, Int, Shape, Slice, Tensor};
 
 /// Rows per chunk: `[256, vocab]` f32 logits (48 MiB for a 49,152-token vocabulary) at a time.
@@ -79,7 +80,7 @@ fn shifted_logits<B: Backend>(
     end: usize,
 ) -> (FloatTensor<B>, FloatTensor<B>) {
     let logits = B::float_cast(
-        lora::host_matmul::matmul::<B>(rows::<B>(h.clone(), start, end), w_t.clone()),
+        crate::host_matmul::matmul::<B>(rows::<B>(h.clone(), start, end), w_t.clone()),
         FloatDType::F32,
     );
     let max = B::float_max_dim(logits.clone(), 1);
@@ -152,7 +153,7 @@ pub fn chunked_nll_grad_reference<B: Backend>(
         );
         let weight = B::float_mul(rows::<B>(mask.clone(), start, end), grad.clone());
         let dlogits = B::float_cast(B::float_mul(dlogits, weight), dtype);
-        parts.push(lora::host_matmul::matmul::<B>(dlogits, w.clone()));
+        parts.push(crate::host_matmul::matmul::<B>(dlogits, w.clone()));
     }
     if parts.len() == 1 {
         parts.pop().expect("one part")
@@ -174,6 +175,8 @@ pub fn chunked_nll_and_unit_grad_reference<B: Backend>(
     (loss, chunked_nll_grad_reference::<B>(h, w_t, labels, mask, one, chunk))
 }
 
+/// On flex the host kernels ([`crate::loss_host`]) in f32 and bf16, the reference in other dtypes
+/// ([`crate::dtype`]).
 impl ChunkedNllBackend for Flex {
     fn chunked_nll(
         h: FloatTensor<Self>,
@@ -182,7 +185,10 @@ impl ChunkedNllBackend for Flex {
         mask: FloatTensor<Self>,
         chunk: usize,
     ) -> FloatTensor<Self> {
-        crate::loss_host::chunked_nll(h, w_t, labels, mask, chunk)
+        match HostDtype::of_tensor(&h) {
+            Some(_) => crate::loss_host::chunked_nll(h, w_t, labels, mask, chunk),
+            None => chunked_nll_reference::<Self>(h, w_t, labels, mask, chunk),
+        }
     }
 
     fn chunked_nll_and_unit_grad(
@@ -192,7 +198,10 @@ impl ChunkedNllBackend for Flex {
         mask: FloatTensor<Self>,
         chunk: usize,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        crate::loss_host::chunked_nll_and_unit_grad(h, w_t, labels, mask, chunk)
+        match HostDtype::of_tensor(&h) {
+            Some(_) => crate::loss_host::chunked_nll_and_unit_grad(h, w_t, labels, mask, chunk),
+            None => chunked_nll_and_unit_grad_reference::<Self>(h, w_t, labels, mask, chunk),
+        }
     }
 
     fn chunked_nll_grad(
@@ -203,7 +212,10 @@ impl ChunkedNllBackend for Flex {
         grad: FloatTensor<Self>,
         chunk: usize,
     ) -> FloatTensor<Self> {
-        crate::loss_host::chunked_nll_grad(h, w_t, labels, mask, grad, chunk)
+        match HostDtype::of_tensor(&h) {
+            Some(_) => crate::loss_host::chunked_nll_grad(h, w_t, labels, mask, grad, chunk),
+            None => chunked_nll_grad_reference::<Self>(h, w_t, labels, mask, grad, chunk),
+        }
     }
 }
 

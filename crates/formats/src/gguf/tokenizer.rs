@@ -34,7 +34,7 @@ use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::processors::template::TemplateProcessing;
 use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior, Tokenizer};
 
-use crate::gguf::{GgufError, GgufFile, GgufValue};
+use super::{GgufError, GgufFile, GgufValue};
 
 /// Tokens to add, usable with both `tokenizers` 0.22 (`&[AddedToken]`, returns `usize`) and
 /// 0.23+ (`impl IntoIterator<Item = AddedToken>`, returns `Result<usize>`).
@@ -120,10 +120,7 @@ impl std::fmt::Debug for GgufTokenizer {
             .field("eos", &(&self.eos_token, self.eos_token_id))
             .field("add_bos_token", &self.add_bos_token)
             .field("add_eos_token", &self.add_eos_token)
-            .field(
-                "chat_template",
-                &self.chat_template.as_ref().map(|t| t.len()),
-            )
+            .field("chat_template", &self.chat_template.as_ref().map(|t| t.len()))
             .finish()
     }
 }
@@ -131,24 +128,12 @@ impl std::fmt::Debug for GgufTokenizer {
 impl GgufTokenizer {
     /// Token ids of `text`; with `add_special_tokens`, bos/eos are added per `add_bos_token` /
     /// `add_eos_token` (what `tokenizer(text)` does in transformers).
-    pub fn encode(
-        &self,
-        text: &str,
-        add_special_tokens: bool,
-    ) -> Result<Vec<u32>, tokenizers::Error> {
-        Ok(self
-            .tokenizer
-            .encode(text, add_special_tokens)?
-            .get_ids()
-            .to_vec())
+    pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, tokenizers::Error> {
+        Ok(self.tokenizer.encode(text, add_special_tokens)?.get_ids().to_vec())
     }
 
     /// Text of `ids`.
-    pub fn decode(
-        &self,
-        ids: &[u32],
-        skip_special_tokens: bool,
-    ) -> Result<String, tokenizers::Error> {
+    pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String, tokenizers::Error> {
         self.tokenizer.decode(ids, skip_special_tokens)
     }
 
@@ -163,9 +148,8 @@ pub fn bytes_to_unicode() -> [char; 256] {
     let mut map = ['\0'; 256];
     let mut n = 0u32;
     for b in 0..256u32 {
-        let printable = (b'!' as u32..=b'~' as u32).contains(&b)
-            || (0xA1..=0xAC).contains(&b)
-            || (0xAE..=0xFF).contains(&b);
+        let printable =
+            (b'!' as u32..=b'~' as u32).contains(&b) || (0xA1..=0xAC).contains(&b) || (0xAE..=0xFF).contains(&b);
         map[b as usize] = if printable {
             char::from_u32(b).unwrap_or('\0')
         } else {
@@ -209,8 +193,8 @@ const QWEN35_SPLIT: &str = concat!(
 /// The split regex transformers uses for a `tokenizer.ggml.pre` value (`GGUF_PRE_TOKENIZER_SPLITS`).
 pub fn pre_tokenizer_split(pre: &str) -> Option<&'static str> {
     Some(match pre {
-        "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "falcon-h1" | "pixtral" | "midm-2.0"
-        | "lfm2" | "jina-v5-nano" | "dbrx" | "smaug-bpe" => LLAMA3_SPLIT,
+        "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "falcon-h1" | "pixtral" | "midm-2.0" | "lfm2"
+        | "jina-v5-nano" | "dbrx" | "smaug-bpe" => LLAMA3_SPLIT,
         "tekken" => TEKKEN_SPLIT,
         "qwen2" | "deepseek-r1-qwen" | "kormo" | "f2llmv2" | "megrez" => QWEN2_SPLIT,
         "qwen35" => QWEN35_SPLIT,
@@ -222,15 +206,10 @@ pub fn pre_tokenizer_split(pre: &str) -> Option<&'static str> {
 /// Builds the tokenizer described by the file's `tokenizer.*` metadata.
 pub fn tokenizer_from_gguf(file: &GgufFile) -> Result<GgufTokenizer, GgufError> {
     let path = file.path().to_path_buf();
-    let err = |what: String| GgufError::Tokenizer {
-        path: path.clone(),
-        what,
-    };
+    let err = |what: String| GgufError::Tokenizer { path: path.clone(), what };
     let model = file.get_str("tokenizer.ggml.model")?.to_string();
     if model != "gpt2" {
-        return Err(err(format!(
-            "tokenizer model `{model}` is not supported (only byte-level BPE, `gpt2`)"
-        )));
+        return Err(err(format!("tokenizer model `{model}` is not supported (only byte-level BPE, `gpt2`)")));
     }
     let pre = match file.get("tokenizer.ggml.pre") {
         Some(_) => Some(file.get_str("tokenizer.ggml.pre")?.to_string()),
@@ -258,27 +237,23 @@ pub fn tokenizer_from_gguf(file: &GgufFile) -> Result<GgufTokenizer, GgufError> 
     let opt_id = |key: &str| -> Result<Option<u32>, GgufError> {
         match file.get(key) {
             None => Ok(None),
-            Some(v) => v
-                .as_u32()
-                .map(Some)
-                .ok_or_else(|| GgufError::InvalidMetadata {
-                    path: path.clone(),
-                    key: key.into(),
-                    what: format!("expected a token id, found {v}"),
-                }),
+            Some(v) => v.as_u32().map(Some).ok_or_else(|| GgufError::InvalidMetadata {
+                path: path.clone(),
+                key: key.into(),
+                what: format!("expected a token id, found {v}"),
+            }),
         }
     };
     let special = |key: &str| -> Result<Option<String>, GgufError> {
         match opt_id(key)? {
             None => Ok(None),
-            Some(id) => tokens
-                .get(id as usize)
-                .map(|t| Some(t.to_string()))
-                .ok_or_else(|| GgufError::InvalidMetadata {
+            Some(id) => {
+                tokens.get(id as usize).map(|t| Some(t.to_string())).ok_or_else(|| GgufError::InvalidMetadata {
                     path: path.clone(),
                     key: key.into(),
                     what: format!("token id {id} is out of range for {} tokens", tokens.len()),
-                }),
+                })
+            }
         }
     };
     let bos_token = special("tokenizer.ggml.bos_token_id")?;
@@ -306,17 +281,10 @@ pub fn tokenizer_from_gguf(file: &GgufFile) -> Result<GgufTokenizer, GgufError> 
     for &c in &spelling {
         alphabet[c as usize] = true;
     }
-    let in_alphabet = |t: &str| {
-        t.chars()
-            .all(|c| (c as usize) < alphabet.len() && alphabet[c as usize])
-    };
+    let in_alphabet = |t: &str| t.chars().all(|c| (c as usize) < alphabet.len() && alphabet[c as usize]);
     let mut vocab_map: HashMap<String, u32> = HashMap::with_capacity(tokens.len());
     for (id, &t) in tokens.iter().enumerate() {
-        let key = if in_alphabet(t) {
-            t.to_string()
-        } else {
-            t.bytes().map(|b| spelling[b as usize]).collect()
-        };
+        let key = if in_alphabet(t) { t.to_string() } else { t.bytes().map(|b| spelling[b as usize]).collect() };
         let id = u32::try_from(id).map_err(|_| err("more than 2^32 tokens".into()))?;
         vocab_map.insert(key, id);
     }
@@ -326,9 +294,7 @@ pub fn tokenizer_from_gguf(file: &GgufFile) -> Result<GgufTokenizer, GgufError> 
         match (parts.next(), parts.next(), parts.next()) {
             (Some(a), Some(b), None) => merges.push((a.to_string(), b.to_string())),
             _ => {
-                return Err(err(format!(
-                    "merge #{i} `{m}` is not two tokens separated by one space"
-                )));
+                return Err(err(format!("merge #{i} `{m}` is not two tokens separated by one space")));
             }
         }
     }
@@ -346,17 +312,9 @@ pub fn tokenizer_from_gguf(file: &GgufFile) -> Result<GgufTokenizer, GgufError> 
     let mut tokenizer = Tokenizer::new(bpe);
     let pre_tokenizer: PreTokenizerWrapper = match pre.as_deref().and_then(pre_tokenizer_split) {
         Some(regex) => {
-            let split = Split::new(
-                SplitPattern::Regex(regex.to_string()),
-                SplitDelimiterBehavior::Isolated,
-                false,
-            )
-            .map_err(|e| err(format!("bad split regex: {e}")))?;
-            Sequence::new(vec![
-                split.into(),
-                ByteLevel::new(false, true, false).into(),
-            ])
-            .into()
+            let split = Split::new(SplitPattern::Regex(regex.to_string()), SplitDelimiterBehavior::Isolated, false)
+                .map_err(|e| err(format!("bad split regex: {e}")))?;
+            Sequence::new(vec![split.into(), ByteLevel::new(false, true, false).into()]).into()
         }
         None => ByteLevel::new(false, true, true).into(),
     };
@@ -365,10 +323,7 @@ pub fn tokenizer_from_gguf(file: &GgufFile) -> Result<GgufTokenizer, GgufError> 
 
     let special_token = |content: &str| AddedToken::from(content, true).normalized(false);
     // 1. transformers' GPT2Tokenizer registers its default special token `<|endoftext|>`.
-    tokenizer
-        .add_special_tokens(&TokenList(vec![special_token("<|endoftext|>")]))
-        .into_result()
-        .map_err(err)?;
+    tokenizer.add_special_tokens(&TokenList(vec![special_token("<|endoftext|>")])).into_result().map_err(err)?;
     // 2. CONTROL tokens spelled in the byte alphabet, as special tokens.
     let control: Vec<AddedToken> = tokens
         .iter()
@@ -377,10 +332,7 @@ pub fn tokenizer_from_gguf(file: &GgufFile) -> Result<GgufTokenizer, GgufError> 
         .map(|(t, _)| special_token(t))
         .collect();
     if !control.is_empty() {
-        tokenizer
-            .add_special_tokens(&TokenList(control))
-            .into_result()
-            .map_err(err)?;
+        tokenizer.add_special_tokens(&TokenList(control)).into_result().map_err(err)?;
     }
     // 3. USER_DEFINED tokens present in the vocabulary, as plain added tokens.
     let user_defined: Vec<AddedToken> = tokens
@@ -390,21 +342,12 @@ pub fn tokenizer_from_gguf(file: &GgufFile) -> Result<GgufTokenizer, GgufError> 
         .map(|(t, _)| AddedToken::from(*t, false).normalized(false))
         .collect();
     if !user_defined.is_empty() {
-        tokenizer
-            .add_tokens(&TokenList(user_defined))
-            .into_result()
-            .map_err(err)?;
+        tokenizer.add_tokens(&TokenList(user_defined)).into_result().map_err(err)?;
     }
     // 4. The named special tokens.
-    let named: Vec<AddedToken> = [&bos_token, &eos_token, &unk_token, &pad_token]
-        .into_iter()
-        .flatten()
-        .map(|t| special_token(t))
-        .collect();
-    tokenizer
-        .add_special_tokens(&TokenList(named))
-        .into_result()
-        .map_err(err)?;
+    let named: Vec<AddedToken> =
+        [&bos_token, &eos_token, &unk_token, &pad_token].into_iter().flatten().map(|t| special_token(t)).collect();
+    tokenizer.add_special_tokens(&TokenList(named)).into_result().map_err(err)?;
 
     let id_of = |t: &Option<String>| t.as_deref().and_then(|t| tokenizer.token_to_id(t));
     let (bos_token_id, eos_token_id) = (id_of(&bos_token), id_of(&eos_token));
@@ -417,10 +360,7 @@ pub fn tokenizer_from_gguf(file: &GgufFile) -> Result<GgufTokenizer, GgufError> 
     }
 
     // Post-processor, as transformers' `TokenizersBackend.update_post_processor`.
-    let (bos, eos) = (
-        bos_token.clone().unwrap_or_default(),
-        eos_token.clone().unwrap_or_default(),
-    );
+    let (bos, eos) = (bos_token.clone().unwrap_or_default(), eos_token.clone().unwrap_or_default());
     let mut single = Vec::new();
     if add_bos_token {
         single.push(format!("{bos}:0"));
@@ -477,7 +417,7 @@ pub fn tokenizer_from_gguf(file: &GgufFile) -> Result<GgufTokenizer, GgufError> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gguf::tests::{Writer, fixture, parse, smollm2_gguf};
+    use crate::gguf::test_support::{Writer, fixture, parse, smollm2_gguf};
 
     fn s(v: &str) -> GgufValue {
         GgufValue::String(v.into())
@@ -491,24 +431,13 @@ mod tests {
     fn tiny(pre: Option<&str>, add_bos: Option<bool>) -> Writer {
         let spelling = bytes_to_unicode();
         let mut tokens: Vec<String> = spelling.iter().map(|c| c.to_string()).collect();
-        let merges = [
-            "Ġ t", "h e", "Ġt he", "l l", "ll o", "he llo", "Ġ w", "o r", "Ġw or", "l d",
-            "Ġwor ld", "1 2", "12 3",
-        ];
+        let merges =
+            ["Ġ t", "h e", "Ġt he", "l l", "ll o", "he llo", "Ġ w", "o r", "Ġw or", "l d", "Ġwor ld", "1 2", "12 3"];
         for m in merges {
             tokens.push(m.replace(' ', ""));
         }
         let n_normal = tokens.len();
-        tokens.extend(
-            [
-                "<s>",
-                "</s>",
-                "<think>",
-                "<|endoftext|>",
-                "<ctrl with space>",
-            ]
-            .map(String::from),
-        );
+        tokens.extend(["<s>", "</s>", "<think>", "<|endoftext|>", "<ctrl with space>"].map(String::from));
         let mut types = vec![GgufValue::I32(1); n_normal];
         types.extend([3, 3, 4, 3, 3].map(GgufValue::I32));
         let token_refs: Vec<&str> = tokens.iter().map(String::as_str).collect();
@@ -518,14 +447,8 @@ mod tests {
             .kv("tokenizer.ggml.tokens", strs(&token_refs))
             .kv("tokenizer.ggml.token_type", GgufValue::Array(types))
             .kv("tokenizer.ggml.merges", strs(&merges))
-            .kv(
-                "tokenizer.ggml.bos_token_id",
-                GgufValue::U32(n_normal as u32),
-            )
-            .kv(
-                "tokenizer.ggml.eos_token_id",
-                GgufValue::U32(n_normal as u32 + 1),
-            )
+            .kv("tokenizer.ggml.bos_token_id", GgufValue::U32(n_normal as u32))
+            .kv("tokenizer.ggml.eos_token_id", GgufValue::U32(n_normal as u32 + 1))
             .kv("tokenizer.chat_template", s("{{ messages }}"));
         if let Some(p) = pre {
             w = w.kv("tokenizer.ggml.pre", s(p));
@@ -553,11 +476,7 @@ mod tests {
         assert_eq!(ids, vec![n as u32, id("hello"), n as u32 + 2, n as u32 + 1]);
         // GPT-2 regex keeps " 123" as one piece: Ġ + 123.
         assert_eq!(t.encode(" 123", false).unwrap(), vec![id("Ġ"), id("123")]);
-        assert_eq!(
-            t.decode(&t.encode("hello world", false).unwrap(), false)
-                .unwrap(),
-            "hello world"
-        );
+        assert_eq!(t.decode(&t.encode("hello world", false).unwrap(), false).unwrap(), "hello world");
         // A CONTROL token outside the byte alphabet is not an added token: it is split.
         let ids = t.encode("<ctrl with space>", false).unwrap();
         assert!(ids.len() > 1, "{ids:?}");
@@ -572,35 +491,21 @@ mod tests {
         assert_eq!(t.encode("hello", true).unwrap(), vec![bos, id("hello")]);
         assert_eq!(t.encode("hello", false).unwrap(), vec![id("hello")]);
         // llama3 regex splits numbers in groups of at most 3 and detaches the space.
-        assert_eq!(
-            t.encode(" 1231", false).unwrap(),
-            vec![id("Ġ"), id("123"), id("1")]
-        );
+        assert_eq!(t.encode(" 1231", false).unwrap(), vec![id("Ġ"), id("123"), id("1")]);
     }
 
     #[test]
     fn unsupported_and_broken_metadata() {
-        let f = parse(
-            tiny(None, None)
-                .kv("tokenizer.ggml.model", s("llama"))
-                .build(),
-        );
+        let f = parse(tiny(None, None).kv("tokenizer.ggml.model", s("llama")).build());
         // Duplicate key: the writer appends, so the parser rejects it; build a clean one instead.
         assert!(f.is_err());
         let mut w = tiny(None, None);
         w.kv.retain(|(k, _)| k != "tokenizer.ggml.model");
         let f = parse(w.kv("tokenizer.ggml.model", s("llama")).build()).unwrap();
-        assert!(matches!(
-            tokenizer_from_gguf(&f),
-            Err(GgufError::Tokenizer { .. })
-        ));
+        assert!(matches!(tokenizer_from_gguf(&f), Err(GgufError::Tokenizer { .. })));
         let mut w = tiny(None, None);
         w.kv.retain(|(k, _)| k != "tokenizer.ggml.bos_token_id");
-        let f = parse(
-            w.kv("tokenizer.ggml.bos_token_id", GgufValue::U32(1 << 20))
-                .build(),
-        )
-        .unwrap();
+        let f = parse(w.kv("tokenizer.ggml.bos_token_id", GgufValue::U32(1 << 20)).build()).unwrap();
         let e = tokenizer_from_gguf(&f).unwrap_err();
         assert!(e.to_string().contains("bos_token_id"), "{e}");
         let mut w = tiny(None, None);
@@ -610,10 +515,7 @@ mod tests {
         let mut w = tiny(None, None);
         w.kv.retain(|(k, _)| k != "tokenizer.ggml.tokens");
         let f = parse(w.build()).unwrap();
-        assert!(matches!(
-            tokenizer_from_gguf(&f),
-            Err(GgufError::MissingMetadata { .. })
-        ));
+        assert!(matches!(tokenizer_from_gguf(&f), Err(GgufError::MissingMetadata { .. })));
     }
 
     #[test]
@@ -634,38 +536,20 @@ mod tests {
 
     #[test]
     fn smollm2_matches_transformers_tokenizer() {
-        let Some(path) = smollm2_gguf() else { return };
-        let Some(cases) = fixture("tokenizer_cases.json") else {
-            return;
-        };
-        let f = GgufFile::open(&path).unwrap();
+        let cases = fixture("tokenizer_cases.json");
+        let f = GgufFile::open(&smollm2_gguf()).unwrap();
         let t = tokenizer_from_gguf(&f).unwrap();
         assert_eq!(t.vocab_size(), 49152);
         assert_eq!(
-            (
-                t.bos_token_id,
-                t.eos_token_id,
-                t.pad_token_id,
-                t.unk_token_id
-            ),
+            (t.bos_token_id, t.eos_token_id, t.pad_token_id, t.unk_token_id),
             (Some(1), Some(2), Some(2), Some(0))
         );
-        assert!(
-            t.chat_template
-                .as_deref()
-                .unwrap_or("")
-                .contains("<|im_start|>")
-        );
-        let cases: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(cases).unwrap()).unwrap();
+        assert!(t.chat_template.as_deref().unwrap_or("").contains("<|im_start|>"));
+        let cases: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(cases).unwrap()).unwrap();
         let cases = cases["cases"].as_array().unwrap();
         assert!(cases.len() >= 20);
         let ids = |v: &serde_json::Value| -> Vec<u32> {
-            v.as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_u64().unwrap() as u32)
-                .collect()
+            v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
         };
         let mut failures = Vec::new();
         for case in cases {
@@ -673,25 +557,15 @@ mod tests {
             let with = t.encode(text, true).unwrap();
             let without = t.encode(text, false).unwrap();
             if with != ids(&case["ids"]) || without != ids(&case["ids_no_special"]) {
-                failures.push(format!(
-                    "{text:?}: got {with:?}, expected {:?}",
-                    case["ids"]
-                ));
+                failures.push(format!("{text:?}: got {with:?}, expected {:?}", case["ids"]));
             }
             if let Some(decoded) = case.get("decoded").and_then(|d| d.as_str()) {
                 let got = t.decode(&with, false).unwrap();
                 if got != decoded {
-                    failures.push(format!(
-                        "decode {text:?}: got {got:?}, expected {decoded:?}"
-                    ));
+                    failures.push(format!("decode {text:?}: got {got:?}, expected {decoded:?}"));
                 }
             }
         }
-        assert!(
-            failures.is_empty(),
-            "{} mismatches:\n{}",
-            failures.len(),
-            failures.join("\n")
-        );
+        assert!(failures.is_empty(), "{} mismatches:\n{}", failures.len(), failures.join("\n"));
     }
 }

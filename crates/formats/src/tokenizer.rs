@@ -6,11 +6,11 @@ use std::path::Path;
 
 use minijinja::syntax::SyntaxConfig;
 use minijinja::value::Serde;
-use minijinja::{context, Environment, Error as JinjaError, ErrorKind};
+use minijinja::{Environment, Error as JinjaError, ErrorKind, context};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::LlamaError;
+use crate::FormatError;
 
 /// One chat message.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -33,13 +33,13 @@ pub struct TextTokenizer {
     pub eos_token: Option<String>,
 }
 
-fn tok_err(file: &str, e: impl std::fmt::Display) -> LlamaError {
-    LlamaError::Tokenizer { file: file.to_string(), reason: e.to_string() }
+fn tok_err(file: &str, e: impl std::fmt::Display) -> FormatError {
+    FormatError::Tokenizer { file: file.to_string(), reason: e.to_string() }
 }
 
 /// Runs a call into the `tokenizers` crate, turning a panic inside it (some malformed tokenizer.json files make
 /// its deserializers panic instead of returning an error) into an error naming the file.
-fn guard<T>(file: &str, f: impl FnOnce() -> T) -> Result<T, LlamaError> {
+fn guard<T>(file: &str, f: impl FnOnce() -> T) -> Result<T, FormatError> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|payload| {
         let reason = payload
             .downcast_ref::<String>()
@@ -61,7 +61,7 @@ fn special_token(config: &Value, key: &str) -> Option<String> {
 
 impl TextTokenizer {
     /// Reads `tokenizer.json`, and `tokenizer_config.json` / `chat_template.jinja` where present.
-    pub fn from_dir(dir: &Path) -> Result<Self, LlamaError> {
+    pub fn from_dir(dir: &Path) -> Result<Self, FormatError> {
         let path = dir.join("tokenizer.json");
         let file = path.display().to_string();
         if !path.exists() {
@@ -70,14 +70,15 @@ impl TextTokenizer {
         let inner = guard(&file, || tokenizers::Tokenizer::from_file(&path))?.map_err(|e| tok_err(&file, e))?;
         let config_path = dir.join("tokenizer_config.json");
         let config: Value = if config_path.exists() {
-            let text = std::fs::read_to_string(&config_path).map_err(|source| LlamaError::Io { path: config_path.clone(), source })?;
+            let text = std::fs::read_to_string(&config_path)
+                .map_err(|source| FormatError::Io { path: config_path.clone(), source })?;
             serde_json::from_str(&text).map_err(|e| tok_err(&config_path.display().to_string(), e))?
         } else {
             Value::Null
         };
         let jinja = dir.join("chat_template.jinja");
         let chat_template = if jinja.exists() {
-            Some(std::fs::read_to_string(&jinja).map_err(|source| LlamaError::Io { path: jinja.clone(), source })?)
+            Some(std::fs::read_to_string(&jinja).map_err(|source| FormatError::Io { path: jinja.clone(), source })?)
         } else {
             match config.get("chat_template") {
                 Some(Value::String(s)) => Some(s.clone()),
@@ -99,19 +100,25 @@ impl TextTokenizer {
     }
 
     /// The tokenizer and chat template stored in a GGUF file's metadata.
-    pub fn from_gguf(file: &crate::gguf::GgufFile) -> Result<Self, LlamaError> {
-        let t = crate::gguf_tokenizer::tokenizer_from_gguf(file)?;
-        Ok(TextTokenizer { inner: t.tokenizer, chat_template: t.chat_template, bos_token: t.bos_token, eos_token: t.eos_token })
+    pub fn from_gguf(file: &crate::gguf::GgufFile) -> Result<Self, FormatError> {
+        let t = crate::gguf::tokenizer::tokenizer_from_gguf(file)?;
+        Ok(TextTokenizer {
+            inner: t.tokenizer,
+            chat_template: t.chat_template,
+            bos_token: t.bos_token,
+            eos_token: t.eos_token,
+        })
     }
 
     /// Token ids of `text`; `add_special_tokens` as transformers' argument of that name.
-    pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, LlamaError> {
-        let encoding = guard("tokenizer", || self.inner.encode(text, add_special_tokens))?.map_err(|e| tok_err("tokenizer", e))?;
+    pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, FormatError> {
+        let encoding =
+            guard("tokenizer", || self.inner.encode(text, add_special_tokens))?.map_err(|e| tok_err("tokenizer", e))?;
         Ok(encoding.get_ids().to_vec())
     }
 
     /// Text of `ids`.
-    pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String, LlamaError> {
+    pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String, FormatError> {
         guard("tokenizer", || self.inner.decode(ids, skip_special_tokens))?.map_err(|e| tok_err("tokenizer", e))
     }
 
@@ -124,7 +131,13 @@ impl TextTokenizer {
     /// where the vocabulary has them, plus `extra`.
     pub fn stop_ids(&self, extra: &[u32]) -> Vec<u32> {
         let mut ids: Vec<u32> = extra.to_vec();
-        let names = self.eos_token.iter().map(String::as_str).chain(["<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "</s>", "<|endoftext|>"]);
+        let names = self.eos_token.iter().map(String::as_str).chain([
+            "<|im_end|>",
+            "<|eot_id|>",
+            "<|end_of_text|>",
+            "</s>",
+            "<|endoftext|>",
+        ]);
         for name in names {
             if let Some(id) = self.token_id(name) {
                 if !ids.contains(&id) {
@@ -137,9 +150,20 @@ impl TextTokenizer {
 
     /// Renders `messages` with the model's chat template, as `tokenizer.apply_chat_template(messages,
     /// tokenize=False, add_generation_prompt=...)` does.
-    pub fn apply_chat_template(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String, LlamaError> {
-        let template = self.chat_template.as_deref().ok_or_else(|| tok_err("tokenizer", "the model has no chat template"))?;
-        render_chat_template(template, messages, add_generation_prompt, self.bos_token.as_deref(), self.eos_token.as_deref())
+    pub fn apply_chat_template(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String, FormatError> {
+        let template =
+            self.chat_template.as_deref().ok_or_else(|| tok_err("tokenizer", "the model has no chat template"))?;
+        render_chat_template(
+            template,
+            messages,
+            add_generation_prompt,
+            self.bos_token.as_deref(),
+            self.eos_token.as_deref(),
+        )
     }
 }
 
@@ -150,7 +174,7 @@ pub fn render_chat_template(
     add_generation_prompt: bool,
     bos_token: Option<&str>,
     eos_token: Option<&str>,
-) -> Result<String, LlamaError> {
+) -> Result<String, FormatError> {
     let mut env = Environment::new();
     env.set_syntax(SyntaxConfig::builder().trim_blocks(true).lstrip_blocks(true).build().expect("default delimiters"));
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
@@ -158,7 +182,7 @@ pub fn render_chat_template(
         Err(JinjaError::new(ErrorKind::InvalidOperation, message))
     });
     env.add_function("strftime_now", |format: String| -> String { strftime_now(&format) });
-    let err = |e: JinjaError| LlamaError::Tokenizer { file: "chat template".into(), reason: format!("{e:#}") };
+    let err = |e: JinjaError| FormatError::Tokenizer { file: "chat template".into(), reason: format!("{e:#}") };
     env.add_template("chat", template).map_err(err)?;
     let tmpl = env.get_template("chat").map_err(err)?;
     tmpl.render(context! {
@@ -185,7 +209,20 @@ fn strftime_now(format: &str) -> String {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    const MONTHS: [&str; 12] = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October", "November", "December"];
+    const MONTHS: [&str; 12] = [
+        "January",
+        "February",
+        "March",
+        "April",
+        "May",
+        "June",
+        "July",
+        "August",
+        "September",
+        "October",
+        "November",
+        "December",
+    ];
     format
         .replace("%Y", &year.to_string())
         .replace("%m", &format!("{month:02}"))
@@ -203,7 +240,10 @@ mod tests {
     #[test]
     fn renders_chatml_like_transformers() {
         let out = render_chat_template(CHATML, &[ChatMessage::new("user", "Hi")], true, None, None).unwrap();
-        assert_eq!(out, "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n");
+        assert_eq!(
+            out,
+            "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+        );
     }
 
     #[test]

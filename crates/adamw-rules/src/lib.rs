@@ -1,0 +1,16 @@
+//! # adamw — the AdamW update rules and the page interface of the paged optimizer
+//!
+//! Below both users in the stack: `qlora-kernels` (the fused device updates) and `optim` (the paged
+//! optimizer) read the same rules from here, so neither depends on the other. Host reference kernels of
+//! `torch.optim.AdamW` (f32 state) and of bitsandbytes' 32-bit and 8-bit blockwise AdamW, each in its
+//! reference's float32 operation order ([`update`]); the two 8-bit state code books ([`codebooks`]); pages
+//! of optimizer state ([`page`]); and [`PageDevice`], the memory that holds resident pages and runs the
+//! update on them ([`HostMemory`] for the CPU).
+
+pub mod codebooks;
+mod device;
+pub mod page;
+pub mod update;
+
+pub use device::{HostMemory, PageDevice, UpdateRule};
+pub use page::{PageInfo, PageState, StateFormat};
