@@ -46,7 +46,8 @@ fn f32_logits_match_transformers() {
         let model = load(name, &LoadOptions::default());
         let diff = logits_diff(&model, &reference(name));
         println!("{name}: max |logits - transformers| = {diff:e}");
-        assert!(diff < 1e-4, "{name}: {diff}");
+        // Measured 2.7e-7 (llama), 3.0e-7 (tied), 3.3e-7 (qwen2), 2.7e-7 (llama3-scaled); 3.6e-7 in docs/architecture.md.
+        assert!(diff < 3e-6, "{name}: {diff}");
     }
 }
 
@@ -57,12 +58,12 @@ fn bnb_nf4_checkpoint_logits_match_transformers_bitsandbytes() {
     let reference = reference("tiny-llama-bnb-nf4-dq");
     let diff = logits_diff(&model, &reference);
     println!("bnb nf4 checkpoint: max diff {diff:e}");
-    assert!(diff < 1e-4, "{diff}");
+    assert!(diff < 3e-6, "{diff}"); // measured 2.7e-7 (3.0e-7 in docs/architecture.md)
     // Quantizing the f32 checkpoint on load gives the same weights, so the same logits.
     let on_load = load("tiny-llama-f32", &LoadOptions { quant: Some(QuantConfig::new()), ..Default::default() });
     let diff = logits_diff(&on_load, &reference);
     println!("nf4 quantized on load: max diff {diff:e}");
-    assert!(diff < 1e-4, "{diff}");
+    assert!(diff < 3e-6, "{diff}"); // measured 2.7e-7
 }
 
 #[test]
@@ -70,7 +71,7 @@ fn bf16_logits_match_transformers_bf16() {
     let model = load("tiny-llama-bf16", &LoadOptions { dtype: DType::BF16, quant: None });
     let diff = logits_diff(&model, &reference("tiny-llama-bf16"));
     println!("bf16: max |logits - transformers bf16| = {diff:e}");
-    assert!(diff < 1e-2, "{diff}");
+    assert!(diff < 1e-2, "{diff}"); // measured 3.9e-3 (4.2e-3 in docs/architecture.md)
 }
 
 #[test]
@@ -153,7 +154,7 @@ fn forward_command_writes_transformers_logits() {
     assert_eq!(2 * ours.len(), theirs.len(), "one row of logits written");
     let diff = max_abs_diff(&ours, &theirs[..ours.len()]);
     println!("qlora forward: max |logits - transformers| = {diff:e}");
-    assert!(diff < 1e-4, "{diff}");
+    assert!(diff < 2e-6, "{diff}"); // measured 2.1e-7
     let e = train::infer::forward_to_file(&loaded, &[9999], &path).err().unwrap().to_string();
     assert!(e.contains("9999") && e.contains("vocabulary"), "{e}");
 }

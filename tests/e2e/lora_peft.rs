@@ -33,7 +33,8 @@ fn input(f: &Fixture, device: &Device) -> Tensor<2, Int> {
 fn peft_adapter_logits_and_gradients_match_peft() {
     let reference = reference();
     let probe_values = reference.f32("probe");
-    for (name, nf4, logits_tol) in [("dense", false, 1e-5f64), ("nf4", true, 1e-4)] {
+    // Measured max |Δlogits|: 6.9e-7 dense, 6.9e-7 NF4 base (7.3e-7 and 7.9e-7 in docs/architecture.md).
+    for (name, nf4, logits_tol) in [("dense", false, 8e-6), ("nf4", true, 8e-6)] {
         let device = Device::flex().autodiff();
         let mut model = base(nf4, &device);
         let adapter = model.load_peft_adapter(&fixtures().join("peft/adapter-tiny-llama")).unwrap();
@@ -56,7 +57,8 @@ fn peft_adapter_logits_and_gradients_match_peft() {
                 let theirs = reference.f32(&format!("grad_{name}.base_model.model.{module}.{which}.weight"));
                 let rel = max_scaled_diff(&ours, &theirs);
                 worst = worst.max(rel);
-                assert!(rel < 1e-4, "{name}: {module}.{which}: relative gradient error {rel:e}");
+                // Measured worst: 1.9e-6 dense, 2.4e-6 NF4 base (2.7e-6 in docs/architecture.md).
+                assert!(rel < 3e-5, "{name}: {module}.{which}: relative gradient error {rel:e}");
             }
         }
         println!("{name} base: worst relative gradient error over all lora_A/lora_B = {worst:e}");
@@ -73,7 +75,7 @@ fn rslora_scaling_matches_peft() {
     let ours: Vec<f32> = model.forward(input(&reference, &device), None).into_data().try_into_vec().unwrap();
     let diff = max_abs_diff(&ours, &reference.f32("logits_rslora_dense"));
     println!("rsLoRA adapter: max |logits - PEFT| = {diff:e}");
-    assert!(diff < 1e-5, "{diff}");
+    assert!(diff < 1e-5, "{diff}"); // measured 1.25e-6
 }
 
 #[test]
@@ -128,8 +130,6 @@ fn bad_lora_settings_are_clear_errors() {
     assert!(e.contains("DoRA"), "{e}");
 }
 
-const LOGIT_BOUND_PER_WEIGHT_ERROR: f64 = f64::INFINITY; // MEASURE
-
 #[test]
 fn merged_checkpoints_give_peft_logits() {
     use lora::merge::{merge_checkpoint, MergeOutput};
@@ -147,7 +147,7 @@ fn merged_checkpoints_give_peft_logits() {
         assert_eq!(report.merged_modules, 14);
         let diff = max_abs_diff(&logits_of(out.path()), &reference.f32(logits_key));
         println!("merged into {base_dir}: max |logits - PEFT| = {diff:e}");
-        assert!(diff < 1e-4, "{base_dir}: {diff}");
+        assert!(diff < 1e-5, "{base_dir}: {diff}"); // measured 1.04e-6 (f32 base), 8.9e-7 (NF4 base)
         dense_merges.push(out);
     }
 
@@ -187,18 +187,33 @@ fn merged_checkpoints_give_peft_logits() {
     let mean_error = error_sum / error_count as f64;
     assert!((mean_error - report.requant_mean_abs_error).abs() <= 1e-9 * mean_error, "reported mean error {} vs the checkpoint's {mean_error}", report.requant_mean_abs_error);
 
-    // Loaded, the re-quantized merge stays 4-bit and gives the dense merge's logits up to the quantization error.
+    // Loaded, the re-quantized merge stays 4-bit and gives the logits of the dense merge quantized on load
+    // (the same NF4 weights), to the bit.
     let requantized = load_hf(out.path(), &LoadOptions::default(), &device).unwrap().1;
     assert!(requantized.layers[0].mlp.up_proj.base.is_quantized());
-    drop(requantized);
-    let logit_diff = max_abs_diff(&logits_of(out.path()), &logits_of(dense));
+    let requantized: Vec<f32> = requantized.forward(input(&reference, &device), None).into_data().try_into_vec().unwrap();
+    let quantized_on_load = load_hf(dense, &LoadOptions { quant: Some(quant::QuantConfig::new()), ..Default::default() }, &device).unwrap().1;
+    let quantized_on_load: Vec<f32> = quantized_on_load.forward(input(&reference, &device), None).into_data().try_into_vec().unwrap();
+    assert_eq!(requantized, quantized_on_load, "re-quantized merge vs the dense merge quantized on load");
+
+    // Against the dense merge, the logits move with the weight error. Measured: max |Δlogits| 0.278 = 7.4 x
+    // the max weight error 3.78e-2 (the largest logit is 0.70). The bound is 10 x the weight error (0.378), not
+    // 10 x the measured 0.278: that would exceed the adapter's whole effect on the logits (1.107, next) and so
+    // pass a merge that dropped the adapter. The inputs are fixed, so only rounding can move the measurement.
+    let dense_logits = logits_of(dense);
+    let logit_diff = max_abs_diff(&requantized, &dense_logits);
+    let bound = 10.0 * report.requant_max_abs_error as f64;
     eprintln!(
-        "requantized vs dense merge: max |Δlogits| = {logit_diff:e} ({:.1} x the max weight error {:e})",
+        "requantized vs dense merge: max |Δlogits| = {logit_diff:e} ({:.1} x the max weight error {:e}; bound {bound:e})",
         logit_diff / report.requant_max_abs_error as f64,
         report.requant_max_abs_error
     );
     assert!(logit_diff > 0.0, "re-quantizing changes the weights, so the logits");
-    assert!(logit_diff < LOGIT_BOUND_PER_WEIGHT_ERROR * report.requant_max_abs_error as f64, "{logit_diff:e}");
+    assert!(logit_diff < bound, "requantized vs dense merge: max |Δlogits| {logit_diff:e} >= {bound:e}");
+    // The bound sees the adapter: the base without it is further from the dense merge (measured 1.107).
+    let without_adapter = max_abs_diff(&logits_of(&fixtures().join("tiny-llama-f32")), &dense_logits);
+    eprintln!("base without the adapter vs dense merge: max |Δlogits| = {without_adapter:e}");
+    assert!(without_adapter > bound, "the bound {bound:e} must be tighter than the adapter's effect {without_adapter:e}");
 }
 
 /// Makes `tests/fixtures/peft/adapter-trained-here`: an adapter trained here (three normalised gradient
@@ -244,6 +259,6 @@ fn adapter_trained_here_gives_our_logits_in_peft() {
         let ours: Vec<f32> = model.forward(input(&peft, &device), None).into_data().try_into_vec().unwrap();
         let diff = max_abs_diff(&ours, &peft.f32(key));
         println!("adapter trained here, {key}: max |ours - PEFT| = {diff:e}");
-        assert!(diff < 1e-4, "{key}: {diff}");
+        assert!(diff < 4e-6, "{key}: {diff}"); // measured 3.6e-7 (NF4 base), 3.0e-7 (dense base)
     }
 }

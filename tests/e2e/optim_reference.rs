@@ -14,7 +14,7 @@ use crate::fixture::Fixture;
 const NAMES: [&str; 3] = ["small", "ragged", "wide"];
 const STEPS: usize = 20;
 const SNAPSHOTS: [usize; 4] = [1, 2, 10, 20];
-const PARAM_TOLERANCE: f64 = 1e-6;
+const PARAM_TOLERANCE: f64 = 1e-6; // measured worst 7.4e-8 (step 20, all three runs)
 
 struct Run {
     params: Vec<Vec<f32>>,
@@ -87,7 +87,7 @@ fn global_clipping_matches_clip_grad_norm() {
     assert_eq!(norms.len(), STEPS);
     let worst = max_rel_diff(&norms, &theirs);
     println!("  clip_grad_norm total norm: max relative difference {worst:.2e} over {STEPS} steps");
-    assert!(worst <= 1e-6, "total norms {norms:?} vs {theirs:?}");
+    assert!(worst <= 1e-6, "total norms {norms:?} vs {theirs:?}"); // measured 1.75e-7
 }
 
 #[test]
@@ -136,7 +136,8 @@ fn schedules_match_transformers() {
             let theirs = theirs.as_f64().unwrap();
             let ours = schedule.lr_at(step as u64);
             worst = worst.max((ours - theirs).abs() / lr);
-            assert!((ours - theirs).abs() <= 1e-12 * lr, "{kind:?} total {total} warmup {warmup} step {step}: {ours} vs {theirs}");
+            // Measured: max |Δ| / base lr 1.4e-16 (f64 rounding; the bound is about 7 ulps of base lr).
+            assert!((ours - theirs).abs() <= 1.5e-15 * lr, "{kind:?} total {total} warmup {warmup} step {step}: {ours} vs {theirs}");
             checked += 1;
         }
     }

@@ -139,10 +139,10 @@ impl TextTokenizer {
             "<|endoftext|>",
         ]);
         for name in names {
-            if let Some(id) = self.token_id(name) {
-                if !ids.contains(&id) {
-                    ids.push(id);
-                }
+            if let Some(id) = self.token_id(name)
+                && !ids.contains(&id)
+            {
+                ids.push(id);
             }
         }
         ids

@@ -43,15 +43,8 @@ const HEADS: usize = 32;
 const TOKENS: usize = 256;
 
 fn random_weight(rows: usize, cols: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..rows * cols)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 11) as f64 / (1u64 << 53) as f64 - 0.5) as f32 * 0.04
-        })
-        .collect()
+    let mut rng = splitmix::SplitMix64(seed);
+    (0..rows * cols).map(|_| (rng.unit_f32() - 0.5) * 0.04).collect()
 }
 
 fn linear(rows: usize, cols: usize, seed: u64, nf4: bool, dense_dtype: DType, device: &Device) -> (LoraLinear, usize) {

@@ -215,10 +215,86 @@ impl LlamaConfig {
     }
 }
 
+impl LlamaConfig {
+    /// The config as an HF `config.json` (transformers 4 form, which both transformers 4 and 5 read):
+    /// what a checkpoint written from a GGUF file or `random:` weights carries. [`Self::from_hf_json`] reads
+    /// it back to the same config.
+    pub fn to_hf_json(&self) -> Value {
+        let qwen2 = self.qkv_bias && !self.o_bias;
+        let mut v = serde_json::json!({
+            "architectures": [if qwen2 { "Qwen2ForCausalLM" } else { "LlamaForCausalLM" }],
+            "model_type": if qwen2 { "qwen2" } else { "llama" },
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim(),
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "attention_bias": self.o_bias,
+            "mlp_bias": self.mlp_bias,
+            "hidden_act": "silu",
+        });
+        let object = v.as_object_mut().expect("object");
+        if let Some(s) = &self.rope_scaling {
+            object.insert(
+                "rope_scaling".into(),
+                serde_json::json!({"rope_type": "llama3", "factor": s.factor, "low_freq_factor": s.low_freq_factor,
+                    "high_freq_factor": s.high_freq_factor,
+                    "original_max_position_embeddings": s.original_max_position_embeddings}),
+            );
+        }
+        if let Some(bos) = self.bos_token_id {
+            object.insert("bos_token_id".into(), bos.into());
+        }
+        match self.eos_token_ids.as_slice() {
+            [] => {}
+            [one] => {
+                object.insert("eos_token_id".into(), (*one).into());
+            }
+            many => {
+                object.insert("eos_token_id".into(), many.into());
+            }
+        }
+        v
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn hf_json_round_trips() {
+        let mut c = LlamaConfig::new()
+            .with_vocab_size(50)
+            .with_hidden_size(16)
+            .with_intermediate_size(24)
+            .with_num_hidden_layers(2)
+            .with_num_attention_heads(4)
+            .with_num_key_value_heads(2)
+            .with_head_dim(Some(4))
+            .with_rms_norm_eps(1e-6)
+            .with_bos_token_id(Some(1))
+            .with_eos_token_ids(vec![2, 7]);
+        for (qkv, o, mlp, scaled) in [(false, false, false, false), (true, false, true, true), (true, true, false, false)] {
+            c.qkv_bias = qkv;
+            c.o_bias = o;
+            c.mlp_bias = mlp;
+            c.rope_scaling = scaled.then(|| Llama3RopeScaling {
+                factor: 8.0,
+                low_freq_factor: 1.0,
+                high_freq_factor: 4.0,
+                original_max_position_embeddings: 8192,
+            });
+            assert_eq!(LlamaConfig::from_hf_json(&c.to_hf_json(), "t").unwrap(), c);
+        }
+    }
 
     #[test]
     fn reads_both_transformers_forms() {

@@ -19,6 +19,9 @@ pub enum LlamaError {
     ShapeMismatch { file: String, tensor: String, expected: Vec<usize>, found: Vec<usize> },
     #[error(transparent)]
     Quant(#[from] quant::QuantError),
+    /// An adapter, or a checkpoint read as a merge base (`lora`).
+    #[error(transparent)]
+    Lora(#[from] lora::LoraError),
     /// A model file, tokenizer or model spec (`formats`); a GGUF error arrives here too.
     #[error(transparent)]
     Format(#[from] formats::FormatError),

@@ -15,13 +15,18 @@ mod adapters;
 mod config;
 mod error;
 pub mod generate;
+mod init;
 mod load;
+pub mod merge_base;
 mod model;
 pub mod random;
 mod weights;
 
 pub use config::{Llama3RopeScaling, LlamaConfig};
 pub use error::LlamaError;
+pub use init::{
+    AttentionConfig, DecoderLayerConfig, FrozenWeights, MlpConfig, RandomInit, RmsNormConfig,
+};
 pub use load::{load, load_hf, LoadOptions, LoadedModel};
 pub use model::{Attention, DecoderLayer, KvCache, LlamaModel, Mlp, RmsNorm, Rotary};
 pub use weights::{GgufWeights, WeightSource};

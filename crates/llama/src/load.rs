@@ -7,11 +7,11 @@ use burn::tensor::{DType, Device, Tensor, TensorData};
 use formats::gguf::GgufFile;
 use formats::source::ModelSource;
 use formats::tokenizer::TextTokenizer;
-use lora::{FrozenLinear, LoraLinear};
+use lora::FrozenLinear;
 use quant::checkpoint::HfCheckpoint;
 use quant::{QuantConfig, QuantizedWeight};
 
-use crate::model::{Attention, DecoderLayer, Mlp, RmsNorm, Rotary};
+use crate::init::FrozenWeights;
 use crate::random::RandomModel;
 use crate::weights::{GgufWeights, WeightSource};
 use crate::{LlamaConfig, LlamaError, LlamaModel};
@@ -47,13 +47,13 @@ pub fn load(source: &ModelSource, options: &LoadOptions, device: &Device) -> Res
             let weights = GgufWeights::new(GgufFile::open(path)?)?;
             let config = weights.config()?;
             let tokenizer = Some(TextTokenizer::from_gguf(&weights.file)?);
-            let model = Loader { source: &weights, config: &config, options, device }.model()?;
+            let model = config.init_with(&WeightReader { source: &weights, options, device })?;
             Ok(LoadedModel { config, model, tokenizer })
         }
         ModelSource::Random(spec) => {
             let random = RandomModel::from_spec(spec)?;
             let weights = random.weights();
-            let model = Loader { source: &weights, config: &random.config, options, device }.model()?;
+            let model = random.config.init_with(&WeightReader { source: &weights, options, device })?;
             Ok(LoadedModel { config: random.config, model, tokenizer: None })
         }
     }
@@ -79,18 +79,42 @@ impl Default for LoadOptions {
 pub fn load_hf(dir: &Path, options: &LoadOptions, device: &Device) -> Result<(LlamaConfig, LlamaModel), LlamaError> {
     let config = LlamaConfig::from_hf_config(&dir.join("config.json"))?;
     let checkpoint = HfCheckpoint::open(dir)?;
-    let model = Loader { source: &checkpoint, config: &config, options, device }.model()?;
+    let model = config.init_with(&WeightReader { source: &checkpoint, options, device })?;
     Ok((config, model))
 }
 
-struct Loader<'a> {
+/// Reads a block's frozen tensors from a [`WeightSource`] by name, in the compute dtype, on the device:
+/// what every loader hands to [`LlamaConfig::init_with`].
+struct WeightReader<'a> {
     source: &'a dyn WeightSource,
-    config: &'a LlamaConfig,
     options: &'a LoadOptions,
     device: &'a Device,
 }
 
-impl Loader<'_> {
+impl FrozenWeights for WeightReader<'_> {
+    fn linear(&self, name: &str, out: usize, inp: usize, bias: bool) -> Result<FrozenLinear, LlamaError> {
+        self.linear(name, out, inp, bias)
+    }
+    fn norm_weight(&self, name: &str, len: usize) -> Result<Tensor<1>, LlamaError> {
+        self.tensor1(name, len)
+    }
+    fn embedding(&self, name: &str, vocab: usize, hidden: usize) -> Result<Tensor<2>, LlamaError> {
+        self.tensor2(name, vocab, hidden)
+    }
+    fn lm_head(&self, vocab: usize, hidden: usize) -> Result<Option<FrozenLinear>, LlamaError> {
+        let name = "lm_head.weight";
+        if !self.source.contains(name) {
+            return Ok(None);
+        }
+        // lm_head stays dense (QLoRA leaves it unquantized), unless the checkpoint itself stores it in 4 bits.
+        Ok(Some(match self.source.bnb_weight(name)? {
+            Some(w) => self.quantized(name, w, vocab, hidden, None)?,
+            None => FrozenLinear::dense(self.tensor2(name, vocab, hidden)?, None),
+        }))
+    }
+}
+
+impl WeightReader<'_> {
     fn file(&self, name: &str) -> String {
         self.source.file_of(name)
     }
@@ -119,10 +143,6 @@ impl Loader<'_> {
     fn tensor2(&self, name: &str, rows: usize, cols: usize) -> Result<Tensor<2>, LlamaError> {
         let values = self.dense(name, &[rows, cols])?;
         Ok(Tensor::<2>::from_data(TensorData::new(values, [rows, cols]), self.device).cast(self.options.dtype))
-    }
-
-    fn norm(&self, name: &str) -> Result<RmsNorm, LlamaError> {
-        Ok(RmsNorm { weight: self.tensor1(name, self.config.hidden_size)?, eps: self.config.rms_norm_eps })
     }
 
     /// A linear layer `prefix.weight` `[out, in]` (+ `prefix.bias`): 4-bit when the checkpoint stores it so or
@@ -166,88 +186,5 @@ impl Loader<'_> {
             });
         }
         Ok(FrozenLinear::quantized(weight.to_device(self.device), bias))
-    }
-
-    fn model(&self) -> Result<LlamaModel, LlamaError> {
-        let c = self.config;
-        let (hidden, head_dim) = (c.hidden_size, c.head_dim());
-        let (q_out, kv_out) = (c.num_attention_heads * head_dim, c.num_key_value_heads * head_dim);
-        let mut layers = Vec::new(); // grows as layers load: a wrong layer count fails at its first missing tensor
-        for i in 0..c.num_hidden_layers {
-            let p = format!("model.layers.{i}");
-            layers.push(DecoderLayer {
-                input_layernorm: self.norm(&format!("{p}.input_layernorm.weight"))?,
-                self_attn: Attention {
-                    q_proj: LoraLinear::frozen(self.linear(
-                        &format!("{p}.self_attn.q_proj"),
-                        q_out,
-                        hidden,
-                        c.qkv_bias,
-                    )?),
-                    k_proj: LoraLinear::frozen(self.linear(
-                        &format!("{p}.self_attn.k_proj"),
-                        kv_out,
-                        hidden,
-                        c.qkv_bias,
-                    )?),
-                    v_proj: LoraLinear::frozen(self.linear(
-                        &format!("{p}.self_attn.v_proj"),
-                        kv_out,
-                        hidden,
-                        c.qkv_bias,
-                    )?),
-                    o_proj: LoraLinear::frozen(self.linear(
-                        &format!("{p}.self_attn.o_proj"),
-                        hidden,
-                        q_out,
-                        c.o_bias,
-                    )?),
-                    num_heads: c.num_attention_heads,
-                    num_kv_heads: c.num_key_value_heads,
-                    head_dim,
-                },
-                post_attention_layernorm: self.norm(&format!("{p}.post_attention_layernorm.weight"))?,
-                mlp: Mlp {
-                    gate_proj: LoraLinear::frozen(self.linear(
-                        &format!("{p}.mlp.gate_proj"),
-                        c.intermediate_size,
-                        hidden,
-                        c.mlp_bias,
-                    )?),
-                    up_proj: LoraLinear::frozen(self.linear(
-                        &format!("{p}.mlp.up_proj"),
-                        c.intermediate_size,
-                        hidden,
-                        c.mlp_bias,
-                    )?),
-                    down_proj: LoraLinear::frozen(self.linear(
-                        &format!("{p}.mlp.down_proj"),
-                        hidden,
-                        c.intermediate_size,
-                        c.mlp_bias,
-                    )?),
-                },
-            });
-        }
-        let tied = c.tie_word_embeddings || !self.source.contains("lm_head.weight");
-        let lm_head = if tied {
-            None
-        } else {
-            // lm_head stays dense (QLoRA leaves it unquantized), unless the checkpoint itself stores it in 4 bits.
-            let name = "lm_head.weight";
-            match self.source.bnb_weight(name)? {
-                Some(w) => Some(self.quantized(name, w, c.vocab_size, hidden, None)?),
-                None => Some(FrozenLinear::dense(self.tensor2(name, c.vocab_size, hidden)?, None)),
-            }
-        };
-        Ok(LlamaModel {
-            embed_tokens: self.tensor2("model.embed_tokens.weight", c.vocab_size, hidden)?,
-            layers,
-            norm: self.norm("model.norm.weight")?,
-            lm_head,
-            rotary: Rotary::new(c),
-            vocab_size: c.vocab_size,
-            hidden_size: hidden,
-        })
     }
 }

@@ -108,22 +108,14 @@ pub struct RandomWeights {
     seed: u64,
 }
 
-fn splitmix(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
 /// `n` draws of N(0, std²) (Box–Muller on SplitMix64), in parallel chunks that depend on `seed` only.
 fn normal(n: usize, std: f32, seed: u64) -> Vec<f32> {
     const CHUNK: usize = 1 << 16;
     let mut out = vec![0.0f32; n];
     out.par_chunks_mut(CHUNK).enumerate().for_each(|(chunk, values)| {
-        let mut state = seed ^ (chunk as u64).wrapping_mul(0xD1B5_4A32_D192_ED03);
+        let mut rng = splitmix::SplitMix64(seed ^ (chunk as u64).wrapping_mul(0xD1B5_4A32_D192_ED03));
         for pair in values.chunks_mut(2) {
-            let bits = splitmix(&mut state);
+            let bits = rng.next_u64();
             let u1 = ((bits >> 40) as f32 + 1.0) / 16_777_217.0; // (0, 1]
             let u2 = (bits & 0xFF_FFFF) as f32 / 16_777_216.0;
             let radius = std * (-2.0 * u1.ln()).sqrt();

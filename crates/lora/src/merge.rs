@@ -38,15 +38,86 @@ fn err(e: impl std::fmt::Display) -> LoraError {
     LoraError::Adapter(e.to_string())
 }
 
+/// The base model a merge reads: its tensors by checkpoint name, its config.json and the files written
+/// beside the weights. [`HfBase`] is an HF checkpoint directory (dense or bitsandbytes 4-bit); `llama`
+/// implements it for every other model source (GGUF files, `random:` weights).
+pub trait MergeBase {
+    /// A label for messages (the directory or file).
+    fn label(&self) -> String;
+    /// Every tensor name, in a stable order.
+    fn names(&self) -> Vec<String>;
+    fn contains(&self, name: &str) -> bool;
+    /// A tensor the merge copies unchanged, as stored.
+    fn stored(&self, name: &str) -> Result<StoredTensor, LoraError>;
+    /// A dense tensor's values as f32 and its shape.
+    fn tensor_f32(&self, name: &str) -> Result<(Vec<f32>, Vec<usize>), LoraError>;
+    /// The weight in bitsandbytes 4-bit form, where the base stores it so.
+    fn bnb_weight(&self, name: &str) -> Result<Option<QuantizedWeight>, LoraError>;
+    /// config.json of the base (the merge sets its dtype and quantization_config).
+    fn hf_config(&self) -> Result<Value, LoraError>;
+    /// Files written beside the weights (tokenizer, generation config …): name and bytes.
+    fn auxiliary_files(&self) -> Result<Vec<(String, Vec<u8>)>, LoraError>;
+}
+
+/// An HF checkpoint directory as a merge base.
+pub struct HfBase {
+    pub dir: std::path::PathBuf,
+    pub checkpoint: HfCheckpoint,
+}
+
+impl HfBase {
+    pub fn open(dir: &Path) -> Result<Self, LoraError> {
+        Ok(HfBase { dir: dir.to_path_buf(), checkpoint: HfCheckpoint::open(dir).map_err(err)? })
+    }
+}
+
+impl MergeBase for HfBase {
+    fn label(&self) -> String {
+        self.dir.display().to_string()
+    }
+    fn names(&self) -> Vec<String> {
+        self.checkpoint.names().map(String::from).collect()
+    }
+    fn contains(&self, name: &str) -> bool {
+        self.checkpoint.contains(name)
+    }
+    fn stored(&self, name: &str) -> Result<StoredTensor, LoraError> {
+        let (view, _) = self.checkpoint.tensor(name).map_err(err)?;
+        Ok(StoredTensor { dtype: view.dtype(), shape: view.shape().to_vec(), data: view.data().to_vec() })
+    }
+    fn tensor_f32(&self, name: &str) -> Result<(Vec<f32>, Vec<usize>), LoraError> {
+        self.checkpoint.tensor_f32(name).map_err(err)
+    }
+    fn bnb_weight(&self, name: &str) -> Result<Option<QuantizedWeight>, LoraError> {
+        self.checkpoint.bnb_weight(name).map_err(err)
+    }
+    fn hf_config(&self) -> Result<Value, LoraError> {
+        let path = self.dir.join("config.json");
+        serde_json::from_str(&std::fs::read_to_string(&path).map_err(err)?).map_err(err)
+    }
+    fn auxiliary_files(&self) -> Result<Vec<(String, Vec<u8>)>, LoraError> {
+        AUXILIARY_FILES
+            .iter()
+            .map(|file| (file, self.dir.join(file)))
+            .filter(|(_, path)| path.is_file())
+            .map(|(file, path)| Ok((file.to_string(), std::fs::read(&path).map_err(err)?)))
+            .collect()
+    }
+}
+
 /// Merges the PEFT adapter in `adapter_dir` into the HF (or bitsandbytes 4-bit) checkpoint in `model_dir`
 /// and writes the result to `out_dir`.
 pub fn merge_checkpoint(model_dir: &Path, adapter_dir: &Path, out_dir: &Path, output: &MergeOutput) -> Result<MergeReport, LoraError> {
+    merge(&HfBase::open(model_dir)?, adapter_dir, out_dir, output)
+}
+
+/// Merges the PEFT adapter in `adapter_dir` into `base` and writes an HF checkpoint to `out_dir`.
+pub fn merge(base: &dyn MergeBase, adapter_dir: &Path, out_dir: &Path, output: &MergeOutput) -> Result<MergeReport, LoraError> {
     let adapter = read_peft_adapter(adapter_dir)?;
     let scaling = adapter.config.scaling() as f32;
-    let checkpoint = HfCheckpoint::open(model_dir).map_err(err)?;
     for module in adapter.modules.keys() {
-        if !checkpoint.contains(&format!("{module}.weight")) {
-            return Err(err(format!("adapter module `{module}` has no weight in {}", model_dir.display())));
+        if !base.contains(&format!("{module}.weight")) {
+            return Err(err(format!("adapter module `{module}` has no weight in {}", base.label())));
         }
     }
     std::fs::create_dir_all(out_dir).map_err(err)?;
@@ -55,23 +126,21 @@ pub fn merge_checkpoint(model_dir: &Path, adapter_dir: &Path, out_dir: &Path, ou
     let mut error_sum = 0.0f64;
     let mut error_count = 0usize;
     let mut tensors: Vec<(String, StoredTensor)> = Vec::new();
-    let names: Vec<String> = checkpoint.names().map(String::from).collect();
-    for name in &names {
+    for name in &base.names() {
         // bitsandbytes statistics tensors belong to their weight, handled with it.
-        if name.contains(".weight.") && checkpoint.contains(&name[..name.find(".weight.").unwrap() + 7]) {
+        if name.contains(".weight.") && base.contains(&name[..name.find(".weight.").unwrap() + 7]) {
             continue;
         }
         let module = name.strip_suffix(".weight");
         let stored = module.and_then(|m| adapter.modules.get(m));
-        let quantized = checkpoint.bnb_weight(name).map_err(err)?;
+        let quantized = base.bnb_weight(name)?;
         if stored.is_none() && quantized.is_none() {
-            let (view, _) = checkpoint.tensor(name).map_err(err)?;
-            tensors.push((name.clone(), StoredTensor { dtype: view.dtype(), shape: view.shape().to_vec(), data: view.data().to_vec() }));
+            tensors.push((name.clone(), base.stored(name)?));
             continue;
         }
         let (mut values, shape) = match quantized {
             Some(q) => (q.dequantize_f32().map_err(err)?, q.shape.clone()),
-            None => checkpoint.tensor_f32(name).map_err(err)?,
+            None => base.tensor_f32(name)?,
         };
         if let Some(stored) = stored {
             let [out_f, in_f] = [shape[0], shape[1]];
@@ -112,8 +181,7 @@ pub fn merge_checkpoint(model_dir: &Path, adapter_dir: &Path, out_dir: &Path, ou
     let bytes = safetensors::serialize(tensors.iter().map(|(k, t)| (k.clone(), t)), metadata).map_err(err)?;
     write_atomically(&out_dir.join("model.safetensors"), &bytes).map_err(err)?;
 
-    let config_path = model_dir.join("config.json");
-    let mut config: Value = serde_json::from_str(&std::fs::read_to_string(&config_path).map_err(err)?).map_err(err)?;
+    let mut config = base.hf_config()?;
     let object = config.as_object_mut().ok_or_else(|| err("config.json is not an object"))?;
     object.remove("quantization_config");
     match output {
@@ -129,11 +197,8 @@ pub fn merge_checkpoint(model_dir: &Path, adapter_dir: &Path, out_dir: &Path, ou
         }
     }
     write_atomically(&out_dir.join("config.json"), serde_json::to_string_pretty(&config).expect("json").as_bytes()).map_err(err)?;
-    for file in AUXILIARY_FILES {
-        let from = model_dir.join(file);
-        if from.is_file() {
-            write_atomically(&out_dir.join(file), &std::fs::read(&from).map_err(err)?).map_err(err)?;
-        }
+    for (file, bytes) in base.auxiliary_files()? {
+        write_atomically(&out_dir.join(file), &bytes).map_err(err)?;
     }
     Ok(report)
 }

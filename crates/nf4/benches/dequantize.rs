@@ -21,15 +21,8 @@ const BLOCKSIZE: usize = 64;
 const TASK_ELEMS: usize = 1024 * BLOCKSIZE;
 
 fn weights() -> Vec<f32> {
-    let mut state = 0x9E37_79B9_7F4A_7C15u64;
-    (0..ROWS * COLS)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            ((state >> 11) as f64 / (1u64 << 53) as f64 - 0.5) as f32 * 0.04
-        })
-        .collect()
+    let mut rng = splitmix::SplitMix64(7);
+    (0..ROWS * COLS).map(|_| (rng.unit_f32() - 0.5) * 0.04).collect()
 }
 
 /// The baseline: `dst = src` in dequantize's task size, on the current rayon pool.

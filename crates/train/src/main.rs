@@ -74,9 +74,10 @@ enum Command {
     },
     /// Merge a PEFT adapter into its base checkpoint: dense (f32/bf16) or re-quantized to NF4/FP4.
     Merge {
-        /// The base: an HF directory or a bitsandbytes 4-bit checkpoint.
+        /// The base: any model `--model` takes elsewhere (an HF directory or bitsandbytes 4-bit checkpoint, a
+        /// .gguf file, a hub id, `smollm2`, `random:…`).
         #[arg(long)]
-        model: PathBuf,
+        model: String,
         /// The PEFT adapter directory.
         #[arg(long)]
         adapter: PathBuf,
@@ -449,7 +450,9 @@ fn main() -> anyhow::Result<()> {
                 (false, ComputeDtype::Bf16) => lora::merge::MergeOutput::DenseBf16,
                 (false, ComputeDtype::F32) => lora::merge::MergeOutput::DenseF32,
             };
-            let report = lora::merge::merge_checkpoint(&model, &adapter, &out, &output)
+            let base = llama::merge_base::merge_base(&formats::source::resolve(&model)?)
+                .with_context(|| format!("reading {model}"))?;
+            let report = lora::merge::merge(base.as_ref(), &adapter, &out, &output)
                 .with_context(|| format!("merging {}", adapter.display()))?;
             println!(
                 "merged {} adapter modules into {}",
