@@ -8,15 +8,15 @@
 //! parameter, take the block's new absmax with a shared-memory reduction, and re-quantize through
 //! bitsandbytes' 65,536-entry lookup tables, as the CPU reference does.
 
-use cubecl::prelude::*;
-use cubecl::server::Handle;
 use adamw_rules::UpdateRule;
 use adamw_rules::update::{AdamHyper, STATE_BLOCKSIZE};
 use adamw_rules::{PageDevice, PageState};
+use cubecl::prelude::*;
+use cubecl::server::Handle;
 
+use crate::KernelError;
 use crate::numerics::mul_rounded;
 use crate::weight::{bytes_to_words, read_f32, read_u32, upload_f32, upload_u32, words_to_bytes};
-use crate::KernelError;
 
 #[cube(launch_unchecked)]
 fn adamw_torch_kernel(
@@ -128,8 +128,10 @@ fn adamw_bnb8_kernel(
     let mut v_new = 0.0f32;
     if active {
         let g = grad[i];
-        let m_old = signed_values[((codes1[i / 4] >> (8u32 * u32::cast_from(i % 4))) & 0xFFu32) as usize] * absmax1[block];
-        let v_old = unsigned_values[((codes2[i / 4] >> (8u32 * u32::cast_from(i % 4))) & 0xFFu32) as usize] * absmax2[block];
+        let m_old =
+            signed_values[((codes1[i / 4] >> (8u32 * u32::cast_from(i % 4))) & 0xFFu32) as usize] * absmax1[block];
+        let v_old =
+            unsigned_values[((codes2[i / 4] >> (8u32 * u32::cast_from(i % 4))) & 0xFFu32) as usize] * absmax2[block];
         m_new = fma(g, scalars[1], mul_rounded(m_old, scalars[0]));
         v_new = fma(scalars[3] * g, g, mul_rounded(v_old, scalars[2]));
         let denom = Sqrt::sqrt(v_new) / scalars[5] + scalars[7];
@@ -240,11 +242,22 @@ impl DevicePages {
     }
 
     /// Runs `rule` on a resident page: `param` is updated in place (through the device).
-    pub fn try_update(&mut self, page: &mut DevicePage, rule: UpdateRule, param: &mut [f32], grad: &[f32], h: &AdamHyper) -> Result<(), KernelError> {
+    pub fn try_update(
+        &mut self,
+        page: &mut DevicePage,
+        rule: UpdateRule,
+        param: &mut [f32],
+        grad: &[f32],
+        h: &AdamHyper,
+    ) -> Result<(), KernelError> {
         let c = self.client.clone();
         let n = param.len();
         if grad.len() != n {
-            return Err(KernelError::Shape { what: "gradient", expected: format!("{n} elements"), found: grad.len().to_string() });
+            return Err(KernelError::Shape {
+                what: "gradient",
+                expected: format!("{n} elements"),
+                found: grad.len().to_string(),
+            });
         }
         if n == 0 {
             return Ok(());
@@ -254,7 +267,9 @@ impl DevicePages {
         let step = h.step as f64;
         let dim = CubeDim::new_1d(256);
         match (page, rule) {
-            (DevicePage::F32 { exp_avg, exp_avg_sq, len }, rule @ (UpdateRule::TorchAdamW | UpdateRule::Bnb32)) if *len == n => {
+            (DevicePage::F32 { exp_avg, exp_avg_sq, len }, rule @ (UpdateRule::TorchAdamW | UpdateRule::Bnb32))
+                if *len == n =>
+            {
                 let c1 = 1.0 - h.beta1.powf(step);
                 let c2 = (1.0 - h.beta2.powf(step)).sqrt();
                 // Each kernel's scalars, in the order its comment lists them.
@@ -340,7 +355,9 @@ impl DevicePages {
                 }
             }
             (_, rule) => {
-                return Err(KernelError::Unsupported(format!("update rule {rule:?} on a page of another format or size ({n} parameters)")));
+                return Err(KernelError::Unsupported(format!(
+                    "update rule {rule:?} on a page of another format or size ({n} parameters)"
+                )));
             }
         }
         let updated = read_f32(&c, p, n, "the optimizer update")?;
@@ -355,7 +372,11 @@ impl PageDevice for DevicePages {
     fn upload(&mut self, host: PageState) -> Option<DevicePage> {
         let c = &self.client;
         Some(match host {
-            PageState::F32 { exp_avg, exp_avg_sq } => DevicePage::F32 { len: exp_avg.len(), exp_avg: upload_f32(c, &exp_avg), exp_avg_sq: upload_f32(c, &exp_avg_sq) },
+            PageState::F32 { exp_avg, exp_avg_sq } => DevicePage::F32 {
+                len: exp_avg.len(),
+                exp_avg: upload_f32(c, &exp_avg),
+                exp_avg_sq: upload_f32(c, &exp_avg_sq),
+            },
             PageState::Blockwise8 { codes1, absmax1, codes2, absmax2 } => DevicePage::Blockwise8 {
                 len: codes1.len(),
                 codes1: upload_u32(c, &bytes_to_words(&codes1)),
@@ -370,7 +391,9 @@ impl PageDevice for DevicePages {
         let page = page.expect("pages are always present once uploaded");
         let result = self.try_download(&page);
         self.record(result).unwrap_or_else(|| match page {
-            DevicePage::F32 { len, .. } => PageState::F32 { exp_avg: vec![f32::NAN; len], exp_avg_sq: vec![f32::NAN; len] },
+            DevicePage::F32 { len, .. } => {
+                PageState::F32 { exp_avg: vec![f32::NAN; len], exp_avg_sq: vec![f32::NAN; len] }
+            }
             DevicePage::Blockwise8 { len, .. } => PageState::zeros(adamw_rules::StateFormat::Blockwise8, len),
         })
     }
@@ -378,12 +401,21 @@ impl PageDevice for DevicePages {
     fn snapshot(&self, page: &Option<DevicePage>) -> PageState {
         let page = page.as_ref().expect("pages are always present once uploaded");
         self.try_download(page).unwrap_or_else(|_| match page {
-            DevicePage::F32 { len, .. } => PageState::F32 { exp_avg: vec![f32::NAN; *len], exp_avg_sq: vec![f32::NAN; *len] },
+            DevicePage::F32 { len, .. } => {
+                PageState::F32 { exp_avg: vec![f32::NAN; *len], exp_avg_sq: vec![f32::NAN; *len] }
+            }
             DevicePage::Blockwise8 { len, .. } => PageState::zeros(adamw_rules::StateFormat::Blockwise8, *len),
         })
     }
 
-    fn update(&mut self, page: &mut Option<DevicePage>, rule: UpdateRule, param: &mut [f32], grad: &[f32], hyper: &AdamHyper) {
+    fn update(
+        &mut self,
+        page: &mut Option<DevicePage>,
+        rule: UpdateRule,
+        param: &mut [f32],
+        grad: &[f32],
+        hyper: &AdamHyper,
+    ) {
         let page = page.as_mut().expect("pages are always present once uploaded");
         let result = self.try_update(page, rule, param, grad, hyper);
         self.record(result);
@@ -393,8 +425,8 @@ impl PageDevice for DevicePages {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::check::{client, Rng};
-    use adamw_rules::update::{adamw_bnb32, adamw_bnb8, adamw_torch, Blockwise8Mut};
+    use crate::check::{Rng, client};
+    use adamw_rules::update::{Blockwise8Mut, adamw_bnb8, adamw_bnb32, adamw_torch};
 
     fn hyper(step: u64, weight_decay: f64) -> AdamHyper {
         AdamHyper { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay, step }
@@ -468,17 +500,36 @@ mod tests {
                 // 8-bit blockwise.
                 let mut p_host = init.clone();
                 let mut p_dev = init.clone();
-                let PageState::Blockwise8 { mut codes1, mut absmax1, mut codes2, mut absmax2 } = PageState::zeros(adamw_rules::StateFormat::Blockwise8, n) else { panic!() };
+                let PageState::Blockwise8 { mut codes1, mut absmax1, mut codes2, mut absmax2 } =
+                    PageState::zeros(adamw_rules::StateFormat::Blockwise8, n)
+                else {
+                    panic!()
+                };
                 let mut page = device.upload(PageState::zeros(adamw_rules::StateFormat::Blockwise8, n));
                 for step in 1..=5 {
                     let grad: Vec<f32> = (0..n).map(|_| rng.normal() * 0.1).collect();
                     let h = hyper(step, wd);
-                    let state = Blockwise8Mut { codes1: &mut codes1, absmax1: &mut absmax1, codes2: &mut codes2, absmax2: &mut absmax2 };
-                    adamw_bnb8(&mut p_host, &grad, state, adamw_rules::codebooks::signed(), adamw_rules::codebooks::unsigned(), &h);
+                    let state = Blockwise8Mut {
+                        codes1: &mut codes1,
+                        absmax1: &mut absmax1,
+                        codes2: &mut codes2,
+                        absmax2: &mut absmax2,
+                    };
+                    adamw_bnb8(
+                        &mut p_host,
+                        &grad,
+                        state,
+                        adamw_rules::codebooks::signed(),
+                        adamw_rules::codebooks::unsigned(),
+                        &h,
+                    );
                     device.update(&mut page, UpdateRule::Bnb8, &mut p_dev, &grad, &h);
                     assert!(device.take_error().is_none());
                 }
-                let PageState::Blockwise8 { codes1: d1, absmax1: a1, codes2: d2, absmax2: a2 } = device.download(page) else { panic!("format") };
+                let PageState::Blockwise8 { codes1: d1, absmax1: a1, codes2: d2, absmax2: a2 } = device.download(page)
+                else {
+                    panic!("format")
+                };
                 moments_equal(&a1, &absmax1, fused, 1e-3, &format!("8-bit n {n}: absmax1"));
                 moments_equal(&a2, &absmax2, fused, 1e-3, &format!("8-bit n {n}: absmax2"));
                 codes_equal(&d1, &codes1, fused, &format!("8-bit n {n}: codes1"));

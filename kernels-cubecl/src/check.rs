@@ -10,7 +10,9 @@ pub fn client() -> Client {
     use std::sync::OnceLock;
     static CLIENT: OnceLock<Client> = OnceLock::new();
     CLIENT
-        .get_or_init(|| crate::client_for(crate::DeviceKind::Wgpu).expect("wgpu device (install mesa-vulkan-drivers for lavapipe)"))
+        .get_or_init(|| {
+            crate::client_for(crate::DeviceKind::Wgpu).expect("wgpu device (install mesa-vulkan-drivers for lavapipe)")
+        })
         .clone()
 }
 

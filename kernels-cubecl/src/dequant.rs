@@ -64,14 +64,7 @@ fn dequantize_4bit_tiled_kernel(
     if unit < TILE_BLOCKS {
         let block = first_block + unit;
         if block < blocks {
-            scales[unit] = block_absmax(
-                block,
-                absmax,
-                nested_absmax,
-                nested_code,
-                offset,
-                double_quant,
-            );
+            scales[unit] = block_absmax(block, absmax, nested_absmax, nested_code, offset, double_quant);
         }
     }
     sync_cube();
@@ -80,9 +73,7 @@ fn dequantize_4bit_tiled_kernel(
         for k in 0..8usize {
             let i = tile_start + k * 256 + unit;
             if i < numel {
-                out[i] = u32::reinterpret(
-                    book[code_at(packed, i) as usize] * scales[i / blocksize - first_block],
-                );
+                out[i] = u32::reinterpret(book[code_at(packed, i) as usize] * scales[i / blocksize - first_block]);
             }
         }
     } else {
@@ -113,25 +104,13 @@ pub struct DeviceDense {
 }
 
 /// Dequantizes `weight` into a new device buffer of `dtype`.
-pub fn dequantize(
-    client: &Client,
-    weight: &DeviceWeight4bit,
-    dtype: FloatDtype,
-) -> Result<DeviceDense, KernelError> {
+pub fn dequantize(client: &Client, weight: &DeviceWeight4bit, dtype: FloatDtype) -> Result<DeviceDense, KernelError> {
     let out = client.empty(weight.numel.div_ceil(2) * 2 * dtype.size_in_bytes().max(2));
     dequantize_into(client, weight, dtype, &out)?;
-    Ok(DeviceDense {
-        handle: out,
-        numel: weight.numel,
-        dtype,
-    })
+    Ok(DeviceDense { handle: out, numel: weight.numel, dtype })
 }
 
-fn output_bytes(
-    weight: &DeviceWeight4bit,
-    dtype: FloatDtype,
-    out: &Handle,
-) -> Result<usize, KernelError> {
+fn output_bytes(weight: &DeviceWeight4bit, dtype: FloatDtype, out: &Handle) -> Result<usize, KernelError> {
     let needed = weight.numel.div_ceil(2) * 2 * dtype.size_in_bytes();
     if (out.size() as usize) < needed {
         return Err(KernelError::Shape {
@@ -181,33 +160,15 @@ impl DeviceDense {
     /// Reads the values back as f32 (16-bit types widened exactly).
     pub fn to_f32(&self, client: &Client) -> Result<Vec<f32>, KernelError> {
         match self.dtype {
-            FloatDtype::F32 => read_f32(
-                client,
-                self.handle.clone(),
-                self.numel,
-                "reading a dequantized tensor",
-            ),
-            _ => Ok(self
-                .to_bits16(client)?
-                .into_iter()
-                .map(|b| widen(b, self.dtype))
-                .collect()),
+            FloatDtype::F32 => read_f32(client, self.handle.clone(), self.numel, "reading a dequantized tensor"),
+            _ => Ok(self.to_bits16(client)?.into_iter().map(|b| widen(b, self.dtype)).collect()),
         }
     }
 
     /// Reads 16-bit values back as their raw bits.
     pub fn to_bits16(&self, client: &Client) -> Result<Vec<u16>, KernelError> {
-        let words = read_u32(
-            client,
-            self.handle.clone(),
-            self.numel.div_ceil(2),
-            "reading a dequantized tensor",
-        )?;
-        Ok(words
-            .iter()
-            .flat_map(|w| [(*w & 0xFFFF) as u16, (*w >> 16) as u16])
-            .take(self.numel)
-            .collect())
+        let words = read_u32(client, self.handle.clone(), self.numel.div_ceil(2), "reading a dequantized tensor")?;
+        Ok(words.iter().flat_map(|w| [(*w & 0xFFFF) as u16, (*w >> 16) as u16]).take(self.numel).collect())
     }
 }
 
@@ -224,14 +185,7 @@ mod tests {
     use crate::check::{Rng, client, poison, random_weights};
     use nf4::{QuantType, quantize};
 
-    fn check(
-        rows: usize,
-        cols: usize,
-        blocksize: usize,
-        quant_type: QuantType,
-        double_quant: bool,
-        rng: &mut Rng,
-    ) {
+    fn check(rows: usize, cols: usize, blocksize: usize, quant_type: QuantType, double_quant: bool, rng: &mut Rng) {
         let client = client();
         let values = random_weights(rows * cols, rng);
         let q = quantize(&values, blocksize, quant_type, double_quant).unwrap();
@@ -240,22 +194,13 @@ mod tests {
             {
                 let out = poison(&client, q.numel.div_ceil(2) * 2 * dtype.size_in_bytes());
                 dequantize_into(&client, &weight, dtype, &out).unwrap();
-                let dense = DeviceDense {
-                    handle: out,
-                    numel: q.numel,
-                    dtype,
-                };
-                let what = format!(
-                    "{rows}x{cols} bs {blocksize} {quant_type:?} dq {double_quant} {dtype:?}"
-                );
+                let dense = DeviceDense { handle: out, numel: q.numel, dtype };
+                let what = format!("{rows}x{cols} bs {blocksize} {quant_type:?} dq {double_quant} {dtype:?}");
                 match dtype {
                     FloatDtype::F32 => {
                         let got = dense.to_f32(&client).unwrap();
                         let want: Vec<f32> = q.dequantize().unwrap();
-                        let bad = got
-                            .iter()
-                            .zip(&want)
-                            .position(|(a, b)| a.to_bits() != b.to_bits());
+                        let bad = got.iter().zip(&want).position(|(a, b)| a.to_bits() != b.to_bits());
                         assert!(
                             bad.is_none(),
                             "{what}: element {bad:?} differs: {:?} vs {:?}",
@@ -264,21 +209,12 @@ mod tests {
                         );
                     }
                     FloatDtype::Bf16 => {
-                        let want: Vec<u16> = q
-                            .dequantize::<half::bf16>()
-                            .unwrap()
-                            .iter()
-                            .map(|v| v.to_bits())
-                            .collect();
+                        let want: Vec<u16> =
+                            q.dequantize::<half::bf16>().unwrap().iter().map(|v| v.to_bits()).collect();
                         assert_eq!(dense.to_bits16(&client).unwrap(), want, "{what}");
                     }
                     FloatDtype::F16 => {
-                        let want: Vec<u16> = q
-                            .dequantize::<half::f16>()
-                            .unwrap()
-                            .iter()
-                            .map(|v| v.to_bits())
-                            .collect();
+                        let want: Vec<u16> = q.dequantize::<half::f16>().unwrap().iter().map(|v| v.to_bits()).collect();
                         assert_eq!(dense.to_bits16(&client).unwrap(), want, "{what}");
                     }
                 }

@@ -26,6 +26,8 @@ pub fn client_for(kind: DeviceKind) -> Result<Client, KernelError> {
             .map_err(|e| KernelError::DeviceUnavailable { what: "CUDA", reason: format!("{e:?}") })?,
     };
     // wgpu panics when no adapter can be acquired; turn that into an error.
-    std::panic::catch_unwind(move || device.client())
-        .map_err(|_| KernelError::DeviceUnavailable { what: "GPU", reason: "the runtime could not open the device".into() })
+    std::panic::catch_unwind(move || device.client()).map_err(|_| KernelError::DeviceUnavailable {
+        what: "GPU",
+        reason: "the runtime could not open the device".into(),
+    })
 }

@@ -22,9 +22,9 @@ pub mod numerics;
 pub mod quantize;
 mod weight;
 
-pub use device::{client_for, DeviceKind};
+pub use device::{DeviceKind, client_for};
 pub use error::KernelError;
 pub use nf4::FloatDtype;
-pub use weight::{upload_as, DeviceWeight4bit};
+pub use weight::{DeviceWeight4bit, upload_as};
 
 pub mod check;

@@ -14,8 +14,8 @@ use cubecl::server::Handle;
 use crate::numerics::{block_absmax, code_at, nibble};
 use nf4::FloatDtype;
 
-use crate::weight::DeviceWeight4bit;
 use crate::KernelError;
+use crate::weight::DeviceWeight4bit;
 
 const TILE_M: usize = 64;
 const TILE_P: usize = 64;
@@ -179,10 +179,38 @@ fn fused_matmul_cmma_kernel<F: Float>(
     let pp = (plane % 2) * 32;
     let m0 = CUBE_POS_Y as usize * 64;
     let p0 = CUBE_POS_X as usize * 64;
-    let acc00 = cmma::Matrix::<f32>::from_value(cmma::MatrixIdent::Accumulator, 16usize, 16usize, 16usize, cmma::MatrixLayout::Undefined, 0.0f32);
-    let acc01 = cmma::Matrix::<f32>::from_value(cmma::MatrixIdent::Accumulator, 16usize, 16usize, 16usize, cmma::MatrixLayout::Undefined, 0.0f32);
-    let acc10 = cmma::Matrix::<f32>::from_value(cmma::MatrixIdent::Accumulator, 16usize, 16usize, 16usize, cmma::MatrixLayout::Undefined, 0.0f32);
-    let acc11 = cmma::Matrix::<f32>::from_value(cmma::MatrixIdent::Accumulator, 16usize, 16usize, 16usize, cmma::MatrixLayout::Undefined, 0.0f32);
+    let acc00 = cmma::Matrix::<f32>::from_value(
+        cmma::MatrixIdent::Accumulator,
+        16usize,
+        16usize,
+        16usize,
+        cmma::MatrixLayout::Undefined,
+        0.0f32,
+    );
+    let acc01 = cmma::Matrix::<f32>::from_value(
+        cmma::MatrixIdent::Accumulator,
+        16usize,
+        16usize,
+        16usize,
+        cmma::MatrixLayout::Undefined,
+        0.0f32,
+    );
+    let acc10 = cmma::Matrix::<f32>::from_value(
+        cmma::MatrixIdent::Accumulator,
+        16usize,
+        16usize,
+        16usize,
+        cmma::MatrixLayout::Undefined,
+        0.0f32,
+    );
+    let acc11 = cmma::Matrix::<f32>::from_value(
+        cmma::MatrixIdent::Accumulator,
+        16usize,
+        16usize,
+        16usize,
+        cmma::MatrixLayout::Undefined,
+        0.0f32,
+    );
     let tiles = r_size.div_ceil(32);
     for t in 0..tiles {
         let r0 = t * 32;
@@ -220,7 +248,8 @@ fn fused_matmul_cmma_kernel<F: Float>(
                     } else {
                         flat = (r0 + k) * p_size + p0 + p;
                     }
-                    let scale = block_absmax(flat / blocksize, absmax, nested_absmax, nested_code, offset, double_quant);
+                    let scale =
+                        block_absmax(flat / blocksize, absmax, nested_absmax, nested_code, offset, double_quant);
                     let word = packed[flat / 8];
                     #[unroll]
                     for j in 0..8usize {
@@ -264,7 +293,8 @@ fn fused_matmul_cmma_kernel<F: Float>(
                     } else {
                         flat = (r0 + k) * p_size + p0 + p;
                     }
-                    let scale = block_absmax(flat / blocksize, absmax, nested_absmax, nested_code, offset, double_quant);
+                    let scale =
+                        block_absmax(flat / blocksize, absmax, nested_absmax, nested_code, offset, double_quant);
                     v = book[code_at(packed, flat) as usize] * scale;
                 }
                 b_tile[k * 64 + p] = F::cast_from(v);
@@ -273,10 +303,42 @@ fn fused_matmul_cmma_kernel<F: Float>(
         sync_cube();
         #[unroll]
         for kk in 0..2usize {
-            let a0 = cmma::Matrix::<F>::from_slice(cmma::MatrixIdent::A, 16usize, 16usize, 16usize, cmma::MatrixLayout::RowMajor, &a_tile[pm * 32 + kk * 16..2048usize], 32u32);
-            let a1 = cmma::Matrix::<F>::from_slice(cmma::MatrixIdent::A, 16usize, 16usize, 16usize, cmma::MatrixLayout::RowMajor, &a_tile[(pm + 16) * 32 + kk * 16..2048usize], 32u32);
-            let b0 = cmma::Matrix::<F>::from_slice(cmma::MatrixIdent::B, 16usize, 16usize, 16usize, cmma::MatrixLayout::RowMajor, &b_tile[kk * 16 * 64 + pp..2048usize], 64u32);
-            let b1 = cmma::Matrix::<F>::from_slice(cmma::MatrixIdent::B, 16usize, 16usize, 16usize, cmma::MatrixLayout::RowMajor, &b_tile[kk * 16 * 64 + pp + 16..2048usize], 64u32);
+            let a0 = cmma::Matrix::<F>::from_slice(
+                cmma::MatrixIdent::A,
+                16usize,
+                16usize,
+                16usize,
+                cmma::MatrixLayout::RowMajor,
+                &a_tile[pm * 32 + kk * 16..2048usize],
+                32u32,
+            );
+            let a1 = cmma::Matrix::<F>::from_slice(
+                cmma::MatrixIdent::A,
+                16usize,
+                16usize,
+                16usize,
+                cmma::MatrixLayout::RowMajor,
+                &a_tile[(pm + 16) * 32 + kk * 16..2048usize],
+                32u32,
+            );
+            let b0 = cmma::Matrix::<F>::from_slice(
+                cmma::MatrixIdent::B,
+                16usize,
+                16usize,
+                16usize,
+                cmma::MatrixLayout::RowMajor,
+                &b_tile[kk * 16 * 64 + pp..2048usize],
+                64u32,
+            );
+            let b1 = cmma::Matrix::<F>::from_slice(
+                cmma::MatrixIdent::B,
+                16usize,
+                16usize,
+                16usize,
+                cmma::MatrixLayout::RowMajor,
+                &b_tile[kk * 16 * 64 + pp + 16..2048usize],
+                64u32,
+            );
             cmma::execute(&a0, &b0, &acc00, &acc00);
             cmma::execute(&a0, &b1, &acc01, &acc01);
             cmma::execute(&a1, &b0, &acc10, &acc10);
@@ -455,14 +517,25 @@ macro_rules! launch_product {
 fn check_operand(what: &'static str, handle: &Handle, elems: usize, dtype: FloatDtype) -> Result<(), KernelError> {
     let needed = elems * dtype.size_in_bytes();
     if (handle.size() as usize) < needed {
-        return Err(KernelError::Shape { what, expected: format!("≥ {needed} bytes"), found: format!("{} bytes", handle.size()) });
+        return Err(KernelError::Shape {
+            what,
+            expected: format!("≥ {needed} bytes"),
+            found: format!("{} bytes", handle.size()),
+        });
     }
     Ok(())
 }
 
 /// The fused product of `a` (`[m, in]` for [`Product::Forward`], `[m, out]` for [`Product::InputGrad`],
 /// row-major, `dtype`) with the 4-bit weight, into a new buffer of the same dtype.
-pub fn fused_matmul(client: &Client, a: &Handle, m: usize, weight: &DeviceWeight4bit, product: Product, dtype: FloatDtype) -> Result<Handle, KernelError> {
+pub fn fused_matmul(
+    client: &Client,
+    a: &Handle,
+    m: usize,
+    weight: &DeviceWeight4bit,
+    product: Product,
+    dtype: FloatDtype,
+) -> Result<Handle, KernelError> {
     let [rows, cols] = weight.shape;
     let (r_size, p_size) = match product {
         Product::Forward => (cols, rows),
@@ -507,7 +580,13 @@ pub fn fused_matmul_into(
 }
 
 /// The forward product for at most [`GEMV_MAX_ROWS`] rows of x, streaming W once.
-pub fn gemv(client: &Client, x: &Handle, m: usize, weight: &DeviceWeight4bit, dtype: FloatDtype) -> Result<Handle, KernelError> {
+pub fn gemv(
+    client: &Client,
+    x: &Handle,
+    m: usize,
+    weight: &DeviceWeight4bit,
+    dtype: FloatDtype,
+) -> Result<Handle, KernelError> {
     let [rows, _] = weight.shape;
     let out = client.empty((m * rows).max(1) * dtype.size_in_bytes());
     gemv_into(client, x, m, weight, dtype, &out)?;
@@ -515,10 +594,21 @@ pub fn gemv(client: &Client, x: &Handle, m: usize, weight: &DeviceWeight4bit, dt
 }
 
 /// [`gemv`] into an existing buffer.
-pub fn gemv_into(client: &Client, x: &Handle, m: usize, weight: &DeviceWeight4bit, dtype: FloatDtype, out: &Handle) -> Result<(), KernelError> {
+pub fn gemv_into(
+    client: &Client,
+    x: &Handle,
+    m: usize,
+    weight: &DeviceWeight4bit,
+    dtype: FloatDtype,
+    out: &Handle,
+) -> Result<(), KernelError> {
     let [rows, cols] = weight.shape;
     if m > GEMV_MAX_ROWS {
-        return Err(KernelError::Shape { what: "GEMV batch rows", expected: format!("≤ {GEMV_MAX_ROWS}"), found: m.to_string() });
+        return Err(KernelError::Shape {
+            what: "GEMV batch rows",
+            expected: format!("≤ {GEMV_MAX_ROWS}"),
+            found: m.to_string(),
+        });
     }
     check_operand("activation buffer", x, m * cols, dtype)?;
     check_operand("output buffer", out, m * rows, dtype)?;
@@ -565,11 +655,20 @@ pub fn reference_product(a: &[f32], m: usize, w: &[f32], shape: [usize; 2], prod
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::check::{client, poison, random_weights, Rng};
+    use crate::check::{Rng, client, poison, random_weights};
     use crate::weight::{read_f32, upload_f32};
-    use nf4::{quantize, QuantType};
+    use nf4::{QuantType, quantize};
 
-    fn check(m: usize, rows: usize, cols: usize, blocksize: usize, dq: bool, product: Product, use_gemv: bool, rng: &mut Rng) {
+    fn check(
+        m: usize,
+        rows: usize,
+        cols: usize,
+        blocksize: usize,
+        dq: bool,
+        product: Product,
+        use_gemv: bool,
+        rng: &mut Rng,
+    ) {
         let client = client();
         let w = random_weights(rows * cols, rng);
         let q = quantize(&w, blocksize, QuantType::Nf4, dq).unwrap();
@@ -601,7 +700,9 @@ mod tests {
     fn fused_products_equal_the_cpu_reference() {
         let mut rng = Rng::from_env("fused_matmul");
         // Ragged in every dimension: partial tiles, blocks crossing rows (cols not a multiple of 64).
-        for (m, rows, cols, bs) in [(1, 5, 64, 64), (7, 70, 130, 64), (65, 33, 100, 32), (130, 129, 67, 128), (3, 96, 256, 64)] {
+        for (m, rows, cols, bs) in
+            [(1, 5, 64, 64), (7, 70, 130, 64), (65, 33, 100, 32), (130, 129, 67, 128), (3, 96, 256, 64)]
+        {
             for dq in [false, true] {
                 for product in [Product::Forward, Product::InputGrad] {
                     check(m, rows, cols, bs, dq, product, false, &mut rng);
@@ -613,7 +714,9 @@ mod tests {
     #[test]
     fn gemv_equals_the_cpu_reference() {
         let mut rng = Rng::from_env("gemv");
-        for (m, rows, cols, bs) in [(1, 9, 64, 64), (4, 33, 136, 64), (16, 17, 200, 32), (3, 10, 37, 64), (1, 300, 515, 128)] {
+        for (m, rows, cols, bs) in
+            [(1, 9, 64, 64), (4, 33, 136, 64), (16, 17, 200, 32), (3, 10, 37, 64), (1, 300, 515, 128)]
+        {
             for dq in [false, true] {
                 check(m, rows, cols, bs, dq, Product::Forward, true, &mut rng);
             }
@@ -627,6 +730,9 @@ mod tests {
         let weight = DeviceWeight4bit::upload(&client, &q, [1, 64]).unwrap();
         let x = upload_f32(&client, &vec![0.0; 17 * 64]);
         assert!(matches!(gemv(&client, &x, 17, &weight, FloatDtype::F32), Err(KernelError::Shape { .. })));
-        assert!(matches!(fused_matmul(&client, &x, 100, &weight, Product::Forward, FloatDtype::F32), Err(KernelError::Shape { .. })));
+        assert!(matches!(
+            fused_matmul(&client, &x, 100, &weight, Product::Forward, FloatDtype::F32),
+            Err(KernelError::Shape { .. })
+        ));
     }
 }

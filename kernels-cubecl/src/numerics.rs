@@ -154,7 +154,13 @@ pub fn fma_is_fused(client: &Client) -> Result<bool, crate::KernelError> {
     let input = crate::weight::upload_f32(client, &[a, a, -(1.0 + 2f32.powi(-11))]);
     let out = client.empty(4);
     unsafe {
-        fma_probe_kernel::launch_unchecked(client, CubeCount::Static(1, 1, 1), CubeDim::new_1d(1), BufferArg::from_raw_parts(input, 3), BufferArg::from_raw_parts(out.clone(), 1));
+        fma_probe_kernel::launch_unchecked(
+            client,
+            CubeCount::Static(1, 1, 1),
+            CubeDim::new_1d(1),
+            BufferArg::from_raw_parts(input, 3),
+            BufferArg::from_raw_parts(out.clone(), 1),
+        );
     }
     Ok(crate::weight::read_f32(client, out, 1, "probing fma")?[0] == 2f32.powi(-24))
 }

@@ -10,11 +10,11 @@
 
 use cubecl::prelude::*;
 use cubecl::server::Handle;
-use nf4::{FloatDtype, QuantType, NESTED_BLOCKSIZE};
+use nf4::{FloatDtype, NESTED_BLOCKSIZE, QuantType};
 
-use crate::numerics::{bf16_bits_to_f32, f16_bits_to_f32};
-use crate::weight::{bytes_to_words, dtype_code, read_f32, upload_f32, upload_u32, DeviceWeight4bit};
 use crate::KernelError;
+use crate::numerics::{bf16_bits_to_f32, f16_bits_to_f32};
+use crate::weight::{DeviceWeight4bit, bytes_to_words, dtype_code, read_f32, upload_f32, upload_u32};
 
 /// bitsandbytes' floor for a block absmax before its reciprocal.
 const ABSMAX_FLOOR: f32 = 1e-38;
@@ -115,7 +115,8 @@ fn quantize_4bit_kernel(
                     }
                     hi_x = (hi_x).clamp(-1.0f32, 1.0f32);
                     lo_x = (lo_x).clamp(-1.0f32, 1.0f32);
-                    let byte = (nearest_code(hi_x, &midpoints, &sorted_to_code) << 4u32) | nearest_code(lo_x, &midpoints, &sorted_to_code);
+                    let byte = (nearest_code(hi_x, &midpoints, &sorted_to_code) << 4u32)
+                        | nearest_code(lo_x, &midpoints, &sorted_to_code);
                     word = word | (byte << (8u32 * u32::cast_from(b)));
                 }
             }
@@ -133,7 +134,14 @@ fn quantize_4bit_kernel(
 }
 
 #[cube(launch_unchecked)]
-fn double_quantize_kernel(absmax: &[f32], lut: &[u32], codes: &mut [u32], nested_absmax: &mut [f32], blocks: usize, offset: f32) {
+fn double_quantize_kernel(
+    absmax: &[f32],
+    lut: &[u32],
+    codes: &mut [u32],
+    nested_absmax: &mut [f32],
+    blocks: usize,
+    offset: f32,
+) {
     let group = ABSOLUTE_POS;
     let start = group * 256;
     if start < blocks {
@@ -192,7 +200,11 @@ pub fn quantize(
     nf4::check_blocksize(blocksize)?;
     let numel = shape[0].checked_mul(shape[1]).filter(|&n| n > 0).ok_or(nf4::Nf4Error::Empty)?;
     if (input.size() as usize) < numel * dtype.size_in_bytes() {
-        return Err(KernelError::Shape { what: "quantize input buffer", expected: format!("≥ {} bytes", numel * dtype.size_in_bytes()), found: format!("{} bytes", input.size()) });
+        return Err(KernelError::Shape {
+            what: "quantize input buffer",
+            expected: format!("≥ {} bytes", numel * dtype.size_in_bytes()),
+            found: format!("{} bytes", input.size()),
+        });
     }
     let blocks = nf4::num_blocks(numel, blocksize);
     let (midpoints, map) = code_search(quant_type);
@@ -268,9 +280,15 @@ pub fn quantize(
     })
 }
 
-
 /// The error for a block with a NaN or infinite element: finds the element (reads back that one block).
-fn first_non_finite(client: &Client, input: &Handle, dtype: FloatDtype, numel: usize, block: usize, blocksize: usize) -> KernelError {
+fn first_non_finite(
+    client: &Client,
+    input: &Handle,
+    dtype: FloatDtype,
+    numel: usize,
+    block: usize,
+    blocksize: usize,
+) -> KernelError {
     let start = block * blocksize;
     let end = (start + blocksize).min(numel);
     let values: Result<Vec<f32>, KernelError> = (|| {
@@ -286,7 +304,10 @@ fn first_non_finite(client: &Client, input: &Handle, dtype: FloatDtype, numel: u
     match values {
         Ok(values) => match values.iter().position(|v| !v.is_finite()) {
             Some(i) => KernelError::Nf4(nf4::Nf4Error::NonFinite { index: start + i, value: values[i] }),
-            None => KernelError::Device { during: "quantize", message: format!("block {block} reported a non-finite value that is not in the input") },
+            None => KernelError::Device {
+                during: "quantize",
+                message: format!("block {block} reported a non-finite value that is not in the input"),
+            },
         },
         Err(e) => e,
     }
@@ -295,7 +316,7 @@ fn first_non_finite(client: &Client, input: &Handle, dtype: FloatDtype, numel: u
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::check::{client, random_weights, Rng};
+    use crate::check::{Rng, client, random_weights};
     use crate::weight::read_u32;
     use nf4::Absmax;
 
@@ -303,7 +324,8 @@ mod tests {
     fn device_quantize_equals_bitsandbytes_bytes() {
         let client = client();
         let mut rng = Rng::from_env("quantize");
-        for (rows, cols, bs) in [(1, 7, 64), (3, 37, 64), (17, 515, 64), (64, 257, 32), (300, 97, 256), (130, 300, 64)] {
+        for (rows, cols, bs) in [(1, 7, 64), (3, 37, 64), (17, 515, 64), (64, 257, 32), (300, 97, 256), (130, 300, 64)]
+        {
             for dtype in [FloatDtype::F32, FloatDtype::Bf16, FloatDtype::F16] {
                 let values = random_weights(rows * cols, &mut rng);
                 let (input, rounded) = crate::upload_as(&client, &values, dtype);
@@ -312,19 +334,38 @@ mod tests {
                         let what = format!("{rows}x{cols} bs {bs} {dtype:?} {qt:?} dq {dq}");
                         let want = nf4::quantize(&rounded, bs, qt, dq).unwrap();
                         let got = quantize(&client, &input, dtype, [rows, cols], bs, qt, dq).unwrap();
-                        let packed = read_u32(&client, got.packed.clone(), rows * cols / 8 + usize::from(rows * cols % 8 != 0), "t").unwrap();
-                        assert_eq!(crate::weight::words_to_bytes(&packed, want.packed.len()), want.packed, "{what}: codes");
+                        let packed = read_u32(
+                            &client,
+                            got.packed.clone(),
+                            rows * cols / 8 + usize::from(rows * cols % 8 != 0),
+                            "t",
+                        )
+                        .unwrap();
+                        assert_eq!(
+                            crate::weight::words_to_bytes(&packed, want.packed.len()),
+                            want.packed,
+                            "{what}: codes"
+                        );
                         let blocks = want.absmax.num_blocks();
                         match &want.absmax {
                             Absmax::Plain(a) => {
                                 let got_a = read_f32(&client, got.absmax.clone(), blocks, "t").unwrap();
-                                assert_eq!(got_a.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), a.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "{what}: absmax");
+                                assert_eq!(
+                                    got_a.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                                    a.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                                    "{what}: absmax"
+                                );
                             }
                             Absmax::Double(d) => {
                                 assert_eq!(got.offset.to_bits(), d.offset.to_bits(), "{what}: offset");
                                 let codes = read_u32(&client, got.absmax.clone(), blocks.div_ceil(4), "t").unwrap();
-                                assert_eq!(crate::weight::words_to_bytes(&codes, blocks), d.codes, "{what}: absmax codes");
-                                let nested = read_f32(&client, got.nested_absmax.clone(), d.nested_absmax.len(), "t").unwrap();
+                                assert_eq!(
+                                    crate::weight::words_to_bytes(&codes, blocks),
+                                    d.codes,
+                                    "{what}: absmax codes"
+                                );
+                                let nested =
+                                    read_f32(&client, got.nested_absmax.clone(), d.nested_absmax.len(), "t").unwrap();
                                 assert_eq!(nested, d.nested_absmax, "{what}: nested absmax");
                             }
                         }

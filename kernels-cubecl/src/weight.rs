@@ -32,17 +32,29 @@ pub(crate) fn words_to_bytes(words: &[u32], len: usize) -> Vec<u8> {
 /// A buffer of f32 values on the device.
 pub(crate) fn upload_f32(client: &Client, values: &[f32]) -> Handle {
     // Buffers of zero bytes are not allowed on every backend: keep one element.
-    if values.is_empty() { client.create_from_slice(f32::as_bytes(&[0.0])) } else { client.create_from_slice(f32::as_bytes(values)) }
+    if values.is_empty() {
+        client.create_from_slice(f32::as_bytes(&[0.0]))
+    } else {
+        client.create_from_slice(f32::as_bytes(values))
+    }
 }
 
 pub(crate) fn upload_u32(client: &Client, values: &[u32]) -> Handle {
-    if values.is_empty() { client.create_from_slice(u32::as_bytes(&[0])) } else { client.create_from_slice(u32::as_bytes(values)) }
+    if values.is_empty() {
+        client.create_from_slice(u32::as_bytes(&[0]))
+    } else {
+        client.create_from_slice(u32::as_bytes(values))
+    }
 }
 
 /// Uploads f32 values as `dtype` (bf16/f16 rounded to nearest even, packed two per u32 word); returns the
 /// handle and the values as the device holds them, widened back to f32.
 pub fn upload_as(client: &Client, values: &[f32], dtype: FloatDtype) -> (Handle, Vec<f32>) {
-    fn packed<T: nf4::Element + Into<f32>>(client: &Client, values: &[f32], bytes: impl Fn(T) -> [u8; 2]) -> (Handle, Vec<f32>) {
+    fn packed<T: nf4::Element + Into<f32>>(
+        client: &Client,
+        values: &[f32],
+        bytes: impl Fn(T) -> [u8; 2],
+    ) -> (Handle, Vec<f32>) {
         let rounded: Vec<T> = values.iter().map(|&v| T::from_f32(v)).collect();
         let raw: Vec<u8> = rounded.iter().flat_map(|&v| bytes(v)).collect();
         (upload_u32(client, &bytes_to_words(&raw)), rounded.into_iter().map(Into::into).collect())
@@ -54,13 +66,23 @@ pub fn upload_as(client: &Client, values: &[f32], dtype: FloatDtype) -> (Handle,
     }
 }
 
-pub(crate) fn read_f32(client: &Client, handle: Handle, len: usize, during: &'static str) -> Result<Vec<f32>, KernelError> {
+pub(crate) fn read_f32(
+    client: &Client,
+    handle: Handle,
+    len: usize,
+    during: &'static str,
+) -> Result<Vec<f32>, KernelError> {
     let bytes = client.read_one(handle).map_err(|e| KernelError::from_server(during, e))?;
     let values: &[f32] = bytemuck::cast_slice(&bytes[..len * 4]);
     Ok(values.to_vec())
 }
 
-pub(crate) fn read_u32(client: &Client, handle: Handle, len: usize, during: &'static str) -> Result<Vec<u32>, KernelError> {
+pub(crate) fn read_u32(
+    client: &Client,
+    handle: Handle,
+    len: usize,
+    during: &'static str,
+) -> Result<Vec<u32>, KernelError> {
     let bytes = client.read_one(handle).map_err(|e| KernelError::from_server(during, e))?;
     let values: &[u32] = bytemuck::cast_slice(&bytes[..len * 4]);
     Ok(values.to_vec())
@@ -93,7 +115,11 @@ impl DeviceWeight4bit {
     pub fn upload(client: &Client, weight: &Blockwise4bit, shape: [usize; 2]) -> Result<Self, KernelError> {
         nf4::check_blocksize(weight.blocksize)?;
         if shape[0].checked_mul(shape[1]) != Some(weight.numel) || weight.numel == 0 {
-            return Err(KernelError::Shape { what: "4-bit weight shape", expected: format!("{} elements", weight.numel), found: format!("{shape:?}") });
+            return Err(KernelError::Shape {
+                what: "4-bit weight shape",
+                expected: format!("{} elements", weight.numel),
+                found: format!("{shape:?}"),
+            });
         }
         let blocks = nf4::num_blocks(weight.numel, weight.blocksize);
         if weight.packed.len() != nf4::packed_len(weight.numel) || weight.absmax.num_blocks() != blocks {
@@ -106,15 +132,39 @@ impl DeviceWeight4bit {
         let packed = upload_u32(client, &bytes_to_words(&weight.packed));
         let codebook = upload_f32(client, weight.quant_type.codebook());
         let (absmax, nested_absmax, nested_code, offset, double_quant) = match &weight.absmax {
-            Absmax::Plain(values) => (upload_f32(client, values), upload_f32(client, &[0.0]), upload_f32(client, &[0.0]), 0.0, false),
+            Absmax::Plain(values) => {
+                (upload_f32(client, values), upload_f32(client, &[0.0]), upload_f32(client, &[0.0]), 0.0, false)
+            }
             Absmax::Double(dq) => {
-                if dq.nested_blocksize != nf4::NESTED_BLOCKSIZE || dq.nested_absmax.len() != blocks.div_ceil(dq.nested_blocksize) {
-                    return Err(KernelError::Unsupported(format!("double quantization with nested blocksize {} (kernels use 256)", dq.nested_blocksize)));
+                if dq.nested_blocksize != nf4::NESTED_BLOCKSIZE
+                    || dq.nested_absmax.len() != blocks.div_ceil(dq.nested_blocksize)
+                {
+                    return Err(KernelError::Unsupported(format!(
+                        "double quantization with nested blocksize {} (kernels use 256)",
+                        dq.nested_blocksize
+                    )));
                 }
-                (upload_u32(client, &bytes_to_words(&dq.codes)), upload_f32(client, &dq.nested_absmax), upload_f32(client, &dq.code[..]), dq.offset, true)
+                (
+                    upload_u32(client, &bytes_to_words(&dq.codes)),
+                    upload_f32(client, &dq.nested_absmax),
+                    upload_f32(client, &dq.code[..]),
+                    dq.offset,
+                    true,
+                )
             }
         };
-        Ok(DeviceWeight4bit { packed, absmax, nested_absmax, nested_code, codebook, offset, double_quant, numel: weight.numel, blocksize: weight.blocksize, shape })
+        Ok(DeviceWeight4bit {
+            packed,
+            absmax,
+            nested_absmax,
+            nested_code,
+            codebook,
+            offset,
+            double_quant,
+            numel: weight.numel,
+            blocksize: weight.blocksize,
+            shape,
+        })
     }
 }
 

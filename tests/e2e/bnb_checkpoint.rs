@@ -3,10 +3,10 @@
 
 use std::path::Path;
 
-use quant::bnb::QuantStateJson;
-use quant::checkpoint::{quantize_checkpoint, HfCheckpoint};
-use quant::QuantConfig;
 use nf4::QuantType;
+use quant::QuantConfig;
+use quant::bnb::QuantStateJson;
+use quant::checkpoint::{HfCheckpoint, quantize_checkpoint};
 use safetensors::SafeTensors;
 
 use crate::fixture::Fixture;
@@ -44,7 +44,8 @@ fn check_conversion(config: QuantConfig, theirs_dir: &str) {
         }
     }
     // config.json: the same quantization_config as transformers writes.
-    let read_json = |p: &Path| -> serde_json::Value { serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap() };
+    let read_json =
+        |p: &Path| -> serde_json::Value { serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap() };
     let ours_cfg = read_json(&out.path().join("config.json"));
     let theirs_cfg = read_json(&fixture(theirs_dir).join("config.json"));
     assert_eq!(ours_cfg["quantization_config"], theirs_cfg["quantization_config"], "{theirs_dir}: quantization_config");
@@ -74,7 +75,10 @@ fn transformers_bnb_checkpoint_loads_and_dequantizes_exactly() {
             let theirs = expected.f32(&name);
             assert_eq!(ours.len(), theirs.len(), "{dir}: {name}");
             for (i, (a, b)) in ours.iter().zip(&theirs).enumerate() {
-                assert!(a.to_bits() == b.to_bits() || (*a == 0.0 && *b == 0.0), "{dir}: {name}[{i}] ours {a} theirs {b}");
+                assert!(
+                    a.to_bits() == b.to_bits() || (*a == 0.0 && *b == 0.0),
+                    "{dir}: {name}[{i}] ours {a} theirs {b}"
+                );
             }
             // The device form (flex backend) gives the same values.
             let device = burn::tensor::Device::flex();
@@ -139,7 +143,7 @@ fn sharded_bf16_checkpoint_converts() {
 /// Damaged bitsandbytes files give typed errors that name the tensor, never a panic.
 #[test]
 fn damaged_bnb_tensors_give_clear_errors() {
-    use quant::bnb::{read_bnb_weight, StoredTensor};
+    use quant::bnb::{StoredTensor, read_bnb_weight};
     let bytes = std::fs::read(fixture("tiny-llama-bnb-nf4-dq").join("model.safetensors")).unwrap();
     let original = SafeTensors::deserialize(&bytes).unwrap();
     let name = "model.layers.0.self_attn.q_proj.weight";
@@ -153,7 +157,10 @@ fn damaged_bnb_tensors_give_clear_errors() {
         edit(&mut tensors);
         let bytes = safetensors::serialize(tensors.iter().map(|(k, t)| (k.clone(), t)), None).unwrap();
         let st = SafeTensors::deserialize(&bytes).unwrap();
-        read_bnb_weight(&st, name, "damaged.safetensors").err().map(|e| e.to_string()).unwrap_or_else(|| "no error".into())
+        read_bnb_weight(&st, name, "damaged.safetensors")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_else(|| "no error".into())
     };
     let state_key = format!("{name}.quant_state.bitsandbytes__nf4");
     let set_state = |t: &mut Vec<(String, StoredTensor)>, json: &str| {
@@ -170,10 +177,20 @@ fn damaged_bnb_tensors_give_clear_errors() {
     let malformed = read_with(&|t| set_state(t, "{\"quant_type\": \"nf4\", \"blocksize\": 64,"));
     assert!(malformed.contains("malformed bitsandbytes quant_state") && malformed.contains(&state_key), "{malformed}");
 
-    let bad_blocksize = read_with(&|t| set_state(t, r#"{"quant_type": "nf4", "blocksize": 48, "dtype": "float32", "shape": [96, 96], "nested_blocksize": 256, "nested_dtype": "float32", "nested_offset": 0.05}"#));
+    let bad_blocksize = read_with(&|t| {
+        set_state(
+            t,
+            r#"{"quant_type": "nf4", "blocksize": 48, "dtype": "float32", "shape": [96, 96], "nested_blocksize": 256, "nested_dtype": "float32", "nested_offset": 0.05}"#,
+        )
+    });
     assert!(bad_blocksize.contains("48"), "{bad_blocksize}");
 
-    let wrong_shape = read_with(&|t| set_state(t, r#"{"quant_type": "nf4", "blocksize": 64, "dtype": "float32", "shape": [96, 97], "nested_blocksize": 256, "nested_dtype": "float32", "nested_offset": 0.05}"#));
+    let wrong_shape = read_with(&|t| {
+        set_state(
+            t,
+            r#"{"quant_type": "nf4", "blocksize": 64, "dtype": "float32", "shape": [96, 97], "nested_blocksize": 256, "nested_dtype": "float32", "nested_offset": 0.05}"#,
+        )
+    });
     assert!(wrong_shape.contains(name) && wrong_shape.contains("packed bytes"), "{wrong_shape}");
 
     let truncated = read_with(&|t| {
@@ -189,6 +206,8 @@ fn damaged_bnb_tensors_give_clear_errors() {
     });
     assert!(mistyped.contains("nested_absmax") && mistyped.contains("I32"), "{mistyped}");
 
-    let mismatched = read_with(&|t| set_state(t, r#"{"quant_type": "fp4", "blocksize": 64, "dtype": "float32", "shape": [96, 96]}"#));
+    let mismatched = read_with(&|t| {
+        set_state(t, r#"{"quant_type": "fp4", "blocksize": 64, "dtype": "float32", "shape": [96, 96]}"#)
+    });
     assert!(mismatched.contains("does not match"), "{mismatched}");
 }

@@ -10,8 +10,7 @@ use qlora_tests::rng_lock;
 use quant::{QuantConfig, QuantizedWeight};
 
 fn wgpu() -> Device {
-    train::device::parse_device("wgpu")
-        .expect("wgpu over lavapipe (mesa-vulkan-drivers) must be available")
+    train::device::parse_device("wgpu").expect("wgpu over lavapipe (mesa-vulkan-drivers) must be available")
 }
 
 fn to_vec(t: Tensor<2>) -> Vec<f32> {
@@ -22,11 +21,7 @@ fn to_vec(t: Tensor<2>) -> Vec<f32> {
 fn rel_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     let scale = b.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(1e-12);
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-        / scale
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max) / scale
 }
 
 /// y = x·Wᵀ and dx = dy·W on wgpu equal flex's for the GEMV (4 rows), the fused kernel and the
@@ -35,20 +30,14 @@ fn rel_diff(a: &[f32], b: &[f32]) -> f32 {
 fn quant_matmul_on_wgpu_matches_flex_for_every_strategy() {
     let _rng = rng_lock();
     let (rows, cols) = (75, 130); // 9750 elements: 152 blocks of 64 and a short one
-    let values: Vec<f32> = (0..rows * cols)
-        .map(|i| ((i as f32) * 0.37).sin() * (1.0 + (i % 13) as f32 / 7.0))
-        .collect();
+    let values: Vec<f32> =
+        (0..rows * cols).map(|i| ((i as f32) * 0.37).sin() * (1.0 + (i % 13) as f32 / 7.0)).collect();
     for double_quant in [true, false] {
-        let q = QuantizedWeight::quantize(
-            "w",
-            &values,
-            &[rows, cols],
-            &QuantConfig::new().with_double_quant(double_quant),
-        )
-        .unwrap();
+        let q =
+            QuantizedWeight::quantize("w", &values, &[rows, cols], &QuantConfig::new().with_double_quant(double_quant))
+                .unwrap();
         for m in [4usize, 37] {
-            let x0 =
-                Tensor::<2>::random([m, cols], Distribution::Uniform(-1.0, 1.0), &Device::flex());
+            let x0 = Tensor::<2>::random([m, cols], Distribution::Uniform(-1.0, 1.0), &Device::flex());
             let x_data = x0.into_data();
             let run = |device: Device| -> (Vec<f32>, Vec<f32>) {
                 let ad = device.autodiff();
@@ -57,33 +46,19 @@ fn quant_matmul_on_wgpu_matches_flex_for_every_strategy() {
                 let y = quant_matmul_t(x.clone(), &w);
                 // A non-uniform upstream gradient: d(Σ y ⊙ c)/dy = c.
                 let c = Tensor::<2>::from_data(
-                    TensorData::new(
-                        (0..m * rows)
-                            .map(|i| ((i % 7) as f32) - 3.0)
-                            .collect::<Vec<f32>>(),
-                        [m, rows],
-                    ),
+                    TensorData::new((0..m * rows).map(|i| ((i % 7) as f32) - 3.0).collect::<Vec<f32>>(), [m, rows]),
                     &ad,
                 );
                 let grads = (y.clone() * c).sum().backward();
                 (to_vec(y), to_vec(x.grad(&grads).unwrap()))
             };
             let (y_ref, dx_ref) = run(Device::flex());
-            for strategy in [
-                QuantMatmulStrategy::Auto,
-                QuantMatmulStrategy::Fused,
-                QuantMatmulStrategy::Dequantize,
-            ] {
+            for strategy in [QuantMatmulStrategy::Auto, QuantMatmulStrategy::Fused, QuantMatmulStrategy::Dequantize] {
                 strategy.set();
                 let (y, dx) = run(wgpu());
                 let (ey, edx) = (rel_diff(&y, &y_ref), rel_diff(&dx, &dx_ref));
-                println!(
-                    "  {strategy:?} m {m} double quant {double_quant}: y {ey:.1e}, dx {edx:.1e}"
-                );
-                assert!(
-                    ey < 1e-5 && edx < 1e-5,
-                    "{strategy:?} m {m} dq {double_quant}: y {ey:e} dx {edx:e}"
-                );
+                println!("  {strategy:?} m {m} double quant {double_quant}: y {ey:.1e}, dx {edx:.1e}");
+                assert!(ey < 1e-5 && edx < 1e-5, "{strategy:?} m {m} dq {double_quant}: y {ey:e} dx {edx:e}");
             }
             QuantMatmulStrategy::Auto.set();
         }
@@ -137,8 +112,7 @@ fn paged_optimizer_on_device_pages_matches_host_memory() {
         let mut p_host: Vec<Vec<f32>> = sizes.iter().map(|&n| (0..n).map(|_| rng.normal()).collect()).collect();
         let mut p_dev = p_host.clone();
         for _ in 0..steps {
-            let grads: Vec<Vec<f32>> =
-                sizes.iter().map(|&n| (0..n).map(|_| rng.normal() * 0.1).collect()).collect();
+            let grads: Vec<Vec<f32>> = sizes.iter().map(|&n| (0..n).map(|_| rng.normal() * 0.1).collect()).collect();
             let mut a: Vec<ParamGrad> = p_host
                 .iter_mut()
                 .zip(&grads)

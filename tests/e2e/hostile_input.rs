@@ -40,12 +40,22 @@ fn tokenizer_json_that_makes_the_tokenizers_crate_panic_is_an_error() {
 #[test]
 fn the_gguf_fuzz_seed_is_a_loadable_model() {
     let path = fixtures_dir().join("../../fuzz/seeds/gguf/tiny.gguf");
-    let loaded = llama::load(&formats::source::ModelSource::Gguf(path), &llama::LoadOptions::default(), &burn::tensor::Device::flex()).unwrap();
+    let loaded = llama::load(
+        &formats::source::ModelSource::Gguf(path),
+        &llama::LoadOptions::default(),
+        &burn::tensor::Device::flex(),
+    )
+    .unwrap();
     assert_eq!((loaded.config.vocab_size, loaded.config.hidden_size, loaded.config.num_hidden_layers), (261, 8, 1));
     let tokenizer = loaded.tokenizer().unwrap();
     assert_eq!(tokenizer.encode("hi", false).unwrap().len(), 2);
     assert_eq!(tokenizer.encode("ab", false).unwrap(), [260], "the merge applies");
-    assert!(tokenizer.apply_chat_template(&[formats::tokenizer::ChatMessage::new("user", "x")], true).unwrap().ends_with("<|im_start|>assistant\n"));
+    assert!(
+        tokenizer
+            .apply_chat_template(&[formats::tokenizer::ChatMessage::new("user", "x")], true)
+            .unwrap()
+            .ends_with("<|im_start|>assistant\n")
+    );
 }
 
 /// A GGUF whose `llama.block_count` is absurd used to reach `Vec::with_capacity(layers)` and abort.
@@ -54,7 +64,8 @@ fn gguf_with_an_absurd_layer_count_is_an_error() {
     let p = parts("gguf-huge-block-count.bin");
     let dir = dir_with(&[("m.gguf", &p[0])]);
     let source = formats::source::ModelSource::Gguf(dir.path().join("m.gguf"));
-    let err = llama::load(&source, &llama::LoadOptions::default(), &burn::tensor::Device::flex()).err().expect("an error");
+    let err =
+        llama::load(&source, &llama::LoadOptions::default(), &burn::tensor::Device::flex()).err().expect("an error");
     println!("  {err}");
     assert!(err.to_string().contains("m.gguf"), "{err}");
 }

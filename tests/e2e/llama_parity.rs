@@ -4,8 +4,8 @@
 use std::path::PathBuf;
 
 use burn::tensor::{DType, Device, Int, Tensor, TensorData};
-use llama::generate::{generate, SamplingConfig};
-use llama::{load_hf, LlamaModel, LoadOptions};
+use llama::generate::{SamplingConfig, generate};
+use llama::{LlamaModel, LoadOptions, load_hf};
 use quant::QuantConfig;
 
 use crate::fixture::Fixture;
@@ -112,15 +112,28 @@ fn bad_checkpoints_name_file_and_tensor() {
         std::fs::write(out.path().join("model.safetensors"), bytes).unwrap();
         out
     };
-    let err = |d: &tempfile::TempDir| load_hf(d.path(), &LoadOptions::default(), &Device::flex()).err().expect("must fail").to_string();
+    let err = |d: &tempfile::TempDir| {
+        load_hf(d.path(), &LoadOptions::default(), &Device::flex()).err().expect("must fail").to_string()
+    };
 
     let missing = write(&|name, v, s| (name != "model.layers.1.mlp.up_proj.weight").then_some((v, s)));
     let e = err(&missing);
     assert!(e.contains("model.layers.1.mlp.up_proj.weight") && e.contains("missing"), "{e}");
 
-    let reshaped = write(&|name, v, s| Some(if name == "model.layers.0.self_attn.k_proj.weight" { (v[..v.len() - 96].to_vec(), vec![s[0] - 1, s[1]]) } else { (v, s) }));
+    let reshaped = write(&|name, v, s| {
+        Some(if name == "model.layers.0.self_attn.k_proj.weight" {
+            (v[..v.len() - 96].to_vec(), vec![s[0] - 1, s[1]])
+        } else {
+            (v, s)
+        })
+    });
     let e = err(&reshaped);
-    assert!(e.contains("model.layers.0.self_attn.k_proj.weight") && e.contains("model.safetensors") && e.contains("[32, 96]"), "{e}");
+    assert!(
+        e.contains("model.layers.0.self_attn.k_proj.weight")
+            && e.contains("model.safetensors")
+            && e.contains("[32, 96]"),
+        "{e}"
+    );
 
     let bad_config = write(&|_, v, s| Some((v, s)));
     std::fs::write(bad_config.path().join("config.json"), r#"{"model_type": "llama", "hidden_size": 96}"#).unwrap();

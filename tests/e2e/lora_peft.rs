@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use burn::tensor::{DType, Device, Int, Tensor, TensorData};
-use llama::{load_hf, LlamaModel, LoadOptions};
+use llama::{LlamaModel, LoadOptions, load_hf};
 use lora::{LoraConfig, TargetModules};
 
 use crate::fixture::Fixture;
@@ -52,7 +52,8 @@ fn peft_adapter_logits_and_gradients_match_peft() {
         for (module, linear) in model.linears() {
             let adapter = linear.adapter.as_ref().unwrap();
             for (which, param) in [("lora_A", &adapter.lora_a), ("lora_B", &adapter.lora_b)] {
-                let grad = param.val().grad(&grads).unwrap_or_else(|| panic!("{name}: no gradient for {module}.{which}"));
+                let grad =
+                    param.val().grad(&grads).unwrap_or_else(|| panic!("{name}: no gradient for {module}.{which}"));
                 let ours: Vec<f32> = grad.cast(DType::F32).into_data().try_into_vec().unwrap();
                 let theirs = reference.f32(&format!("grad_{name}.base_model.model.{module}.{which}.weight"));
                 let rel = max_scaled_diff(&ours, &theirs);
@@ -111,9 +112,20 @@ fn bad_lora_settings_are_clear_errors() {
     assert!(e.contains("at least 1"), "{e}");
     let e = model.add_lora(&LoraConfig::new().with_r(64), &device).unwrap_err().to_string();
     assert!(e.contains("exceeds") && e.contains("k_proj"), "{e}");
-    let e = model.add_lora(&LoraConfig::new().with_r(4).with_target_modules(TargetModules::Names(vec!["qq_proj".into()])), &device).unwrap_err().to_string();
+    let e = model
+        .add_lora(
+            &LoraConfig::new().with_r(4).with_target_modules(TargetModules::Names(vec!["qq_proj".into()])),
+            &device,
+        )
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("match no linear layer"), "{e}");
-    let n = model.add_lora(&LoraConfig::new().with_r(4).with_target_modules(TargetModules::Regex(r".*\.(q|v)_proj".into())), &device).unwrap();
+    let n = model
+        .add_lora(
+            &LoraConfig::new().with_r(4).with_target_modules(TargetModules::Regex(r".*\.(q|v)_proj".into())),
+            &device,
+        )
+        .unwrap();
     assert_eq!(n, 4);
 
     // An adapter whose shapes do not fit, and one asking for DoRA.
@@ -124,7 +136,9 @@ fn bad_lora_settings_are_clear_errors() {
     let mut other = load_hf(&fixtures().join("llama/tiny-qwen2"), &LoadOptions::default(), &device).unwrap().1;
     let e = other.load_peft_adapter(dir.path()).unwrap_err().to_string();
     assert!(e.contains("lora_A") && e.contains("layer is"), "{e}");
-    let cfg = std::fs::read_to_string(dir.path().join("adapter_config.json")).unwrap().replace("\"use_dora\": false", "\"use_dora\": true");
+    let cfg = std::fs::read_to_string(dir.path().join("adapter_config.json"))
+        .unwrap()
+        .replace("\"use_dora\": false", "\"use_dora\": true");
     std::fs::write(dir.path().join("adapter_config.json"), cfg).unwrap();
     let e = model.load_peft_adapter(dir.path()).unwrap_err().to_string();
     assert!(e.contains("DoRA"), "{e}");
@@ -132,7 +146,7 @@ fn bad_lora_settings_are_clear_errors() {
 
 #[test]
 fn merged_checkpoints_give_peft_logits() {
-    use lora::merge::{merge_checkpoint, MergeOutput};
+    use lora::merge::{MergeOutput, merge_checkpoint};
     let reference = reference();
     let device = Device::flex();
     let adapter = fixtures().join("peft/adapter-tiny-llama");
@@ -143,7 +157,8 @@ fn merged_checkpoints_give_peft_logits() {
     let mut dense_merges = Vec::new();
     for (base_dir, logits_key) in [("tiny-llama-f32", "logits_dense"), ("tiny-llama-bnb-nf4-dq", "logits_nf4")] {
         let out = tempfile::tempdir().unwrap();
-        let report = merge_checkpoint(&fixtures().join(base_dir), &adapter, out.path(), &MergeOutput::DenseF32).unwrap();
+        let report =
+            merge_checkpoint(&fixtures().join(base_dir), &adapter, out.path(), &MergeOutput::DenseF32).unwrap();
         assert_eq!(report.merged_modules, 14);
         let diff = max_abs_diff(&logits_of(out.path()), &reference.f32(logits_key));
         println!("merged into {base_dir}: max |logits - PEFT| = {diff:e}");
@@ -154,9 +169,18 @@ fn merged_checkpoints_give_peft_logits() {
     // The same merge into the f32 base, re-quantized to NF4 + double quant.
     let dense = dense_merges[0].path();
     let out = tempfile::tempdir().unwrap();
-    let report = merge_checkpoint(&fixtures().join("tiny-llama-f32"), &adapter, out.path(), &MergeOutput::Requantize(quant::QuantConfig::new())).unwrap();
+    let report = merge_checkpoint(
+        &fixtures().join("tiny-llama-f32"),
+        &adapter,
+        out.path(),
+        &MergeOutput::Requantize(quant::QuantConfig::new()),
+    )
+    .unwrap();
     assert_eq!(report.merged_modules, 14);
-    println!("requantized merge: max error {:e}, mean {:e}", report.requant_max_abs_error, report.requant_mean_abs_error);
+    println!(
+        "requantized merge: max error {:e}, mean {:e}",
+        report.requant_max_abs_error, report.requant_mean_abs_error
+    );
     assert!(report.requant_max_abs_error > 0.0 && report.requant_mean_abs_error < report.requant_max_abs_error as f64);
 
     // The reported error is the one in the files: the re-quantized weights, dequantized, against the dense
@@ -183,17 +207,29 @@ fn merged_checkpoints_give_peft_logits() {
     assert_eq!(quantized, 14, "re-quantized weights");
     // (the report subtracts in f32, max_abs_diff in f64: equal up to one f32 rounding)
     let reported = report.requant_max_abs_error as f64;
-    assert!((max_error - reported).abs() <= reported * f32::EPSILON as f64, "reported max error {reported:e} vs the checkpoint's {max_error:e}");
+    assert!(
+        (max_error - reported).abs() <= reported * f32::EPSILON as f64,
+        "reported max error {reported:e} vs the checkpoint's {max_error:e}"
+    );
     let mean_error = error_sum / error_count as f64;
-    assert!((mean_error - report.requant_mean_abs_error).abs() <= 1e-9 * mean_error, "reported mean error {} vs the checkpoint's {mean_error}", report.requant_mean_abs_error);
+    assert!(
+        (mean_error - report.requant_mean_abs_error).abs() <= 1e-9 * mean_error,
+        "reported mean error {} vs the checkpoint's {mean_error}",
+        report.requant_mean_abs_error
+    );
 
     // Loaded, the re-quantized merge stays 4-bit and gives the logits of the dense merge quantized on load
     // (the same NF4 weights), to the bit.
     let requantized = load_hf(out.path(), &LoadOptions::default(), &device).unwrap().1;
     assert!(requantized.layers[0].mlp.up_proj.base.is_quantized());
-    let requantized: Vec<f32> = requantized.forward(input(&reference, &device), None).into_data().try_into_vec().unwrap();
-    let quantized_on_load = load_hf(dense, &LoadOptions { quant: Some(quant::QuantConfig::new()), ..Default::default() }, &device).unwrap().1;
-    let quantized_on_load: Vec<f32> = quantized_on_load.forward(input(&reference, &device), None).into_data().try_into_vec().unwrap();
+    let requantized: Vec<f32> =
+        requantized.forward(input(&reference, &device), None).into_data().try_into_vec().unwrap();
+    let quantized_on_load =
+        load_hf(dense, &LoadOptions { quant: Some(quant::QuantConfig::new()), ..Default::default() }, &device)
+            .unwrap()
+            .1;
+    let quantized_on_load: Vec<f32> =
+        quantized_on_load.forward(input(&reference, &device), None).into_data().try_into_vec().unwrap();
     assert_eq!(requantized, quantized_on_load, "re-quantized merge vs the dense merge quantized on load");
 
     // Against the dense merge, the logits move with the weight error. Measured: max |Δlogits| 0.278 = 7.4 x
@@ -213,7 +249,10 @@ fn merged_checkpoints_give_peft_logits() {
     // The bound sees the adapter: the base without it is further from the dense merge (measured 1.107).
     let without_adapter = max_abs_diff(&logits_of(&fixtures().join("tiny-llama-f32")), &dense_logits);
     eprintln!("base without the adapter vs dense merge: max |Δlogits| = {without_adapter:e}");
-    assert!(without_adapter > bound, "the bound {bound:e} must be tighter than the adapter's effect {without_adapter:e}");
+    assert!(
+        without_adapter > bound,
+        "the bound {bound:e} must be tighter than the adapter's effect {without_adapter:e}"
+    );
 }
 
 /// Makes `tests/fixtures/peft/adapter-trained-here`: an adapter trained here (three normalised gradient

@@ -4,7 +4,7 @@
 use half::{bf16, f16};
 use nf4::{Absmax, Element, QuantType};
 
-use crate::fixture::{fixture_files, Fixture};
+use crate::fixture::{Fixture, fixture_files};
 
 fn same_bits(ours: &[f32], theirs: &[f32], what: &str, case: &str, signed_zero_free: bool) {
     assert_eq!(ours.len(), theirs.len(), "{case}: {what} length");
@@ -12,7 +12,12 @@ fn same_bits(ours: &[f32], theirs: &[f32], what: &str, case: &str, signed_zero_f
         // FP4 code 8 is +0 in bitsandbytes' code book (and ours) but -0 in its C++ CPU dequantize table; the
         // sign of a zero is the only difference we allow, and only for FP4 dequantized values.
         let equal = a.to_bits() == b.to_bits() || (signed_zero_free && *a == 0.0 && *b == 0.0);
-        assert!(equal, "{case}: {what}[{i}]: ours {a:e} ({:#010x}), bitsandbytes {b:e} ({:#010x})", a.to_bits(), b.to_bits());
+        assert!(
+            equal,
+            "{case}: {what}[{i}]: ours {a:e} ({:#010x}), bitsandbytes {b:e} ({:#010x})",
+            a.to_bits(),
+            b.to_bits()
+        );
     }
 }
 

@@ -6,7 +6,7 @@
 //! elements differ by 1 ulp from the exact sqrt), so a parameter can differ in its last bits, and elementwise
 //! relative error is meaningless for parameters that cancel to near zero.
 
-use optim::{clip, AdamPrecision, PageState, PagedAdamW, PagedAdamWConfig, ParamGrad};
+use optim::{AdamPrecision, PageState, PagedAdamW, PagedAdamWConfig, ParamGrad, clip};
 use qlora_tests::{assert_same_len, fixtures_dir, max_rel_diff, max_scaled_diff};
 
 use crate::fixture::Fixture;
@@ -23,7 +23,10 @@ struct Run {
 
 fn inputs() -> Run {
     let f = Fixture::open(&fixtures_dir().join("optim/inputs.safetensors"));
-    Run { params: NAMES.iter().map(|n| f.f32(&format!("init.{n}"))).collect(), grads: NAMES.iter().map(|n| f.f32(&format!("grads.{n}"))).collect() }
+    Run {
+        params: NAMES.iter().map(|n| f.f32(&format!("init.{n}"))).collect(),
+        grads: NAMES.iter().map(|n| f.f32(&format!("grads.{n}"))).collect(),
+    }
 }
 
 fn grad_at(run: &Run, i: usize, step: usize) -> Vec<f32> {
@@ -36,7 +39,12 @@ fn snapshot(f: &Fixture, name: &str, k: usize, n: usize) -> Vec<f32> {
 }
 
 /// Runs 20 steps, checking parameters at the snapshots; `on_snapshot` checks more.
-fn run_steps(opt: &mut PagedAdamW, clip_to: Option<f32>, reference: &Fixture, mut on_snapshot: impl FnMut(&PagedAdamW, usize, usize)) -> Vec<f32> {
+fn run_steps(
+    opt: &mut PagedAdamW,
+    clip_to: Option<f32>,
+    reference: &Fixture,
+    mut on_snapshot: impl FnMut(&PagedAdamW, usize, usize),
+) -> Vec<f32> {
     let mut run = inputs();
     let mut norms = Vec::new();
     for step in 0..STEPS {
@@ -45,15 +53,24 @@ fn run_steps(opt: &mut PagedAdamW, clip_to: Option<f32>, reference: &Fixture, mu
             let mut slices: Vec<&mut [f32]> = grads.iter_mut().map(|g| g.as_mut_slice()).collect();
             norms.push(clip::clip_grad_norm(&mut slices, max));
         }
-        let mut updates: Vec<ParamGrad<'_>> =
-            run.params.iter_mut().zip(&grads).zip(NAMES).map(|((p, g), key)| ParamGrad { key, param: p, grad: g }).collect();
+        let mut updates: Vec<ParamGrad<'_>> = run
+            .params
+            .iter_mut()
+            .zip(&grads)
+            .zip(NAMES)
+            .map(|((p, g), key)| ParamGrad { key, param: p, grad: g })
+            .collect();
         opt.step(1e-3, &mut updates).unwrap();
         if let Some(k) = SNAPSHOTS.iter().position(|&s| s == step + 1) {
             for (i, name) in NAMES.iter().enumerate() {
                 let theirs = snapshot(reference, &format!("params.{name}"), k, run.params[i].len());
                 let err = max_scaled_diff(&run.params[i], &theirs); // (also checks the lengths)
                 let equal = run.params[i].iter().zip(&theirs).filter(|(a, b)| a == b).count();
-                println!("  step {:2} {name:6}: params max|Δ|/max|p| = {err:.2e}, {equal}/{} bit-equal", step + 1, theirs.len());
+                println!(
+                    "  step {:2} {name:6}: params max|Δ|/max|p| = {err:.2e}, {equal}/{} bit-equal",
+                    step + 1,
+                    theirs.len()
+                );
                 assert!(err <= PARAM_TOLERANCE, "step {} {name}: parameter error {err:e}", step + 1);
                 on_snapshot(opt, k, i);
             }
@@ -123,7 +140,8 @@ fn adamw_8bit_matches_bitsandbytes_state_bytes() {
 
 #[test]
 fn schedules_match_transformers() {
-    let cases: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixtures_dir().join("optim/schedules.json")).unwrap()).unwrap();
+    let cases: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures_dir().join("optim/schedules.json")).unwrap()).unwrap();
     let mut checked = 0;
     let mut worst = 0.0f64; // max |ours − theirs| / base_lr
     for case in cases.as_array().unwrap() {
@@ -131,13 +149,21 @@ fn schedules_match_transformers() {
         let total = case["total_steps"].as_u64().unwrap();
         let warmup = case["warmup_steps"].as_u64().unwrap();
         let lr = case["base_lr"].as_f64().unwrap();
-        let schedule = optim::LrScheduleConfig::new().with_lr(lr).with_kind(kind).with_warmup(optim::Warmup::Steps(warmup)).init(total).unwrap();
+        let schedule = optim::LrScheduleConfig::new()
+            .with_lr(lr)
+            .with_kind(kind)
+            .with_warmup(optim::Warmup::Steps(warmup))
+            .init(total)
+            .unwrap();
         for (step, theirs) in case["lrs"].as_array().unwrap().iter().enumerate() {
             let theirs = theirs.as_f64().unwrap();
             let ours = schedule.lr_at(step as u64);
             worst = worst.max((ours - theirs).abs() / lr);
             // Measured: max |Δ| / base lr 1.4e-16 (f64 rounding; the bound is about 7 ulps of base lr).
-            assert!((ours - theirs).abs() <= 1.5e-15 * lr, "{kind:?} total {total} warmup {warmup} step {step}: {ours} vs {theirs}");
+            assert!(
+                (ours - theirs).abs() <= 1.5e-15 * lr,
+                "{kind:?} total {total} warmup {warmup} step {step}: {ours} vs {theirs}"
+            );
             checked += 1;
         }
     }

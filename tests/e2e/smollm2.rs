@@ -3,10 +3,10 @@
 //! `tests/fixtures/smollm2`, made by `xtask/fixtures/make_smollm2_fixtures.py`).
 
 use burn::tensor::Device;
-use formats::source::{fetch_smollm2, ModelSource};
+use formats::source::{ModelSource, fetch_smollm2};
 use formats::tokenizer::ChatMessage;
 use llama::generate::SamplingConfig;
-use llama::{load, LoadOptions, LoadedModel};
+use llama::{LoadOptions, LoadedModel, load};
 
 use crate::fixture::Fixture;
 
@@ -55,7 +55,9 @@ fn smollm2_gguf_matches_transformers_and_knows_paris() {
 
     // Greedy answer: the same tokens as transformers until end of turn, and it says Paris.
     let stop = tokenizer.stop_ids(&loaded.config.eos_token_ids);
-    let (answer, _) = llama::generate::generate(&loaded.model, &ids, &SamplingConfig::new().with_max_new_tokens(20), &stop, |_| true).unwrap();
+    let (answer, _) =
+        llama::generate::generate(&loaded.model, &ids, &SamplingConfig::new().with_max_new_tokens(20), &stop, |_| true)
+            .unwrap();
     let text = tokenizer.decode(&answer, true).unwrap();
     println!("SmolLM2 says: {text}");
     assert!(text.contains("Paris"), "{text}");

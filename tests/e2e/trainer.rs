@@ -48,34 +48,17 @@ pub(crate) fn trajectory_on(device: &str) {
     };
     let summary = trainer::train(&config, None, &mut Quiet).unwrap();
     let reference: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(tiny().join("reference.json")).unwrap())
-            .unwrap();
-    let theirs: Vec<f64> = reference["losses"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_f64().unwrap())
-        .collect();
+        serde_json::from_str(&std::fs::read_to_string(tiny().join("reference.json")).unwrap()).unwrap();
+    let theirs: Vec<f64> = reference["losses"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
     assert_eq!(summary.losses.len(), theirs.len());
     let mut worst = 0.0f64;
     for (step, (ours, theirs)) in summary.losses.iter().zip(&theirs).enumerate() {
         let rel = ((ours - theirs) / theirs).abs();
-        println!(
-            "  {device} step {:2}: ours {ours:.6} reference {theirs:.6} (rel {rel:.1e})",
-            step + 1
-        );
+        println!("  {device} step {:2}: ours {ours:.6} reference {theirs:.6} (rel {rel:.1e})", step + 1);
         worst = worst.max(rel);
     }
-    assert!(
-        worst <= 1e-3,
-        "loss trajectory differs by {worst:e} relative"
-    );
-    let norms: Vec<f64> = reference["grad_norms"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_f64().unwrap())
-        .collect();
+    assert!(worst <= 1e-3, "loss trajectory differs by {worst:e} relative");
+    let norms: Vec<f64> = reference["grad_norms"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
     let metrics = std::fs::read_to_string(dir.path().join("metrics.jsonl")).unwrap();
     let ours: Vec<f64> = metrics
         .lines()
@@ -108,14 +91,8 @@ fn a_short_run_learns_and_its_adapter_reproduces_the_final_eval_loss() {
         ..base_config(dir.path())
     };
     let summary = trainer::train(&config, None, &mut Quiet).unwrap();
-    let (before, after) = (
-        summary.eval_loss_before.unwrap(),
-        summary.eval_loss_after.unwrap(),
-    );
-    println!(
-        "  held-out loss {before:.4} -> {after:.4}; train {:.4} -> {:.4}",
-        summary.losses[0], summary.losses[29]
-    );
+    let (before, after) = (summary.eval_loss_before.unwrap(), summary.eval_loss_after.unwrap());
+    println!("  held-out loss {before:.4} -> {after:.4}; train {:.4} -> {:.4}", summary.losses[0], summary.losses[29]);
     assert!(after < before - 0.1, "held-out loss {before} -> {after}");
     for file in [
         "adapter/adapter_config.json",
@@ -128,25 +105,17 @@ fn a_short_run_learns_and_its_adapter_reproduces_the_final_eval_loss() {
         assert!(dir.path().join(file).exists(), "{file} missing");
     }
     assert_eq!(
-        train::checkpoint::checkpoints(dir.path())
-            .iter()
-            .map(|c| c.0)
-            .collect::<Vec<_>>(),
+        train::checkpoint::checkpoints(dir.path()).iter().map(|c| c.0).collect::<Vec<_>>(),
         [20, 30],
         "keeps the newest 2"
     );
 
     // Reload the adapter on a fresh model: the same held-out loss, to the bit.
-    let reload = TrainConfig {
-        init_adapter: Some(dir.path().join("adapter")),
-        ..config.clone()
-    };
-    let (loaded, _) =
-        trainer::load_for_training(&reload, &trainer::training_device(&reload).unwrap()).unwrap();
+    let reload = TrainConfig { init_adapter: Some(dir.path().join("adapter")), ..config.clone() };
+    let (loaded, _) = trainer::load_for_training(&reload, &trainer::training_device(&reload).unwrap()).unwrap();
     let data = trainer::prepare_data(&reload, &loaded).unwrap();
     let pad = loaded.tokenizer().unwrap().token_id("</s>").unwrap();
-    let again =
-        trainer::eval_loss(&loaded.model, &data.eval, config.micro_batch_size, pad).unwrap();
+    let again = trainer::eval_loss(&loaded.model, &data.eval, config.micro_batch_size, pad).unwrap();
     assert_eq!(again, after, "reloaded adapter eval loss");
 
     // The written config reproduces the run's settings.
@@ -174,24 +143,15 @@ fn resuming_from_a_checkpoint_gives_the_same_losses() {
     let straight = trainer::train(&config, None, &mut Quiet).unwrap();
     let b = tempfile::tempdir().unwrap();
     let resumed = trainer::train(
-        &TrainConfig {
-            output_dir: b.path().to_path_buf(),
-            ..config.clone()
-        },
+        &TrainConfig { output_dir: b.path().to_path_buf(), ..config.clone() },
         Some(&a.path().join("checkpoint-3")),
         &mut Quiet,
     )
     .unwrap();
     assert_eq!(resumed.first_step, 3);
-    assert_eq!(
-        resumed.losses,
-        straight.losses[3..],
-        "losses after resuming"
-    );
+    assert_eq!(resumed.losses, straight.losses[3..], "losses after resuming");
     // Starting over in a directory that holds a run needs an explicit choice.
-    let err = trainer::train(&config, None, &mut Quiet)
-        .unwrap_err()
-        .to_string();
+    let err = trainer::train(&config, None, &mut Quiet).unwrap_err().to_string();
     assert!(err.contains("already holds a run"), "{err}");
 }
 
@@ -201,29 +161,13 @@ fn bad_training_input_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("bad.jsonl");
     std::fs::write(&bad, "{\"text\": \"fine\"}\n{\"text\": \n").unwrap();
-    let run = |config: TrainConfig| {
-        trainer::train(&config, None, &mut Quiet)
-            .unwrap_err()
-            .to_string()
-    };
-    let base = TrainConfig {
-        max_steps: 1,
-        ..base_config(&dir.path().join("out"))
-    };
-    let err = run(TrainConfig {
-        data: bad.display().to_string(),
-        ..base.clone()
-    });
+    let run = |config: TrainConfig| trainer::train(&config, None, &mut Quiet).unwrap_err().to_string();
+    let base = TrainConfig { max_steps: 1, ..base_config(&dir.path().join("out")) };
+    let err = run(TrainConfig { data: bad.display().to_string(), ..base.clone() });
     assert!(err.contains("bad.jsonl:2: not valid JSON"), "{err}");
     let empty = dir.path().join("empty.jsonl");
     std::fs::write(&empty, "\n").unwrap();
-    assert!(
-        run(TrainConfig {
-            data: empty.display().to_string(),
-            ..base.clone()
-        })
-        .contains("no usable examples")
-    );
+    assert!(run(TrainConfig { data: empty.display().to_string(), ..base.clone() }).contains("no usable examples"));
     let err = run(TrainConfig {
         data: tiny().join("text.jsonl").display().to_string(),
         source_max_len: 1,
@@ -255,11 +199,9 @@ fn bad_training_input_is_a_clear_error() {
 #[test]
 fn eval_loss_and_multiple_choice() {
     use train::eval::{self, EvalArgs, EvalReport};
-    let loaded = train::infer::load_model(
-        &tiny().join("model-nf4").display().to_string(),
-        &llama::LoadOptions::default(),
-    )
-    .unwrap();
+    let loaded =
+        train::infer::load_model(&tiny().join("model-nf4").display().to_string(), &llama::LoadOptions::default())
+            .unwrap();
     let limits = data::Limits::default();
     let args = EvalArgs {
         data: tiny().join("chat-heldout.jsonl"),
@@ -268,30 +210,17 @@ fn eval_loss_and_multiple_choice() {
         micro_batch_size: 3,
         shots: 0,
     };
-    let EvalReport::Loss { loss, examples, .. } = eval::run(&loaded, &args).unwrap() else {
-        panic!("loss mode")
-    };
+    let EvalReport::Loss { loss, examples, .. } = eval::run(&loaded, &args).unwrap() else { panic!("loss mode") };
     assert_eq!(examples, 24);
     let report = data::read_jsonl(&args.data, data::DatasetFormat::Auto, false).unwrap();
-    let tokenized = data::tokenize_all(&report.examples, loaded.tokenizer().unwrap(), &limits)
-        .unwrap()
-        .examples;
+    let tokenized = data::tokenize_all(&report.examples, loaded.tokenizer().unwrap(), &limits).unwrap().examples;
     let trainer_loss = trainer::eval_loss(&loaded.model, &tokenized, 5, 0).unwrap();
-    assert!(
-        (loss - trainer_loss).abs() < 1e-5,
-        "{loss} vs {trainer_loss}"
-    );
+    assert!((loss - trainer_loss).abs() < 1e-5, "{loss} vs {trainer_loss}");
 
     // Answers defined as the choice the model scores best one at a time: batched scoring must agree (100%),
     // and marking the worst choice as the answer must give 0%.
     let tokenizer = loaded.tokenizer().unwrap();
-    let questions = [
-        "What is a camp?",
-        "What does abandon mean?",
-        "Pick a colour.",
-        "Which is a verb?",
-        "Say hi.",
-    ];
+    let questions = ["What is a camp?", "What does abandon mean?", "Pick a colour.", "Which is a verb?", "Say hi."];
     let choices = [
         vec!["a place", "temporary living quarters", "x"],
         vec!["to leave", "give up completely", "stay", "q"],
@@ -303,102 +232,42 @@ fn eval_loss_and_multiple_choice() {
     let mut worst_lines = String::new();
     assert_same_len(&questions, &choices, "questions and their choices");
     for (q, cs) in questions.iter().zip(&choices) {
-        let prompt = tokenizer
-            .encode(&format!("<s>Question: {q}\nAnswer:"), false)
-            .unwrap();
+        let prompt = tokenizer.encode(&format!("<s>Question: {q}\nAnswer:"), false).unwrap();
         let scores: Vec<f64> = cs
             .iter()
             .map(|c| {
                 let cont = tokenizer.encode(&format!(" {c}"), false).unwrap();
                 let ex = data::TokenizedExample {
                     ids: prompt.iter().copied().chain(cont.iter().copied()).collect(),
-                    target: (0..prompt.len() + cont.len())
-                        .map(|i| i >= prompt.len())
-                        .collect(),
+                    target: (0..prompt.len() + cont.len()).map(|i| i >= prompt.len()).collect(),
                 };
                 eval::nll_per_example(&loaded.model, &data::Batch::new(&[&ex], 0))[0]
             })
             .collect();
-        let best = (0..cs.len())
-            .min_by(|&a, &b| scores[a].total_cmp(&scores[b]))
-            .unwrap();
-        let worst = (0..cs.len())
-            .max_by(|&a, &b| scores[a].total_cmp(&scores[b]))
-            .unwrap();
-        best_lines += &format!(
-            "{}\n",
-            serde_json::json!({"question": q, "choices": cs, "answer": best})
-        );
+        let best = (0..cs.len()).min_by(|&a, &b| scores[a].total_cmp(&scores[b])).unwrap();
+        let worst = (0..cs.len()).max_by(|&a, &b| scores[a].total_cmp(&scores[b])).unwrap();
+        best_lines += &format!("{}\n", serde_json::json!({"question": q, "choices": cs, "answer": best}));
         let letter = ((b'A' + worst as u8) as char).to_string();
-        worst_lines += &format!(
-            "{}\n",
-            serde_json::json!({"question": q, "choices": cs, "answer": letter})
-        );
+        worst_lines += &format!("{}\n", serde_json::json!({"question": q, "choices": cs, "answer": letter}));
     }
     let dir = tempfile::tempdir().unwrap();
-    for (name, lines, expected) in [
-        ("best.jsonl", &best_lines, 1.0),
-        ("worst.jsonl", &worst_lines, 0.0),
-    ] {
+    for (name, lines, expected) in [("best.jsonl", &best_lines, 1.0), ("worst.jsonl", &worst_lines, 0.0)] {
         std::fs::write(dir.path().join(name), lines).unwrap();
-        let report = eval::run(
-            &loaded,
-            &EvalArgs {
-                data: dir.path().join(name),
-                shots: 0,
-                ..args.clone()
-            },
-        )
-        .unwrap();
+        let report = eval::run(&loaded, &EvalArgs { data: dir.path().join(name), shots: 0, ..args.clone() }).unwrap();
         assert_eq!(
             report,
-            EvalReport::MultipleChoice {
-                accuracy: expected,
-                correct: (expected * 5.0) as usize,
-                total: 5,
-                shots: 0
-            },
+            EvalReport::MultipleChoice { accuracy: expected, correct: (expected * 5.0) as usize, total: 5, shots: 0 },
             "{name}"
         );
     }
-    let two_shot = eval::run(
-        &loaded,
-        &EvalArgs {
-            data: dir.path().join("best.jsonl"),
-            shots: 2,
-            ..args.clone()
-        },
-    )
-    .unwrap();
-    assert!(
-        matches!(
-            two_shot,
-            EvalReport::MultipleChoice {
-                total: 3,
-                shots: 2,
-                ..
-            }
-        ),
-        "{two_shot:?}"
-    );
-    std::fs::write(
-        dir.path().join("bad.jsonl"),
-        "{\"question\": \"q\", \"choices\": [\"a\", \"b\"], \"answer\": 7}\n",
-    )
-    .unwrap();
-    let err = eval::run(
-        &loaded,
-        &EvalArgs {
-            data: dir.path().join("bad.jsonl"),
-            ..args.clone()
-        },
-    )
-    .unwrap_err()
-    .to_string();
-    assert!(
-        err.ends_with("bad.jsonl:1: `answer` must be an index below 2 or a letter"),
-        "{err}"
-    );
+    let two_shot =
+        eval::run(&loaded, &EvalArgs { data: dir.path().join("best.jsonl"), shots: 2, ..args.clone() }).unwrap();
+    assert!(matches!(two_shot, EvalReport::MultipleChoice { total: 3, shots: 2, .. }), "{two_shot:?}");
+    std::fs::write(dir.path().join("bad.jsonl"), "{\"question\": \"q\", \"choices\": [\"a\", \"b\"], \"answer\": 7}\n")
+        .unwrap();
+    let err =
+        eval::run(&loaded, &EvalArgs { data: dir.path().join("bad.jsonl"), ..args.clone() }).unwrap_err().to_string();
+    assert!(err.ends_with("bad.jsonl:1: `answer` must be an index below 2 or a letter"), "{err}");
 }
 
 /// A diverging run stops with a clear message before updating on a non-finite loss; its checkpoints stay.
@@ -417,19 +286,11 @@ fn a_diverging_run_stops_and_keeps_its_last_good_checkpoint() {
         save_steps: 1,
         ..base_config(dir.path())
     };
-    let err = trainer::train(&config, None, &mut Quiet)
-        .unwrap_err()
-        .to_string();
+    let err = trainer::train(&config, None, &mut Quiet).unwrap_err().to_string();
     println!("  {err}");
-    assert!(
-        err.contains("training diverged") && err.contains("the last good checkpoint is"),
-        "{err}"
-    );
+    assert!(err.contains("training diverged") && err.contains("the last good checkpoint is"), "{err}");
     let checkpoints = train::checkpoint::checkpoints(dir.path());
-    assert!(
-        !checkpoints.is_empty(),
-        "a checkpoint was written before the divergence"
-    );
+    assert!(!checkpoints.is_empty(), "a checkpoint was written before the divergence");
     let (_, state) = train::checkpoint::latest(dir.path()).unwrap();
     assert!(err.contains(&format!("checkpoint-{}", state.step)), "{err}");
     let (_, ckpt) = &checkpoints[checkpoints.len() - 1];

@@ -9,7 +9,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
 use crate::{cargo, root, run};
@@ -38,7 +38,11 @@ fn json_line(output: &std::process::Output, what: &str) -> Result<Value> {
         let tail: Vec<&str> = stderr.lines().rev().take(20).collect::<Vec<_>>().into_iter().rev().collect();
         bail!("{what} failed with {}:\n{}", output.status, tail.join("\n"));
     }
-    let line = stdout.lines().rev().find(|l| l.trim_start().starts_with('{')).with_context(|| format!("{what} printed no JSON line"))?;
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|l| l.trim_start().starts_with('{'))
+        .with_context(|| format!("{what} printed no JSON line"))?;
     serde_json::from_str(line).with_context(|| format!("{what}: parsing {line}"))
 }
 
@@ -64,7 +68,15 @@ fn reference_python(venv: &Path) -> Result<PathBuf> {
     Ok(python)
 }
 
-fn reference(python: &Path, model_dir: &Path, batch: usize, seq: usize, dtype: &str, steps: usize, threads: usize) -> Result<Value> {
+fn reference(
+    python: &Path,
+    model_dir: &Path,
+    batch: usize,
+    seq: usize,
+    dtype: &str,
+    steps: usize,
+    threads: usize,
+) -> Result<Value> {
     let what = format!("reference step {batch}x{seq} {dtype}");
     eprintln!("+ {what}");
     let output = Command::new(python)
@@ -86,12 +98,24 @@ fn num(v: &Value, key: &str) -> f64 {
 fn machine() -> String {
     std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split(':').nth(1)).map(|m| m.trim().to_string()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_string())
+        })
         .unwrap_or_else(|| "unknown CPU".into())
 }
 
 fn commit() -> String {
-    let out = |args: &[&str]| Command::new("git").current_dir(root()).args(args).output().ok().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    let out = |args: &[&str]| {
+        Command::new("git")
+            .current_dir(root())
+            .args(args)
+            .output()
+            .ok()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
     let hash = out(&["rev-parse", "--short", "HEAD"]).unwrap_or_default();
     let dirty = out(&["status", "--porcelain", "--untracked-files=no"]).is_some_and(|s| !s.is_empty());
     if dirty { format!("{hash} + uncommitted changes") } else { hash }
@@ -112,11 +136,21 @@ pub fn step_bench(args: StepBenchArgs) -> Result<()> {
                         let gguf = o["model_path"].as_str().context("bench-step reported no model path")?.to_string();
                         let dir = root().join("target/bench-ref/smollm2-f32");
                         if !dir.join("model.safetensors").exists() {
-                            run(Command::new(python).args(["xtask/bench/reference_step.py", "prepare", "--gguf", &gguf, "--out"]).arg(&dir))?;
+                            run(Command::new(python)
+                                .args(["xtask/bench/reference_step.py", "prepare", "--gguf", &gguf, "--out"])
+                                .arg(&dir))?;
                         }
                         model_dir = Some(dir);
                     }
-                    Some(reference(python, model_dir.as_ref().expect("prepared"), batch, seq, dtype, args.steps, args.threads)?)
+                    Some(reference(
+                        python,
+                        model_dir.as_ref().expect("prepared"),
+                        batch,
+                        seq,
+                        dtype,
+                        args.steps,
+                        args.threads,
+                    )?)
                 }
                 None => None,
             };
@@ -142,8 +176,15 @@ pub fn step_bench(args: StepBenchArgs) -> Result<()> {
             opt(orss / rrss, 2)
         ));
     }
-    let versions = rows.iter().find_map(|(.., r)| r.as_ref().map(|r| r["versions"].to_string())).unwrap_or_else(|| "not run".into());
-    let date = Command::new("date").arg("+%Y-%m-%d").output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default();
+    let versions = rows
+        .iter()
+        .find_map(|(.., r)| r.as_ref().map(|r| r["versions"].to_string()))
+        .unwrap_or_else(|| "not run".into());
+    let date = Command::new("date")
+        .arg("+%Y-%m-%d")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
     let header = format!(
         "{date}, {}, {} threads, commit {}, median of {} steps after 1 warm-up step; peak RSS over the steps (reset after \
          loading). Reference versions: {versions}.\n\n",

@@ -102,18 +102,12 @@ enum Task {
 }
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("xtask sits in the workspace")
-        .to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask sits in the workspace").to_path_buf()
 }
 
 fn run(cmd: &mut Command) -> Result<()> {
     eprintln!("+ {cmd:?}");
-    let status = cmd
-        .current_dir(root())
-        .status()
-        .with_context(|| format!("starting {cmd:?}"))?;
+    let status = cmd.current_dir(root()).status().with_context(|| format!("starting {cmd:?}"))?;
     if !status.success() {
         bail!("{cmd:?} failed with {status}");
     }
@@ -196,11 +190,8 @@ fn main() -> Result<()> {
                 "--sample-prompt",
                 "What does the word \"camp\" mean?",
             ];
-            let given: Vec<&str> = args
-                .iter()
-                .filter(|a| a.starts_with("--"))
-                .map(|a| a.split('=').next().unwrap_or(a))
-                .collect();
+            let given: Vec<&str> =
+                args.iter().filter(|a| a.starts_with("--")).map(|a| a.split('=').next().unwrap_or(a)).collect();
             let mut full: Vec<String> = vec!["train".into()];
             // A resumed or config-file run takes its settings from there.
             if !given.contains(&"--config") && !given.contains(&"--resume") {
@@ -226,22 +217,10 @@ fn main() -> Result<()> {
         Task::Fuzz { runs, targets } => fuzz(runs, targets)?,
         Task::LlvmStandin => {
             let dir = llvm_standin()?;
-            eprintln!(
-                "LLVM stand-in ready: build cuda with XDG_DATA_HOME={}",
-                dir.display()
-            );
+            eprintln!("LLVM stand-in ready: build cuda with XDG_DATA_HOME={}", dir.display());
         }
         Task::GpuCheck { build_only } => gpu_check(build_only)?,
-        Task::Bench {
-            reference,
-            shapes,
-            dtypes,
-            steps,
-            threads,
-            venv,
-            write_docs,
-            criterion,
-        } => {
+        Task::Bench { reference, shapes, dtypes, steps, threads, venv, write_docs, criterion } => {
             if criterion {
                 run(cargo().args(["bench", "-p", "qlora-nf4", "--bench", "dequantize"]))?;
                 run(cargo().args(["bench", "-p", "qlora-optim", "--bench", "optimizer_step"]))?;
@@ -354,15 +333,8 @@ fn fixtures(venv: &Path, only: &[String]) -> Result<()> {
     Ok(())
 }
 
-const FUZZ_TARGETS: [&str; 7] = [
-    "datasets",
-    "hf_checkpoint",
-    "gguf",
-    "peft_adapter",
-    "tokenizer",
-    "optimizer_state",
-    "trainer_state",
-];
+const FUZZ_TARGETS: [&str; 7] =
+    ["datasets", "hf_checkpoint", "gguf", "peft_adapter", "tokenizer", "optimizer_state", "trainer_state"];
 const SEPARATOR: &[u8] = b"\n--8<--\n";
 
 /// Seed corpora: fixture files (single, and joined with the multi-file separator where a target reads
@@ -381,41 +353,26 @@ fn fuzz_seeds(corpus: &Path) -> Result<()> {
         br#"{"instruction": "Name a colour.", "input": "", "output": "Blue."}"#.to_vec(),
     ));
     seeds.push(("datasets", "oasst_rows".into(), b"{\"message_id\": \"a\", \"parent_id\": null, \"role\": \"prompter\", \"text\": \"Q\"}\n{\"message_id\": \"b\", \"parent_id\": \"a\", \"role\": \"assistant\", \"text\": \"A\", \"rank\": 0}\n".to_vec()));
-    seeds.push(("datasets", "oasst_tree".into(), br#"{"prompt": {"role": "prompter", "text": "Q", "replies": [{"role": "assistant", "text": "A", "rank": 0}]}}"#.to_vec()));
-    for model in [
-        "tiny-train/model-nf4",
-        "tiny-llama-f32",
-        "tiny-llama-bnb-nf4-dq",
-        "tiny-llama-bnb-fp4",
-    ] {
+    seeds.push((
+        "datasets",
+        "oasst_tree".into(),
+        br#"{"prompt": {"role": "prompter", "text": "Q", "replies": [{"role": "assistant", "text": "A", "rank": 0}]}}"#
+            .to_vec(),
+    ));
+    for model in ["tiny-train/model-nf4", "tiny-llama-f32", "tiny-llama-bnb-nf4-dq", "tiny-llama-bnb-fp4"] {
         let config = read(&format!("{model}/config.json"))?;
         let weights = read(&format!("{model}/model.safetensors"))?;
-        seeds.push((
-            "hf_checkpoint",
-            model.replace('/', "_"),
-            join(&config, &weights),
-        ));
+        seeds.push(("hf_checkpoint", model.replace('/', "_"), join(&config, &weights)));
     }
-    seeds.push((
-        "gguf",
-        "tiny.gguf".into(),
-        std::fs::read(root().join("fuzz/seeds/gguf/tiny.gguf"))?,
-    ));
+    seeds.push(("gguf", "tiny.gguf".into(), std::fs::read(root().join("fuzz/seeds/gguf/tiny.gguf"))?));
     let (ac, aw) = (
         read("tiny-train/init-adapter/adapter_config.json")?,
         read("tiny-train/init-adapter/adapter_model.safetensors")?,
     );
     seeds.push(("peft_adapter", "config".into(), ac.clone()));
     seeds.push(("peft_adapter", "both".into(), join(&ac, &aw)));
-    seeds.push((
-        "peft_adapter",
-        "rslora".into(),
-        read("peft/adapter-tiny-llama-rslora/adapter_config.json")?,
-    ));
-    let (tj, tc) = (
-        read("tiny-train/model-nf4/tokenizer.json")?,
-        read("tiny-train/model-nf4/tokenizer_config.json")?,
-    );
+    seeds.push(("peft_adapter", "rslora".into(), read("peft/adapter-tiny-llama-rslora/adapter_config.json")?));
+    let (tj, tc) = (read("tiny-train/model-nf4/tokenizer.json")?, read("tiny-train/model-nf4/tokenizer_config.json")?);
     seeds.push(("tokenizer", "config".into(), tc.clone()));
     seeds.push(("tokenizer", "both".into(), join(&tj, &tc)));
     // Optimizer and trainer states from a real (tiny) run, 32-bit and 8-bit.
@@ -443,14 +400,7 @@ fn fuzz_seeds(corpus: &Path) -> Result<()> {
                 "--optimizer",
                 optimizer,
             ])
-            .args([
-                "--eval-steps",
-                "0",
-                "--save-steps",
-                "0",
-                "--sample-prompt",
-                "",
-            ])
+            .args(["--eval-steps", "0", "--save-steps", "0", "--sample-prompt", ""])
             .arg("--output-dir")
             .arg(&out))?;
         seeds.push((
@@ -463,11 +413,7 @@ fn fuzz_seeds(corpus: &Path) -> Result<()> {
             format!("{optimizer}_state"),
             std::fs::read(out.join("checkpoint-1/trainer_state.json"))?,
         ));
-        seeds.push((
-            "trainer_state",
-            format!("{optimizer}_config"),
-            std::fs::read(out.join("train_config.toml"))?,
-        ));
+        seeds.push(("trainer_state", format!("{optimizer}_config"), std::fs::read(out.join("train_config.toml"))?));
     }
     for (target, name, bytes) in seeds {
         let dir = corpus.join(target);
@@ -478,23 +424,12 @@ fn fuzz_seeds(corpus: &Path) -> Result<()> {
 }
 
 fn fuzz(runs: u64, targets: Vec<String>) -> Result<()> {
-    let targets: Vec<String> = if targets.is_empty() {
-        FUZZ_TARGETS.iter().map(|t| t.to_string()).collect()
-    } else {
-        targets
-    };
+    let targets: Vec<String> =
+        if targets.is_empty() { FUZZ_TARGETS.iter().map(|t| t.to_string()).collect() } else { targets };
     if let Some(bad) = targets.iter().find(|t| !FUZZ_TARGETS.contains(&t.as_str())) {
-        bail!(
-            "unknown fuzz target {bad} (targets: {})",
-            FUZZ_TARGETS.join(", ")
-        );
+        bail!("unknown fuzz target {bad} (targets: {})", FUZZ_TARGETS.join(", "));
     }
-    if Command::new("cargo")
-        .args(["fuzz", "--version"])
-        .output()
-        .map(|o| !o.status.success())
-        .unwrap_or(true)
-    {
+    if Command::new("cargo").args(["fuzz", "--version"]).output().map(|o| !o.status.success()).unwrap_or(true) {
         run(cargo().args(["install", "cargo-fuzz", "--locked"]))?;
     }
     let corpus = root().join("target/fuzz-corpus");
@@ -506,44 +441,18 @@ fn fuzz(runs: u64, targets: Vec<String>) -> Result<()> {
         // memory (-rss_limit_mb). Debug assertions (overflow checks) are on.
         let output = Command::new("cargo")
             .current_dir(root().join("fuzz"))
-            .args([
-                "+nightly",
-                "fuzz",
-                "run",
-                "-s",
-                "none",
-                "--debug-assertions",
-                target,
-            ])
+            .args(["+nightly", "fuzz", "run", "-s", "none", "--debug-assertions", target])
             .arg(&dir)
-            .args([
-                "--",
-                &format!("-runs={runs}"),
-                "-timeout=20",
-                "-rss_limit_mb=3072",
-                "-max_len=262144",
-            ])
+            .args(["--", &format!("-runs={runs}"), "-timeout=20", "-rss_limit_mb=3072", "-max_len=262144"])
             .output()
             .with_context(|| format!("running fuzz target {target}"))?;
         let log = String::from_utf8_lossy(&output.stderr);
-        let done = log
-            .lines()
-            .rev()
-            .find(|l| l.starts_with("Done "))
-            .unwrap_or("(no summary)")
-            .to_string();
+        let done = log.lines().rev().find(|l| l.starts_with("Done ")).unwrap_or("(no summary)").to_string();
         eprintln!("{target}: {done}");
         if !output.status.success() {
             eprintln!(
                 "{}",
-                log.lines()
-                    .rev()
-                    .take(40)
-                    .collect::<Vec<_>>()
-                    .into_iter()
-                    .rev()
-                    .collect::<Vec<_>>()
-                    .join("\n")
+                log.lines().rev().take(40).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n")
             );
             bail!("fuzz target {target} failed; the input is under fuzz/artifacts/{target}/");
         }
@@ -582,8 +491,7 @@ fn llvm_standin() -> Result<PathBuf> {
     }
     let data_home = root().join("target/llvm-standin");
     let prefix = data_home.join("tracel").join(TRACEL_LLVM);
-    std::fs::create_dir_all(prefix.join("bin"))
-        .with_context(|| format!("creating {}", prefix.display()))?;
+    std::fs::create_dir_all(prefix.join("bin")).with_context(|| format!("creating {}", prefix.display()))?;
     let wrapper = prefix.join("bin/llvm-config");
     write_if_changed(
         &wrapper,
@@ -632,24 +540,8 @@ fn write_script(path: &Path, body: &str) -> Result<()> {
 fn gpu_check(build_only: bool) -> Result<()> {
     // One cargo invocation for both binaries, so burn and cubecl are built once with one feature set.
     let mut build = cargo();
-    build.args([
-        "build",
-        "--release",
-        "-p",
-        "qlora-kernels",
-        "--features",
-        "gpu-check",
-        "--bin",
-        "gpu-check",
-    ]);
-    build.args([
-        "-p",
-        "qlora-train",
-        "--features",
-        "qlora-train/cuda",
-        "--bin",
-        "qlora",
-    ]);
+    build.args(["build", "--release", "-p", "qlora-kernels", "--features", "gpu-check", "--bin", "gpu-check"]);
+    build.args(["-p", "qlora-train", "--features", "qlora-train/cuda", "--bin", "qlora"]);
     if std::env::var_os("QLORA_ONLINE_LLVM").is_none() {
         build.env("XDG_DATA_HOME", llvm_standin()?);
     }
@@ -687,10 +579,7 @@ fn gpu_check(build_only: bool) -> Result<()> {
         out.display(),
         size as f64 / 1048576.0
     );
-    let has_gpu = Command::new("nvidia-smi")
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
+    let has_gpu = Command::new("nvidia-smi").output().map(|o| o.status.success()).unwrap_or(false);
     if !build_only && has_gpu {
         run(&mut Command::new(out.join("run.sh")))?;
         run(&mut Command::new(out.join("train-bench.sh")))?;

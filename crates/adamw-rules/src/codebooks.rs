@@ -2,7 +2,7 @@
 
 use std::sync::OnceLock;
 
-use nf4::{signed_dynamic_codebook, unsigned_dynamic_map, Codebook8};
+use nf4::{Codebook8, signed_dynamic_codebook, unsigned_dynamic_map};
 
 /// The signed dynamic map (first moment).
 pub fn signed() -> &'static Codebook8 {

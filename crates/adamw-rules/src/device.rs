@@ -2,7 +2,7 @@
 //! here, device buffers with the fused CubeCL update in `qlora-kernels`.
 
 use crate::page::PageState;
-use crate::update::{adamw_bnb32, adamw_bnb8, adamw_torch, AdamHyper, Blockwise8Mut};
+use crate::update::{AdamHyper, Blockwise8Mut, adamw_bnb8, adamw_bnb32, adamw_torch};
 
 /// Which update rule a page gets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,8 +56,12 @@ impl PageDevice for HostMemory {
 
     fn update(&mut self, page: &mut PageState, rule: UpdateRule, param: &mut [f32], grad: &[f32], hyper: &AdamHyper) {
         match (page, rule) {
-            (PageState::F32 { exp_avg, exp_avg_sq }, UpdateRule::TorchAdamW) => adamw_torch(param, grad, exp_avg, exp_avg_sq, hyper),
-            (PageState::F32 { exp_avg, exp_avg_sq }, UpdateRule::Bnb32) => adamw_bnb32(param, grad, exp_avg, exp_avg_sq, hyper),
+            (PageState::F32 { exp_avg, exp_avg_sq }, UpdateRule::TorchAdamW) => {
+                adamw_torch(param, grad, exp_avg, exp_avg_sq, hyper)
+            }
+            (PageState::F32 { exp_avg, exp_avg_sq }, UpdateRule::Bnb32) => {
+                adamw_bnb32(param, grad, exp_avg, exp_avg_sq, hyper)
+            }
             (PageState::Blockwise8 { codes1, absmax1, codes2, absmax2 }, UpdateRule::Bnb8) => {
                 let state = Blockwise8Mut { codes1, absmax1, codes2, absmax2 };
                 adamw_bnb8(param, grad, state, crate::codebooks::signed(), crate::codebooks::unsigned(), hyper)
@@ -66,4 +70,3 @@ impl PageDevice for HostMemory {
         }
     }
 }
-

@@ -39,8 +39,12 @@ pub fn adamw_torch(param: &mut [f32], grad: &[f32], exp_avg: &mut [f32], exp_avg
     let neg_step_size = (-(h.lr / bias_correction1)) as f32;
     let eps = h.eps as f32;
     let apply_decay = h.weight_decay != 0.0;
-    param.par_chunks_mut(CHUNK).zip(grad.par_chunks(CHUNK)).zip(exp_avg.par_chunks_mut(CHUNK)).zip(exp_avg_sq.par_chunks_mut(CHUNK)).for_each(
-        |(((p, g), m), v)| {
+    param
+        .par_chunks_mut(CHUNK)
+        .zip(grad.par_chunks(CHUNK))
+        .zip(exp_avg.par_chunks_mut(CHUNK))
+        .zip(exp_avg_sq.par_chunks_mut(CHUNK))
+        .for_each(|(((p, g), m), v)| {
             for i in 0..p.len() {
                 if apply_decay {
                     p[i] *= decay; // param.mul_(1 - lr * weight_decay)
@@ -50,8 +54,7 @@ pub fn adamw_torch(param: &mut [f32], grad: &[f32], exp_avg: &mut [f32], exp_avg
                 let denom = v[i].sqrt() / bias_correction2_sqrt + eps;
                 p[i] += neg_step_size * m[i] / denom; // addcdiv_(exp_avg, denom, value=-step_size)
             }
-        },
-    );
+        });
 }
 
 /// The scalars both bitsandbytes updates derive from the hyperparameters (Python floats → f32 where the
@@ -87,11 +90,16 @@ impl BnbScalars {
 /// bitsandbytes' 32-bit Adam/AdamW CPU update (`optimizer_update_32bit`): what `AdamW8bit` uses for tensors
 /// under its `min_8bit_size`. Note its different epsilon placement (`eps * sqrt(1 - beta2^t)`).
 pub fn adamw_bnb32(param: &mut [f32], grad: &[f32], state1: &mut [f32], state2: &mut [f32], h: &AdamHyper) {
-    let BnbScalars { beta1, one_minus_beta1, beta2, one_minus_beta2, correction1, correction2, decay, apply_decay } = BnbScalars::new(h);
+    let BnbScalars { beta1, one_minus_beta1, beta2, one_minus_beta2, correction1, correction2, decay, apply_decay } =
+        BnbScalars::new(h);
     let step_size = (-h.lr * correction2 / correction1) as f32;
     let eps_scaled = (h.eps * correction2) as f32;
-    param.par_chunks_mut(CHUNK).zip(grad.par_chunks(CHUNK)).zip(state1.par_chunks_mut(CHUNK)).zip(state2.par_chunks_mut(CHUNK)).for_each(
-        |(((p, g), m), v)| {
+    param
+        .par_chunks_mut(CHUNK)
+        .zip(grad.par_chunks(CHUNK))
+        .zip(state1.par_chunks_mut(CHUNK))
+        .zip(state2.par_chunks_mut(CHUNK))
+        .for_each(|(((p, g), m), v)| {
             for i in 0..p.len() {
                 m[i] = g[i].mul_add(one_minus_beta1, m[i] * beta1); // mul_(beta1).add_(g, alpha=1 - beta1)
                 v[i] = (one_minus_beta2 * g[i]).mul_add(g[i], v[i] * beta2);
@@ -101,8 +109,7 @@ pub fn adamw_bnb32(param: &mut [f32], grad: &[f32], state1: &mut [f32], state2: 
                 let update = m[i] / (v[i].sqrt() + eps_scaled);
                 p[i] = update.mul_add(step_size, p[i]); // add_(update, alpha=step_size)
             }
-        },
-    );
+        });
 }
 
 /// 8-bit blockwise state of a run of whole 256-element blocks: codes and one f32 absmax per block for each
@@ -116,8 +123,16 @@ pub struct Blockwise8Mut<'a> {
 
 /// bitsandbytes' 8-bit blockwise AdamW CPU update (`optimizer_update_8bit_blockwise`): dequantize both
 /// moments, update them in f32, update the parameter, re-quantize with the lookup-table quantizer.
-pub fn adamw_bnb8(param: &mut [f32], grad: &[f32], state: Blockwise8Mut<'_>, signed: &Codebook8, unsigned: &Codebook8, h: &AdamHyper) {
-    let BnbScalars { beta1, one_minus_beta1, beta2, one_minus_beta2, correction1, correction2, decay, apply_decay } = BnbScalars::new(h);
+pub fn adamw_bnb8(
+    param: &mut [f32],
+    grad: &[f32],
+    state: Blockwise8Mut<'_>,
+    signed: &Codebook8,
+    unsigned: &Codebook8,
+    h: &AdamHyper,
+) {
+    let BnbScalars { beta1, one_minus_beta1, beta2, one_minus_beta2, correction1, correction2, decay, apply_decay } =
+        BnbScalars::new(h);
     let correction2 = correction2 as f32;
     let neg_step_size = (-h.lr / correction1) as f32;
     let eps = h.eps as f32;

@@ -308,10 +308,18 @@ pub fn matmul_with<O: Output>(a: &[bf16], m: usize, source: &(impl PanelSource +
                 .collect(),
         ),
     };
-    drive(&a_words, m, pairs, n, &mut out, |n0, panel| source.pack(n0, panel), |rows, a, panel, c, cols| {
-        // Safety: `drive` hands out tiles inside `out` (see `tile`).
-        unsafe { tile(accelerated, rows, a, pairs, panel, c, n, cols) }
-    });
+    drive(
+        &a_words,
+        m,
+        pairs,
+        n,
+        &mut out,
+        |n0, panel| source.pack(n0, panel),
+        |rows, a, panel, c, cols| {
+            // Safety: `drive` hands out tiles inside `out` (see `tile`).
+            unsafe { tile(accelerated, rows, a, pairs, panel, c, n, cols) }
+        },
+    );
     out
 }
 
@@ -359,16 +367,33 @@ pub fn matmul_f32_with(a: &[f32], m: usize, source: &(impl F32Panels + ?Sized), 
     if m == 0 || n == 0 || k == 0 {
         return out;
     }
-    drive(a, m, k, n, &mut out, |n0, panel| source.pack_f32(n0, panel), |rows, a, panel, c, cols| {
-        // Safety: `drive` hands out tiles inside `out`.
-        unsafe { tile_f32(accelerated, rows, a, k, panel, c, n, cols) }
-    });
+    drive(
+        a,
+        m,
+        k,
+        n,
+        &mut out,
+        |n0, panel| source.pack_f32(n0, panel),
+        |rows, a, panel, c, cols| {
+            // Safety: `drive` hands out tiles inside `out`.
+            unsafe { tile_f32(accelerated, rows, a, k, panel, c, n, cols) }
+        },
+    );
     out
 }
 
 /// One f32 tile, as [`tile`].
 #[allow(clippy::too_many_arguments)]
-unsafe fn tile_f32(accelerated: bool, rows: usize, a: &[f32], k: usize, panel: &[f32], c: *mut f32, ldc: usize, cols: usize) {
+unsafe fn tile_f32(
+    accelerated: bool,
+    rows: usize,
+    a: &[f32],
+    k: usize,
+    panel: &[f32],
+    c: *mut f32,
+    ldc: usize,
+    cols: usize,
+) {
     debug_assert!(a.len() >= (rows - 1) * k + k && panel.len() >= k * NR);
     #[cfg(target_arch = "x86_64")]
     if accelerated {
@@ -434,11 +459,22 @@ fn drive<W: Copy + Default + Send + Sync, O: Output>(
 ///
 /// Safety: `c` points at a tile of `rows` rows of stride `ldc` with `cols` writable elements each.
 #[allow(clippy::too_many_arguments)]
-unsafe fn tile<O: Output>(accelerated: bool, rows: usize, a: &[u32], pairs: usize, panel: &[u32], c: *mut O, ldc: usize, cols: usize) {
+unsafe fn tile<O: Output>(
+    accelerated: bool,
+    rows: usize,
+    a: &[u32],
+    pairs: usize,
+    panel: &[u32],
+    c: *mut O,
+    ldc: usize,
+    cols: usize,
+) {
     debug_assert!(a.len() >= (rows - 1) * pairs + pairs && panel.len() >= pairs * NR);
     #[cfg(target_arch = "x86_64")]
     if accelerated {
-        with_tile_rows!(rows, |R| unsafe { avx512::tile::<R, O>(a.as_ptr(), pairs, panel.as_ptr(), pairs, c, ldc, cols) });
+        with_tile_rows!(rows, |R| unsafe {
+            avx512::tile::<R, O>(a.as_ptr(), pairs, panel.as_ptr(), pairs, c, ldc, cols)
+        });
         return;
     }
     let _ = accelerated;

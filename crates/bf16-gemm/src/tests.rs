@@ -51,7 +51,9 @@ fn check(got_f32: &[f32], got_bf16: &[bf16], want: &(Vec<f64>, Vec<f64>), k: usi
 }
 
 fn kernels() -> Vec<bool> {
-    if accelerated() { vec![false, true] } else {
+    if accelerated() {
+        vec![false, true]
+    } else {
         println!("no AVX512-BF16 on this CPU: the portable kernel only");
         vec![false]
     }
@@ -61,7 +63,9 @@ fn kernels() -> Vec<bool> {
 #[test]
 fn dense_products_equal_the_f64_product_in_both_layouts() {
     let mut rng = Rng::fresh("dense");
-    for &(m, k, n) in &[(1, 1, 1), (3, 2, 5), (12, 64, 32), (13, 63, 33), (37, 130, 75), (25, 7, 161), (5, 576, 64), (64, 31, 200)] {
+    for &(m, k, n) in
+        &[(1, 1, 1), (3, 2, 5), (12, 64, 32), (13, 63, 33), (37, 130, 75), (25, 7, 161), (5, 576, 64), (64, 31, 200)]
+    {
         let a = rng.values(m * k);
         let b = rng.values(k * n);
         let want = reference(&a, m, k, n, |kk, j| b[kk * n + j].to_f32());
@@ -70,7 +74,13 @@ fn dense_products_equal_the_f64_product_in_both_layouts() {
             for (layout, values) in [(DenseLayout::KByN, &b), (DenseLayout::NByK, &bt)] {
                 let source = Dense::new(values, k, n, layout).expect("k · n values");
                 let what = format!("{m}×{k}×{n} {layout:?} accelerated {accel}");
-                check(&matmul_with::<f32>(&a, m, &source, accel), &matmul_with::<bf16>(&a, m, &source, accel), &want, k, &what);
+                check(
+                    &matmul_with::<f32>(&a, m, &source, accel),
+                    &matmul_with::<bf16>(&a, m, &source, accel),
+                    &want,
+                    k,
+                    &what,
+                );
             }
         }
     }
@@ -100,12 +110,16 @@ fn decoded(bytes: &[u8], absmax: &[f32], codebook: &[f32; 16], blocksize: usize,
 #[test]
 fn four_bit_panels_equal_the_panels_of_the_decoded_weight() {
     let mut rng = Rng::fresh("4-bit");
-    for &(rows, cols, blocksize) in &[(32, 64, 64), (45, 70, 64), (33, 31, 6), (7, 130, 2), (100, 576, 64), (3, 5, 4096)] {
+    for &(rows, cols, blocksize) in
+        &[(32, 64, 64), (45, 70, 64), (33, 31, 6), (7, 130, 2), (100, 576, 64), (3, 5, 4096)]
+    {
         let (bytes, absmax, codebook) = weight(&mut rng, rows, cols, blocksize);
         let dense = decoded(&bytes, &absmax, &codebook, blocksize, rows * cols);
         for transposed in [true, false] {
-            let packed = Packed4bit::new(&bytes, &absmax, &codebook, blocksize, rows, cols, transposed).expect("consistent");
-            let (k, n, layout) = if transposed { (cols, rows, DenseLayout::NByK) } else { (rows, cols, DenseLayout::KByN) };
+            let packed =
+                Packed4bit::new(&bytes, &absmax, &codebook, blocksize, rows, cols, transposed).expect("consistent");
+            let (k, n, layout) =
+                if transposed { (cols, rows, DenseLayout::NByK) } else { (rows, cols, DenseLayout::KByN) };
             let plain = Dense::new(&dense, k, n, layout).expect("k · n");
             assert_eq!((packed.k(), packed.n()), (k, n));
             let len = k.div_ceil(2) * NR;
@@ -138,10 +152,14 @@ fn f32_products_of_four_bit_panels_equal_the_f64_product() {
     for &(rows, cols, blocksize) in &[(45, 70, 64), (33, 31, 6), (100, 576, 64), (7, 130, 2)] {
         let (bytes, absmax, codebook) = weight(&mut rng, rows, cols, blocksize);
         let dense: Vec<f32> = (0..rows * cols)
-            .map(|f| codebook[(if f % 2 == 0 { bytes[f / 2] >> 4 } else { bytes[f / 2] & 15 }) as usize] * absmax[f / blocksize])
+            .map(|f| {
+                codebook[(if f % 2 == 0 { bytes[f / 2] >> 4 } else { bytes[f / 2] & 15 }) as usize]
+                    * absmax[f / blocksize]
+            })
             .collect();
         for transposed in [true, false] {
-            let packed = Packed4bit::new(&bytes, &absmax, &codebook, blocksize, rows, cols, transposed).expect("consistent");
+            let packed =
+                Packed4bit::new(&bytes, &absmax, &codebook, blocksize, rows, cols, transposed).expect("consistent");
             let (k, n) = (packed.k(), packed.n());
             let b = |kk: usize, j: usize| if transposed { dense[j * cols + kk] } else { dense[kk * cols + j] };
             for n0 in (0..n).step_by(NR) {
@@ -174,7 +192,10 @@ fn f32_products_of_four_bit_panels_equal_the_f64_product() {
                 let got = matmul_f32_with(&a, m, &packed, accel);
                 for (idx, ((g, w), s)) in got.iter().zip(&want).zip(&scale).enumerate() {
                     let tol = 4.0 * (k as f64 + 2.0) * f32::EPSILON as f64 * s + 1e-30;
-                    assert!((*g as f64 - w).abs() <= tol, "{rows}×{cols} transposed {transposed} accelerated {accel}: element {idx}: {g} vs {w}");
+                    assert!(
+                        (*g as f64 - w).abs() <= tol,
+                        "{rows}×{cols} transposed {transposed} accelerated {accel}: element {idx}: {g} vs {w}"
+                    );
                 }
             }
         }

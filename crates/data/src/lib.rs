@@ -14,9 +14,9 @@ pub mod embedded;
 pub mod records;
 pub mod tokenize;
 
-pub use batches::{epoch_order, Batch, BatchStream, DataCursor, OrderConfig};
-pub use records::{parse_jsonl, read_jsonl, DatasetFormat, Example, ReadReport, Turn};
-pub use tokenize::{tokenize_all, tokenize_example, Limits, TokenizeReport, TokenizedExample};
+pub use batches::{Batch, BatchStream, DataCursor, OrderConfig, epoch_order};
+pub use records::{DatasetFormat, Example, ReadReport, Turn, parse_jsonl, read_jsonl};
+pub use tokenize::{Limits, TokenizeReport, TokenizedExample, tokenize_all, tokenize_example};
 
 /// Everything that can be wrong with a dataset.
 #[derive(Debug, thiserror::Error)]
@@ -33,7 +33,9 @@ pub enum DataError {
     Tokenizer(String),
     #[error("chat template: {0}")]
     Template(String),
-    #[error("no example has a target token within the length limits ({dropped} dropped): raise --target-max-len / --source-max-len")]
+    #[error(
+        "no example has a target token within the length limits ({dropped} dropped): raise --target-max-len / --source-max-len"
+    )]
     NothingToTrain { dropped: usize },
 }
 

@@ -81,8 +81,7 @@ pub struct ReadReport {
 }
 
 const ALPACA_WITH_INPUT: &str = "Below is an instruction that describes a task, paired with an input that provides further context. Write a response that appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response: ";
-const ALPACA_NO_INPUT: &str =
-    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n### Response: ";
+const ALPACA_NO_INPUT: &str = "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n### Response: ";
 
 fn string_field<'a>(obj: &'a serde_json::Map<String, Value>, key: &str) -> Result<&'a str, String> {
     match obj.get(key) {
@@ -228,7 +227,13 @@ fn oasst_rows(rows: Vec<(usize, serde_json::Map<String, Value>)>) -> Result<Vec<
             None => roots.push(i),
             Some(p) => match ids.get(p) {
                 Some(&pi) => msgs[pi].children.push(i),
-                None => return Err(DataError::Line { file: String::new(), line: msgs[i].line, reason: format!("parent_id {p} is not in the file") }),
+                None => {
+                    return Err(DataError::Line {
+                        file: String::new(),
+                        line: msgs[i].line,
+                        reason: format!("parent_id {p} is not in the file"),
+                    });
+                }
             },
         }
     }
@@ -246,14 +251,23 @@ fn oasst_rows(rows: Vec<(usize, serde_json::Map<String, Value>)>) -> Result<Vec<
         if thread.is_empty() {
             continue; // a prompt nobody answered
         }
-        out.push(guanaco(&thread).map_err(|reason| DataError::Line { file: String::new(), line: msgs[root].line, reason })?);
+        out.push(guanaco(&thread).map_err(|reason| DataError::Line {
+            file: String::new(),
+            line: msgs[root].line,
+            reason,
+        })?);
     }
     Ok(out)
 }
 
 /// Parses JSONL `text` (from `file`, for messages). Malformed lines stop with an error naming the line, or are
 /// skipped and reported with `skip_bad_lines`. An empty result is an error.
-pub fn parse_jsonl(text: &str, file: &str, format: DatasetFormat, skip_bad_lines: bool) -> Result<ReadReport, DataError> {
+pub fn parse_jsonl(
+    text: &str,
+    file: &str,
+    format: DatasetFormat,
+    skip_bad_lines: bool,
+) -> Result<ReadReport, DataError> {
     let mut examples = Vec::new();
     let mut skipped = Vec::new();
     let mut oasst_message_rows = Vec::new();
@@ -275,7 +289,10 @@ pub fn parse_jsonl(text: &str, file: &str, format: DatasetFormat, skip_bad_lines
             match line_format {
                 DatasetFormat::Alpaca => alpaca(obj),
                 DatasetFormat::Chat => chat(obj),
-                DatasetFormat::Text => Ok(Example::Segments { segments: vec![(string_field(obj, "text")?.to_string(), true)], add_bos: true }),
+                DatasetFormat::Text => Ok(Example::Segments {
+                    segments: vec![(string_field(obj, "text")?.to_string(), true)],
+                    add_bos: true,
+                }),
                 DatasetFormat::Oasst if obj.contains_key("message_id") => {
                     oasst_message_rows.push((number, obj.clone()));
                     Err(String::new()) // collected; assembled below

@@ -100,12 +100,14 @@ fn measure(nf4: bool, dtype: DType) {
     ] {
         l.adapter = Some(lora.init_adapter(name, l.in_features(), l.out_features(), &device).unwrap());
     }
-    let config = LlamaConfig::new().with_hidden_size(HIDDEN).with_num_attention_heads(HEADS).with_num_key_value_heads(HEADS);
+    let config =
+        LlamaConfig::new().with_hidden_size(HIDDEN).with_num_attention_heads(HEADS).with_num_key_value_heads(HEADS);
     let rotary = Rotary::new(&config);
     let (cos, sin) = rotary.tables(0, TOKENS, dtype, &device);
     let mask_values: Vec<bool> = (0..TOKENS).flat_map(|i| (0..TOKENS).map(move |j| j > i)).collect();
     let mask = Tensor::<2, Bool>::from_data(TensorData::new(mask_values, [TOKENS, TOKENS]), &device);
-    let x = Tensor::<3>::random([1, TOKENS, HIDDEN], Distribution::Normal(0.0, 1.0), &device).cast(dtype).require_grad();
+    let x =
+        Tensor::<3>::random([1, TOKENS, HIDDEN], Distribution::Normal(0.0, 1.0), &device).cast(dtype).require_grad();
     let before = LIVE.load(Ordering::Relaxed);
     let y = layer.forward(x.clone(), &cos, &sin, &mask, None);
     let between = LIVE.load(Ordering::Relaxed);
@@ -129,7 +131,9 @@ fn measure(nf4: bool, dtype: DType) {
 
 fn main() {
     println!("Llama-7B decoder layer, LoRA r=64 on all 7 projections, input [1, {TOKENS}, {HIDDEN}], flex backend");
-    println!("| base | weight bytes | live before forward | held between forward and backward | backward peak above the start |");
+    println!(
+        "| base | weight bytes | live before forward | held between forward and backward | backward peak above the start |"
+    );
     println!("|---|---|---|---|---|");
     measure(true, DType::F32);
     measure(false, DType::F32);

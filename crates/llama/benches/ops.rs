@@ -13,7 +13,7 @@
 //! RAYON_NUM_THREADS sets the thread count.
 
 use burn::tensor::{Bool, Device, Distribution, Tensor, TensorData};
-use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use llama::{Attention, LlamaConfig, RmsNorm, Rotary};
 use lora::{FrozenLinear, LoraConfig, LoraLinear};
 use quant::{QuantConfig, QuantizedWeight};
@@ -31,7 +31,8 @@ fn random_weight(rows: usize, cols: usize, seed: u64) -> Vec<f32> {
 }
 
 fn qlora_linear(rows: usize, cols: usize, seed: u64, name: &str, device: &Device) -> LoraLinear {
-    let q = QuantizedWeight::quantize("w", &random_weight(rows, cols, seed), &[rows, cols], &QuantConfig::new()).unwrap();
+    let q =
+        QuantizedWeight::quantize("w", &random_weight(rows, cols, seed), &[rows, cols], &QuantConfig::new()).unwrap();
     let mut layer = LoraLinear::frozen(FrozenLinear::quantized(q.to_device(device), None));
     layer.adapter = Some(LoraConfig::new().init_adapter(name, cols, rows, device).unwrap());
     layer
@@ -79,7 +80,8 @@ fn bench(c: &mut Criterion) {
         head_dim,
     };
     let seq = TOKENS / BATCH;
-    let config = LlamaConfig::new().with_hidden_size(HIDDEN).with_num_attention_heads(HEADS).with_num_key_value_heads(KV_HEADS);
+    let config =
+        LlamaConfig::new().with_hidden_size(HIDDEN).with_num_attention_heads(HEADS).with_num_key_value_heads(KV_HEADS);
     let (cos, sin) = Rotary::new(&config).tables(0, seq, burn::tensor::DType::F32, &ad);
     let mask_values: Vec<bool> = (0..seq).flat_map(|i| (0..seq).map(move |j| j > i)).collect();
     let mask = Tensor::<2, Bool>::from_data(TensorData::new(mask_values, [seq, seq]), &ad);

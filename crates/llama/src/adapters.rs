@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use burn::tensor::{DType, Device};
-use lora::peft::{read_peft_adapter, write_peft_adapter, PeftAdapter, StoredAdapter};
+use lora::peft::{PeftAdapter, StoredAdapter, read_peft_adapter, write_peft_adapter};
 use lora::{LoraAdapter, LoraConfig, LoraError, LoraLinear};
 
 use crate::LlamaModel;
@@ -52,12 +52,16 @@ impl LlamaModel {
         let mut count = 0;
         for (name, linear) in self.linears_mut() {
             if config.target_modules.matches(&name, false)? {
-                linear.adapter = Some(config.init_adapter(&name, linear.in_features(), linear.out_features(), device)?);
+                linear.adapter =
+                    Some(config.init_adapter(&name, linear.in_features(), linear.out_features(), device)?);
                 count += 1;
             }
         }
         if count == 0 {
-            return Err(LoraError::Config(format!("target_modules {:?} match no linear layer of the model", config.target_modules)));
+            return Err(LoraError::Config(format!(
+                "target_modules {:?} match no linear layer of the model",
+                config.target_modules
+            )));
         }
         Ok(count)
     }
@@ -84,13 +88,24 @@ impl LlamaModel {
                     linear.out_features()
                 )));
             }
-            linear.adapter = Some(LoraAdapter::from_values(stored.a.clone(), stored.b.clone(), scaling, adapter.config.dropout, &device));
+            linear.adapter = Some(LoraAdapter::from_values(
+                stored.a.clone(),
+                stored.b.clone(),
+                scaling,
+                adapter.config.dropout,
+                &device,
+            ));
         }
         Ok(adapter)
     }
 
     /// Writes the model's adapters as a PEFT adapter directory.
-    pub fn save_peft_adapter(&self, dir: &Path, config: &LoraConfig, base_model_name_or_path: Option<&str>) -> Result<usize, LoraError> {
+    pub fn save_peft_adapter(
+        &self,
+        dir: &Path,
+        config: &LoraConfig,
+        base_model_name_or_path: Option<&str>,
+    ) -> Result<usize, LoraError> {
         let mut modules = BTreeMap::new();
         for (name, linear) in self.linears() {
             if let Some(adapter) = &linear.adapter {
@@ -98,7 +113,8 @@ impl LlamaModel {
                     let dims = t.dims();
                     (t.cast(DType::F32).into_data().try_into_vec::<f32>().expect("f32"), dims)
                 };
-                modules.insert(name, StoredAdapter { a: values(adapter.lora_a.val()), b: values(adapter.lora_b.val()) });
+                modules
+                    .insert(name, StoredAdapter { a: values(adapter.lora_a.val()), b: values(adapter.lora_b.val()) });
             }
         }
         if modules.is_empty() {

@@ -114,7 +114,10 @@ impl LlamaConfig {
             return bad(format!("head_dim {} must be even for rotary embeddings", self.head_dim()));
         }
         if self.head_dim.is_none() && self.hidden_size % self.num_attention_heads != 0 {
-            return bad(format!("hidden_size {} is not divisible by num_attention_heads {}", self.hidden_size, self.num_attention_heads));
+            return bad(format!(
+                "hidden_size {} is not divisible by num_attention_heads {}",
+                self.hidden_size, self.num_attention_heads
+            ));
         }
         if !(self.rms_norm_eps > 0.0) || !(self.rope_theta > 0.0) {
             return bad("rms_norm_eps and rope_theta must be positive".into());
@@ -126,8 +129,10 @@ impl LlamaConfig {
     /// transformers 5: `rope_parameters`, `dtype`).
     pub fn from_hf_config(path: &Path) -> Result<Self, LlamaError> {
         let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| LlamaError::Io { path: path.to_path_buf(), source })?;
-        let value: Value = serde_json::from_str(&text).map_err(|e| LlamaError::InvalidConfig { file: file.clone(), reason: e.to_string() })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| LlamaError::Io { path: path.to_path_buf(), source })?;
+        let value: Value = serde_json::from_str(&text)
+            .map_err(|e| LlamaError::InvalidConfig { file: file.clone(), reason: e.to_string() })?;
         let config = Self::from_hf_json(&value, &file)?;
         config.validate(&file)?;
         Ok(config)
@@ -142,18 +147,26 @@ impl LlamaConfig {
         let model_type = v.get("model_type").and_then(Value::as_str).unwrap_or("llama");
         const SUPPORTED: &[&str] = &["llama", "mistral", "qwen2", "smollm", "smollm3"];
         if !SUPPORTED.contains(&model_type) {
-            return Err(bad(format!("model_type `{model_type}` is not a Llama-family decoder (supported: {SUPPORTED:?})")));
+            return Err(bad(format!(
+                "model_type `{model_type}` is not a Llama-family decoder (supported: {SUPPORTED:?})"
+            )));
         }
         let req = |key: &str| -> Result<usize, LlamaError> {
             match v.get(key) {
-                Some(x) => x.as_u64().map(|n| n as usize).ok_or_else(|| bad(format!("`{key}` must be a non-negative integer, found {x}"))),
+                Some(x) => x
+                    .as_u64()
+                    .map(|n| n as usize)
+                    .ok_or_else(|| bad(format!("`{key}` must be a non-negative integer, found {x}"))),
                 None => Err(bad(format!("missing `{key}`"))),
             }
         };
         let opt_usize = |key: &str| -> Result<Option<usize>, LlamaError> {
             match v.get(key) {
                 None | Some(Value::Null) => Ok(None),
-                Some(x) => x.as_u64().map(|n| Some(n as usize)).ok_or_else(|| bad(format!("`{key}` must be a non-negative integer, found {x}"))),
+                Some(x) => x
+                    .as_u64()
+                    .map(|n| Some(n as usize))
+                    .ok_or_else(|| bad(format!("`{key}` must be a non-negative integer, found {x}"))),
             }
         };
         let opt_f64 = |obj: &Value, key: &str| -> Result<Option<f64>, LlamaError> {
@@ -165,7 +178,12 @@ impl LlamaConfig {
         let heads = req("num_attention_heads")?;
         // transformers 5 keeps RoPE under rope_parameters; 4 keeps rope_theta at the top and rope_scaling beside it.
         let rope = v.get("rope_parameters").filter(|r| r.is_object());
-        let rope_theta = rope.map(|r| opt_f64(r, "rope_theta")).transpose()?.flatten().or(opt_f64(v, "rope_theta")?).unwrap_or(10000.0);
+        let rope_theta = rope
+            .map(|r| opt_f64(r, "rope_theta"))
+            .transpose()?
+            .flatten()
+            .or(opt_f64(v, "rope_theta")?)
+            .unwrap_or(10000.0);
         let scaling_obj = rope.or_else(|| v.get("rope_scaling").filter(|r| r.is_object()));
         let rope_scaling = match scaling_obj {
             None => None,
@@ -174,7 +192,8 @@ impl LlamaConfig {
                 match kind {
                     "default" => None,
                     "llama3" => Some(Llama3RopeScaling {
-                        factor: opt_f64(r, "factor")?.ok_or_else(|| bad("llama3 rope scaling without `factor`".into()))?,
+                        factor: opt_f64(r, "factor")?
+                            .ok_or_else(|| bad("llama3 rope scaling without `factor`".into()))?,
                         low_freq_factor: opt_f64(r, "low_freq_factor")?.unwrap_or(1.0),
                         high_freq_factor: opt_f64(r, "high_freq_factor")?.unwrap_or(4.0),
                         original_max_position_embeddings: r
@@ -282,7 +301,9 @@ mod tests {
             .with_rms_norm_eps(1e-6)
             .with_bos_token_id(Some(1))
             .with_eos_token_ids(vec![2, 7]);
-        for (qkv, o, mlp, scaled) in [(false, false, false, false), (true, false, true, true), (true, true, false, false)] {
+        for (qkv, o, mlp, scaled) in
+            [(false, false, false, false), (true, false, true, true), (true, true, false, false)]
+        {
             c.qkv_bias = qkv;
             c.o_bias = o;
             c.mlp_bias = mlp;

@@ -182,4 +182,23 @@ mod tests {
             assert_eq!(pick(vec![5.0, 0.0, 0.0, 0.0], &[], &c, &mut rng), 0);
         }
     }
+
+    /// `qlora generate --dtype f16` used to panic in the fused ops ("fused ops run in f32 or bf16"): an f16
+    /// model (the tiny fixture, NF4 on load) now generates, and greedily picks the f32 model's tokens.
+    #[test]
+    fn an_f16_model_generates_what_the_f32_model_does() {
+        use burn::tensor::{DType, Device};
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-llama-f32");
+        let device = Device::flex();
+        let run = |dtype: DType| {
+            let options = crate::LoadOptions { dtype, quant: Some(quant::QuantConfig::new()) };
+            let (_, model) = crate::load_hf(&dir, &options, &device).unwrap();
+            assert_eq!(model.dtype(), dtype);
+            let config = SamplingConfig::new().with_max_new_tokens(6);
+            generate(&model, &[1, 5, 9, 2], &config, &[], |_| true).unwrap().0
+        };
+        let (half, full) = (run(DType::F16), run(DType::F32));
+        assert_eq!(half.len(), 6);
+        assert_eq!(half, full, "greedy tokens in f16 vs f32");
+    }
 }

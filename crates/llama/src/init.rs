@@ -19,8 +19,13 @@ use crate::{LlamaConfig, LlamaError};
 /// Where a block's frozen tensors come from when it is built.
 pub trait FrozenWeights {
     /// The linear layer `name` (`name.weight` `[out, in]`, and `name.bias` `[out]` when `bias`).
-    fn linear(&self, name: &str, out_features: usize, in_features: usize, bias: bool)
-    -> Result<FrozenLinear, LlamaError>;
+    fn linear(
+        &self,
+        name: &str,
+        out_features: usize,
+        in_features: usize,
+        bias: bool,
+    ) -> Result<FrozenLinear, LlamaError>;
     /// The norm weight `name` `[len]`.
     fn norm_weight(&self, name: &str, len: usize) -> Result<Tensor<1>, LlamaError>;
     /// The token embedding `name` `[vocab, hidden]`.
@@ -184,14 +189,10 @@ impl DecoderLayerConfig {
 impl LlamaConfig {
     /// The config of every decoder layer.
     pub fn layer(&self) -> DecoderLayerConfig {
-        let attention = AttentionConfig::new(
-            self.hidden_size,
-            self.num_attention_heads,
-            self.num_key_value_heads,
-            self.head_dim(),
-        )
-        .with_qkv_bias(self.qkv_bias)
-        .with_o_bias(self.o_bias);
+        let attention =
+            AttentionConfig::new(self.hidden_size, self.num_attention_heads, self.num_key_value_heads, self.head_dim())
+                .with_qkv_bias(self.qkv_bias)
+                .with_o_bias(self.o_bias);
         let mlp = MlpConfig::new(self.hidden_size, self.intermediate_size).with_bias(self.mlp_bias);
         DecoderLayerConfig::new(attention, mlp).with_rms_norm_eps(self.rms_norm_eps)
     }

@@ -24,9 +24,7 @@ mod weights;
 
 pub use config::{Llama3RopeScaling, LlamaConfig};
 pub use error::LlamaError;
-pub use init::{
-    AttentionConfig, DecoderLayerConfig, FrozenWeights, MlpConfig, RandomInit, RmsNormConfig,
-};
-pub use load::{load, load_hf, LoadOptions, LoadedModel};
+pub use init::{AttentionConfig, DecoderLayerConfig, FrozenWeights, MlpConfig, RandomInit, RmsNormConfig};
+pub use load::{LoadOptions, LoadedModel, load, load_hf};
 pub use model::{Attention, DecoderLayer, KvCache, LlamaModel, Mlp, RmsNorm, Rotary};
 pub use weights::{GgufWeights, WeightSource};

@@ -83,7 +83,8 @@ fn llama3_scale(inv_freq: &mut [f32], s: &Llama3RopeScaling) {
         let scaled = if wavelen > low_wavelen { *f / factor } else { *f };
         let medium = !(wavelen < high_wavelen) && !(wavelen > low_wavelen);
         *f = if medium {
-            let smooth = (old_context / wavelen - s.low_freq_factor as f32) / (s.high_freq_factor as f32 - s.low_freq_factor as f32);
+            let smooth = (old_context / wavelen - s.low_freq_factor as f32)
+                / (s.high_freq_factor as f32 - s.low_freq_factor as f32);
             (1.0 - smooth) * scaled / factor + smooth * scaled
         } else {
             scaled
@@ -136,7 +137,14 @@ pub struct Attention {
 
 impl Attention {
     /// `x`: `[batch, len, hidden]` at positions `start..start + len` (`start` = cached positions).
-    pub fn forward(&self, x: Tensor<3>, cos: &Tensor<2>, sin: &Tensor<2>, mask: &Tensor<2, Bool>, cache: Option<(&mut KvCache, usize)>) -> Tensor<3> {
+    pub fn forward(
+        &self,
+        x: Tensor<3>,
+        cos: &Tensor<2>,
+        sin: &Tensor<2>,
+        mask: &Tensor<2, Bool>,
+        cache: Option<(&mut KvCache, usize)>,
+    ) -> Tensor<3> {
         let [b, t, _] = x.dims();
         let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let q = self.q_proj.forward(x.clone()).reshape([b, t, h, d]).swap_dims(1, 2);
@@ -156,7 +164,9 @@ impl Attention {
                 let v = repeat_kv(v, h / kvh);
                 let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale);
                 let dtype = scores.dtype();
-                let scores = scores.cast(DType::F32).mask_fill(mask.clone().reshape([1, 1, t, s]).expand([b, h, t, s]), f32::NEG_INFINITY);
+                let scores = scores
+                    .cast(DType::F32)
+                    .mask_fill(mask.clone().reshape([1, 1, t, s]).expand([b, h, t, s]), f32::NEG_INFINITY);
                 softmax(scores, 3).cast(dtype).matmul(v)
             }
         };
@@ -197,7 +207,14 @@ pub struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    pub fn forward(&self, x: Tensor<3>, cos: &Tensor<2>, sin: &Tensor<2>, mask: &Tensor<2, Bool>, cache: Option<(&mut KvCache, usize)>) -> Tensor<3> {
+    pub fn forward(
+        &self,
+        x: Tensor<3>,
+        cos: &Tensor<2>,
+        sin: &Tensor<2>,
+        mask: &Tensor<2, Bool>,
+        cache: Option<(&mut KvCache, usize)>,
+    ) -> Tensor<3> {
         let h = x.clone() + self.self_attn.forward(self.input_layernorm.forward(x), cos, sin, mask, cache);
         h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
     }
@@ -254,7 +271,11 @@ impl LlamaModel {
             Some(head) => head.forward(hidden),
             None => {
                 let [b, t, hd] = hidden.dims();
-                hidden.reshape([b * t, hd]).matmul(self.embed_tokens.clone().transpose()).reshape([b, t, self.vocab_size])
+                hidden.reshape([b * t, hd]).matmul(self.embed_tokens.clone().transpose()).reshape([
+                    b,
+                    t,
+                    self.vocab_size,
+                ])
             }
         }
     }
@@ -274,7 +295,13 @@ impl LlamaModel {
             Some(_) => None,
         };
         match w_t {
-            Some(w_t) => ops::loss::chunked_nll_sum(hidden.reshape([b * t, hd]), w_t, labels.reshape([b * t]), mask.reshape([b * t]), ops::loss::DEFAULT_CHUNK_ROWS),
+            Some(w_t) => ops::loss::chunked_nll_sum(
+                hidden.reshape([b * t, hd]),
+                w_t,
+                labels.reshape([b * t]),
+                mask.reshape([b * t]),
+                ops::loss::DEFAULT_CHUNK_ROWS,
+            ),
             None => {
                 let log_probs = burn::tensor::activation::log_softmax(self.logits(hidden).cast(DType::F32), 2);
                 let picked = log_probs.gather(2, labels.reshape([b, t, 1])).reshape([b, t]);

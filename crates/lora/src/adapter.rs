@@ -38,7 +38,8 @@ impl TargetModules {
             TargetModules::AllLinear => !is_output,
             TargetModules::Names(names) => names.iter().any(|t| name == t || name.ends_with(&format!(".{t}"))),
             TargetModules::Regex(pattern) => {
-                let re = regex::Regex::new(&format!("^(?:{pattern})$")).map_err(|e| LoraError::Config(format!("target_modules regex `{pattern}`: {e}")))?;
+                let re = regex::Regex::new(&format!("^(?:{pattern})$"))
+                    .map_err(|e| LoraError::Config(format!("target_modules regex `{pattern}`: {e}")))?;
                 re.is_match(name)
             }
         })
@@ -87,14 +88,22 @@ impl LoraConfig {
     }
 
     /// A fresh adapter for a layer, A initialised per `init`, B zero, in f32.
-    pub fn init_adapter(&self, module: &str, in_features: usize, out_features: usize, device: &Device) -> Result<LoraAdapter, LoraError> {
+    pub fn init_adapter(
+        &self,
+        module: &str,
+        in_features: usize,
+        out_features: usize,
+        device: &Device,
+    ) -> Result<LoraAdapter, LoraError> {
         self.check(module, in_features, out_features)?;
         let a = match self.init {
             LoraInit::Kaiming => {
                 let bound = 1.0 / (in_features as f64).sqrt();
                 Tensor::<2>::random([self.r, in_features], Distribution::Uniform(-bound, bound), device)
             }
-            LoraInit::Gaussian => Tensor::<2>::random([self.r, in_features], Distribution::Normal(0.0, 1.0 / self.r as f64), device),
+            LoraInit::Gaussian => {
+                Tensor::<2>::random([self.r, in_features], Distribution::Normal(0.0, 1.0 / self.r as f64), device)
+            }
         };
         let b = Tensor::<2>::zeros([out_features, self.r], device);
         Ok(LoraAdapter::new(a, b, self.scaling(), self.dropout))
@@ -121,7 +130,13 @@ impl LoraAdapter {
     }
 
     /// From PEFT-layout values: A `[r, in]`, B `[out, r]`.
-    pub fn from_values(a: (Vec<f32>, [usize; 2]), b: (Vec<f32>, [usize; 2]), scaling: f64, dropout: f64, device: &Device) -> Self {
+    pub fn from_values(
+        a: (Vec<f32>, [usize; 2]),
+        b: (Vec<f32>, [usize; 2]),
+        scaling: f64,
+        dropout: f64,
+        device: &Device,
+    ) -> Self {
         let ta = Tensor::<2>::from_data(TensorData::new(a.0, a.1), device);
         let tb = Tensor::<2>::from_data(TensorData::new(b.0, b.1), device);
         LoraAdapter::new(ta, tb, scaling, dropout)

@@ -5,13 +5,13 @@ use std::path::Path;
 
 use burn::tensor::{Device, Tensor, TensorData};
 use half::bf16;
-use quant::bnb::{bnb_tensors, BnbQuantizationConfig, StoredTensor};
-use quant::checkpoint::{write_atomically, HfCheckpoint, AUXILIARY_FILES};
+use quant::bnb::{BnbQuantizationConfig, StoredTensor, bnb_tensors};
+use quant::checkpoint::{AUXILIARY_FILES, HfCheckpoint, write_atomically};
 use quant::{QuantConfig, QuantizedWeight};
 use serde_json::Value;
 
-use crate::peft::read_peft_adapter;
 use crate::LoraError;
+use crate::peft::read_peft_adapter;
 
 /// The form of the merged weights.
 #[derive(Debug, Clone, PartialEq)]
@@ -107,12 +107,22 @@ impl MergeBase for HfBase {
 
 /// Merges the PEFT adapter in `adapter_dir` into the HF (or bitsandbytes 4-bit) checkpoint in `model_dir`
 /// and writes the result to `out_dir`.
-pub fn merge_checkpoint(model_dir: &Path, adapter_dir: &Path, out_dir: &Path, output: &MergeOutput) -> Result<MergeReport, LoraError> {
+pub fn merge_checkpoint(
+    model_dir: &Path,
+    adapter_dir: &Path,
+    out_dir: &Path,
+    output: &MergeOutput,
+) -> Result<MergeReport, LoraError> {
     merge(&HfBase::open(model_dir)?, adapter_dir, out_dir, output)
 }
 
 /// Merges the PEFT adapter in `adapter_dir` into `base` and writes an HF checkpoint to `out_dir`.
-pub fn merge(base: &dyn MergeBase, adapter_dir: &Path, out_dir: &Path, output: &MergeOutput) -> Result<MergeReport, LoraError> {
+pub fn merge(
+    base: &dyn MergeBase,
+    adapter_dir: &Path,
+    out_dir: &Path,
+    output: &MergeOutput,
+) -> Result<MergeReport, LoraError> {
     let adapter = read_peft_adapter(adapter_dir)?;
     let scaling = adapter.config.scaling() as f32;
     for module in adapter.modules.keys() {
@@ -145,11 +155,15 @@ pub fn merge(base: &dyn MergeBase, adapter_dir: &Path, out_dir: &Path, output: &
         if let Some(stored) = stored {
             let [out_f, in_f] = [shape[0], shape[1]];
             if stored.a.1[1] != in_f || stored.b.1[0] != out_f {
-                return Err(err(format!("`{name}` is {shape:?} but the adapter has lora_A {:?}, lora_B {:?}", stored.a.1, stored.b.1)));
+                return Err(err(format!(
+                    "`{name}` is {shape:?} but the adapter has lora_A {:?}, lora_B {:?}",
+                    stored.a.1, stored.b.1
+                )));
             }
             let a = Tensor::<2>::from_data(TensorData::new(stored.a.0.clone(), stored.a.1), &device);
             let b = Tensor::<2>::from_data(TensorData::new(stored.b.0.clone(), stored.b.1), &device);
-            let delta: Vec<f32> = b.matmul(a).mul_scalar(scaling).into_data().try_into_vec().map_err(|e| err(format!("{e:?}")))?;
+            let delta: Vec<f32> =
+                b.matmul(a).mul_scalar(scaling).into_data().try_into_vec().map_err(|e| err(format!("{e:?}")))?;
             for (w, d) in values.iter_mut().zip(delta) {
                 *w += d;
             }
@@ -159,7 +173,11 @@ pub fn merge(base: &dyn MergeBase, adapter_dir: &Path, out_dir: &Path, output: &
             MergeOutput::DenseF32 => tensors.push((name.clone(), StoredTensor::f32(shape, &values))),
             MergeOutput::DenseBf16 => tensors.push((
                 name.clone(),
-                StoredTensor { dtype: safetensors::Dtype::BF16, shape, data: values.iter().flat_map(|v| bf16::from_f32(*v).to_le_bytes()).collect() },
+                StoredTensor {
+                    dtype: safetensors::Dtype::BF16,
+                    shape,
+                    data: values.iter().flat_map(|v| bf16::from_f32(*v).to_le_bytes()).collect(),
+                },
             )),
             MergeOutput::Requantize(config) => {
                 let q = QuantizedWeight::quantize(name, &values, &shape, config).map_err(err)?;
@@ -196,7 +214,8 @@ pub fn merge(base: &dyn MergeBase, adapter_dir: &Path, out_dir: &Path, output: &
             object.insert("quantization_config".into(), serde_json::to_value(bnb).expect("json"));
         }
     }
-    write_atomically(&out_dir.join("config.json"), serde_json::to_string_pretty(&config).expect("json").as_bytes()).map_err(err)?;
+    write_atomically(&out_dir.join("config.json"), serde_json::to_string_pretty(&config).expect("json").as_bytes())
+        .map_err(err)?;
     for (file, bytes) in base.auxiliary_files()? {
         write_atomically(&out_dir.join(file), &bytes).map_err(err)?;
     }

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 
 use crate::{LoraConfig, LoraError, TargetModules};
 
@@ -40,7 +40,8 @@ pub fn read_adapter_config(path: &Path) -> Result<(LoraConfig, Option<String>), 
     if peft_type != "LORA" {
         return Err(cfg_err(path, format!("peft_type `{peft_type}` is not LORA")));
     }
-    let unsupported = |cond: bool, what: &str| if cond { Err(cfg_err(path, format!("{what} is not supported"))) } else { Ok(()) };
+    let unsupported =
+        |cond: bool, what: &str| if cond { Err(cfg_err(path, format!("{what} is not supported"))) } else { Ok(()) };
     unsupported(v.get("use_dora").and_then(Value::as_bool).unwrap_or(false), "use_dora (DoRA)")?;
     unsupported(v.get("fan_in_fan_out").and_then(Value::as_bool).unwrap_or(false), "fan_in_fan_out")?;
     unsupported(v.get("bias").and_then(Value::as_str).is_some_and(|b| b != "none"), "a LoRA bias other than \"none\"")?;
@@ -52,13 +53,17 @@ pub fn read_adapter_config(path: &Path) -> Result<(LoraConfig, Option<String>), 
         unsupported(v.get(key).is_some_and(|x| !x.is_null()), key)?;
     }
     let r = v.get("r").and_then(Value::as_u64).ok_or_else(|| cfg_err(path, "missing or invalid `r`"))? as usize;
-    let alpha = v.get("lora_alpha").and_then(Value::as_f64).ok_or_else(|| cfg_err(path, "missing or invalid `lora_alpha`"))?;
+    let alpha =
+        v.get("lora_alpha").and_then(Value::as_f64).ok_or_else(|| cfg_err(path, "missing or invalid `lora_alpha`"))?;
     let dropout = v.get("lora_dropout").and_then(Value::as_f64).unwrap_or(0.0);
     let target_modules = match v.get("target_modules") {
         Some(Value::String(s)) if s == "all-linear" => TargetModules::AllLinear,
         Some(Value::String(s)) => TargetModules::Regex(s.clone()),
         Some(Value::Array(items)) => TargetModules::Names(
-            items.iter().map(|i| i.as_str().map(String::from).ok_or_else(|| cfg_err(path, "target_modules holds a non-string"))).collect::<Result<_, _>>()?,
+            items
+                .iter()
+                .map(|i| i.as_str().map(String::from).ok_or_else(|| cfg_err(path, "target_modules holds a non-string")))
+                .collect::<Result<_, _>>()?,
         ),
         _ => return Err(cfg_err(path, "missing `target_modules`")),
     };
@@ -80,7 +85,8 @@ pub fn read_peft_adapter(dir: &Path) -> Result<PeftAdapter, LoraError> {
     let path = dir.join("adapter_model.safetensors");
     let bytes = std::fs::read(&path).map_err(|e| cfg_err(&path, e))?;
     let tensors = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| cfg_err(&path, e))?;
-    let mut halves: BTreeMap<String, (Option<(Vec<f32>, [usize; 2])>, Option<(Vec<f32>, [usize; 2])>)> = BTreeMap::new();
+    let mut halves: BTreeMap<String, (Option<(Vec<f32>, [usize; 2])>, Option<(Vec<f32>, [usize; 2])>)> =
+        BTreeMap::new();
     for (key, view) in tensors.tensors() {
         let Some(rest) = key.strip_prefix(PEFT_PREFIX) else {
             return Err(cfg_err(&path, format!("tensor `{key}` does not start with `{PEFT_PREFIX}`")));
@@ -92,8 +98,13 @@ pub fn read_peft_adapter(dir: &Path) -> Result<PeftAdapter, LoraError> {
         } else {
             return Err(cfg_err(&path, format!("tensor `{key}` is not a lora_A or lora_B weight")));
         };
-        let shape: [usize; 2] = view.shape().try_into().map_err(|_| cfg_err(&path, format!("tensor `{key}` is not 2-D: {:?}", view.shape())))?;
-        let values = quant::checkpoint::read_float(&view, &key, &path.display().to_string()).map_err(|e| LoraError::Adapter(e.to_string()))?.into_f32();
+        let shape: [usize; 2] = view
+            .shape()
+            .try_into()
+            .map_err(|_| cfg_err(&path, format!("tensor `{key}` is not 2-D: {:?}", view.shape())))?;
+        let values = quant::checkpoint::read_float(&view, &key, &path.display().to_string())
+            .map_err(|e| LoraError::Adapter(e.to_string()))?
+            .into_f32();
         let rank_dim = if which == 0 { shape[0] } else { shape[1] };
         if rank_dim != config.r {
             return Err(cfg_err(&path, format!("tensor `{key}` has shape {shape:?}, but r = {}", config.r)));
@@ -128,7 +139,8 @@ pub fn write_peft_adapter(
     let target_modules = match &config.target_modules {
         // Like PEFT after expanding "all-linear": the module names themselves (unique last components).
         TargetModules::AllLinear | TargetModules::Names(_) => {
-            let mut names: Vec<String> = modules.keys().map(|m| m.rsplit('.').next().unwrap_or(m).to_string()).collect();
+            let mut names: Vec<String> =
+                modules.keys().map(|m| m.rsplit('.').next().unwrap_or(m).to_string()).collect();
             names.sort();
             names.dedup();
             json!(names)
@@ -160,13 +172,19 @@ pub fn write_peft_adapter(
     for (module, adapter) in modules {
         for (suffix, (values, shape)) in [("lora_A", &adapter.a), ("lora_B", &adapter.b)] {
             let data: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-            tensors.push((format!("{PEFT_PREFIX}{module}.{suffix}.weight"), quant::bnb::StoredTensor { dtype: safetensors::Dtype::F32, shape: shape.to_vec(), data }));
+            tensors.push((
+                format!("{PEFT_PREFIX}{module}.{suffix}.weight"),
+                quant::bnb::StoredTensor { dtype: safetensors::Dtype::F32, shape: shape.to_vec(), data },
+            ));
         }
     }
     let metadata = Some([("format".to_string(), "pt".to_string())].into_iter().collect());
-    let bytes = safetensors::serialize(tensors.iter().map(|(k, t)| (k.clone(), t)), metadata).map_err(|e| cfg_err(dir, e))?;
-    quant::checkpoint::write_atomically(&dir.join("adapter_model.safetensors"), &bytes).map_err(|e| LoraError::Adapter(e.to_string()))?;
+    let bytes =
+        safetensors::serialize(tensors.iter().map(|(k, t)| (k.clone(), t)), metadata).map_err(|e| cfg_err(dir, e))?;
+    quant::checkpoint::write_atomically(&dir.join("adapter_model.safetensors"), &bytes)
+        .map_err(|e| LoraError::Adapter(e.to_string()))?;
     let text = serde_json::to_string_pretty(&adapter_config).expect("json");
-    quant::checkpoint::write_atomically(&dir.join("adapter_config.json"), text.as_bytes()).map_err(|e| LoraError::Adapter(e.to_string()))?;
+    quant::checkpoint::write_atomically(&dir.join("adapter_config.json"), text.as_bytes())
+        .map_err(|e| LoraError::Adapter(e.to_string()))?;
     Ok(())
 }

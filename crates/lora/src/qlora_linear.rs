@@ -75,7 +75,11 @@ fn dropped<B: SeededDropoutBackend>(x: FloatTensor<B>, scalars: LoraScalars) -> 
 }
 
 /// `h = s·dropout(x)·Aᵀ` `[rows, r]`.
-fn lora_intermediate<B: SeededDropoutBackend>(x: FloatTensor<B>, a: FloatTensor<B>, scalars: LoraScalars) -> FloatTensor<B> {
+fn lora_intermediate<B: SeededDropoutBackend>(
+    x: FloatTensor<B>,
+    a: FloatTensor<B>,
+    scalars: LoraScalars,
+) -> FloatTensor<B> {
     let xa = matmul::<B>(dropped::<B>(x, scalars), B::float_transpose(a));
     B::float_mul_scalar(xa, Scalar::Float(scalars.scaling))
 }
@@ -161,21 +165,13 @@ where
             }
         }
 
-        let base = PackedBase {
-            packed,
-            absmax: absmax.into_primitive(),
-            codebook: codebook.into_primitive(),
-            shape,
-        };
-        match QloraLinearBackward
-            .prepare::<C>([x.node(), a.node(), b.node()])
-            .compute_bound()
-            .stateful()
-        {
+        let base = PackedBase { packed, absmax: absmax.into_primitive(), codebook: codebook.into_primitive(), shape };
+        match QloraLinearBackward.prepare::<C>([x.node(), a.node(), b.node()]).compute_bound().stateful() {
             OpsKind::Tracked(mut prep) => {
                 let x_checkpoint = prep.checkpoint(&x);
                 let (a, b) = (a.into_primitive(), b.into_primitive());
-                let (y, h) = forward_with_intermediate::<B>(x.into_primitive(), base.clone(), a.clone(), b.clone(), scalars);
+                let (y, h) =
+                    forward_with_intermediate::<B>(x.into_primitive(), base.clone(), a.clone(), b.clone(), scalars);
                 prep.finish((x_checkpoint, h, a, b, base, scalars), y)
             }
             OpsKind::UnTracked(prep) => prep.finish(B::qlora_linear(
@@ -194,7 +190,13 @@ where
 
 /// `x·dequant(W)ᵀ + s·(dropout(x)·Aᵀ)·Bᵀ` for `x [rows, in]`, W 4-bit `[out, in]`, A `[r, in]`, B `[out, r]`
 /// (A and B in x's dtype). Gradients flow to x, A and B.
-pub fn qlora_linear(x: Tensor<2>, weight: &DeviceQuantizedWeight, a: Tensor<2>, b: Tensor<2>, scalars: LoraScalars) -> Tensor<2> {
+pub fn qlora_linear(
+    x: Tensor<2>,
+    weight: &DeviceQuantizedWeight,
+    a: Tensor<2>,
+    b: Tensor<2>,
+    scalars: LoraScalars,
+) -> Tensor<2> {
     let shape = PackedShape { rows: weight.rows, cols: weight.cols, blocksize: weight.blocksize };
     Tensor::from_dispatch(<Dispatch as QloraLinearBackend>::qlora_linear(
         x.into_dispatch(),

@@ -10,9 +10,9 @@
 
 use rayon::prelude::*;
 
+use crate::Nf4Error;
 use crate::codebook::QuantType;
 use crate::element::Element;
-use crate::Nf4Error;
 
 /// bitsandbytes clamps a block's absmax to this before taking its reciprocal (`clamp(min=1e-38)`).
 const ABSMAX_FLOOR: f32 = 1e-38;
@@ -85,7 +85,11 @@ impl CodeSearch {
 ///
 /// Errors on an invalid blocksize, an empty input, or a NaN/infinite element (which bitsandbytes would turn
 /// into garbage codes silently).
-pub fn quantize_4bit<T: Element>(input: &[T], blocksize: usize, quant_type: QuantType) -> Result<Quantized4bit, Nf4Error> {
+pub fn quantize_4bit<T: Element>(
+    input: &[T],
+    blocksize: usize,
+    quant_type: QuantType,
+) -> Result<Quantized4bit, Nf4Error> {
     check_blocksize(blocksize)?;
     if input.is_empty() {
         return Err(Nf4Error::Empty);
@@ -110,7 +114,9 @@ pub fn quantize_4bit<T: Element>(input: &[T], blocksize: usize, quant_type: Quan
                 let block = first_block + b;
                 let start = block * blocksize;
                 let end = (start + blocksize).min(numel);
-                if let Some(bad) = quantize_block(&input[start..end], end - start < blocksize, &search, amax_slot, bytes) {
+                if let Some(bad) =
+                    quantize_block(&input[start..end], end - start < blocksize, &search, amax_slot, bytes)
+                {
                     first_bad.get_or_insert(start + bad);
                 }
             }
@@ -126,7 +132,13 @@ pub fn quantize_4bit<T: Element>(input: &[T], blocksize: usize, quant_type: Quan
 
 /// Quantizes one block into `bytes`; returns the offset of a non-finite element if there is one.
 #[inline]
-fn quantize_block<T: Element>(block: &[T], ragged: bool, search: &CodeSearch, absmax_out: &mut f32, bytes: &mut [u8]) -> Option<usize> {
+fn quantize_block<T: Element>(
+    block: &[T],
+    ragged: bool,
+    search: &CodeSearch,
+    absmax_out: &mut f32,
+    bytes: &mut [u8],
+) -> Option<usize> {
     let mut amax = 0.0f32;
     for (i, v) in block.iter().enumerate() {
         let x = v.to_f32();
@@ -174,10 +186,18 @@ pub fn dequantize_4bit_with_codebook_into<T: Element>(
     check_blocksize(blocksize)?;
     let numel = out.len();
     if packed.len() != packed_len(numel) {
-        return Err(Nf4Error::LengthMismatch { what: "packed 4-bit codes (bytes)", expected: packed_len(numel), found: packed.len() });
+        return Err(Nf4Error::LengthMismatch {
+            what: "packed 4-bit codes (bytes)",
+            expected: packed_len(numel),
+            found: packed.len(),
+        });
     }
     if absmax.len() != num_blocks(numel, blocksize) {
-        return Err(Nf4Error::LengthMismatch { what: "absmax (one per block)", expected: num_blocks(numel, blocksize), found: absmax.len() });
+        return Err(Nf4Error::LengthMismatch {
+            what: "absmax (one per block)",
+            expected: num_blocks(numel, blocksize),
+            found: absmax.len(),
+        });
     }
     let task_elems = BLOCKS_PER_TASK * blocksize;
     out.par_chunks_mut(task_elems).enumerate().for_each(|(task, out_chunk)| {
@@ -245,7 +265,10 @@ mod tests {
     fn rejects_non_finite_with_index() {
         let mut x = vec![0.5f32; 200];
         x[130] = f32::NAN;
-        assert_eq!(quantize_4bit(&x, 64, QuantType::Nf4).unwrap_err().to_string(), Nf4Error::NonFinite { index: 130, value: f32::NAN }.to_string());
+        assert_eq!(
+            quantize_4bit(&x, 64, QuantType::Nf4).unwrap_err().to_string(),
+            Nf4Error::NonFinite { index: 130, value: f32::NAN }.to_string()
+        );
     }
 
     #[test]

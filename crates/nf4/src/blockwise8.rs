@@ -68,7 +68,11 @@ pub struct Quantized8bit {
 
 /// Quantizes `values` blockwise to 8-bit codes of `codebook` (bitsandbytes' CPU `quantize_blockwise`).
 /// A block of zeros gets absmax 0 and code 0.
-pub fn quantize_blockwise_8bit(values: &[f32], codebook: &Codebook8, blocksize: usize) -> Result<Quantized8bit, Nf4Error> {
+pub fn quantize_blockwise_8bit(
+    values: &[f32],
+    codebook: &Codebook8,
+    blocksize: usize,
+) -> Result<Quantized8bit, Nf4Error> {
     if blocksize == 0 || !blocksize.is_power_of_two() {
         return Err(Nf4Error::InvalidNestedBlocksize(blocksize));
     }
@@ -96,13 +100,22 @@ pub fn quantize_blockwise_8bit(values: &[f32], codebook: &Codebook8, blocksize: 
 }
 
 /// `value = code[q] * absmax[block]` in f32 (bitsandbytes' CPU `dequantize_blockwise`).
-pub fn dequantize_blockwise_8bit(codes: &[u8], absmax: &[f32], codebook: &[f32; 256], blocksize: usize) -> Result<Vec<f32>, Nf4Error> {
+pub fn dequantize_blockwise_8bit(
+    codes: &[u8],
+    absmax: &[f32],
+    codebook: &[f32; 256],
+    blocksize: usize,
+) -> Result<Vec<f32>, Nf4Error> {
     if blocksize == 0 || !blocksize.is_power_of_two() {
         return Err(Nf4Error::InvalidNestedBlocksize(blocksize));
     }
     let blocks = codes.len().div_ceil(blocksize);
     if absmax.len() != blocks {
-        return Err(Nf4Error::LengthMismatch { what: "8-bit absmax (one per block)", expected: blocks, found: absmax.len() });
+        return Err(Nf4Error::LengthMismatch {
+            what: "8-bit absmax (one per block)",
+            expected: blocks,
+            found: absmax.len(),
+        });
     }
     Ok(codes.iter().enumerate().map(|(i, &q)| codebook[q as usize] * absmax[i / blocksize]).collect())
 }

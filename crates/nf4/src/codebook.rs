@@ -200,11 +200,7 @@ pub(crate) fn torch_linspace_f32(start: f32, end: f32, steps: usize) -> Vec<f32>
     let halfway = steps / 2;
     (0..steps)
         .map(|idx| {
-            if idx < halfway {
-                step.mul_add(idx as f32, start)
-            } else {
-                (-step).mul_add((steps - idx - 1) as f32, end)
-            }
+            if idx < halfway { step.mul_add(idx as f32, start) } else { (-step).mul_add((steps - idx - 1) as f32, end) }
         })
         .collect()
 }

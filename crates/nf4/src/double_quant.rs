@@ -8,10 +8,10 @@
 
 use std::sync::OnceLock;
 
-use crate::blockwise8::{dequantize_blockwise_8bit, quantize_blockwise_8bit, Codebook8};
-use crate::codebook::signed_dynamic_map;
-use crate::torch_sum::{torch_mean_f32, TORCH_AVX2_LANES};
 use crate::Nf4Error;
+use crate::blockwise8::{Codebook8, dequantize_blockwise_8bit, quantize_blockwise_8bit};
+use crate::codebook::signed_dynamic_map;
+use crate::torch_sum::{TORCH_AVX2_LANES, torch_mean_f32};
 
 /// bitsandbytes' nested blocksize for double quantization.
 pub const NESTED_BLOCKSIZE: usize = 256;
@@ -58,7 +58,8 @@ pub fn double_quantize(absmax: &[f32]) -> Result<DoubleQuantized, Nf4Error> {
 impl DoubleQuantized {
     /// The f32 absmax values back: `code[q] * nested_absmax[b / nested_blocksize] + offset`.
     pub fn dequantize(&self) -> Result<Vec<f32>, Nf4Error> {
-        let mut values = dequantize_blockwise_8bit(&self.codes, &self.nested_absmax, &self.code, self.nested_blocksize)?;
+        let mut values =
+            dequantize_blockwise_8bit(&self.codes, &self.nested_absmax, &self.code, self.nested_blocksize)?;
         for v in values.iter_mut() {
             *v += self.offset;
         }

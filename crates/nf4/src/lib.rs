@@ -20,18 +20,19 @@ mod normal;
 mod torch_sum;
 
 pub use blockwise::{
-    check_blocksize, dequantize_4bit, dequantize_4bit_into, dequantize_4bit_with_codebook_into, num_blocks, packed_len, quantize_4bit, Quantized4bit,
+    Quantized4bit, check_blocksize, dequantize_4bit, dequantize_4bit_into, dequantize_4bit_with_codebook_into,
+    num_blocks, packed_len, quantize_4bit,
 };
-pub use blockwise8::{dequantize_blockwise_8bit, quantize_blockwise_8bit, Codebook8, Quantized8bit};
+pub use blockwise8::{Codebook8, Quantized8bit, dequantize_blockwise_8bit, quantize_blockwise_8bit};
 pub use codebook::{
-    build_nf4_codebook, signed_dynamic_map, unsigned_dynamic_map, QuantType, FP4_CODEBOOK, INT4_CODEBOOK, NF4_CODEBOOK,
-    NF4_OFFSET,
+    FP4_CODEBOOK, INT4_CODEBOOK, NF4_CODEBOOK, NF4_OFFSET, QuantType, build_nf4_codebook, signed_dynamic_map,
+    unsigned_dynamic_map,
 };
-pub use double_quant::{double_quantize, signed_dynamic_codebook, DoubleQuantized, NESTED_BLOCKSIZE};
+pub use double_quant::{DoubleQuantized, NESTED_BLOCKSIZE, double_quantize, signed_dynamic_codebook};
 pub use element::{Element, FloatDtype};
 pub use error::Nf4Error;
 pub use normal::normal_ppf;
-pub use torch_sum::{torch_mean_f32, torch_sum_f32, TORCH_AVX2_LANES};
+pub use torch_sum::{TORCH_AVX2_LANES, torch_mean_f32, torch_sum_f32};
 
 /// The default 4-bit blocksize of bitsandbytes and QLoRA.
 pub const DEFAULT_BLOCKSIZE: usize = 64;
@@ -82,7 +83,12 @@ pub struct Blockwise4bit {
 
 /// Quantizes `input` to 4 bits, double-quantizing the statistics when `double_quant` is set
 /// (bitsandbytes' `quantize_4bit(A, blocksize, compress_statistics=double_quant, quant_type)`).
-pub fn quantize<T: Element>(input: &[T], blocksize: usize, quant_type: QuantType, double_quant: bool) -> Result<Blockwise4bit, Nf4Error> {
+pub fn quantize<T: Element>(
+    input: &[T],
+    blocksize: usize,
+    quant_type: QuantType,
+    double_quant: bool,
+) -> Result<Blockwise4bit, Nf4Error> {
     let q = quantize_4bit(input, blocksize, quant_type)?;
     let absmax = if double_quant { Absmax::Double(double_quantize(&q.absmax)?) } else { Absmax::Plain(q.absmax) };
     Ok(Blockwise4bit { packed: q.packed, absmax, numel: q.numel, blocksize, quant_type })
@@ -115,11 +121,7 @@ impl Blockwise4bit {
 /// The asymptotic bits per parameter of a 4-bit format, as the QLoRA paper counts them.
 pub fn bits_per_param(blocksize: usize, double_quant: bool) -> f64 {
     let bs = blocksize as f64;
-    if double_quant {
-        4.0 + 8.0 / bs + 32.0 / (bs * NESTED_BLOCKSIZE as f64)
-    } else {
-        4.0 + 32.0 / bs
-    }
+    if double_quant { 4.0 + 8.0 / bs + 32.0 / (bs * NESTED_BLOCKSIZE as f64) } else { 4.0 + 32.0 / bs }
 }
 
 #[cfg(test)]

@@ -19,10 +19,7 @@ use burn::backend::autodiff::{
     grads::Gradients,
     ops::{Backward, Ops, OpsKind},
 };
-use burn::backend::{
-    Backend, Dispatch, Flex, FloatDType, TensorMetadata, backend_extension,
-    tensor::FloatTensor,
-};
+use burn::backend::{Backend, Dispatch, Flex, FloatDType, TensorMetadata, backend_extension, tensor::FloatTensor};
 use burn::tensor::{Shape, Slice, Tensor, TensorData};
 
 use crate::dtype::HostDtype;
@@ -103,10 +100,17 @@ impl Block {
 
 /// The f32 probabilities `[kv_heads, (p1 − p0) · rep, p1]` of one block of query rows against keys `0..p1`,
 /// in transformers' op order.
-fn probabilities<B: Backend>(q_block: FloatTensor<B>, k_prefix: FloatTensor<B>, block: Block, scale: f32) -> FloatTensor<B> {
+fn probabilities<B: Backend>(
+    q_block: FloatTensor<B>,
+    k_prefix: FloatTensor<B>,
+    block: Block,
+    scale: f32,
+) -> FloatTensor<B> {
     let scores = crate::host_matmul::matmul::<B>(q_block, B::float_transpose(k_prefix));
     let scores = match crate::host_matmul::downcast_flex::<B>(scores) {
-        Ok(scores) if HostDtype::of_tensor(&scores).is_some() => return crate::host_matmul::upcast_flex::<B>(host::causal_softmax(&scores, scale, block)),
+        Ok(scores) if HostDtype::of_tensor(&scores).is_some() => {
+            return crate::host_matmul::upcast_flex::<B>(host::causal_softmax(&scores, scale, block));
+        }
         Ok(scores) => crate::host_matmul::upcast_flex::<B>(scores),
         Err(scores) => scores,
     };
@@ -144,7 +148,8 @@ pub fn causal_attention_reference<B: Backend>(
     let dtype: FloatDType = q.dtype().into();
     let batch_rows: Vec<FloatTensor<B>> = (0..b)
         .map(|i| {
-            let (q_row, k_row, v_row) = (grouped_row::<B>(&q, i, kvh), grouped_row::<B>(&k, i, kvh), grouped_row::<B>(&v, i, kvh));
+            let (q_row, k_row, v_row) =
+                (grouped_row::<B>(&q, i, kvh), grouped_row::<B>(&k, i, kvh), grouped_row::<B>(&v, i, kvh));
             let blocks: Vec<FloatTensor<B>> = Block::all(t, rep)
                 .map(|block| {
                     let q_block = rows::<B>(&q_row, block.p0 * rep, block.p1 * rep);
@@ -181,17 +186,22 @@ pub fn causal_attention_grad_reference<B: Backend>(
     let device = q.device();
     let (mut dqs, mut dks, mut dvs) = (Vec::with_capacity(b), Vec::with_capacity(b), Vec::with_capacity(b));
     for i in 0..b {
-        let (q_row, k_row, v_row) = (grouped_row::<B>(&q, i, kvh), grouped_row::<B>(&k, i, kvh), grouped_row::<B>(&v, i, kvh));
+        let (q_row, k_row, v_row) =
+            (grouped_row::<B>(&q, i, kvh), grouped_row::<B>(&k, i, kvh), grouped_row::<B>(&v, i, kvh));
         let do_row = grouped_row::<B>(&grad, i, kvh);
         let mut dk = B::float_zeros(Shape::new([kvh, t, d]), &device, FloatDType::F32);
         let mut dv = B::float_zeros(Shape::new([kvh, t, d]), &device, FloatDType::F32);
         let mut dq_blocks = Vec::new();
         for block in Block::all(t, rep) {
-            let (q_block, do_block) = (rows::<B>(&q_row, block.p0 * rep, block.p1 * rep), rows::<B>(&do_row, block.p0 * rep, block.p1 * rep));
+            let (q_block, do_block) =
+                (rows::<B>(&q_row, block.p0 * rep, block.p1 * rep), rows::<B>(&do_row, block.p0 * rep, block.p1 * rep));
             let (k_prefix, v_prefix) = (rows::<B>(&k_row, 0, block.p1), rows::<B>(&v_row, 0, block.p1));
             let probs = probabilities::<B>(q_block.clone(), k_prefix.clone(), block, scale);
             // dv = Pᵀ · do, with P in the compute dtype as the forward used it.
-            let dv_part = crate::host_matmul::matmul::<B>(B::float_transpose(B::float_cast(probs.clone(), dtype)), do_block.clone());
+            let dv_part = crate::host_matmul::matmul::<B>(
+                B::float_transpose(B::float_cast(probs.clone(), dtype)),
+                do_block.clone(),
+            );
             dv = add_prefix::<B>(dv, dv_part, block.p1);
             // dP = do · vᵀ; dS = P ⊙ (dP − Σ_j P ⊙ dP) in f32, then scaled into the compute dtype.
             let dp = crate::host_matmul::matmul::<B>(do_block, B::float_transpose(v_prefix));
@@ -201,7 +211,8 @@ pub fn causal_attention_grad_reference<B: Backend>(
                 }
                 (probs, dp) => {
                     let probs = probs.map_or_else(|t| t, crate::host_matmul::upcast_flex::<B>);
-                    let dp = B::float_cast(dp.map_or_else(|t| t, crate::host_matmul::upcast_flex::<B>), FloatDType::F32);
+                    let dp =
+                        B::float_cast(dp.map_or_else(|t| t, crate::host_matmul::upcast_flex::<B>), FloatDType::F32);
                     let row_dot = B::float_sum_dim(B::float_mul(probs.clone(), dp.clone()), 2);
                     let ds = B::float_mul(probs, B::float_sub(dp, row_dot));
                     B::float_cast(B::float_mul_scalar(ds, scale.into()), dtype)
@@ -224,7 +235,12 @@ impl CausalAttentionBackend for Flex {}
 impl CausalAttentionBackend for Cube {}
 
 impl<B: Backend + CausalAttentionBackend, C: CheckpointStrategy> CausalAttentionBackend for Autodiff<B, C> {
-    fn causal_attention(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, scale: f32) -> FloatTensor<Self> {
+    fn causal_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        scale: f32,
+    ) -> FloatTensor<Self> {
         #[derive(Debug)]
         struct CausalAttentionBackward;
 
@@ -248,11 +264,7 @@ impl<B: Backend + CausalAttentionBackend, C: CheckpointStrategy> CausalAttention
             }
         }
 
-        match CausalAttentionBackward
-            .prepare::<C>([q.node(), k.node(), v.node()])
-            .compute_bound()
-            .stateful()
-        {
+        match CausalAttentionBackward.prepare::<C>([q.node(), k.node(), v.node()]).compute_bound().stateful() {
             OpsKind::Tracked(mut prep) => {
                 let state = (prep.checkpoint(&q), prep.checkpoint(&k), prep.checkpoint(&v), scale);
                 let out = B::causal_attention(q.into_primitive(), k.into_primitive(), v.into_primitive(), scale);
@@ -387,10 +399,10 @@ mod tests {
         let mask = Tensor::<2, Bool>::from_data(TensorData::new(values, [t, t]), &q.device());
         let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale);
         let dtype = scores.dtype();
-        let scores = scores.cast(DType::F32).mask_fill(mask.reshape([1, 1, t, t]).expand([b, h, t, t]), f32::NEG_INFINITY);
+        let scores =
+            scores.cast(DType::F32).mask_fill(mask.reshape([1, 1, t, t]).expand([b, h, t, t]), f32::NEG_INFINITY);
         softmax(scores, 3).cast(dtype).matmul(v)
     }
-
 
     /// Value and all three input gradients equal the decomposed attention's, with grouped heads (6 over 2),
     /// ungrouped heads and a batch of 3, under a non-uniform upstream gradient.
@@ -404,7 +416,11 @@ mod tests {
             let v0 = Tensor::<4>::random([b, kvh, t, d], Distribution::Normal(0.0, 1.0), &device);
             let c = Tensor::<4>::random([b, h, t, d], Distribution::Normal(0.0, 1.0), &device);
             let run = |fused: bool| {
-                let (q, k, v) = (q0.clone().detach().require_grad(), k0.clone().detach().require_grad(), v0.clone().detach().require_grad());
+                let (q, k, v) = (
+                    q0.clone().detach().require_grad(),
+                    k0.clone().detach().require_grad(),
+                    v0.clone().detach().require_grad(),
+                );
                 let out = if fused {
                     causal_attention(q.clone(), k.clone(), v.clone(), scale)
                 } else {
@@ -415,7 +431,12 @@ mod tests {
                 (values(out), grad(&q), grad(&k), grad(&v))
             };
             let (ours, theirs) = (run(true), run(false));
-            let errors = [worst(&ours.0, &theirs.0), worst(&ours.1, &theirs.1), worst(&ours.2, &theirs.2), worst(&ours.3, &theirs.3)];
+            let errors = [
+                worst(&ours.0, &theirs.0),
+                worst(&ours.1, &theirs.1),
+                worst(&ours.2, &theirs.2),
+                worst(&ours.3, &theirs.3),
+            ];
             assert!(errors.iter().all(|&e| e < 2e-6), "{b}x{h}/{kvh}x{t}x{d}: out, dq, dk, dv off by {errors:?}");
         }
     }

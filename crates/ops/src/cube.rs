@@ -44,9 +44,7 @@ impl QuantMatmulStrategy {
             Ok("fused") => Ok(QuantMatmulStrategy::Fused),
             Ok("dequantize") => Ok(QuantMatmulStrategy::Dequantize),
             Ok("auto") | Err(_) => Ok(QuantMatmulStrategy::Auto),
-            Ok(other) => Err(format!(
-                "QLORA_QUANT_MATMUL={other}: expected fused, dequantize or auto"
-            )),
+            Ok(other) => Err(format!("QLORA_QUANT_MATMUL={other}: expected fused, dequantize or auto")),
         }
     }
 
@@ -120,37 +118,22 @@ impl QuantMatmulBackend for Cube {
     ) -> FloatTensor<Self> {
         let x_shape = x.meta.shape().clone();
         let m = x_shape[0];
-        let supported = kernel_dtype(x.dtype).filter(|_| {
-            packed.dtype == DType::U32 && absmax.dtype == DType::F32 && codebook.dtype == DType::F32
-        });
+        let supported = kernel_dtype(x.dtype)
+            .filter(|_| packed.dtype == DType::U32 && absmax.dtype == DType::F32 && codebook.dtype == DType::F32);
         let Some(dtype) = supported else {
             // Not a layout the kernels take: the generic decode, then burn's matmul.
             let w = decode_weight::<Self>(packed, absmax, codebook, shape, x.dtype.into());
-            return if transposed {
-                Self::float_matmul(x, Self::float_transpose(w))
-            } else {
-                Self::float_matmul(x, w)
-            };
+            return if transposed { Self::float_matmul(x, Self::float_transpose(w)) } else { Self::float_matmul(x, w) };
         };
-        let (x, packed, absmax, codebook) = (
-            contiguous(x),
-            contiguous(packed),
-            contiguous(absmax),
-            contiguous(codebook),
-        );
+        let (x, packed, absmax, codebook) =
+            (contiguous(x), contiguous(packed), contiguous(absmax), contiguous(codebook));
         let weight = device_weight(&packed, &absmax, &codebook, shape);
-        let product = if transposed {
-            Product::Forward
-        } else {
-            Product::InputGrad
-        };
+        let product = if transposed { Product::Forward } else { Product::InputGrad };
         let out_cols = if transposed { shape.rows } else { shape.cols };
         let strategy = QuantMatmulStrategy::current();
         let gemv = transposed && m <= GEMV_MAX_ROWS && strategy != QuantMatmulStrategy::Dequantize;
         if gemv || strategy == QuantMatmulStrategy::Fused {
-            let out = x
-                .client
-                .empty((m * out_cols).max(1) * dtype.size_in_bytes());
+            let out = x.client.empty((m * out_cols).max(1) * dtype.size_in_bytes());
             let launched = if gemv {
                 matmul::gemv_into(&x.client, &x.handle, m, &weight, dtype, &out)
             } else {
@@ -167,11 +150,8 @@ impl QuantMatmulBackend for Cube {
         }
         // Dequantize into a temporary of x's dtype (dropped when this returns), then the dense product.
         let numel = shape.rows * shape.cols;
-        let buffer = x
-            .client
-            .empty(numel.div_ceil(2) * 2 * dtype.size_in_bytes());
-        dequant::dequantize_into(&x.client, &weight, dtype, &buffer)
-            .expect("buffer sized for the weight");
+        let buffer = x.client.empty(numel.div_ceil(2) * 2 * dtype.size_in_bytes());
+        dequant::dequantize_into(&x.client, &weight, dtype, &buffer).expect("buffer sized for the weight");
         let w = CubeTensor::new_contiguous(
             x.client.clone(),
             x.device.clone(),
@@ -179,11 +159,7 @@ impl QuantMatmulBackend for Cube {
             buffer,
             x.dtype,
         );
-        if transposed {
-            Self::float_matmul(x, Self::float_transpose(w))
-        } else {
-            Self::float_matmul(x, w)
-        }
+        if transposed { Self::float_matmul(x, Self::float_transpose(w)) } else { Self::float_matmul(x, w) }
     }
 }
 

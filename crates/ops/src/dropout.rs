@@ -13,9 +13,7 @@ use burn::backend::autodiff::{
     grads::Gradients,
     ops::{Backward, Ops, OpsKind},
 };
-use burn::backend::{
-    Backend, Dispatch, Flex, FloatDType, TensorMetadata, backend_extension, tensor::FloatTensor,
-};
+use burn::backend::{Backend, Dispatch, Flex, FloatDType, TensorMetadata, backend_extension, tensor::FloatTensor};
 use burn::tensor::{Distribution, Tensor, TensorData};
 use rayon::prelude::*;
 
@@ -57,13 +55,7 @@ fn for_chunk<T>(chunk_seed: u64, threshold: u64, out: &mut [T], f: impl Fn(usize
 }
 
 /// The mask for `numel` elements: `kept` where kept, `dropped` where dropped.
-fn fill_mask<T: Copy + Send + Sync>(
-    numel: usize,
-    seed: u64,
-    keep: f64,
-    kept: T,
-    dropped: T,
-) -> Vec<T> {
+fn fill_mask<T: Copy + Send + Sync>(numel: usize, seed: u64, keep: f64, kept: T, dropped: T) -> Vec<T> {
     let threshold = keep_threshold(keep);
     let mut mask = vec![dropped; numel];
     mask.par_chunks_mut(CHUNK).enumerate().for_each(|(chunk, out)| {
@@ -81,7 +73,11 @@ fn dropout_chunk<T: HostFloat>(chunk_seed: u64, threshold: u64, scale: f32, x: &
 ///
 /// The mask's value is rounded to the element type and the product computed in f32 and rounded once: what
 /// flex's `float_mul` with the mask tensor computes.
-fn host_dropout<T: HostFloat>(x: &burn::backend::flex::FlexTensor, seed: u64, keep: f64) -> burn::backend::flex::FlexTensor {
+fn host_dropout<T: HostFloat>(
+    x: &burn::backend::flex::FlexTensor,
+    seed: u64,
+    keep: f64,
+) -> burn::backend::flex::FlexTensor {
     let shape = x.layout().shape().clone();
     let numel = shape.num_elements();
     let values = host_values::<T>(x);
@@ -110,26 +106,12 @@ pub fn apply_mask<B: Backend>(x: FloatTensor<B>, seed: u64, keep: f64) -> FloatT
     let scale = 1.0 / keep;
     let dtype: FloatDType = x.dtype().into();
     let data = match dtype {
-        FloatDType::BF16 => TensorData::new(
-            fill_mask(
-                numel,
-                seed,
-                keep,
-                half::bf16::from_f64(scale),
-                half::bf16::ZERO,
-            ),
-            shape,
-        ),
-        FloatDType::F16 => TensorData::new(
-            fill_mask(
-                numel,
-                seed,
-                keep,
-                half::f16::from_f64(scale),
-                half::f16::ZERO,
-            ),
-            shape,
-        ),
+        FloatDType::BF16 => {
+            TensorData::new(fill_mask(numel, seed, keep, half::bf16::from_f64(scale), half::bf16::ZERO), shape)
+        }
+        FloatDType::F16 => {
+            TensorData::new(fill_mask(numel, seed, keep, half::f16::from_f64(scale), half::f16::ZERO), shape)
+        }
         FloatDType::F64 => TensorData::new(fill_mask(numel, seed, keep, scale, 0.0f64), shape),
         _ => TensorData::new(fill_mask(numel, seed, keep, scale as f32, 0.0f32), shape),
     };
@@ -155,9 +137,7 @@ impl SeededDropoutBackend for Flex {
     }
 }
 
-impl<B: Backend + SeededDropoutBackend, C: CheckpointStrategy> SeededDropoutBackend
-    for Autodiff<B, C>
-{
+impl<B: Backend + SeededDropoutBackend, C: CheckpointStrategy> SeededDropoutBackend for Autodiff<B, C> {
     fn seeded_dropout(x: FloatTensor<Self>, seed: u64, keep: f64) -> FloatTensor<Self> {
         #[derive(Debug)]
         struct SeededDropoutBackward;
@@ -166,12 +146,7 @@ impl<B: Backend + SeededDropoutBackend, C: CheckpointStrategy> SeededDropoutBack
             /// The seed and the keep probability: the mask is made again.
             type State = (u64, f64);
 
-            fn backward(
-                self,
-                ops: Ops<Self::State, 1>,
-                grads: &mut Gradients,
-                _checkpointer: &mut Checkpointer,
-            ) {
+            fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
                 let [node_x] = ops.parents;
                 let grad = grads.consume::<B>(&ops.node);
                 let (seed, keep) = ops.state;
@@ -182,11 +157,7 @@ impl<B: Backend + SeededDropoutBackend, C: CheckpointStrategy> SeededDropoutBack
         }
 
         let (x, x_node) = x.into_parts();
-        match SeededDropoutBackward
-            .prepare::<C>([x_node])
-            .compute_bound()
-            .stateful()
-        {
+        match SeededDropoutBackward.prepare::<C>([x_node]).compute_bound().stateful() {
             OpsKind::Tracked(prep) => prep.finish((seed, keep), B::seeded_dropout(x, seed, keep)),
             OpsKind::UnTracked(prep) => prep.finish(B::seeded_dropout(x, seed, keep)),
         }
@@ -198,11 +169,7 @@ pub fn seeded_dropout<const D: usize>(x: Tensor<D>, prob: f64, seed: u64) -> Ten
     if prob <= 0.0 {
         return x;
     }
-    Tensor::from_dispatch(<Dispatch as SeededDropoutBackend>::seeded_dropout(
-        x.into_dispatch(),
-        seed,
-        1.0 - prob,
-    ))
+    Tensor::from_dispatch(<Dispatch as SeededDropoutBackend>::seeded_dropout(x.into_dispatch(), seed, 1.0 - prob))
 }
 
 /// A fresh seed from the device's generator (what `device.seed(..)` makes reproducible).
@@ -212,9 +179,7 @@ pub fn draw_seed(device: &burn::tensor::Device) -> u64 {
         .convert::<f32>()
         .try_into_vec()
         .unwrap_or_default();
-    draws.iter().fold(0u64, |acc, v| {
-        (acc << 16) ^ ((v * 65_536.0) as u64 & 0xFFFF)
-    })
+    draws.iter().fold(0u64, |acc, v| (acc << 16) ^ ((v * 65_536.0) as u64 & 0xFFFF))
 }
 
 #[cfg(test)]
@@ -234,11 +199,7 @@ mod tests {
         assert_eq!(mask, fill_mask(n, 42, keep, 1.0f32 / keep as f32, 0.0));
         assert_ne!(mask, fill_mask(n, 43, keep, 1.0f32 / keep as f32, 0.0));
         let bf: Vec<half::bf16> = fill_mask(n, 42, keep, half::bf16::ONE, half::bf16::ZERO);
-        assert!(
-            bf.iter()
-                .zip(&mask)
-                .all(|(b, m)| (b.to_f32() != 0.0) == (*m != 0.0))
-        );
+        assert!(bf.iter().zip(&mask).all(|(b, m)| (b.to_f32() != 0.0) == (*m != 0.0)));
         // The one-pass flex kernel equals multiplying by the mask tensor (f32 and bf16, odd length, 2 chunks).
         for dtype in [burn::tensor::DType::F32, burn::tensor::DType::BF16] {
             let x = Tensor::<1>::random([CHUNK + 77], Distribution::Normal(0.0, 2.0), &Device::flex()).cast(dtype);
@@ -255,17 +216,9 @@ mod tests {
         let x = Tensor::<2>::ones([37, 70], &device).require_grad();
         let y = seeded_dropout(x.clone(), 1.0 - keep, 7);
         let dx = x.grad(&(y.clone() * 3.0).sum().backward()).unwrap();
-        let (y, dx): (Vec<f32>, Vec<f32>) = (
-            y.into_data().try_into_vec().unwrap(),
-            dx.into_data().try_into_vec().unwrap(),
-        );
-        assert!(
-            y.iter().zip(&dx).all(|(a, g)| (a * 3.0 - g).abs() < 1e-6),
-            "dx = 3 · mask"
-        );
-        assert!(
-            y.iter()
-                .all(|&v| v == 0.0 || (v - 1.0 / keep as f32).abs() < 1e-6)
-        );
+        let (y, dx): (Vec<f32>, Vec<f32>) =
+            (y.into_data().try_into_vec().unwrap(), dx.into_data().try_into_vec().unwrap());
+        assert!(y.iter().zip(&dx).all(|(a, g)| (a * 3.0 - g).abs() < 1e-6), "dx = 3 · mask");
+        assert!(y.iter().all(|&v| v == 0.0 || (v - 1.0 / keep as f32).abs() < 1e-6));
     }
 }

@@ -20,7 +20,9 @@ use burn::backend::autodiff::{
 };
 use burn::backend::flex::FlexTensor;
 use burn::backend::ops::FloatTensorOps;
-use burn::backend::{Backend, Dispatch, Flex, FloatDType, Scalar, TensorMetadata, backend_extension, tensor::FloatTensor};
+use burn::backend::{
+    Backend, Dispatch, Flex, FloatDType, Scalar, TensorMetadata, backend_extension, tensor::FloatTensor,
+};
 use burn::tensor::{DType, Shape, Tensor, TensorData};
 use half::bf16;
 use rayon::prelude::*;
@@ -39,7 +41,12 @@ pub trait FusedOpsBackend: Backend {
         rms_norm_reference::<Self>(x, weight, eps)
     }
     /// The input gradient of [`rms_norm`](FusedOpsBackend::rms_norm) for the upstream `grad`.
-    fn rms_norm_grad(x: FloatTensor<Self>, weight: FloatTensor<Self>, eps: f64, grad: FloatTensor<Self>) -> FloatTensor<Self> {
+    fn rms_norm_grad(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        eps: f64,
+        grad: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
         rms_norm_grad_reference::<Self>(x, weight, eps, grad)
     }
     /// `silu(gate) · up`, any shape (both the same), in their dtype.
@@ -47,7 +54,11 @@ pub trait FusedOpsBackend: Backend {
         swiglu_reference::<Self>(gate, up)
     }
     /// `(d_gate, d_up)` of [`swiglu`](FusedOpsBackend::swiglu) for the upstream `grad`.
-    fn swiglu_grad(gate: FloatTensor<Self>, up: FloatTensor<Self>, grad: FloatTensor<Self>) -> (FloatTensor<Self>, FloatTensor<Self>) {
+    fn swiglu_grad(
+        gate: FloatTensor<Self>,
+        up: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
         swiglu_grad_reference::<Self>(gate, up, grad)
     }
 }
@@ -76,7 +87,12 @@ pub fn rms_norm_reference<B: Backend>(x: FloatTensor<B>, weight: FloatTensor<B>,
     B::float_mul(B::float_expand(B::float_cast(weight, dtype), shape), normed)
 }
 
-pub fn rms_norm_grad_reference<B: Backend>(x: FloatTensor<B>, weight: FloatTensor<B>, eps: f64, grad: FloatTensor<B>) -> FloatTensor<B> {
+pub fn rms_norm_grad_reference<B: Backend>(
+    x: FloatTensor<B>,
+    weight: FloatTensor<B>,
+    eps: f64,
+    grad: FloatTensor<B>,
+) -> FloatTensor<B> {
     let dtype: FloatDType = x.dtype().into();
     let shape = x.shape();
     let (x32, r) = rms_statistics::<B>(x, eps);
@@ -100,13 +116,18 @@ pub fn swiglu_reference<B: Backend>(gate: FloatTensor<B>, up: FloatTensor<B>) ->
     B::float_mul(silu, up)
 }
 
-pub fn swiglu_grad_reference<B: Backend>(gate: FloatTensor<B>, up: FloatTensor<B>, grad: FloatTensor<B>) -> (FloatTensor<B>, FloatTensor<B>) {
+pub fn swiglu_grad_reference<B: Backend>(
+    gate: FloatTensor<B>,
+    up: FloatTensor<B>,
+    grad: FloatTensor<B>,
+) -> (FloatTensor<B>, FloatTensor<B>) {
     let dtype: FloatDType = gate.dtype().into();
     let g32 = B::float_cast(gate, FloatDType::F32);
     let (u32_, dy) = (B::float_cast(up, FloatDType::F32), B::float_cast(grad, FloatDType::F32));
     let s = sigmoid32::<B>(g32.clone());
     let one_minus_s = B::float_add_scalar(B::float_neg(s.clone()), Scalar::Float(1.0));
-    let slope = B::float_mul(s.clone(), B::float_add_scalar(B::float_mul(g32.clone(), one_minus_s), Scalar::Float(1.0)));
+    let slope =
+        B::float_mul(s.clone(), B::float_add_scalar(B::float_mul(g32.clone(), one_minus_s), Scalar::Float(1.0)));
     let d_gate = B::float_mul(B::float_mul(dy.clone(), u32_), slope);
     let d_up = B::float_mul(dy, B::float_mul(g32, s));
     (B::float_cast(d_gate, dtype), B::float_cast(d_up, dtype))
@@ -203,16 +224,18 @@ fn swiglu_grad_host<T: HostFloat>(gate: &FlexTensor, up: &FlexTensor, grad: &Fle
     let (g, u, dy) = (host_values::<T>(gate), host_values::<T>(up), host_values::<T>(grad));
     let mut d_gate = vec![T::from32(0.0); g.len()];
     let mut d_up = vec![T::from32(0.0); g.len()];
-    d_gate.par_chunks_mut(4096).zip(d_up.par_chunks_mut(4096)).zip(g.par_chunks(4096).zip(u.par_chunks(4096)).zip(dy.par_chunks(4096))).for_each(
-        |((dg, du), ((g, u), dy))| {
+    d_gate
+        .par_chunks_mut(4096)
+        .zip(d_up.par_chunks_mut(4096))
+        .zip(g.par_chunks(4096).zip(u.par_chunks(4096)).zip(dy.par_chunks(4096)))
+        .for_each(|((dg, du), ((g, u), dy))| {
             for i in 0..dg.len() {
                 let (g, u, dy) = (g[i].to32(), u[i].to32(), dy[i].to32());
                 let s = sigmoid(g);
                 dg[i] = T::from32(dy * u * (s * (g * (1.0 - s) + 1.0)));
                 du[i] = T::from32(dy * (g * s));
             }
-        },
-    );
+        });
     (output(d_gate, shape.clone()), output(d_up, shape))
 }
 
@@ -231,14 +254,23 @@ impl FusedOpsBackend for Flex {
     fn rms_norm(x: FloatTensor<Self>, weight: FloatTensor<Self>, eps: f64) -> FloatTensor<Self> {
         by_dtype!(x, rms_norm_host(&x, &weight, eps), rms_norm_reference::<Self>(x, weight, eps))
     }
-    fn rms_norm_grad(x: FloatTensor<Self>, weight: FloatTensor<Self>, eps: f64, grad: FloatTensor<Self>) -> FloatTensor<Self> {
+    fn rms_norm_grad(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        eps: f64,
+        grad: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
         let grad = if grad.dtype() == x.dtype() { grad } else { Flex::float_cast(grad, x.dtype().into()) };
         by_dtype!(x, rms_norm_grad_host(&x, &weight, eps, &grad), rms_norm_grad_reference::<Self>(x, weight, eps, grad))
     }
     fn swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
         by_dtype!(gate, swiglu_host(&gate, &up), swiglu_reference::<Self>(gate, up))
     }
-    fn swiglu_grad(gate: FloatTensor<Self>, up: FloatTensor<Self>, grad: FloatTensor<Self>) -> (FloatTensor<Self>, FloatTensor<Self>) {
+    fn swiglu_grad(
+        gate: FloatTensor<Self>,
+        up: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
         let grad = if grad.dtype() == gate.dtype() { grad } else { Flex::float_cast(grad, gate.dtype().into()) };
         by_dtype!(gate, swiglu_grad_host(&gate, &up, &grad), swiglu_grad_reference::<Self>(gate, up, grad))
     }
@@ -308,7 +340,6 @@ impl<B: Backend + FusedOpsBackend, C: CheckpointStrategy> FusedOpsBackend for Au
             OpsKind::UnTracked(prep) => prep.finish(B::swiglu(gate.into_primitive(), up.into_primitive())),
         }
     }
-
 }
 
 /// RMSNorm over the last dimension of `x` with weight `[hidden]`; gradients flow to x.
@@ -337,7 +368,6 @@ mod tests {
         weight.unsqueeze::<2>() * normed.cast(dtype)
     }
 
-
     /// Values and input gradients of both fused ops equal the composed autodiff versions (f32 and bf16,
     /// rows not a multiple of the 16 lanes), and the flex kernels equal the backend-op formulas.
     #[test]
@@ -354,7 +384,10 @@ mod tests {
 
             let (x1, x2) = (x.clone().detach().require_grad(), x.clone().detach().require_grad());
             let (y1, y2) = (rms_norm(x1.clone(), w.clone(), 1e-5), composed_rms_norm(x2.clone(), w.clone(), 1e-5));
-            let (g1, g2) = ((y1.clone() * r.clone()).cast(DType::F32).sum().backward(), (y2.clone() * r.clone()).cast(DType::F32).sum().backward());
+            let (g1, g2) = (
+                (y1.clone() * r.clone()).cast(DType::F32).sum().backward(),
+                (y2.clone() * r.clone()).cast(DType::F32).sum().backward(),
+            );
             check("rms_norm", y1, y2);
             check("rms_norm dx", x1.grad(&g1).unwrap(), x2.grad(&g2).unwrap());
 
@@ -363,7 +396,10 @@ mod tests {
             let (ga, ua) = (gate.clone().detach().require_grad(), up.clone().detach().require_grad());
             let (gb, ub) = (gate.clone().detach().require_grad(), up.clone().detach().require_grad());
             let (y1, y2) = (swiglu(ga.clone(), ua.clone()), silu(gb.clone()) * ub.clone());
-            let (g1, g2) = ((y1.clone() * r.clone()).cast(DType::F32).sum().backward(), (y2.clone() * r.clone()).cast(DType::F32).sum().backward());
+            let (g1, g2) = (
+                (y1.clone() * r.clone()).cast(DType::F32).sum().backward(),
+                (y2.clone() * r.clone()).cast(DType::F32).sum().backward(),
+            );
             check("swiglu", y1, y2);
             check("swiglu d_gate", ga.grad(&g1).unwrap(), gb.grad(&g2).unwrap());
             check("swiglu d_up", ua.grad(&g1).unwrap(), ub.grad(&g2).unwrap());
@@ -372,10 +408,19 @@ mod tests {
             let (xf, wf, rf) = (flex_of(&x), flex_of_1(&w), flex_of(&r));
             let (gf, uf) = (flex_of(&gate), flex_of(&up));
             let pairs = [
-                (Flex::rms_norm(xf.clone(), wf.clone(), 1e-5), rms_norm_reference::<Flex>(xf.clone(), wf.clone(), 1e-5)),
-                (Flex::rms_norm_grad(xf.clone(), wf.clone(), 1e-5, rf.clone()), rms_norm_grad_reference::<Flex>(xf, wf, 1e-5, rf.clone())),
+                (
+                    Flex::rms_norm(xf.clone(), wf.clone(), 1e-5),
+                    rms_norm_reference::<Flex>(xf.clone(), wf.clone(), 1e-5),
+                ),
+                (
+                    Flex::rms_norm_grad(xf.clone(), wf.clone(), 1e-5, rf.clone()),
+                    rms_norm_grad_reference::<Flex>(xf, wf, 1e-5, rf.clone()),
+                ),
                 (Flex::swiglu(gf.clone(), uf.clone()), swiglu_reference::<Flex>(gf.clone(), uf.clone())),
-                (Flex::swiglu_grad(gf.clone(), uf.clone(), rf.clone()).0, swiglu_grad_reference::<Flex>(gf.clone(), uf.clone(), rf.clone()).0),
+                (
+                    Flex::swiglu_grad(gf.clone(), uf.clone(), rf.clone()).0,
+                    swiglu_grad_reference::<Flex>(gf.clone(), uf.clone(), rf.clone()).0,
+                ),
                 (Flex::swiglu_grad(gf.clone(), uf.clone(), rf.clone()).1, swiglu_grad_reference::<Flex>(gf, uf, rf).1),
             ];
             for (i, (a, b)) in pairs.into_iter().enumerate() {

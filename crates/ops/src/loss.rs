@@ -9,6 +9,7 @@
 //! is frozen in QLoRA: the tied embedding or a dense lm_head). The statistics are in f32 whatever the
 //! compute dtype, as transformers' upcast of the logits.
 
+use crate::dtype::HostDtype;
 #[cfg(feature = "cube")]
 use burn::backend::Cube;
 use burn::backend::autodiff::{
@@ -21,7 +22,6 @@ use burn::backend::{
     Backend, Dispatch, Flex, FloatDType, TensorMetadata, backend_extension,
     tensor::{FloatTensor, IntTensor},
 };
-use crate::dtype::HostDtype;
 use burn::tensor::{IndexingUpdateOp, Int, Shape, Slice, Tensor};
 
 /// Rows per chunk: `[256, vocab]` f32 logits (48 MiB for a 49,152-token vocabulary) at a time.
@@ -79,10 +79,8 @@ fn shifted_logits<B: Backend>(
     start: usize,
     end: usize,
 ) -> (FloatTensor<B>, FloatTensor<B>) {
-    let logits = B::float_cast(
-        crate::host_matmul::matmul::<B>(rows::<B>(h.clone(), start, end), w_t.clone()),
-        FloatDType::F32,
-    );
+    let logits =
+        B::float_cast(crate::host_matmul::matmul::<B>(rows::<B>(h.clone(), start, end), w_t.clone()), FloatDType::F32);
     let max = B::float_max_dim(logits.clone(), 1);
     let shifted = B::float_sub(logits, max);
     let log_sum = B::float_log(B::float_sum_dim(B::float_exp(shifted.clone()), 1));
@@ -107,10 +105,7 @@ pub fn chunked_nll_reference<B: Backend>(
         let end = (start + chunk.max(1)).min(n);
         let (shifted, log_sum) = shifted_logits::<B>(&h, &w_t, start, end);
         let picked = B::float_gather(1, shifted, int_rows::<B>(labels.clone(), start, end));
-        let nll = B::float_mul(
-            B::float_sub(log_sum, picked),
-            rows::<B>(mask.clone(), start, end),
-        );
+        let nll = B::float_mul(B::float_sub(log_sum, picked), rows::<B>(mask.clone(), start, end));
         let sum = B::float_sum(nll);
         total = Some(match total {
             Some(t) => B::float_add(t, sum),
@@ -138,28 +133,14 @@ pub fn chunked_nll_grad_reference<B: Backend>(
         let end = (start + chunk.max(1)).min(n);
         let (shifted, log_sum) = shifted_logits::<B>(&h, &w_t, start, end);
         let probs = B::float_exp(B::float_sub(shifted, log_sum));
-        let minus_one = B::float_full(
-            Shape::new([end - start, 1]),
-            (-1.0f32).into(),
-            &h.device(),
-            FloatDType::F32,
-        );
-        let dlogits = B::float_scatter(
-            1,
-            probs,
-            int_rows::<B>(labels.clone(), start, end),
-            minus_one,
-            IndexingUpdateOp::Add,
-        );
+        let minus_one = B::float_full(Shape::new([end - start, 1]), (-1.0f32).into(), &h.device(), FloatDType::F32);
+        let dlogits =
+            B::float_scatter(1, probs, int_rows::<B>(labels.clone(), start, end), minus_one, IndexingUpdateOp::Add);
         let weight = B::float_mul(rows::<B>(mask.clone(), start, end), grad.clone());
         let dlogits = B::float_cast(B::float_mul(dlogits, weight), dtype);
         parts.push(crate::host_matmul::matmul::<B>(dlogits, w.clone()));
     }
-    if parts.len() == 1 {
-        parts.pop().expect("one part")
-    } else {
-        B::float_cat(parts, 0)
-    }
+    if parts.len() == 1 { parts.pop().expect("one part") } else { B::float_cat(parts, 0) }
 }
 
 /// [`ChunkedNllBackend::chunked_nll_and_unit_grad`] with plain backend ops (two passes).
@@ -238,12 +219,7 @@ impl<B: Backend + ChunkedNllBackend, C: CheckpointStrategy> ChunkedNllBackend fo
             /// `dh` for an upstream gradient of 1 (`[rows, hidden]`, made with the loss): never the logits.
             type State = FloatTensor<B>;
 
-            fn backward(
-                self,
-                ops: Ops<Self::State, 1>,
-                grads: &mut Gradients,
-                _checkpointer: &mut Checkpointer,
-            ) {
+            fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
                 let [node_h] = ops.parents;
                 let grad = grads.consume::<B>(&ops.node);
                 let unit = ops.state;
@@ -259,11 +235,7 @@ impl<B: Backend + ChunkedNllBackend, C: CheckpointStrategy> ChunkedNllBackend fo
         let w_t = w_t.into_primitive();
         let mask = mask.into_primitive();
         let (h, h_node) = h.into_parts();
-        match ChunkedNllBackward
-            .prepare::<C>([h_node])
-            .compute_bound()
-            .stateful()
-        {
+        match ChunkedNllBackward.prepare::<C>([h_node]).compute_bound().stateful() {
             OpsKind::Tracked(prep) => {
                 let (out, unit) = B::chunked_nll_and_unit_grad(h, w_t, labels, mask, chunk);
                 prep.finish(unit, out)
@@ -317,32 +289,17 @@ mod tests {
         let dh = h.grad(&(loss.clone() * 0.5).backward()).unwrap();
 
         let hr = h0.detach().require_grad();
-        let picked = log_softmax(hr.clone().matmul(w_t), 1)
-            .gather(1, labels.reshape([n, 1]))
-            .reshape([n]);
+        let picked = log_softmax(hr.clone().matmul(w_t), 1).gather(1, labels.reshape([n, 1])).reshape([n]);
         let loss_r = (picked * mask).sum().neg();
         let dh_r = hr.grad(&(loss_r.clone() * 0.5).backward()).unwrap();
 
-        let (a, b): (Vec<f32>, Vec<f32>) = (
-            loss.into_data().try_into_vec().unwrap(),
-            loss_r.into_data().try_into_vec().unwrap(),
-        );
-        assert!(
-            (a[0] - b[0]).abs() <= 1e-4 * b[0].abs(),
-            "loss {} vs {}",
-            a[0],
-            b[0]
-        );
-        let (g, gr): (Vec<f32>, Vec<f32>) = (
-            dh.into_data().try_into_vec().unwrap(),
-            dh_r.into_data().try_into_vec().unwrap(),
-        );
+        let (a, b): (Vec<f32>, Vec<f32>) =
+            (loss.into_data().try_into_vec().unwrap(), loss_r.into_data().try_into_vec().unwrap());
+        assert!((a[0] - b[0]).abs() <= 1e-4 * b[0].abs(), "loss {} vs {}", a[0], b[0]);
+        let (g, gr): (Vec<f32>, Vec<f32>) =
+            (dh.into_data().try_into_vec().unwrap(), dh_r.into_data().try_into_vec().unwrap());
         assert_eq!(g.len(), n * hidden);
-        let worst = g
-            .iter()
-            .zip(&gr)
-            .map(|(p, q)| (p - q).abs())
-            .fold(0.0f32, f32::max);
+        let worst = g.iter().zip(&gr).map(|(p, q)| (p - q).abs()).fold(0.0f32, f32::max);
         assert!(worst < 1e-5, "gradient off by {worst}");
         // Masked rows get no gradient.
         assert!(g[2 * hidden..3 * hidden].iter().all(|&v| v == 0.0));

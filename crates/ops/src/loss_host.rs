@@ -25,7 +25,11 @@ fn chunk_logits(h: &FlexTensor, w_t: &FlexTensor, start: usize, end: usize) -> F
 }
 
 fn host_f32(t: FlexTensor) -> Vec<f32> {
-    read_sync(Flex::float_into_data(t)).expect("host tensor").convert::<f32>().try_into_vec::<f32>().expect("f32 values")
+    read_sync(Flex::float_into_data(t))
+        .expect("host tensor")
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .expect("f32 values")
 }
 
 fn host_labels(t: IntTensor<Flex>) -> Vec<i64> {
@@ -127,7 +131,11 @@ fn chunk_pass(
             }
             (Some(_), _) => {
                 let mut out = vec![0.0f32; rows * vocab];
-                let losses = out.par_chunks_mut(vocab).enumerate().map_init(Vec::new, |buf, (r, out_row)| row(r, buf, Some(out_row))).collect();
+                let losses = out
+                    .par_chunks_mut(vocab)
+                    .enumerate()
+                    .map_init(Vec::new, |buf, (r, out_row)| row(r, buf, Some(out_row)))
+                    .collect();
                 (losses, Some(TensorData::new(out, [rows, vocab])))
             }
         };
@@ -150,18 +158,37 @@ fn scalar(total: f32) -> FlexTensor {
 }
 
 /// The masked summed loss `[1]` (f32).
-pub fn chunked_nll(h: FlexTensor, w_t: FlexTensor, labels: IntTensor<Flex>, mask: FlexTensor, chunk: usize) -> FlexTensor {
+pub fn chunked_nll(
+    h: FlexTensor,
+    w_t: FlexTensor,
+    labels: IntTensor<Flex>,
+    mask: FlexTensor,
+    chunk: usize,
+) -> FlexTensor {
     scalar(chunk_pass(&h, &w_t, labels, mask, chunk, None).0)
 }
 
 /// `dh` for an upstream gradient `grad` (`[1]`), in h's dtype.
-pub fn chunked_nll_grad(h: FlexTensor, w_t: FlexTensor, labels: IntTensor<Flex>, mask: FlexTensor, grad: FlexTensor, chunk: usize) -> FlexTensor {
+pub fn chunked_nll_grad(
+    h: FlexTensor,
+    w_t: FlexTensor,
+    labels: IntTensor<Flex>,
+    mask: FlexTensor,
+    grad: FlexTensor,
+    chunk: usize,
+) -> FlexTensor {
     let g = host_f32(grad)[0];
     chunk_pass(&h, &w_t, labels, mask, chunk, Some(g)).1.expect("asked for dh")
 }
 
 /// The loss and `dh` for an upstream gradient of 1, from the same logits.
-pub fn chunked_nll_and_unit_grad(h: FlexTensor, w_t: FlexTensor, labels: IntTensor<Flex>, mask: FlexTensor, chunk: usize) -> (FlexTensor, FlexTensor) {
+pub fn chunked_nll_and_unit_grad(
+    h: FlexTensor,
+    w_t: FlexTensor,
+    labels: IntTensor<Flex>,
+    mask: FlexTensor,
+    chunk: usize,
+) -> (FlexTensor, FlexTensor) {
     let (total, dh) = chunk_pass(&h, &w_t, labels, mask, chunk, Some(1.0));
     (scalar(total), dh.expect("asked for dh"))
 }

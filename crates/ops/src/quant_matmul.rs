@@ -53,25 +53,15 @@ pub fn decode_weight<B: Backend>(
 ) -> FloatTensor<B> {
     let numel = shape.rows * shape.cols;
     let words = packed.shape()[0];
-    let column =
-        |t: IntTensor<B>| B::int_reshape(B::int_cast(t, IntDType::I32), Shape::new([words, 1]));
+    let column = |t: IntTensor<B>| B::int_reshape(B::int_cast(t, IntDType::I32), Shape::new([words, 1]));
     let bytes: Vec<IntTensor<B>> = (0..4)
         .map(|i| {
-            column(B::bitwise_and_scalar(
-                B::bitwise_right_shift_scalar(packed.clone(), (8 * i).into()),
-                255i64.into(),
-            ))
+            column(B::bitwise_and_scalar(B::bitwise_right_shift_scalar(packed.clone(), (8 * i).into()), 255i64.into()))
         })
         .collect();
     let bytes = B::int_reshape(B::int_cat(bytes, 1), Shape::new([words * 4]));
-    let high = B::int_reshape(
-        B::bitwise_right_shift_scalar(bytes.clone(), 4i64.into()),
-        Shape::new([words * 4, 1]),
-    );
-    let low = B::int_reshape(
-        B::bitwise_and_scalar(bytes, 15i64.into()),
-        Shape::new([words * 4, 1]),
-    );
+    let high = B::int_reshape(B::bitwise_right_shift_scalar(bytes.clone(), 4i64.into()), Shape::new([words * 4, 1]));
+    let low = B::int_reshape(B::bitwise_and_scalar(bytes, 15i64.into()), Shape::new([words * 4, 1]));
     let codes = B::int_reshape(B::int_cat(vec![high, low], 1), Shape::new([words * 8]));
     let codes = B::int_slice(codes, &[Slice::from(0..numel)]);
     let values = B::float_select(codebook, 0, codes);
@@ -88,16 +78,9 @@ pub fn decode_weight<B: Backend>(
         B::float_reshape(values, Shape::new([blocks, shape.blocksize])),
         B::float_reshape(absmax, Shape::new([blocks, 1])),
     );
-    let flat = B::float_slice(
-        B::float_reshape(scaled, Shape::new([padded])),
-        &[Slice::from(0..numel)],
-    );
+    let flat = B::float_slice(B::float_reshape(scaled, Shape::new([padded])), &[Slice::from(0..numel)]);
     let w = B::float_reshape(flat, Shape::new([shape.rows, shape.cols]));
-    if dtype == FloatDType::F32 {
-        w
-    } else {
-        B::float_cast(w, dtype)
-    }
+    if dtype == FloatDType::F32 { w } else { B::float_cast(w, dtype) }
 }
 
 fn float_dtype_of<B: Backend>(x: &FloatTensor<B>) -> FloatDType {
@@ -119,11 +102,7 @@ pub fn decode_weight_on_host<B: Backend>(
     nf4::dequantize_4bit_with_codebook_into(host.bytes(), &host.absmax, shape.blocksize, &host.codebook, &mut out)
         .expect("consistent packed weight");
     let w = B::float_from_data(TensorData::new(out, [shape.rows, shape.cols]), &device);
-    if dtype == FloatDType::F32 {
-        w
-    } else {
-        B::float_cast(w, dtype)
-    }
+    if dtype == FloatDType::F32 { w } else { B::float_cast(w, dtype) }
 }
 
 /// A packed weight read into host memory (free on CPU backends, whose tensors are host memory).
@@ -135,20 +114,21 @@ struct HostWeight {
 }
 
 impl HostWeight {
-    fn read<B: Backend>(packed: IntTensor<B>, absmax: FloatTensor<B>, codebook: FloatTensor<B>, shape: PackedShape) -> Self {
+    fn read<B: Backend>(
+        packed: IntTensor<B>,
+        absmax: FloatTensor<B>,
+        codebook: FloatTensor<B>,
+        shape: PackedShape,
+    ) -> Self {
         let words: Vec<u32> = read_sync(B::int_into_data(packed))
             .expect("readable codes")
             .convert_dtype(DType::U32)
             .try_into_vec()
             .expect("u32 codes");
-        let absmax: Vec<f32> = read_sync(B::float_into_data(absmax))
-            .expect("readable absmax")
-            .try_into_vec()
-            .expect("f32 absmax");
-        let codebook: Vec<f32> = read_sync(B::float_into_data(codebook))
-            .expect("readable code book")
-            .try_into_vec()
-            .expect("f32 code book");
+        let absmax: Vec<f32> =
+            read_sync(B::float_into_data(absmax)).expect("readable absmax").try_into_vec().expect("f32 absmax");
+        let codebook: Vec<f32> =
+            read_sync(B::float_into_data(codebook)).expect("readable code book").try_into_vec().expect("f32 code book");
         let codebook: [f32; 16] = codebook.try_into().expect("16-entry code book");
         HostWeight { words, numel: shape.rows * shape.cols, absmax, codebook }
     }
@@ -205,16 +185,8 @@ pub fn quant_matmul_on_host<B: Backend>(
     B::float_from_data(out, &device)
 }
 
-fn matmul_with<B: Backend>(
-    x: FloatTensor<B>,
-    w: FloatTensor<B>,
-    transposed: bool,
-) -> FloatTensor<B> {
-    if transposed {
-        B::float_matmul(x, B::float_transpose(w))
-    } else {
-        B::float_matmul(x, w)
-    }
+fn matmul_with<B: Backend>(x: FloatTensor<B>, w: FloatTensor<B>, transposed: bool) -> FloatTensor<B> {
+    if transposed { B::float_matmul(x, B::float_transpose(w)) } else { B::float_matmul(x, w) }
 }
 
 impl QuantMatmulBackend for Flex {
@@ -249,29 +221,15 @@ impl<B: Backend + QuantMatmulBackend, C: CheckpointStrategy> QuantMatmulBackend 
 
         impl<B: Backend + QuantMatmulBackend> Backward<B, 1> for QuantMatmulBackward {
             /// Packed codes, absmax, code book, geometry, orientation: never the decoded weight.
-            type State = (
-                IntTensor<B>,
-                FloatTensor<B>,
-                FloatTensor<B>,
-                PackedShape,
-                bool,
-            );
+            type State = (IntTensor<B>, FloatTensor<B>, FloatTensor<B>, PackedShape, bool);
 
-            fn backward(
-                self,
-                ops: Ops<Self::State, 1>,
-                grads: &mut Gradients,
-                _checkpointer: &mut Checkpointer,
-            ) {
+            fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
                 let [node_x] = ops.parents;
                 let grad = grads.consume::<B>(&ops.node);
                 let (packed, absmax, codebook, shape, transposed) = ops.state;
                 if let Some(node) = node_x {
                     // d(x·Wᵀ)/dx = dy·W and d(x·W)/dx = dy·Wᵀ: the same op, the other orientation.
-                    grads.register::<B>(
-                        node.id,
-                        B::quant_matmul(grad, packed, absmax, codebook, shape, !transposed),
-                    );
+                    grads.register::<B>(node.id, B::quant_matmul(grad, packed, absmax, codebook, shape, !transposed));
                 }
             }
         }
@@ -279,36 +237,19 @@ impl<B: Backend + QuantMatmulBackend, C: CheckpointStrategy> QuantMatmulBackend 
         let absmax = absmax.into_primitive();
         let codebook = codebook.into_primitive();
         let (x, x_node) = x.into_parts();
-        match QuantMatmulBackward
-            .prepare::<C>([x_node])
-            .compute_bound()
-            .stateful()
-        {
+        match QuantMatmulBackward.prepare::<C>([x_node]).compute_bound().stateful() {
             OpsKind::Tracked(prep) => {
-                let out = B::quant_matmul(
-                    x,
-                    packed.clone(),
-                    absmax.clone(),
-                    codebook.clone(),
-                    shape,
-                    transposed,
-                );
+                let out = B::quant_matmul(x, packed.clone(), absmax.clone(), codebook.clone(), shape, transposed);
                 prep.finish((packed, absmax, codebook, shape, transposed), out)
             }
-            OpsKind::UnTracked(prep) => prep.finish(B::quant_matmul(
-                x, packed, absmax, codebook, shape, transposed,
-            )),
+            OpsKind::UnTracked(prep) => prep.finish(B::quant_matmul(x, packed, absmax, codebook, shape, transposed)),
         }
     }
 }
 
 /// `x · Wᵀ` for a 4-bit weight: `x [M, K]`, W `[N, K]` → `[M, N]`. Gradients flow to x only.
 pub fn quant_matmul_t(x: Tensor<2>, weight: &DeviceQuantizedWeight) -> Tensor<2> {
-    let shape = PackedShape {
-        rows: weight.rows,
-        cols: weight.cols,
-        blocksize: weight.blocksize,
-    };
+    let shape = PackedShape { rows: weight.rows, cols: weight.cols, blocksize: weight.blocksize };
     let absmax = weight.absmax_f32();
     Tensor::from_dispatch(<Dispatch as QuantMatmulBackend>::quant_matmul(
         x.into_dispatch(),
@@ -331,18 +272,11 @@ mod tests {
     #[test]
     fn host_and_generic_decodes_agree_and_gradients_flow_to_x() {
         let (rows, cols) = (37, 70);
-        let values: Vec<f32> = (0..rows * cols)
-            .map(|i| ((i * 7919) % 613) as f32 / 300.0 - 1.0)
-            .collect();
-        let q =
-            QuantizedWeight::quantize("w", &values, &[rows, cols], &QuantConfig::new()).unwrap();
+        let values: Vec<f32> = (0..rows * cols).map(|i| ((i * 7919) % 613) as f32 / 300.0 - 1.0).collect();
+        let q = QuantizedWeight::quantize("w", &values, &[rows, cols], &QuantConfig::new()).unwrap();
         let device = Device::flex();
         let w = q.to_device(&device);
-        let shape = PackedShape {
-            rows,
-            cols,
-            blocksize: 64,
-        };
+        let shape = PackedShape { rows, cols, blocksize: 64 };
         let generic = Tensor::<2>::from_dispatch(decode_weight::<Dispatch>(
             w.packed.clone().into_dispatch(),
             w.absmax_f32().into_dispatch(),
@@ -357,19 +291,13 @@ mod tests {
             shape,
             FloatDType::F32,
         ));
-        let (g, h): (Vec<f32>, Vec<f32>) = (
-            generic.clone().into_data().try_into_vec().unwrap(),
-            host.into_data().try_into_vec().unwrap(),
-        );
+        let (g, h): (Vec<f32>, Vec<f32>) =
+            (generic.clone().into_data().try_into_vec().unwrap(), host.into_data().try_into_vec().unwrap());
         assert!(g.iter().zip(&h).all(|(a, b)| a.to_bits() == b.to_bits()));
 
         let ad = Device::flex().autodiff();
         let wq = q.to_device(&ad);
-        let x0 = Tensor::<2>::random(
-            [5, cols],
-            burn::tensor::Distribution::Uniform(-1.0, 1.0),
-            &ad,
-        );
+        let x0 = Tensor::<2>::random([5, cols], burn::tensor::Distribution::Uniform(-1.0, 1.0), &ad);
         let x = x0.clone().detach().require_grad();
         let y = quant_matmul_t(x.clone(), &wq);
         let dx = x.grad(&y.clone().sum().backward()).unwrap();
@@ -378,10 +306,8 @@ mod tests {
         let yr = xr.clone().matmul(dense.transpose());
         let dxr = xr.grad(&yr.clone().sum().backward()).unwrap();
         let close = |a: Tensor<2>, b: Tensor<2>| {
-            let (a, b): (Vec<f32>, Vec<f32>) = (
-                a.into_data().try_into_vec().unwrap(),
-                b.into_data().try_into_vec().unwrap(),
-            );
+            let (a, b): (Vec<f32>, Vec<f32>) =
+                (a.into_data().try_into_vec().unwrap(), b.into_data().try_into_vec().unwrap());
             a.iter().zip(&b).all(|(p, q)| (p - q).abs() < 1e-4)
         };
         assert!(close(y, yr), "forward");

@@ -16,7 +16,8 @@ pub fn exp(x: f32) -> f32 {
     // n = round(x / ln 2) (the 1.5·2²³ trick rounds to nearest even), r = x − n·ln 2 in two parts.
     let n = (clamped * LOG2E + 12_582_912.0) - 12_582_912.0;
     let r = (clamped - n * LN2_HIGH) - n * LN2_LOW;
-    let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 1.666_666_5e-1) * r
+    let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 1.666_666_5e-1)
+        * r
         + 5.000_000_1e-1;
     let y = p * (r * r) + r + 1.0;
     // 2ⁿ as two normal powers of two, so results down to the subnormals are exact products.
@@ -122,7 +123,14 @@ mod avx512_variant {
         super::max_sum_exp_body(row)
     }
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn softmax_grad_body(row: &[f32], max: f32, log_sum: f32, label: usize, weight: f32, out: &mut [f32]) {
+    pub(super) unsafe fn softmax_grad_body(
+        row: &[f32],
+        max: f32,
+        log_sum: f32,
+        label: usize,
+        weight: f32,
+        out: &mut [f32],
+    ) {
         super::softmax_grad_body(row, max, log_sum, label, weight, out)
     }
 }
@@ -138,7 +146,14 @@ mod avx2_variant {
         super::max_sum_exp_body(row)
     }
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn softmax_grad_body(row: &[f32], max: f32, log_sum: f32, label: usize, weight: f32, out: &mut [f32]) {
+    pub(super) unsafe fn softmax_grad_body(
+        row: &[f32],
+        max: f32,
+        log_sum: f32,
+        label: usize,
+        weight: f32,
+        out: &mut [f32],
+    ) {
         super::softmax_grad_body(row, max, log_sum, label, weight, out)
     }
 }

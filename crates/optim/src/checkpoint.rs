@@ -10,11 +10,11 @@ use quant::bnb::StoredTensor;
 use safetensors::{Dtype, SafeTensors};
 use serde::{Deserialize, Serialize};
 
+use crate::OptimError;
 use crate::optimizer::{AdamPrecision, PagedAdamW};
 use crate::page::{PageState, StateFormat};
-use adamw_rules::PageDevice;
 use crate::update::STATE_BLOCKSIZE;
-use crate::OptimError;
+use adamw_rules::PageDevice;
 
 const FORMAT_TAG: &str = "qlora-optim/1";
 
@@ -65,7 +65,14 @@ impl<D: PageDevice> PagedAdamW<D> {
             }
         }
         let c = &self.config;
-        let header = Header { precision: c.precision, beta1: c.beta1, beta2: c.beta2, eps: c.eps, weight_decay: c.weight_decay, params: records };
+        let header = Header {
+            precision: c.precision,
+            beta1: c.beta1,
+            beta2: c.beta2,
+            eps: c.eps,
+            weight_decay: c.weight_decay,
+            params: records,
+        };
         let metadata = [
             ("format".to_string(), FORMAT_TAG.to_string()),
             ("optimizer".to_string(), serde_json::to_string(&header).expect("header serializes")),
@@ -87,17 +94,34 @@ impl<D: PageDevice> PagedAdamW<D> {
         let (_, meta) = SafeTensors::read_metadata(&bytes).map_err(|e| OptimError::checkpoint(path, e))?;
         let meta = meta.metadata().clone().unwrap_or_default();
         if meta.get("format").map(String::as_str) != Some(FORMAT_TAG) {
-            return Err(OptimError::checkpoint(path, format!("not an optimizer checkpoint (format tag {:?}, expected {FORMAT_TAG:?})", meta.get("format"))));
+            return Err(OptimError::checkpoint(
+                path,
+                format!("not an optimizer checkpoint (format tag {:?}, expected {FORMAT_TAG:?})", meta.get("format")),
+            ));
         }
-        let header: Header = serde_json::from_str(meta.get("optimizer").ok_or_else(|| OptimError::checkpoint(path, "missing `optimizer` metadata"))?)
-            .map_err(|e| OptimError::checkpoint(path, e))?;
+        let header: Header = serde_json::from_str(
+            meta.get("optimizer").ok_or_else(|| OptimError::checkpoint(path, "missing `optimizer` metadata"))?,
+        )
+        .map_err(|e| OptimError::checkpoint(path, e))?;
         let c = &self.config;
-        if header.precision != c.precision || [header.beta1, header.beta2, header.eps, header.weight_decay] != [c.beta1, c.beta2, c.eps, c.weight_decay] {
+        if header.precision != c.precision
+            || [header.beta1, header.beta2, header.eps, header.weight_decay]
+                != [c.beta1, c.beta2, c.eps, c.weight_decay]
+        {
             return Err(OptimError::checkpoint(
                 path,
                 format!(
                     "saved with {:?} β=({}, {}) eps {} wd {}, but this run uses {:?} β=({}, {}) eps {} wd {}",
-                    header.precision, header.beta1, header.beta2, header.eps, header.weight_decay, c.precision, c.beta1, c.beta2, c.eps, c.weight_decay
+                    header.precision,
+                    header.beta1,
+                    header.beta2,
+                    header.eps,
+                    header.weight_decay,
+                    c.precision,
+                    c.beta1,
+                    c.beta2,
+                    c.eps,
+                    c.weight_decay
                 ),
             ));
         }
@@ -106,11 +130,16 @@ impl<D: PageDevice> PagedAdamW<D> {
             let t = tensors.tensor(&name).map_err(|e| OptimError::checkpoint(path, format!("{name}: {e}")))?;
             let width = if dtype == Dtype::U8 { 1 } else { 4 };
             if t.dtype() != dtype || len.checked_mul(width) != Some(t.data().len()) {
-                return Err(OptimError::checkpoint(path, format!("{name}: expected {len} {dtype:?} values, found {:?} {:?}", t.dtype(), t.shape())));
+                return Err(OptimError::checkpoint(
+                    path,
+                    format!("{name}: expected {len} {dtype:?} values, found {:?} {:?}", t.dtype(), t.shape()),
+                ));
             }
             Ok(t.data().to_vec())
         };
-        let f32s = |b: Vec<u8>| -> Vec<f32> { b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect() };
+        let f32s = |b: Vec<u8>| -> Vec<f32> {
+            b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+        };
         for record in header.params {
             let key = &record.key;
             let n = record.numel;
@@ -123,7 +152,10 @@ impl<D: PageDevice> PagedAdamW<D> {
                     absmax2: f32s(read(format!("{key}.absmax2"), Dtype::F32, blocks)?),
                 }
             } else {
-                PageState::F32 { exp_avg: f32s(read(format!("{key}.exp_avg"), Dtype::F32, n)?), exp_avg_sq: f32s(read(format!("{key}.exp_avg_sq"), Dtype::F32, n)?) }
+                PageState::F32 {
+                    exp_avg: f32s(read(format!("{key}.exp_avg"), Dtype::F32, n)?),
+                    exp_avg_sq: f32s(read(format!("{key}.exp_avg_sq"), Dtype::F32, n)?),
+                }
             };
             if self.index.contains_key(key) {
                 return Err(OptimError::checkpoint(path, format!("parameter {key} appears twice")));

@@ -8,7 +8,8 @@ use rayon::prelude::*;
 
 /// The L2 norm of one tensor, accumulated in f64 and rounded once.
 pub fn tensor_norm(values: &[f32]) -> f32 {
-    values.par_chunks(1 << 14).map(|c| c.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>()).sum::<f64>().sqrt() as f32
+    values.par_chunks(1 << 14).map(|c| c.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>()).sum::<f64>().sqrt()
+        as f32
 }
 
 /// The global norm: the L2 norm of the per-tensor norms (each rounded to f32, as torch's `_foreach_norm`).

@@ -23,9 +23,9 @@ pub use adamw_rules::{codebooks, page, update};
 use std::collections::BTreeMap;
 use std::path::Path;
 
-pub use module::{gradients_of, trainable_tensors, write_tensors, HostTensor};
-pub use optimizer::{AdamPrecision, PagedAdamW, PagedAdamWConfig, ParamGrad};
 pub use adamw_rules::{HostMemory, PageDevice, PageState, StateFormat, UpdateRule};
+pub use module::{HostTensor, gradients_of, trainable_tensors, write_tensors};
+pub use optimizer::{AdamPrecision, PagedAdamW, PagedAdamWConfig, ParamGrad};
 pub use pager::{Pager, PagerStats};
 pub use schedule::{LrSchedule, LrScheduleConfig, ScheduleKind, Warmup};
 
@@ -72,7 +72,11 @@ impl<D: PageDevice> PagedAdamW<D> {
     ) -> Result<(M, StepReport), OptimError> {
         let norm = clip::global_grad_norm(grads.values().map(|g| g.values.as_slice()));
         if !norm.is_finite() {
-            let key = grads.iter().find(|(_, g)| g.values.iter().any(|v| !v.is_finite())).map(|(k, _)| k.clone()).unwrap_or_default();
+            let key = grads
+                .iter()
+                .find(|(_, g)| g.values.iter().any(|v| !v.is_finite()))
+                .map(|(k, _)| k.clone())
+                .unwrap_or_default();
             return Err(OptimError::NonFiniteGradient { key, norm });
         }
         if let Some(max) = max_grad_norm {
@@ -81,7 +85,10 @@ impl<D: PageDevice> PagedAdamW<D> {
         }
         let mut params = trainable_tensors(module)?;
         if let Some(unknown) = grads.keys().find(|k| !params.contains_key(*k)) {
-            return Err(OptimError::Param { key: unknown.clone(), reason: "has a gradient but is not a trainable parameter".into() });
+            return Err(OptimError::Param {
+                key: unknown.clone(),
+                reason: "has a gradient but is not a trainable parameter".into(),
+            });
         }
         let mut updates: Vec<ParamGrad<'_>> = Vec::with_capacity(grads.len());
         for (key, param) in params.iter_mut() {

@@ -101,7 +101,8 @@ impl ModuleMapper for Writer<'_> {
         let updated = match strategy {
             Some(strategy) => {
                 let inner_device = tensor.inner().device();
-                let mut t = Tensor::from_inner(Tensor::<D>::from_data(data, &inner_device)).with_gradient_checkpointing_strategy(strategy);
+                let mut t = Tensor::from_inner(Tensor::<D>::from_data(data, &inner_device))
+                    .with_gradient_checkpointing_strategy(strategy);
                 if require_grad {
                     t = t.require_grad();
                 }
@@ -120,9 +121,17 @@ pub fn write_tensors<M: Module>(module: M, values: &BTreeMap<String, HostTensor>
     let current = trainable_tensors(&module)?;
     for (key, value) in values {
         match current.get(key) {
-            None => return Err(OptimError::Param { key: key.clone(), reason: "is not a trainable parameter of the module".into() }),
+            None => {
+                return Err(OptimError::Param {
+                    key: key.clone(),
+                    reason: "is not a trainable parameter of the module".into(),
+                });
+            }
             Some(cur) if cur.shape != value.shape || value.values.len() != cur.values.len() => {
-                return Err(OptimError::Param { key: key.clone(), reason: format!("shape {:?} does not match the module's {:?}", value.shape, cur.shape) });
+                return Err(OptimError::Param {
+                    key: key.clone(),
+                    reason: format!("shape {:?} does not match the module's {:?}", value.shape, cur.shape),
+                });
             }
             Some(_) => {}
         }

@@ -6,11 +6,11 @@ use std::ops::Range;
 use burn::config::Config;
 use serde::{Deserialize, Serialize};
 
-use crate::page::{split_into_pages, PageState, StateFormat};
-use crate::pager::{Pager, PagerStats};
-use adamw_rules::{HostMemory, PageDevice, UpdateRule};
-use crate::update::AdamHyper;
 use crate::OptimError;
+use crate::page::{PageState, StateFormat, split_into_pages};
+use crate::pager::{Pager, PagerStats};
+use crate::update::AdamHyper;
+use adamw_rules::{HostMemory, PageDevice, UpdateRule};
 
 /// The state precision of AdamW.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -74,7 +74,10 @@ impl PagedAdamWConfig {
             }
         }
         if !(self.eps >= 0.0) || !(self.weight_decay >= 0.0) {
-            return Err(OptimError::Config(format!("eps ({}) and weight decay ({}) must be ≥ 0", self.eps, self.weight_decay)));
+            return Err(OptimError::Config(format!(
+                "eps ({}) and weight decay ({}) must be ≥ 0",
+                self.eps, self.weight_decay
+            )));
         }
         for format in [StateFormat::F32, StateFormat::Blockwise8] {
             if format.elements_per_page(self.page_bytes) == 0 {
@@ -89,7 +92,12 @@ impl PagedAdamWConfig {
         {
             return Err(OptimError::BudgetTooSmall { budget, page_bytes: self.page_bytes });
         }
-        Ok(PagedAdamW { config: self.clone(), params: Vec::new(), index: HashMap::new(), pager: Pager::new(device, self.device_budget_bytes) })
+        Ok(PagedAdamW {
+            config: self.clone(),
+            params: Vec::new(),
+            index: HashMap::new(),
+            pager: Pager::new(device, self.device_budget_bytes),
+        })
     }
 }
 
@@ -142,7 +150,13 @@ impl<D: PageDevice> PagedAdamW<D> {
     }
 
     /// Registers a parameter with the given state (fresh zeros unless restored from a checkpoint).
-    pub(crate) fn register(&mut self, key: &str, numel: usize, step: u64, state: Option<PageState>) -> Result<usize, OptimError> {
+    pub(crate) fn register(
+        &mut self,
+        key: &str,
+        numel: usize,
+        step: u64,
+        state: Option<PageState>,
+    ) -> Result<usize, OptimError> {
         if numel == 0 {
             return Err(OptimError::Param { key: key.to_string(), reason: "has no elements".into() });
         }
@@ -180,7 +194,11 @@ impl<D: PageDevice> PagedAdamW<D> {
                 Some(&i) if self.params[i].numel != p.param.len() => {
                     return Err(OptimError::Param {
                         key: p.key.to_string(),
-                        reason: format!("has {} elements but its optimizer state has {}", p.param.len(), self.params[i].numel),
+                        reason: format!(
+                            "has {} elements but its optimizer state has {}",
+                            p.param.len(),
+                            self.params[i].numel
+                        ),
                     });
                 }
                 Some(_) => {}

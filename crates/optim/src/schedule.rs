@@ -34,7 +34,9 @@ impl std::str::FromStr for ScheduleKind {
             "constant" => Ok(ScheduleKind::Constant),
             "linear" => Ok(ScheduleKind::Linear),
             "cosine" => Ok(ScheduleKind::Cosine),
-            other => Err(OptimError::Config(format!("unknown LR schedule `{other}` (expected constant, linear or cosine)"))),
+            other => {
+                Err(OptimError::Config(format!("unknown LR schedule `{other}` (expected constant, linear or cosine)")))
+            }
         }
     }
 }

@@ -30,15 +30,25 @@ impl Problem {
     }
 
     fn step<D: PageDevice>(&mut self, opt: &mut PagedAdamW<D>, step: u64) -> PagerStats {
-        let grads: Vec<Vec<f32>> = SIZES.iter().enumerate().map(|(i, &n)| values(1000 * step + i as u64, n, 0.5)).collect();
-        let mut updates: Vec<ParamGrad<'_>> =
-            self.params.iter_mut().zip(&grads).zip(&self.keys).map(|((p, g), k)| ParamGrad { key: k, param: p, grad: g }).collect();
+        let grads: Vec<Vec<f32>> =
+            SIZES.iter().enumerate().map(|(i, &n)| values(1000 * step + i as u64, n, 0.5)).collect();
+        let mut updates: Vec<ParamGrad<'_>> = self
+            .params
+            .iter_mut()
+            .zip(&grads)
+            .zip(&self.keys)
+            .map(|((p, g), k)| ParamGrad { key: k, param: p, grad: g })
+            .collect();
         opt.step(1e-3, &mut updates).unwrap()
     }
 }
 
 fn config(precision: AdamPrecision, budget: Option<usize>) -> PagedAdamWConfig {
-    PagedAdamWConfig::new().with_precision(precision).with_weight_decay(0.01).with_page_bytes(16 * 1024).with_device_budget_bytes(budget)
+    PagedAdamWConfig::new()
+        .with_precision(precision)
+        .with_weight_decay(0.01)
+        .with_page_bytes(16 * 1024)
+        .with_device_budget_bytes(budget)
 }
 
 fn discrete() -> HostMemory {
@@ -53,7 +63,11 @@ fn paged_equals_resident_for_any_budget_and_stays_under_it() {
         for s in 1..=50 {
             let stats = resident.step(&mut opt, s);
             if s > 1 {
-                assert_eq!((stats.paged_in_bytes, stats.paged_out_bytes), (0, 0), "unlimited budget: nothing moves after step 1");
+                assert_eq!(
+                    (stats.paged_in_bytes, stats.paged_out_bytes),
+                    (0, 0),
+                    "unlimited budget: nothing moves after step 1"
+                );
             }
         }
         let total = opt.state_bytes() as usize;
@@ -64,7 +78,10 @@ fn paged_equals_resident_for_any_budget_and_stays_under_it() {
             let mut moved = 0;
             for s in 1..=50 {
                 let stats = paged.step(&mut opt, s);
-                assert!(stats.resident_bytes <= budget as u64 && stats.peak_resident_bytes <= budget as u64, "{stats:?}");
+                assert!(
+                    stats.resident_bytes <= budget as u64 && stats.peak_resident_bytes <= budget as u64,
+                    "{stats:?}"
+                );
                 moved += stats.paged_in_bytes;
             }
             assert_eq!(paged.params, resident.params, "{precision:?}, budget {budget}: paged parameters differ");
@@ -73,7 +90,10 @@ fn paged_equals_resident_for_any_budget_and_stays_under_it() {
             }
             let stats = opt.stats();
             assert!(moved > total as u64, "budget {budget} < state {total}: pages must stream ({stats:?})");
-            println!("{precision:?} budget {budget:>7} of {total}: peak resident {}, paged in {} per step", stats.peak_resident_bytes, stats.paged_in_bytes);
+            println!(
+                "{precision:?} budget {budget:>7} of {total}: peak resident {}, paged in {} per step",
+                stats.peak_resident_bytes, stats.paged_in_bytes
+            );
         }
     }
 }
@@ -82,7 +102,8 @@ fn paged_equals_resident_for_any_budget_and_stays_under_it() {
 fn belady_eviction_streams_only_what_does_not_fit() {
     // 10 equal pages, room for 4: per step only the other 6 stream, the minimum (LRU would stream all 10).
     let page = 8 * 1024;
-    let mut opt = PagedAdamWConfig::new().with_page_bytes(page).with_device_budget_bytes(Some(4 * page)).init().unwrap();
+    let mut opt =
+        PagedAdamWConfig::new().with_page_bytes(page).with_device_budget_bytes(Some(4 * page)).init().unwrap();
     let mut p = vec![0.5f32; 10 * page / 8];
     let g = vec![0.1f32; p.len()];
     for s in 0..3 {
@@ -142,7 +163,10 @@ fn checkpoint_round_trip_resumes_bit_exactly() {
 #[test]
 fn bad_input_is_a_clear_error() {
     assert!(matches!(PagedAdamWConfig::new().with_page_bytes(100).init(), Err(OptimError::Config(_))));
-    assert!(matches!(PagedAdamWConfig::new().with_device_budget_bytes(Some(1000)).init(), Err(OptimError::BudgetTooSmall { .. })));
+    assert!(matches!(
+        PagedAdamWConfig::new().with_device_budget_bytes(Some(1000)).init(),
+        Err(OptimError::BudgetTooSmall { .. })
+    ));
     assert!(matches!(PagedAdamWConfig::new().with_beta2(1.0).init(), Err(OptimError::Config(_))));
     let mut opt = PagedAdamWConfig::new().init().unwrap();
     let mut p = vec![0.0f32; 10];
@@ -183,8 +207,14 @@ struct Inner {
 #[test]
 fn module_bridge_reads_grads_by_path_and_steps_like_the_flat_optimizer() {
     let device = Device::flex().autodiff();
-    let tensor = |seed: u64, rows: usize, cols: usize| Tensor::<2>::from_data(TensorData::new(values(seed, rows * cols, 0.3), [rows, cols]), &device);
-    let model = TwoLayer { a: Param::from_tensor(tensor(1, 3, 4)), inner: Inner { b: Param::from_tensor(tensor(2, 4, 2)) }, frozen: tensor(3, 2, 5) };
+    let tensor = |seed: u64, rows: usize, cols: usize| {
+        Tensor::<2>::from_data(TensorData::new(values(seed, rows * cols, 0.3), [rows, cols]), &device)
+    };
+    let model = TwoLayer {
+        a: Param::from_tensor(tensor(1, 3, 4)),
+        inner: Inner { b: Param::from_tensor(tensor(2, 4, 2)) },
+        frozen: tensor(3, 2, 5),
+    };
     let x = tensor(4, 5, 3);
     let loss = x.matmul(model.a.val()).matmul(model.inner.b.val()).matmul(model.frozen.clone()).powf_scalar(2.0).sum();
     let grads = loss.backward();
@@ -203,8 +233,10 @@ fn module_bridge_reads_grads_by_path_and_steps_like_the_flat_optimizer() {
     let norm = clip::clip_grad_norm(&mut slices, 0.3);
     assert_eq!(norm, report.grad_norm);
     let mut expected = before.clone();
-    let mut updates: Vec<ParamGrad<'_>> =
-        expected.iter_mut().map(|(k, p)| ParamGrad { key: k, param: &mut p.values, grad: &clipped[k].values }).collect();
+    let mut updates: Vec<ParamGrad<'_>> = expected
+        .iter_mut()
+        .map(|(k, p)| ParamGrad { key: k, param: &mut p.values, grad: &clipped[k].values })
+        .collect();
     flat.step(1e-2, &mut updates).unwrap();
     assert_eq!(after, expected);
     assert_ne!(after, before);

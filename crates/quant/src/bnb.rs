@@ -104,7 +104,10 @@ pub fn bnb_tensors(name: &str, weight: &QuantizedWeight) -> Result<Vec<(String, 
         Absmax::Plain(absmax) => out.push((format!("{name}.absmax"), StoredTensor::f32(vec![absmax.len()], absmax))),
         Absmax::Double(dq) => {
             out.push((format!("{name}.absmax"), StoredTensor::u8(vec![dq.codes.len()], dq.codes.clone())));
-            out.push((format!("{name}.nested_absmax"), StoredTensor::f32(vec![dq.nested_absmax.len()], &dq.nested_absmax)));
+            out.push((
+                format!("{name}.nested_absmax"),
+                StoredTensor::f32(vec![dq.nested_absmax.len()], &dq.nested_absmax),
+            ));
             out.push((format!("{name}.nested_quant_map"), StoredTensor::f32(vec![256], &dq.code[..])));
             state.nested_blocksize = Some(dq.nested_blocksize);
             state.nested_dtype = Some("float32".into());
@@ -144,7 +147,8 @@ pub fn quant_state_json_bytes(state: &QuantStateJson) -> Vec<u8> {
 /// Reads the quantized weight `name` from bitsandbytes tensors, checking every size against the others and
 /// against the quant_state before anything is used. `file` only labels errors.
 pub fn read_bnb_weight(tensors: &SafeTensors<'_>, name: &str, file: &str) -> Result<QuantizedWeight, QuantError> {
-    let invalid = |tensor: &str, reason: String| QuantError::InvalidTensor { file: file.into(), tensor: tensor.into(), reason };
+    let invalid =
+        |tensor: &str, reason: String| QuantError::InvalidTensor { file: file.into(), tensor: tensor.into(), reason };
     let (state_key, key_type) = [QuantType::Nf4, QuantType::Fp4]
         .iter()
         .map(|&qt| (quant_state_key(name, qt), qt))
@@ -155,7 +159,8 @@ pub fn read_bnb_weight(tensors: &SafeTensors<'_>, name: &str, file: &str) -> Res
             tensor: format!("{name}.quant_state.bitsandbytes__nf4 (or __fp4)"),
         })?;
     let state_view = tensors.tensor(&state_key).expect("found above");
-    let bad_state = |reason: String| QuantError::InvalidQuantState { file: file.into(), tensor: state_key.clone(), reason };
+    let bad_state =
+        |reason: String| QuantError::InvalidQuantState { file: file.into(), tensor: state_key.clone(), reason };
     if state_view.dtype() != Dtype::U8 {
         return Err(bad_state(format!("expected U8 bytes of JSON, found {:?}", state_view.dtype())));
     }
@@ -164,10 +169,14 @@ pub fn read_bnb_weight(tensors: &SafeTensors<'_>, name: &str, file: &str) -> Res
         .filter(|qt| *qt != QuantType::Int4)
         .ok_or_else(|| bad_state(format!("unknown quant_type `{}`", state.quant_type)))?;
     if quant_type != key_type {
-        return Err(bad_state(format!("quant_type `{}` does not match the key suffix `{}`", state.quant_type, key_type)));
+        return Err(bad_state(format!(
+            "quant_type `{}` does not match the key suffix `{}`",
+            state.quant_type, key_type
+        )));
     }
     nf4::check_blocksize(state.blocksize).map_err(|e| bad_state(e.to_string()))?;
-    let dtype = FloatDtype::parse(&state.dtype).ok_or_else(|| bad_state(format!("unsupported dtype `{}`", state.dtype)))?;
+    let dtype =
+        FloatDtype::parse(&state.dtype).ok_or_else(|| bad_state(format!("unsupported dtype `{}`", state.dtype)))?;
     if state.shape.is_empty() {
         return Err(bad_state("empty shape".into()));
     }
@@ -180,7 +189,11 @@ pub fn read_bnb_weight(tensors: &SafeTensors<'_>, name: &str, file: &str) -> Res
     let blocks = nf4::num_blocks(numel, state.blocksize);
 
     let get = |key: &str| {
-        tensors.tensor(key).map_err(|_| QuantError::MissingTensor { file: file.into(), weight: name.into(), tensor: key.into() })
+        tensors.tensor(key).map_err(|_| QuantError::MissingTensor {
+            file: file.into(),
+            weight: name.into(),
+            tensor: key.into(),
+        })
     };
 
     // Packed codes: U8 as transformers saves them; other quant_storage dtypes hold the same bytes.
@@ -189,7 +202,10 @@ pub fn read_bnb_weight(tensors: &SafeTensors<'_>, name: &str, file: &str) -> Res
     let needed = nf4::packed_len(numel);
     let storage = packed_view.dtype().bitsize().div_ceil(8);
     if packed_bytes.len() < needed || packed_bytes.len() >= needed + storage.max(1) {
-        return Err(invalid(name, format!("holds {} bytes, but shape {:?} needs {needed} packed bytes", packed_bytes.len(), state.shape)));
+        return Err(invalid(
+            name,
+            format!("holds {} bytes, but shape {:?} needs {needed} packed bytes", packed_bytes.len(), state.shape),
+        ));
     }
     let packed = packed_bytes[..needed].to_vec();
 
@@ -199,21 +215,36 @@ pub fn read_bnb_weight(tensors: &SafeTensors<'_>, name: &str, file: &str) -> Res
         let ours = quant_type.codebook();
         let same = values.len() == 16 && values.iter().zip(ours).all(|(a, b)| a == b);
         if !same {
-            return Err(invalid(&quant_map_key, format!("is not the standard {quant_type} code book; custom code books are not supported")));
+            return Err(invalid(
+                &quant_map_key,
+                format!("is not the standard {quant_type} code book; custom code books are not supported"),
+            ));
         }
     }
 
     let absmax_key = format!("{name}.absmax");
     let absmax_view = get(&absmax_key)?;
     if absmax_view.shape().iter().product::<usize>() != blocks {
-        return Err(invalid(&absmax_key, format!("has shape {:?}, expected {blocks} blocks for shape {:?} at blocksize {}", absmax_view.shape(), state.shape, state.blocksize)));
+        return Err(invalid(
+            &absmax_key,
+            format!(
+                "has shape {:?}, expected {blocks} blocks for shape {:?} at blocksize {}",
+                absmax_view.shape(),
+                state.shape,
+                state.blocksize
+            ),
+        ));
     }
     let nested = state.nested_offset.is_some() || absmax_view.dtype() == Dtype::U8;
     let absmax = if nested {
         if absmax_view.dtype() != Dtype::U8 {
-            return Err(invalid(&absmax_key, format!("is {:?}, but double-quantized absmax must be U8", absmax_view.dtype())));
+            return Err(invalid(
+                &absmax_key,
+                format!("is {:?}, but double-quantized absmax must be U8", absmax_view.dtype()),
+            ));
         }
-        let offset = state.nested_offset.ok_or_else(|| bad_state("double-quantized absmax but no nested_offset".into()))?;
+        let offset =
+            state.nested_offset.ok_or_else(|| bad_state("double-quantized absmax but no nested_offset".into()))?;
         let nested_blocksize = state.nested_blocksize.unwrap_or(nf4::NESTED_BLOCKSIZE);
         if nested_blocksize == 0 || !nested_blocksize.is_power_of_two() {
             return Err(bad_state(format!("nested_blocksize {nested_blocksize} is not a power of two")));
@@ -221,11 +252,16 @@ pub fn read_bnb_weight(tensors: &SafeTensors<'_>, name: &str, file: &str) -> Res
         let nested_key = format!("{name}.nested_absmax");
         let nested_absmax = read_f32(&get(&nested_key)?, &nested_key, file)?;
         if nested_absmax.len() != blocks.div_ceil(nested_blocksize) {
-            return Err(invalid(&nested_key, format!("holds {} values, expected {}", nested_absmax.len(), blocks.div_ceil(nested_blocksize))));
+            return Err(invalid(
+                &nested_key,
+                format!("holds {} values, expected {}", nested_absmax.len(), blocks.div_ceil(nested_blocksize)),
+            ));
         }
         let map_key = format!("{name}.nested_quant_map");
         let map = read_f32(&get(&map_key)?, &map_key, file)?;
-        let code: [f32; 256] = map.try_into().map_err(|m: Vec<f32>| invalid(&map_key, format!("holds {} values, expected 256", m.len())))?;
+        let code: [f32; 256] = map
+            .try_into()
+            .map_err(|m: Vec<f32>| invalid(&map_key, format!("holds {} values, expected 256", m.len())))?;
         check_finite(&nested_absmax, &nested_key, file)?;
         check_finite(&code, &map_key, file)?;
         if !(offset as f32).is_finite() {
@@ -253,7 +289,11 @@ pub fn read_bnb_weight(tensors: &SafeTensors<'_>, name: &str, file: &str) -> Res
 /// Reads an F32 tensor's values, checking its dtype and byte length.
 pub fn read_f32(view: &safetensors::tensor::TensorView<'_>, key: &str, file: &str) -> Result<Vec<f32>, QuantError> {
     if view.dtype() != Dtype::F32 {
-        return Err(QuantError::InvalidTensor { file: file.into(), tensor: key.into(), reason: format!("is {:?}, expected F32", view.dtype()) });
+        return Err(QuantError::InvalidTensor {
+            file: file.into(),
+            tensor: key.into(),
+            reason: format!("is {:?}, expected F32", view.dtype()),
+        });
     }
     Ok(view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
 }
@@ -261,7 +301,11 @@ pub fn read_f32(view: &safetensors::tensor::TensorView<'_>, key: &str, file: &st
 fn check_finite(values: &[f32], key: &str, file: &str) -> Result<(), QuantError> {
     match values.iter().position(|v| !v.is_finite()) {
         None => Ok(()),
-        Some(i) => Err(QuantError::InvalidTensor { file: file.into(), tensor: key.into(), reason: format!("element {i} is {}", values[i]) }),
+        Some(i) => Err(QuantError::InvalidTensor {
+            file: file.into(),
+            tensor: key.into(),
+            reason: format!("element {i} is {}", values[i]),
+        }),
     }
 }
 

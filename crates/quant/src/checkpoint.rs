@@ -13,7 +13,7 @@ use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 use serde_json::Value;
 
-use crate::bnb::{bnb_tensors, BnbQuantizationConfig, StoredTensor};
+use crate::bnb::{BnbQuantizationConfig, StoredTensor, bnb_tensors};
 use crate::{QuantConfig, QuantError, QuantizedWeight};
 
 /// Tokenizer and generation files copied alongside converted weights.
@@ -51,7 +51,8 @@ impl HfCheckpoint {
         let index_path = dir.join("model.safetensors.index.json");
         let shard_names: Vec<String> = if index_path.exists() {
             let text = std::fs::read_to_string(&index_path).map_err(io_err(&index_path))?;
-            let value: Value = serde_json::from_str(&text).map_err(|source| QuantError::Json { path: index_path.clone(), source })?;
+            let value: Value =
+                serde_json::from_str(&text).map_err(|source| QuantError::Json { path: index_path.clone(), source })?;
             let map = value.get("weight_map").and_then(Value::as_object).ok_or_else(|| QuantError::InvalidConfig {
                 path: index_path.clone(),
                 reason: "no `weight_map` object".into(),
@@ -63,7 +64,10 @@ impl HfCheckpoint {
                     reason: format!("weight_map entry `{tensor}` is not a file name"),
                 })?;
                 if file.contains('/') || file.contains('\\') || file.starts_with('.') {
-                    return Err(QuantError::InvalidConfig { path: index_path.clone(), reason: format!("shard name `{file}` leaves the checkpoint directory") });
+                    return Err(QuantError::InvalidConfig {
+                        path: index_path.clone(),
+                        reason: format!("shard name `{file}` leaves the checkpoint directory"),
+                    });
                 }
                 if !names.iter().any(|n| n == file) {
                     names.push(file.to_string());
@@ -169,7 +173,9 @@ impl FloatValues {
 pub fn read_float(view: &TensorView<'_>, name: &str, file: &str) -> Result<FloatValues, QuantError> {
     let data = view.data();
     Ok(match view.dtype() {
-        Dtype::F32 => FloatValues::F32(data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()),
+        Dtype::F32 => {
+            FloatValues::F32(data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+        }
         Dtype::BF16 => FloatValues::Bf16(data.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]])).collect()),
         Dtype::F16 => FloatValues::F16(data.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]])).collect()),
         other => {
@@ -177,7 +183,7 @@ pub fn read_float(view: &TensorView<'_>, name: &str, file: &str) -> Result<Float
                 file: file.into(),
                 tensor: name.into(),
                 reason: format!("is {other:?}; expected F32, BF16 or F16"),
-            })
+            });
         }
     })
 }
@@ -204,14 +210,23 @@ pub struct QuantizeReport {
 /// `quantization_config`, tokenizer and generation files copied. Files appear atomically.
 pub fn quantize_checkpoint(src: &Path, dst: &Path, config: &QuantConfig) -> Result<QuantizeReport, QuantError> {
     if config.quant_type == QuantType::Int4 {
-        return Err(QuantError::InvalidConfig { path: dst.to_path_buf(), reason: "int4 has no bitsandbytes checkpoint layout; use nf4 or fp4".into() });
+        return Err(QuantError::InvalidConfig {
+            path: dst.to_path_buf(),
+            reason: "int4 has no bitsandbytes checkpoint layout; use nf4 or fp4".into(),
+        });
     }
     let config_path = src.join("config.json");
     let text = std::fs::read_to_string(&config_path).map_err(io_err(&config_path))?;
-    let mut model_config: Value = serde_json::from_str(&text).map_err(|source| QuantError::Json { path: config_path.clone(), source })?;
-    let object = model_config.as_object_mut().ok_or_else(|| QuantError::InvalidConfig { path: config_path.clone(), reason: "not a JSON object".into() })?;
+    let mut model_config: Value =
+        serde_json::from_str(&text).map_err(|source| QuantError::Json { path: config_path.clone(), source })?;
+    let object = model_config
+        .as_object_mut()
+        .ok_or_else(|| QuantError::InvalidConfig { path: config_path.clone(), reason: "not a JSON object".into() })?;
     if object.contains_key("quantization_config") {
-        return Err(QuantError::InvalidConfig { path: config_path.clone(), reason: "the checkpoint is already quantized (config.json has quantization_config)".into() });
+        return Err(QuantError::InvalidConfig {
+            path: config_path.clone(),
+            reason: "the checkpoint is already quantized (config.json has quantization_config)".into(),
+        });
     }
     let compute_dtype = ["dtype", "torch_dtype"]
         .iter()
@@ -254,8 +269,10 @@ pub fn quantize_checkpoint(src: &Path, dst: &Path, config: &QuantConfig) -> Resu
     let metadata = Some([("format".to_string(), "pt".to_string())].into_iter().collect());
     report.shards = shards.len();
     if shards.len() == 1 {
-        let bytes = safetensors::serialize(shards[0].iter().map(|(k, t)| (k.clone(), t)), metadata)
-            .map_err(|source| QuantError::Safetensors { file: dst.join("model.safetensors").display().to_string(), source })?;
+        let bytes =
+            safetensors::serialize(shards[0].iter().map(|(k, t)| (k.clone(), t)), metadata).map_err(|source| {
+                QuantError::Safetensors { file: dst.join("model.safetensors").display().to_string(), source }
+            })?;
         write_atomically(&dst.join("model.safetensors"), &bytes)?;
     } else {
         let count = shards.len();
@@ -270,7 +287,10 @@ pub fn quantize_checkpoint(src: &Path, dst: &Path, config: &QuantConfig) -> Resu
             }
         }
         let index = serde_json::json!({ "metadata": { "total_size": report.output_bytes }, "weight_map": weight_map });
-        write_atomically(&dst.join("model.safetensors.index.json"), serde_json::to_string_pretty(&index).expect("json").as_bytes())?;
+        write_atomically(
+            &dst.join("model.safetensors.index.json"),
+            serde_json::to_string_pretty(&index).expect("json").as_bytes(),
+        )?;
     }
 
     let quantization = BnbQuantizationConfig::new_4bit(config.quant_type, config.double_quant, compute_dtype);

@@ -56,9 +56,8 @@ impl QuantizedWeight {
         let cols = *self.shape.last().expect("non-empty shape");
         let rows = self.numel() / cols.max(1);
         let u8_tensor = |bytes: Vec<u8>| words_tensor(&bytes, device);
-        let f32_tensor = |values: &[f32]| {
-            Tensor::<1>::from_data(TensorData::new(values.to_vec(), [values.len()]), device)
-        };
+        let f32_tensor =
+            |values: &[f32]| Tensor::<1>::from_data(TensorData::new(values.to_vec(), [values.len()]), device);
         let absmax = match &self.data.absmax {
             Absmax::Plain(values) => DeviceAbsmax::Plain(f32_tensor(values)),
             Absmax::Double(dq) => DeviceAbsmax::Double(DeviceDoubleQuant {
@@ -103,12 +102,8 @@ impl DeviceQuantizedWeight {
         match &self.absmax {
             DeviceAbsmax::Plain(values) => values.clone(),
             DeviceAbsmax::Double(dq) => {
-                let values = dq
-                    .code_map
-                    .clone()
-                    .select(0, unpack_bytes(dq.codes.clone(), dq.num_codes));
-                scale_blocks(values, dq.nested_absmax.clone(), dq.nested_blocksize)
-                    .add_scalar(dq.offset)
+                let values = dq.code_map.clone().select(0, unpack_bytes(dq.codes.clone(), dq.num_codes));
+                scale_blocks(values, dq.nested_absmax.clone(), dq.nested_blocksize).add_scalar(dq.offset)
             }
         }
     }
@@ -131,8 +126,7 @@ impl DeviceQuantizedWeight {
 
     fn dequantize_on_host(&self, device: &Device) -> Tensor<2> {
         let bytes = |t: &Tensor<1, Int>, len: usize| -> Vec<u8> { tensor_bytes(t, len) };
-        let floats =
-            |t: &Tensor<1>| -> Vec<f32> { t.to_data().try_into_vec::<f32>().expect("f32 values") };
+        let floats = |t: &Tensor<1>| -> Vec<f32> { t.to_data().try_into_vec::<f32>().expect("f32 values") };
         let absmax = match &self.absmax {
             DeviceAbsmax::Plain(values) => floats(values),
             DeviceAbsmax::Double(dq) => {
@@ -147,9 +141,7 @@ impl DeviceQuantizedWeight {
                 stats.dequantize().expect("consistent by construction")
             }
         };
-        let codebook: [f32; 16] = floats(&self.codebook)
-            .try_into()
-            .expect("16-entry code book");
+        let codebook: [f32; 16] = floats(&self.codebook).try_into().expect("16-entry code book");
         let mut out = vec![0.0f32; self.numel];
         nf4::dequantize_4bit_with_codebook_into(
             &bytes(&self.packed, self.packed_bytes()),
@@ -166,9 +158,7 @@ impl DeviceQuantizedWeight {
     pub fn device_bytes(&self) -> usize {
         let stats = match &self.absmax {
             DeviceAbsmax::Plain(v) => v.dims()[0] * 4,
-            DeviceAbsmax::Double(dq) => {
-                dq.codes.dims()[0] * 4 + dq.nested_absmax.dims()[0] * 4 + 256 * 4
-            }
+            DeviceAbsmax::Double(dq) => dq.codes.dims()[0] * 4 + dq.nested_absmax.dims()[0] * 4 + 256 * 4,
         };
         self.packed.dims()[0] * 4 + stats + 16 * 4
     }
@@ -176,21 +166,14 @@ impl DeviceQuantizedWeight {
 
 /// `bytes` as a tensor of little-endian u32 words (zero padded to whole words).
 pub fn words_tensor(bytes: &[u8], device: &Device) -> Tensor<1, Int> {
-    let words: Vec<u32> = bytes
-        .chunks(4)
-        .map(|c| c.iter().rev().fold(0u32, |w, &b| (w << 8) | u32::from(b)))
-        .collect();
+    let words: Vec<u32> = bytes.chunks(4).map(|c| c.iter().rev().fold(0u32, |w, &b| (w << 8) | u32::from(b))).collect();
     let n = words.len();
     Tensor::<1, Int>::from_data(TensorData::new(words, [n]), (device, DType::U32))
 }
 
 /// The first `len` bytes of a tensor of u32 words (read back to the host).
 pub fn tensor_bytes(words: &Tensor<1, Int>, len: usize) -> Vec<u8> {
-    let words: Vec<u32> = words
-        .to_data()
-        .convert_dtype(DType::U32)
-        .try_into_vec::<u32>()
-        .expect("u32 words");
+    let words: Vec<u32> = words.to_data().convert_dtype(DType::U32).try_into_vec::<u32>().expect("u32 words");
     let mut bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
     bytes.truncate(len);
     bytes
@@ -200,13 +183,7 @@ pub fn tensor_bytes(words: &Tensor<1, Int>, len: usize) -> Vec<u8> {
 pub fn unpack_bytes(words: Tensor<1, Int>, len: usize) -> Tensor<1, Int> {
     let n = words.dims()[0];
     let bytes: Vec<Tensor<1, Int>> = (0..4)
-        .map(|i| {
-            words
-                .clone()
-                .bitwise_right_shift_scalar(8 * i)
-                .bitwise_and_scalar(255)
-                .cast(IntDType::I32)
-        })
+        .map(|i| words.clone().bitwise_right_shift_scalar(8 * i).bitwise_and_scalar(255).cast(IntDType::I32))
         .collect();
     let bytes: Tensor<2, Int> = Tensor::stack(bytes, 1);
     bytes.reshape([n * 4]).narrow(0, 0, len)
@@ -218,11 +195,8 @@ fn scale_blocks(values: Tensor<1>, scales: Tensor<1>, blocksize: usize) -> Tenso
     let blocks = scales.dims()[0];
     let padded = blocks * blocksize;
     let device = values.device();
-    let values = if padded > numel {
-        Tensor::cat(vec![values, Tensor::zeros([padded - numel], &device)], 0)
-    } else {
-        values
-    };
+    let values =
+        if padded > numel { Tensor::cat(vec![values, Tensor::zeros([padded - numel], &device)], 0) } else { values };
     let scaled = values.reshape([blocks, blocksize]) * scales.reshape([blocks, 1]);
     scaled.reshape([padded]).narrow(0, 0, numel)
 }
@@ -235,25 +209,18 @@ mod tests {
 
     fn check(config: QuantConfig, shape: [usize; 2]) {
         let n = shape[0] * shape[1];
-        let values: Vec<f32> = (0..n)
-            .map(|i| ((i as f32) * 0.7311).sin() * (1.0 + (i % 97) as f32))
-            .collect();
+        let values: Vec<f32> = (0..n).map(|i| ((i as f32) * 0.7311).sin() * (1.0 + (i % 97) as f32)).collect();
         let w = QuantizedWeight::quantize("w", &values, &shape, &config).unwrap();
         let host = w.dequantize_f32().unwrap();
         let device = Device::flex();
         let on_device = w.to_device(&device);
-        for (path, tensor) in [
-            ("host kernel", on_device.dequantize()),
-            ("tensor ops", on_device.dequantize_with_tensor_ops()),
-        ] {
+        for (path, tensor) in
+            [("host kernel", on_device.dequantize()), ("tensor ops", on_device.dequantize_with_tensor_ops())]
+        {
             assert_eq!(tensor.dims(), shape);
             let got: Vec<f32> = tensor.into_data().try_into_vec().unwrap();
             for (i, (a, b)) in got.iter().zip(&host).enumerate() {
-                assert_eq!(
-                    a.to_bits(),
-                    b.to_bits(),
-                    "{config:?} {shape:?} {path} element {i}: device {a} host {b}"
-                );
+                assert_eq!(a.to_bits(), b.to_bits(), "{config:?} {shape:?} {path} element {i}: device {a} host {b}");
             }
         }
     }
@@ -262,15 +229,7 @@ mod tests {
     fn flex_dequantize_equals_host_reference_bit_for_bit() {
         check(QuantConfig::new(), [96, 96]);
         check(QuantConfig::new(), [37, 51]);
-        check(
-            QuantConfig::new()
-                .with_double_quant(false)
-                .with_blocksize(128),
-            [17, 300],
-        );
-        check(
-            QuantConfig::new().with_quant_type(QuantType::Fp4),
-            [300, 200],
-        );
+        check(QuantConfig::new().with_double_quant(false).with_blocksize(128), [17, 300]);
+        check(QuantConfig::new().with_quant_type(QuantType::Fp4), [300, 200]);
     }
 }

@@ -15,7 +15,6 @@ mod device;
 mod error;
 mod weight;
 
-
 pub use device::{DeviceAbsmax, DeviceDoubleQuant, DeviceQuantizedWeight};
 pub use error::QuantError;
 pub use weight::{QuantConfig, QuantizedWeight};

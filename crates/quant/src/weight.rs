@@ -32,7 +32,12 @@ pub struct QuantizedWeight {
 
 impl QuantizedWeight {
     /// Quantizes a row-major weight of `shape`. `name` only labels errors.
-    pub fn quantize<T: Element>(name: &str, values: &[T], shape: &[usize], config: &QuantConfig) -> Result<Self, QuantError> {
+    pub fn quantize<T: Element>(
+        name: &str,
+        values: &[T],
+        shape: &[usize],
+        config: &QuantConfig,
+    ) -> Result<Self, QuantError> {
         let expected: usize = shape.iter().product();
         if expected != values.len() {
             return Err(QuantError::NumelMismatch {
@@ -102,19 +107,22 @@ mod tests {
         let values: Vec<f32> = (0..64 * 256 * 2).map(|i| (i as f32 * 0.01).sin()).collect();
         let w = QuantizedWeight::quantize("w", &values, &[128, 256], &QuantConfig::new()).unwrap();
         assert_eq!(format!("{:.3}", w.bits_per_param()), "4.127");
-        let plain = QuantizedWeight::quantize("w", &values, &[128, 256], &QuantConfig::new().with_double_quant(false)).unwrap();
+        let plain =
+            QuantizedWeight::quantize("w", &values, &[128, 256], &QuantConfig::new().with_double_quant(false)).unwrap();
         assert_eq!(plain.bits_per_param(), 4.5);
     }
 
     #[test]
     fn shape_mismatch_names_the_tensor() {
-        let err = QuantizedWeight::quantize("layers.0.q_proj", &[0.0f32; 10], &[3, 4], &QuantConfig::new()).unwrap_err();
+        let err =
+            QuantizedWeight::quantize("layers.0.q_proj", &[0.0f32; 10], &[3, 4], &QuantConfig::new()).unwrap_err();
         assert!(err.to_string().contains("layers.0.q_proj"), "{err}");
     }
 
     #[test]
     fn bad_blocksize_names_the_tensor() {
-        let err = QuantizedWeight::quantize("w", &[0.0f32; 12], &[3, 4], &QuantConfig::new().with_blocksize(48)).unwrap_err();
+        let err =
+            QuantizedWeight::quantize("w", &[0.0f32; 12], &[3, 4], &QuantConfig::new().with_blocksize(48)).unwrap_err();
         assert!(err.to_string().contains("`w`") && err.to_string().contains("48"), "{err}");
     }
 }

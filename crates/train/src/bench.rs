@@ -69,19 +69,14 @@ pub fn random_batch(batch: usize, seq: usize, vocab: usize, seed: u64) -> Batch 
 /// Loads the model as `config` says and times `bench.warmup + bench.steps` training steps.
 pub fn run(config: &TrainConfig, bench: &StepBench) -> Result<StepBenchReport, TrainError> {
     if bench.batch == 0 || bench.seq < 2 || bench.steps == 0 {
-        return Err(TrainError::Input(
-            "bench-step needs --batch ≥ 1, --seq ≥ 2 and --steps ≥ 1".into(),
-        ));
+        return Err(TrainError::Input("bench-step needs --batch ≥ 1, --seq ≥ 2 and --steps ≥ 1".into()));
     }
     let model_path = formats::source::resolve(&config.model)?.label();
     let device = training_device(config)?;
     let (loaded, _lora) = load_for_training(config, &device)?;
     let mut model = loaded.model.clone();
     drop(loaded);
-    let trainable_params: usize = optim::trainable_tensors(&model)?
-        .values()
-        .map(|t| t.values.len())
-        .sum();
+    let trainable_params: usize = optim::trainable_tensors(&model)?.values().map(|t| t.values.len()).sum();
     let mut optimizer: PagedAdamW = optimizer_config(config)?.init()?;
     let max_grad_norm = (config.max_grad_norm > 0.0).then_some(config.max_grad_norm as f32);
     let process_peak_after_load = peak_rss_mib();
@@ -91,19 +86,10 @@ pub fn run(config: &TrainConfig, bench: &StepBench) -> Result<StepBenchReport, T
     let mut times = Vec::with_capacity(bench.steps);
     let mut losses = Vec::new();
     for step in 0..bench.warmup + bench.steps {
-        let batch = random_batch(
-            bench.batch,
-            bench.seq,
-            model.vocab_size,
-            config.seed ^ step as u64,
-        );
+        let batch = random_batch(bench.batch, bench.seq, model.vocab_size, config.seed ^ step as u64);
         let started = Instant::now();
-        let (grads, loss) = accumulate_gradients(
-            &model,
-            std::slice::from_ref(&batch),
-            &device,
-            config.seed ^ ((step as u64) << 16),
-        )?;
+        let (grads, loss) =
+            accumulate_gradients(&model, std::slice::from_ref(&batch), &device, config.seed ^ ((step as u64) << 16))?;
         let (updated, _report) = optimizer.step_module(&model, grads, config.lr, max_grad_norm)?;
         model = updated;
         let seconds = started.elapsed().as_secs_f64();

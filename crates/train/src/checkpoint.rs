@@ -32,7 +32,8 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
 
 /// Creates the output directory and checks that it is writable, before any work is done.
 pub fn prepare_output_dir(out: &Path) -> Result<(), TrainError> {
-    fs::create_dir_all(out).map_err(|e| TrainError::Input(format!("cannot create the output directory {}: {e}", out.display())))?;
+    fs::create_dir_all(out)
+        .map_err(|e| TrainError::Input(format!("cannot create the output directory {}: {e}", out.display())))?;
     // Temporary directories of a run that was killed mid-write are incomplete by construction: remove them.
     for entry in fs::read_dir(out).map_err(io(out))?.flatten() {
         let name = entry.file_name().to_string_lossy().to_string();
@@ -50,7 +51,8 @@ pub fn prepare_output_dir(out: &Path) -> Result<(), TrainError> {
         }
     }
     let probe = out.join(format!(".write-test-{}", std::process::id()));
-    fs::write(&probe, b"ok").map_err(|e| TrainError::Input(format!("the output directory {} is not writable: {e}", out.display())))?;
+    fs::write(&probe, b"ok")
+        .map_err(|e| TrainError::Input(format!("the output directory {} is not writable: {e}", out.display())))?;
     let _ = fs::remove_file(&probe);
     Ok(())
 }
@@ -72,7 +74,10 @@ fn fsync_dir(dir: &Path) -> Result<(), TrainError> {
 }
 
 /// Writes a directory atomically: `fill` writes into a temporary sibling, which then replaces `target`.
-pub fn write_dir_atomically(target: &Path, fill: impl FnOnce(&Path) -> Result<(), TrainError>) -> Result<(), TrainError> {
+pub fn write_dir_atomically(
+    target: &Path,
+    fill: impl FnOnce(&Path) -> Result<(), TrainError>,
+) -> Result<(), TrainError> {
     let parent = target.parent().unwrap_or(Path::new("."));
     let name = target.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
     let tmp = parent.join(format!(".{name}.partial-{}", std::process::id()));
@@ -103,7 +108,12 @@ pub fn write_adapter(model: &LlamaModel, lora: &LoraConfig, dir: &Path, base: &s
 }
 
 /// Writes the adapter directory as a whole, atomically.
-pub fn write_adapter_atomically(model: &LlamaModel, lora: &LoraConfig, dir: &Path, base: &str) -> Result<(), TrainError> {
+pub fn write_adapter_atomically(
+    model: &LlamaModel,
+    lora: &LoraConfig,
+    dir: &Path,
+    base: &str,
+) -> Result<(), TrainError> {
     write_dir_atomically(dir, |tmp| write_adapter(model, lora, tmp, base))
 }
 
@@ -126,7 +136,12 @@ pub fn checkpoints(out: &Path) -> Vec<(u64, PathBuf)> {
 
 /// Saves a checkpoint `checkpoint-<step>` under `out` (files by `fill`, then the trainer state) and keeps the
 /// newest `keep` checkpoints.
-pub fn save(out: &Path, state: &TrainerState, keep: usize, fill: impl FnOnce(&Path) -> Result<(), TrainError>) -> Result<PathBuf, TrainError> {
+pub fn save(
+    out: &Path,
+    state: &TrainerState,
+    keep: usize,
+    fill: impl FnOnce(&Path) -> Result<(), TrainError>,
+) -> Result<PathBuf, TrainError> {
     let target = out.join(format!("checkpoint-{}", state.step));
     write_dir_atomically(&target, |tmp| {
         fill(tmp)?;
@@ -147,10 +162,14 @@ pub fn latest(dir: &Path) -> Result<(PathBuf, TrainerState), TrainError> {
     let ckpt = if dir.join(STATE_FILE).exists() {
         dir.to_path_buf()
     } else {
-        checkpoints(dir).pop().map(|(_, p)| p).ok_or_else(|| TrainError::Input(format!("{}: no checkpoint to resume from", dir.display())))?
+        checkpoints(dir)
+            .pop()
+            .map(|(_, p)| p)
+            .ok_or_else(|| TrainError::Input(format!("{}: no checkpoint to resume from", dir.display())))?
     };
     let path = ckpt.join(STATE_FILE);
     let text = fs::read_to_string(&path).map_err(io(&path))?;
-    let state: TrainerState = serde_json::from_str(&text).map_err(|e| TrainError::Input(format!("{}: {e}", path.display())))?;
+    let state: TrainerState =
+        serde_json::from_str(&text).map_err(|e| TrainError::Input(format!("{}: {e}", path.display())))?;
     Ok((ckpt, state))
 }

@@ -3,9 +3,9 @@
 
 use std::path::{Path, PathBuf};
 
+use burn::tensor::DType;
 use clap::parser::ValueSource;
 use clap::{ArgMatches, Args, FromArgMatches, ValueEnum};
-use burn::tensor::DType;
 use data::DatasetFormat;
 use nf4::QuantType;
 use optim::{AdamPrecision, ScheduleKind};
@@ -289,10 +289,8 @@ impl Default for TrainConfig {
 impl TrainConfig {
     /// Reads a TOML config file written by a previous run (or by hand; missing keys take the defaults).
     pub fn from_toml_file(path: &Path) -> Result<Self, TrainError> {
-        let text = std::fs::read_to_string(path).map_err(|source| TrainError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| TrainError::Io { path: path.to_path_buf(), source })?;
         toml::from_str(&text).map_err(|e| TrainError::Input(format!("{}: {e}", path.display())))
     }
 
@@ -302,12 +300,8 @@ impl TrainConfig {
 
     /// The command line over an optional config file: flags given on the command line win, the file gives
     /// the rest, the defaults fill what neither sets.
-    pub fn from_matches_over_file(
-        matches: &ArgMatches,
-        file: Option<&Path>,
-    ) -> Result<Self, TrainError> {
-        let cli =
-            TrainConfig::from_arg_matches(matches).map_err(|e| TrainError::Input(e.to_string()))?;
+    pub fn from_matches_over_file(matches: &ArgMatches, file: Option<&Path>) -> Result<Self, TrainError> {
+        let cli = TrainConfig::from_arg_matches(matches).map_err(|e| TrainError::Input(e.to_string()))?;
         let Some(file) = file else { return Ok(cli) };
         let base = TrainConfig::from_toml_file(file)?;
         let mut merged = toml::Table::try_from(&base).expect("table");
@@ -325,9 +319,7 @@ impl TrainConfig {
                 }
             }
         }
-        merged
-            .try_into()
-            .map_err(|e: toml::de::Error| TrainError::Input(format!("{}: {e}", file.display())))
+        merged.try_into().map_err(|e: toml::de::Error| TrainError::Input(format!("{}: {e}", file.display())))
     }
 }
 
@@ -398,8 +390,15 @@ mod tests {
         let path = dir.path().join("train_config.toml");
         std::fs::write(&path, config.to_toml()).unwrap();
         assert_eq!(TrainConfig::from_toml_file(&path).unwrap(), config);
-        for (key, bad) in [("device", "\"tpu\""), ("optimizer", "\"sgd\""), ("format", "\"yaml\""), ("quant", "\"nf3\"")] {
-            let text = config.to_toml().lines().map(|l| if l.starts_with(&format!("{key} =")) { format!("{key} = {bad}") } else { l.to_string() }).collect::<Vec<_>>().join("\n");
+        for (key, bad) in
+            [("device", "\"tpu\""), ("optimizer", "\"sgd\""), ("format", "\"yaml\""), ("quant", "\"nf3\"")]
+        {
+            let text = config
+                .to_toml()
+                .lines()
+                .map(|l| if l.starts_with(&format!("{key} =")) { format!("{key} = {bad}") } else { l.to_string() })
+                .collect::<Vec<_>>()
+                .join("\n");
             std::fs::write(&path, text).unwrap();
             let err = TrainConfig::from_toml_file(&path).unwrap_err().to_string();
             assert!(err.contains("train_config.toml"), "{key}: {err}");

@@ -7,8 +7,8 @@
 
 use burn::tensor::Device;
 
-use crate::config::DeviceSpec;
 use crate::TrainError;
+use crate::config::DeviceSpec;
 
 /// The devices this build can use, for messages.
 pub fn available() -> &'static str {

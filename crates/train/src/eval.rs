@@ -32,7 +32,10 @@ impl std::fmt::Display for EvalReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             EvalReport::Loss { loss, perplexity, examples, target_tokens } => {
-                write!(f, "loss {loss:.4}, perplexity {perplexity:.3} ({examples} examples, {target_tokens} target tokens)")
+                write!(
+                    f,
+                    "loss {loss:.4}, perplexity {perplexity:.3} ({examples} examples, {target_tokens} target tokens)"
+                )
             }
             EvalReport::MultipleChoice { accuracy, correct, total, shots } => {
                 write!(f, "accuracy {:.2}% ({correct}/{total}, {shots}-shot)", accuracy * 100.0)
@@ -55,7 +58,11 @@ pub fn parse_questions(text: &str, file: &str) -> Result<Vec<Question>, TrainErr
     for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
         let bad = |reason: String| TrainError::Input(format!("{file}:{}: {reason}", i + 1));
         let v: Value = serde_json::from_str(line).map_err(|e| bad(format!("not valid JSON: {e}")))?;
-        let question = v.get("question").and_then(Value::as_str).ok_or_else(|| bad("`question` must be a string".into()))?.to_string();
+        let question = v
+            .get("question")
+            .and_then(Value::as_str)
+            .ok_or_else(|| bad("`question` must be a string".into()))?
+            .to_string();
         let choices: Vec<String> = v
             .get("choices")
             .and_then(Value::as_array)
@@ -67,7 +74,9 @@ pub fn parse_questions(text: &str, file: &str) -> Result<Vec<Question>, TrainErr
         }
         let answer = match v.get("answer") {
             Some(Value::Number(n)) => n.as_u64().map(|n| n as usize),
-            Some(Value::String(s)) if s.len() == 1 && s.as_bytes()[0].is_ascii_uppercase() => Some((s.as_bytes()[0] - b'A') as usize),
+            Some(Value::String(s)) if s.len() == 1 && s.as_bytes()[0].is_ascii_uppercase() => {
+                Some((s.as_bytes()[0] - b'A') as usize)
+            }
             _ => None,
         }
         .filter(|&a| a < choices.len())
@@ -84,8 +93,14 @@ pub fn parse_questions(text: &str, file: &str) -> Result<Vec<Question>, TrainErr
 pub fn nll_per_example(model: &LlamaModel, batch: &Batch) -> Vec<f64> {
     let device = model.device();
     let (b, t) = (batch.batch, batch.len);
-    let ids = Tensor::<2, Int>::from_data(TensorData::new(batch.ids.iter().map(|&i| i as i64).collect::<Vec<_>>(), [b, t]), &device);
-    let labels = Tensor::<3, Int>::from_data(TensorData::new(batch.labels.iter().map(|&i| i as i64).collect::<Vec<_>>(), [b, t, 1]), &device);
+    let ids = Tensor::<2, Int>::from_data(
+        TensorData::new(batch.ids.iter().map(|&i| i as i64).collect::<Vec<_>>(), [b, t]),
+        &device,
+    );
+    let labels = Tensor::<3, Int>::from_data(
+        TensorData::new(batch.labels.iter().map(|&i| i as i64).collect::<Vec<_>>(), [b, t, 1]),
+        &device,
+    );
     let mask = Tensor::<2>::from_data(TensorData::new(batch.label_mask.clone(), [b, t]), &device);
     let log_probs = log_softmax(model.forward(ids, None).cast(DType::F32), 2);
     let nll = (log_probs.gather(2, labels).reshape([b, t]) * mask).sum_dim(1).neg();
@@ -99,7 +114,10 @@ fn shot_text(q: &Question) -> String {
 /// Multiple-choice accuracy: the first `shots` questions are the demonstrations, the rest are scored.
 pub fn multiple_choice(loaded: &LoadedModel, questions: &[Question], shots: usize) -> Result<EvalReport, TrainError> {
     if shots >= questions.len() {
-        return Err(TrainError::Input(format!("{shots} shots leave none of the {} questions to score", questions.len())));
+        return Err(TrainError::Input(format!(
+            "{shots} shots leave none of the {} questions to score",
+            questions.len()
+        )));
     }
     let tokenizer = loaded.tokenizer()?;
     let model = &loaded.model;
@@ -113,7 +131,8 @@ pub fn multiple_choice(loaded: &LoadedModel, questions: &[Question], shots: usiz
             .iter()
             .map(|c| {
                 let cont = tokenizer.encode(&format!(" {c}"), false)?;
-                let target = std::iter::repeat_n(false, prompt.len()).chain(std::iter::repeat_n(true, cont.len())).collect();
+                let target =
+                    std::iter::repeat_n(false, prompt.len()).chain(std::iter::repeat_n(true, cont.len())).collect();
                 Ok(TokenizedExample { ids: prompt.iter().copied().chain(cont).collect(), target })
             })
             .collect::<Result<_, TrainError>>()?;

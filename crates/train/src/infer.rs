@@ -19,11 +19,7 @@ pub fn load_model(spec: &str, options: &LoadOptions) -> Result<LoadedModel, Trai
 }
 
 /// [`load_model`] onto `device`.
-pub fn load_model_on(
-    spec: &str,
-    options: &LoadOptions,
-    device: &Device,
-) -> Result<LoadedModel, TrainError> {
+pub fn load_model_on(spec: &str, options: &LoadOptions, device: &Device) -> Result<LoadedModel, TrainError> {
     let source = resolve(spec)?;
     Ok(load(&source, options, device)?)
 }
@@ -32,10 +28,7 @@ pub fn load_model_on(
 pub fn logits(loaded: &LoadedModel, ids: &[u32]) -> Result<Vec<f32>, TrainError> {
     check_ids(loaded, ids)?;
     let data: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
-    let input = Tensor::<2, Int>::from_data(
-        TensorData::new(data, [1, ids.len()]),
-        &loaded.model.device(),
-    );
+    let input = Tensor::<2, Int>::from_data(TensorData::new(data, [1, ids.len()]), &loaded.model.device());
     let out = loaded.model.forward(input, None).cast(DType::F32);
     Ok(out.into_data().try_into_vec::<f32>().expect("f32 logits"))
 }
@@ -44,10 +37,7 @@ fn check_ids(loaded: &LoadedModel, ids: &[u32]) -> Result<(), TrainError> {
     if ids.is_empty() {
         return Err(TrainError::Input("no tokens to run".into()));
     }
-    if let Some(&bad) = ids
-        .iter()
-        .find(|&&i| i as usize >= loaded.config.vocab_size)
-    {
+    if let Some(&bad) = ids.iter().find(|&&i| i as usize >= loaded.config.vocab_size) {
         return Err(TrainError::Input(format!(
             "token id {bad} is outside the vocabulary ({} tokens)",
             loaded.config.vocab_size
@@ -67,14 +57,8 @@ pub fn forward_to_file(loaded: &LoadedModel, ids: &[u32], out: &Path) -> Result<
         data: ids.iter().flat_map(|&i| (i as i64).to_le_bytes()).collect(),
     };
     let logits = StoredTensor::f32(vec![1, t, loaded.config.vocab_size], &values);
-    let bytes = safetensors::serialize(
-        [
-            ("input_ids".to_string(), &input),
-            ("logits".to_string(), &logits),
-        ],
-        None,
-    )
-    .map_err(|e| TrainError::Input(format!("serializing {}: {e}", out.display())))?;
+    let bytes = safetensors::serialize([("input_ids".to_string(), &input), ("logits".to_string(), &logits)], None)
+        .map_err(|e| TrainError::Input(format!("serializing {}: {e}", out.display())))?;
     write_atomically(out, &bytes)?;
     Ok(())
 }
@@ -83,9 +67,9 @@ pub fn forward_to_file(loaded: &LoadedModel, ids: &[u32], out: &Path) -> Result<
 pub fn parse_token_list(text: &str) -> Result<Vec<u32>, TrainError> {
     text.split(',')
         .map(|t| {
-            t.trim().parse::<u32>().map_err(|_| {
-                TrainError::Input(format!("`{t}` is not a token id (expected e.g. 1,2,3)"))
-            })
+            t.trim()
+                .parse::<u32>()
+                .map_err(|_| TrainError::Input(format!("`{t}` is not a token id (expected e.g. 1,2,3)")))
         })
         .collect()
 }
@@ -116,30 +100,18 @@ pub fn generate_text(
     let (_, stop) = generate(&loaded.model, prompt_ids, sampling, &stop_ids, |id| {
         tokens.push(id);
         text = tokenizer.decode(&tokens, true).unwrap_or_default();
-        if let Some(pos) = stop_strings
-            .iter()
-            .filter_map(|s| text.find(s.as_str()))
-            .min()
-        {
+        if let Some(pos) = stop_strings.iter().filter_map(|s| text.find(s.as_str())).min() {
             text.truncate(pos);
             return false;
         }
         // Hold back a possibly incomplete UTF-8 character or stop-string prefix.
-        let hold = stop_strings
-            .iter()
-            .map(|s| s.len())
-            .max()
-            .unwrap_or(0)
-            .max(1);
+        let hold = stop_strings.iter().map(|s| s.len()).max().unwrap_or(0).max(1);
         let mut safe = text.len().saturating_sub(hold);
         while safe > printed && !text.is_char_boundary(safe) {
             safe -= 1;
         }
         if safe > printed && !text[printed..safe].contains('\u{FFFD}') {
-            if let Err(e) = out
-                .write_all(text[printed..safe].as_bytes())
-                .and_then(|_| out.flush())
-            {
+            if let Err(e) = out.write_all(text[printed..safe].as_bytes()).and_then(|_| out.flush()) {
                 io_error = Some(e);
                 return false;
             }
@@ -148,26 +120,17 @@ pub fn generate_text(
         true
     })?;
     if let Some(e) = io_error {
-        return Err(TrainError::Io {
-            path: "<stdout>".into(),
-            source: e,
-        });
+        return Err(TrainError::Io { path: "<stdout>".into(), source: e });
     }
     if text.len() > printed {
         out.write_all(text[printed..].as_bytes())
-            .map_err(|source| TrainError::Io {
-                path: "<stdout>".into(),
-                source,
-            })?;
+            .map_err(|source| TrainError::Io { path: "<stdout>".into(), source })?;
     }
     Ok(Generated { text, tokens, stop })
 }
 
 /// Renders one user turn with the model's chat template (ready for the assistant's reply) and encodes it.
-pub fn chat_prompt_ids(
-    loaded: &LoadedModel,
-    messages: &[ChatMessage],
-) -> Result<Vec<u32>, TrainError> {
+pub fn chat_prompt_ids(loaded: &LoadedModel, messages: &[ChatMessage]) -> Result<Vec<u32>, TrainError> {
     let tokenizer = loaded.tokenizer()?;
     let text = tokenizer.apply_chat_template(messages, true)?;
     Ok(tokenizer.encode(&text, false)?)
@@ -182,18 +145,9 @@ pub fn chat_loop(
     input: &mut dyn BufRead,
     output: &mut dyn Write,
 ) -> Result<(), TrainError> {
-    let io = |source| TrainError::Io {
-        path: "<terminal>".into(),
-        source,
-    };
-    let mut messages: Vec<ChatMessage> = system
-        .map(|s| vec![ChatMessage::new("system", s)])
-        .unwrap_or_default();
-    writeln!(
-        output,
-        "chat with the model: /reset starts over, /exit (or Ctrl-D) leaves"
-    )
-    .map_err(io)?;
+    let io = |source| TrainError::Io { path: "<terminal>".into(), source };
+    let mut messages: Vec<ChatMessage> = system.map(|s| vec![ChatMessage::new("system", s)]).unwrap_or_default();
+    writeln!(output, "chat with the model: /reset starts over, /exit (or Ctrl-D) leaves").map_err(io)?;
     loop {
         write!(output, "\n> ").map_err(io)?;
         output.flush().map_err(io)?;

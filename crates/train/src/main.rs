@@ -15,11 +15,7 @@ use train::infer;
 use train::quantize::{self, QuantizeArgs};
 
 #[derive(Parser)]
-#[command(
-    name = "qlora",
-    version,
-    about = "QLoRA in Rust: quantize, finetune and run Llama-family models"
-)]
+#[command(name = "qlora", version, about = "QLoRA in Rust: quantize, finetune and run Llama-family models")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -154,7 +150,6 @@ enum Command {
     },
 }
 
-
 #[derive(Args)]
 struct ModelArgs {
     /// An HF model directory, a bitsandbytes 4-bit checkpoint, a .gguf file, a hub id (org/name), or
@@ -195,12 +190,8 @@ impl ModelArgs {
 
     fn load(&self) -> anyhow::Result<llama::LoadedModel> {
         let options = self.options()?;
-        let mut loaded = infer::load_model_on(
-            &self.model,
-            &options,
-            &train::device::open(self.device)?,
-        )
-        .with_context(|| format!("loading {}", self.model))?;
+        let mut loaded = infer::load_model_on(&self.model, &options, &train::device::open(self.device)?)
+            .with_context(|| format!("loading {}", self.model))?;
         if let Some(dir) = &self.adapter {
             let adapter = loaded.model.load_peft_adapter(dir)?;
             eprintln!(
@@ -238,14 +229,8 @@ struct SamplingArgs {
 impl SamplingArgs {
     fn config(&self) -> anyhow::Result<SamplingConfig> {
         anyhow::ensure!(self.temperature >= 0.0, "--temperature must be >= 0");
-        anyhow::ensure!(
-            self.top_p > 0.0 && self.top_p <= 1.0,
-            "--top-p must be in (0, 1]"
-        );
-        anyhow::ensure!(
-            self.repetition_penalty > 0.0,
-            "--repetition-penalty must be > 0"
-        );
+        anyhow::ensure!(self.top_p > 0.0 && self.top_p <= 1.0, "--top-p must be in (0, 1]");
+        anyhow::ensure!(self.repetition_penalty > 0.0, "--repetition-penalty must be > 0");
         Ok(SamplingConfig::new()
             .with_temperature(self.temperature)
             .with_top_k(self.top_k)
@@ -258,9 +243,7 @@ impl SamplingArgs {
 
 fn parse_quant_type(s: &str) -> Result<QuantType, String> {
     match s.parse::<QuantType>() {
-        Ok(QuantType::Int4) => {
-            Err("int4 has no bitsandbytes checkpoint layout; use nf4 or fp4".into())
-        }
+        Ok(QuantType::Int4) => Err("int4 has no bitsandbytes checkpoint layout; use nf4 or fp4".into()),
         Ok(qt) => Ok(qt),
         Err(e) => Err(e.to_string()),
     }
@@ -273,11 +256,9 @@ impl train::trainer::Progress for Bar {
     fn start(&mut self, total: u64, first: u64) {
         let bar = indicatif::ProgressBar::new(total);
         bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{elapsed_precise} [{bar:30}] step {pos}/{len} (eta {eta}) {msg}",
-            )
-            .expect("template")
-            .progress_chars("=> "),
+            indicatif::ProgressStyle::with_template("{elapsed_precise} [{bar:30}] step {pos}/{len} (eta {eta}) {msg}")
+                .expect("template")
+                .progress_chars("=> "),
         );
         bar.set_position(first);
         self.0 = Some(bar);
@@ -306,12 +287,7 @@ impl train::trainer::Progress for Bar {
 
 /// The config file a resumed run was started with.
 fn config_of_run(resume: &std::path::Path) -> Option<PathBuf> {
-    [
-        resume.join("train_config.toml"),
-        resume.parent()?.join("train_config.toml"),
-    ]
-    .into_iter()
-    .find(|p| p.exists())
+    [resume.join("train_config.toml"), resume.parent()?.join("train_config.toml")].into_iter().find(|p| p.exists())
 }
 
 /// glibc's malloc hands every freed block above its mmap threshold (128 KiB, rising to at most 32 MiB)
@@ -335,46 +311,19 @@ fn main() -> anyhow::Result<()> {
     let matches = <Cli as clap::CommandFactory>::command().get_matches();
     let cli = <Cli as clap::FromArgMatches>::from_arg_matches(&matches)?;
     match cli.command {
-        Command::Train {
-            config: _,
-            config_file,
-            resume,
-        } => {
-            let sub = matches
-                .subcommand_matches("train")
-                .expect("train subcommand");
+        Command::Train { config: _, config_file, resume } => {
+            let sub = matches.subcommand_matches("train").expect("train subcommand");
             let file = config_file.or_else(|| resume.as_deref().and_then(config_of_run));
             let config = TrainConfig::from_matches_over_file(sub, file.as_deref())?;
-            let summary = train::trainer::train(&config, resume.as_deref(), &mut Bar(None))
-                .context("training")?;
+            let summary = train::trainer::train(&config, resume.as_deref(), &mut Bar(None)).context("training")?;
             println!("{}", train::trainer::report(&config, &summary));
         }
-        Command::BenchStep {
-            config,
-            batch,
-            seq,
-            steps,
-            warmup,
-        } => {
-            let report = train::bench::run(
-                &config,
-                &train::bench::StepBench {
-                    batch,
-                    seq,
-                    steps,
-                    warmup,
-                },
-            )
-            .context("bench-step")?;
+        Command::BenchStep { config, batch, seq, steps, warmup } => {
+            let report = train::bench::run(&config, &train::bench::StepBench { batch, seq, steps, warmup })
+                .context("bench-step")?;
             println!("{}", serde_json::to_string(&report)?);
         }
-        Command::Quantize {
-            model,
-            out,
-            quant_type,
-            blocksize,
-            no_double_quant,
-        } => {
+        Command::Quantize { model, out, quant_type, blocksize, no_double_quant } => {
             nf4::check_blocksize(blocksize)?;
             let args = QuantizeArgs {
                 model,
@@ -384,16 +333,11 @@ fn main() -> anyhow::Result<()> {
                     .with_blocksize(blocksize)
                     .with_double_quant(!no_double_quant),
             };
-            let (report, seconds) = quantize::run(&args)
-                .with_context(|| format!("quantizing {}", args.model.display()))?;
+            let (report, seconds) =
+                quantize::run(&args).with_context(|| format!("quantizing {}", args.model.display()))?;
             println!("{}", quantize::summary(&args, &report, seconds));
         }
-        Command::Forward {
-            model,
-            text,
-            tokens,
-            out,
-        } => {
+        Command::Forward { model, text, tokens, out } => {
             let loaded = model.load()?;
             let ids = match (text, tokens) {
                 (Some(text), _) => loaded.tokenizer()?.encode(&text, true)?,
@@ -401,19 +345,9 @@ fn main() -> anyhow::Result<()> {
                 (None, None) => anyhow::bail!("give --text or --tokens"),
             };
             infer::forward_to_file(&loaded, &ids, &out)?;
-            eprintln!(
-                "wrote {} ({} tokens x {} logits)",
-                out.display(),
-                ids.len(),
-                loaded.config.vocab_size
-            );
+            eprintln!("wrote {} ({} tokens x {} logits)", out.display(), ids.len(), loaded.config.vocab_size);
         }
-        Command::Generate {
-            model,
-            prompt,
-            chat,
-            sampling,
-        } => {
+        Command::Generate { model, prompt, chat, sampling } => {
             let loaded = model.load()?;
             let ids = if chat {
                 infer::chat_prompt_ids(&loaded, &[ChatMessage::new("user", prompt)])?
@@ -422,13 +356,7 @@ fn main() -> anyhow::Result<()> {
             };
             let mut stdout = std::io::stdout().lock();
             let started = std::time::Instant::now();
-            let out = infer::generate_text(
-                &loaded,
-                &ids,
-                &sampling.config()?,
-                &sampling.stop,
-                &mut stdout,
-            )?;
+            let out = infer::generate_text(&loaded, &ids, &sampling.config()?, &sampling.stop, &mut stdout)?;
             writeln!(stdout)?;
             let secs = started.elapsed().as_secs_f64();
             eprintln!(
@@ -438,13 +366,7 @@ fn main() -> anyhow::Result<()> {
                 out.stop
             );
         }
-        Command::Merge {
-            model,
-            adapter,
-            out,
-            requantize,
-            dtype,
-        } => {
+        Command::Merge { model, adapter, out, requantize, dtype } => {
             let output = match (requantize, dtype) {
                 (true, _) => lora::merge::MergeOutput::Requantize(QuantConfig::new()),
                 (false, ComputeDtype::Bf16) => lora::merge::MergeOutput::DenseBf16,
@@ -454,11 +376,7 @@ fn main() -> anyhow::Result<()> {
                 .with_context(|| format!("reading {model}"))?;
             let report = lora::merge::merge(base.as_ref(), &adapter, &out, &output)
                 .with_context(|| format!("merging {}", adapter.display()))?;
-            println!(
-                "merged {} adapter modules into {}",
-                report.merged_modules,
-                out.display()
-            );
+            println!("merged {} adapter modules into {}", report.merged_modules, out.display());
             if requantize {
                 println!(
                     "re-quantization error on the merged weights: max {:.3e}, mean {:.3e}",
@@ -466,34 +384,18 @@ fn main() -> anyhow::Result<()> {
                 );
             }
         }
-        Command::Eval {
-            model,
-            data,
-            format,
-            shots,
-            source_max_len,
-            target_max_len,
-            micro_batch_size,
-        } => {
+        Command::Eval { model, data, format, shots, source_max_len, target_max_len, micro_batch_size } => {
             let loaded = model.load()?;
             let args = train::eval::EvalArgs {
                 data,
                 format,
-                limits: data::Limits {
-                    source_max_len,
-                    target_max_len,
-                    train_on_source: false,
-                },
+                limits: data::Limits { source_max_len, target_max_len, train_on_source: false },
                 micro_batch_size,
                 shots,
             };
             println!("{}", train::eval::run(&loaded, &args)?);
         }
-        Command::Chat {
-            model,
-            system,
-            sampling,
-        } => {
+        Command::Chat { model, system, sampling } => {
             let loaded = model.load()?;
             let stdin = std::io::stdin();
             infer::chat_loop(
@@ -514,8 +416,7 @@ mod tests {
 
     #[test]
     fn parses_every_subcommand() {
-        let ok =
-            |args: &[&str]| Cli::try_parse_from(args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+        let ok = |args: &[&str]| Cli::try_parse_from(args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
         ok(&[
             "qlora",
             "quantize",
@@ -529,16 +430,7 @@ mod tests {
             "128",
             "--no-double-quant",
         ]);
-        ok(&[
-            "qlora",
-            "forward",
-            "--model",
-            "m",
-            "--tokens",
-            "1,2,3",
-            "--out",
-            "x.safetensors",
-        ]);
+        ok(&["qlora", "forward", "--model", "m", "--tokens", "1,2,3", "--out", "x.safetensors"]);
         ok(&[
             "qlora",
             "generate",
@@ -554,42 +446,10 @@ mod tests {
             "--stop",
             "\n\n",
         ]);
-        ok(&[
-            "qlora",
-            "chat",
-            "--model",
-            "m",
-            "--quant",
-            "nf4",
-            "--dtype",
-            "bf16",
-            "--adapter",
-            "a",
-        ]);
-        ok(&[
-            "qlora",
-            "merge",
-            "--model",
-            "m",
-            "--adapter",
-            "a",
-            "--out",
-            "o",
-            "--requantize",
-        ]);
+        ok(&["qlora", "chat", "--model", "m", "--quant", "nf4", "--dtype", "bf16", "--adapter", "a"]);
+        ok(&["qlora", "merge", "--model", "m", "--adapter", "a", "--out", "o", "--requantize"]);
         ok(&["qlora", "train"]);
-        ok(&[
-            "qlora",
-            "eval",
-            "--model",
-            "m",
-            "--adapter",
-            "a",
-            "--data",
-            "mmlu.jsonl",
-            "--shots",
-            "5",
-        ]);
+        ok(&["qlora", "eval", "--model", "m", "--adapter", "a", "--data", "mmlu.jsonl", "--shots", "5"]);
         ok(&[
             "qlora",
             "train",
@@ -604,30 +464,9 @@ mod tests {
             "--config",
             "c.toml",
         ]);
-        ok(&[
-            "qlora",
-            "bench-step",
-            "--batch",
-            "8",
-            "--seq",
-            "128",
-            "--compute-dtype",
-            "bf16",
-            "--steps",
-            "5",
-        ]);
+        ok(&["qlora", "bench-step", "--batch", "8", "--seq", "128", "--compute-dtype", "bf16", "--steps", "5"]);
         assert!(
-            Cli::try_parse_from([
-                "qlora",
-                "quantize",
-                "--model",
-                "m",
-                "--out",
-                "o",
-                "--quant-type",
-                "int4"
-            ])
-            .is_err()
+            Cli::try_parse_from(["qlora", "quantize", "--model", "m", "--out", "o", "--quant-type", "int4"]).is_err()
         );
         assert!(
             Cli::try_parse_from(["qlora", "forward", "--model", "m", "--out", "x"]).is_err(),

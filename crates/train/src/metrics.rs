@@ -45,7 +45,8 @@ impl MetricsLog {
     /// checkpoint, so the file reads as one uninterrupted run); 0 starts a fresh file.
     pub fn open(path: &Path, keep_through: u64) -> Result<Self, TrainError> {
         let kept: String = if keep_through > 0 && path.exists() {
-            let text = std::fs::read_to_string(path).map_err(|source| TrainError::Io { path: path.to_path_buf(), source })?;
+            let text =
+                std::fs::read_to_string(path).map_err(|source| TrainError::Io { path: path.to_path_buf(), source })?;
             text.lines()
                 .filter(|l| serde_json::from_str::<Line>(l).is_ok_and(|m| m.step <= keep_through))
                 .map(|l| format!("{l}\n"))
@@ -54,12 +55,17 @@ impl MetricsLog {
             String::new()
         };
         quant::checkpoint::write_atomically(path, kept.as_bytes())?;
-        let file = OpenOptions::new().append(true).open(path).map_err(|source| TrainError::Io { path: path.to_path_buf(), source })?;
+        let file = OpenOptions::new()
+            .append(true)
+            .open(path)
+            .map_err(|source| TrainError::Io { path: path.to_path_buf(), source })?;
         Ok(MetricsLog { path: path.to_path_buf(), file })
     }
 
     fn write(&mut self, value: serde_json::Value) -> Result<(), TrainError> {
-        writeln!(self.file, "{value}").and_then(|_| self.file.flush()).map_err(|source| TrainError::Io { path: self.path.clone(), source })
+        writeln!(self.file, "{value}")
+            .and_then(|_| self.file.flush())
+            .map_err(|source| TrainError::Io { path: self.path.clone(), source })
     }
 
     pub fn step(&mut self, m: &StepMetrics) -> Result<(), TrainError> {
@@ -86,7 +92,9 @@ pub fn rss_mib() -> f64 {
 fn proc_status_mib(key: &str) -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with(key)).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok()))
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with(key)).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
         .map_or(0.0, |kib| kib / 1024.0)
 }
 
@@ -98,7 +106,8 @@ pub fn reset_peak_rss() -> bool {
 
 /// Training and eval losses from a metrics file.
 pub fn read_losses(metrics: &Path) -> Result<(Vec<(f64, f64)>, Vec<(f64, f64)>), TrainError> {
-    let text = std::fs::read_to_string(metrics).map_err(|source| TrainError::Io { path: metrics.to_path_buf(), source })?;
+    let text =
+        std::fs::read_to_string(metrics).map_err(|source| TrainError::Io { path: metrics.to_path_buf(), source })?;
     let (mut train, mut eval) = (Vec::new(), Vec::new());
     for line in text.lines() {
         let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else { continue };
@@ -124,7 +133,8 @@ pub fn plot_losses(metrics: &Path, png: &Path) -> Result<PathBuf, TrainError> {
     let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, FONT);
     let err = |e: &dyn std::fmt::Display| TrainError::Input(format!("drawing {}: {e}", png.display()));
     // The encoder picks the format from the extension, so the temporary file keeps `.png`.
-    let tmp = png.with_file_name(format!(".{}.partial.png", png.file_stem().map(|s| s.to_string_lossy()).unwrap_or_default()));
+    let tmp = png
+        .with_file_name(format!(".{}.partial.png", png.file_stem().map(|s| s.to_string_lossy()).unwrap_or_default()));
     {
         let root = BitMapBackend::new(&tmp, (900, 540)).into_drawing_area();
         root.fill(&WHITE).map_err(|e| err(&e))?;
@@ -152,7 +162,12 @@ pub fn plot_losses(metrics: &Path, png: &Path) -> Result<PathBuf, TrainError> {
                 .label("held-out")
                 .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED));
         }
-        chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw().map_err(|e| err(&e))?;
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()
+            .map_err(|e| err(&e))?;
         root.present().map_err(|e| err(&e))?;
     }
     std::fs::rename(&tmp, png).map_err(|source| TrainError::Io { path: png.to_path_buf(), source })?;

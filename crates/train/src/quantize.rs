@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use quant::checkpoint::{quantize_checkpoint, QuantizeReport};
+use quant::checkpoint::{QuantizeReport, quantize_checkpoint};
 use quant::{QuantConfig, QuantError};
 
 /// What `qlora quantize` was asked to do.

@@ -9,9 +9,7 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use data::{Batch, BatchStream, DataCursor, Limits, OrderConfig, TokenizedExample};
 use llama::{LlamaModel, LoadOptions, LoadedModel};
 use lora::{LoraConfig, TargetModules};
-use optim::{
-    HostTensor, LrSchedule, LrScheduleConfig, PagedAdamW, PagedAdamWConfig, Warmup,
-};
+use optim::{HostTensor, LrSchedule, LrScheduleConfig, PagedAdamW, PagedAdamWConfig, Warmup};
 use quant::QuantConfig;
 use serde::{Deserialize, Serialize};
 
@@ -64,14 +62,8 @@ pub struct PreparedData {
 
 /// Loads the model for training on `device`: quantized as configured, with a fresh LoRA or `init_adapter`.
 /// Returns the model and the LoRA configuration in effect (the init adapter's, when there is one).
-pub fn load_for_training(
-    config: &TrainConfig,
-    device: &Device,
-) -> Result<(LoadedModel, LoraConfig), TrainError> {
-    let quant = config
-        .quant
-        .quant_type()
-    .map(|qt| {
+pub fn load_for_training(config: &TrainConfig, device: &Device) -> Result<(LoadedModel, LoraConfig), TrainError> {
+    let quant = config.quant.quant_type().map(|qt| {
         QuantConfig::new()
             .with_quant_type(qt)
             .with_blocksize(config.blocksize)
@@ -98,12 +90,7 @@ pub fn lora_config(config: &TrainConfig) -> Result<LoraConfig, TrainError> {
     let targets = match config.target_modules.as_str() {
         "all-linear" => TargetModules::AllLinear,
         s if s.starts_with("regex:") => TargetModules::Regex(s["regex:".len()..].to_string()),
-        s => TargetModules::Names(
-            s.split(',')
-                .map(|n| n.trim().to_string())
-                .filter(|n| !n.is_empty())
-                .collect(),
-        ),
+        s => TargetModules::Names(s.split(',').map(|n| n.trim().to_string()).filter(|n| !n.is_empty()).collect()),
     };
     Ok(LoraConfig::new()
         .with_r(config.lora_r)
@@ -120,41 +107,25 @@ fn read_dataset(
 ) -> Result<Vec<data::Example>, TrainError> {
     let format = config.format;
     let report = if spec == data::embedded::WORDNET_NAME {
-        let text = if heldout {
-            data::embedded::WORDNET_HELDOUT
-        } else {
-            data::embedded::WORDNET_TRAIN
-        };
+        let text = if heldout { data::embedded::WORDNET_HELDOUT } else { data::embedded::WORDNET_TRAIN };
         data::parse_jsonl(text, "wordnet (embedded)", format, config.skip_bad_lines)?
     } else {
         data::read_jsonl(Path::new(spec), format, config.skip_bad_lines)?
     };
     if !report.skipped_lines.is_empty() {
-        let shown: Vec<String> = report
-            .skipped_lines
-            .iter()
-            .take(5)
-            .map(|(l, r)| format!("line {l}: {r}"))
-            .collect();
+        let shown: Vec<String> = report.skipped_lines.iter().take(5).map(|(l, r)| format!("line {l}: {r}")).collect();
         notes.push(format!(
             "{spec}: skipped {} malformed lines ({}{})",
             report.skipped_lines.len(),
             shown.join("; "),
-            if report.skipped_lines.len() > 5 {
-                "; …"
-            } else {
-                ""
-            }
+            if report.skipped_lines.len() > 5 { "; …" } else { "" }
         ));
     }
     Ok(report.examples)
 }
 
 /// Reads and tokenizes the training and held-out data.
-pub fn prepare_data(
-    config: &TrainConfig,
-    loaded: &LoadedModel,
-) -> Result<PreparedData, TrainError> {
+pub fn prepare_data(config: &TrainConfig, loaded: &LoadedModel) -> Result<PreparedData, TrainError> {
     let tokenizer = loaded.tokenizer()?;
     let limits = Limits {
         source_max_len: config.source_max_len,
@@ -170,10 +141,8 @@ pub fn prepare_data(
             train.truncated, train.dropped
         ));
     }
-    let eval_spec = config
-        .eval_data
-        .clone()
-        .or_else(|| (config.data == data::embedded::WORDNET_NAME).then(|| config.data.clone()));
+    let eval_spec =
+        config.eval_data.clone().or_else(|| (config.data == data::embedded::WORDNET_NAME).then(|| config.data.clone()));
     let eval = match eval_spec {
         Some(spec) => {
             let examples = read_dataset(&spec, true, config, &mut notes)?;
@@ -186,22 +155,12 @@ pub fn prepare_data(
         None => Vec::new(),
     };
     let vocab = loaded.config.vocab_size as u32;
-    if let Some(bad) = train
-        .examples
-        .iter()
-        .chain(&eval)
-        .flat_map(|e| &e.ids)
-        .find(|&&id| id >= vocab)
-    {
+    if let Some(bad) = train.examples.iter().chain(&eval).flat_map(|e| &e.ids).find(|&&id| id >= vocab) {
         return Err(TrainError::Input(format!(
             "the tokenizer produced token id {bad}, outside the model's vocabulary of {vocab}"
         )));
     }
-    Ok(PreparedData {
-        train: train.examples,
-        eval,
-        notes,
-    })
+    Ok(PreparedData { train: train.examples, eval, notes })
 }
 
 /// The sum of the next-token negative log-likelihood over the batch's target tokens (a scalar tensor).
@@ -233,11 +192,8 @@ pub fn eval_loss(
         if batch.targets == 0 {
             continue;
         }
-        let nll = batch_nll_sum(&model, &batch, &device)
-            .into_data()
-            .convert::<f64>()
-            .try_to_vec::<f64>()
-            .expect("scalar")[0];
+        let nll =
+            batch_nll_sum(&model, &batch, &device).into_data().convert::<f64>().try_to_vec::<f64>().expect("scalar")[0];
         sum += nll;
         count += batch.targets;
     }
@@ -247,11 +203,7 @@ pub fn eval_loss(
 fn add_into(acc: &mut BTreeMap<String, HostTensor>, grads: BTreeMap<String, HostTensor>) {
     for (key, g) in grads {
         match acc.get_mut(&key) {
-            Some(a) => a
-                .values
-                .iter_mut()
-                .zip(&g.values)
-                .for_each(|(a, g)| *a += g),
+            Some(a) => a.values.iter_mut().zip(&g.values).for_each(|(a, g)| *a += g),
             None => {
                 acc.insert(key, g);
             }
@@ -279,11 +231,7 @@ pub fn accumulate_gradients(
         let nll = batch_nll_sum(model, batch, device);
         let loss = nll.clone().div_scalar(targets as f64);
         let g = loss.backward();
-        loss_sum += nll
-            .into_data()
-            .convert::<f64>()
-            .try_to_vec::<f64>()
-            .expect("scalar")[0];
+        loss_sum += nll.into_data().convert::<f64>().try_to_vec::<f64>().expect("scalar")[0];
         add_into(&mut grads, optim::gradients_of(model, &g)?);
     }
     Ok((grads, loss_sum / targets.max(1) as f64))
@@ -292,8 +240,7 @@ pub fn accumulate_gradients(
 /// The optimizer of a run.
 pub fn optimizer_config(config: &TrainConfig) -> Result<PagedAdamWConfig, TrainError> {
     let precision = config.optimizer.precision();
-    let budget =
-        (config.optimizer_device_budget_mib > 0).then(|| config.optimizer_device_budget_mib << 20);
+    let budget = (config.optimizer_device_budget_mib > 0).then(|| config.optimizer_device_budget_mib << 20);
     Ok(PagedAdamWConfig::new()
         .with_precision(precision)
         .with_beta2(config.adam_beta2)
@@ -327,11 +274,7 @@ fn check_config(config: &TrainConfig) -> Result<(), TrainError> {
 /// The device training runs on (`--device`) with autodiff, checkpointing as configured.
 pub fn training_device(config: &TrainConfig) -> Result<Device, TrainError> {
     let device = crate::device::open(config.device)?.autodiff();
-    Ok(if config.gradient_checkpointing {
-        device.gradient_checkpointing()
-    } else {
-        device
-    })
+    Ok(if config.gradient_checkpointing { device.gradient_checkpointing() } else { device })
 }
 
 /// Answers `prompt` greedily with the model's chat template (for the before/after sample).
@@ -342,8 +285,7 @@ pub fn sample_answer(
     max_new_tokens: usize,
 ) -> Result<String, TrainError> {
     let tokenizer = loaded.tokenizer()?;
-    let text = tokenizer
-        .apply_chat_template(&[formats::tokenizer::ChatMessage::new("user", prompt)], true)?;
+    let text = tokenizer.apply_chat_template(&[formats::tokenizer::ChatMessage::new("user", prompt)], true)?;
     let ids = tokenizer.encode(&text, false)?;
     let stop = tokenizer.stop_ids(&loaded.config.eos_token_ids);
     let sampling = llama::generate::SamplingConfig::new().with_max_new_tokens(max_new_tokens);
@@ -359,17 +301,12 @@ pub fn train(
 ) -> Result<TrainSummary, TrainError> {
     check_config(config)?;
     // A run killed before its first checkpoint has nothing to resume: it starts over.
-    let restart = resume.is_some_and(|dir| {
-        checkpoint::latest(dir).is_err() && dir.join("train_config.toml").exists()
-    });
+    let restart = resume.is_some_and(|dir| checkpoint::latest(dir).is_err() && dir.join("train_config.toml").exists());
     if restart {
         progress.message("no checkpoint was written before the run stopped: starting it over");
     }
     let resume = resume.filter(|_| !restart);
-    let config = &TrainConfig {
-        overwrite_output_dir: config.overwrite_output_dir || restart,
-        ..config.clone()
-    };
+    let config = &TrainConfig { overwrite_output_dir: config.overwrite_output_dir || restart, ..config.clone() };
     let out = &config.output_dir;
     if resume.is_none()
         && !config.overwrite_output_dir
@@ -382,12 +319,8 @@ pub fn train(
         )));
     }
     checkpoint::prepare_output_dir(out)?;
-    std::fs::write(out.join("train_config.toml"), config.to_toml()).map_err(|source| {
-        TrainError::Io {
-            path: out.join("train_config.toml"),
-            source,
-        }
-    })?;
+    std::fs::write(out.join("train_config.toml"), config.to_toml())
+        .map_err(|source| TrainError::Io { path: out.join("train_config.toml"), source })?;
 
     // Model, adapter, data.
     let device = training_device(config)?;
@@ -397,23 +330,15 @@ pub fn train(
     for note in &data.notes {
         progress.message(note);
     }
-    let pad_id = loaded
-        .tokenizer()?
-        .eos_token
-        .as_deref()
-        .and_then(|t| loaded.tokenizer().ok()?.token_id(t))
-        .unwrap_or(0);
+    let pad_id =
+        loaded.tokenizer()?.eos_token.as_deref().and_then(|t| loaded.tokenizer().ok()?.token_id(t)).unwrap_or(0);
     let order = OrderConfig {
         shuffle: !config.no_shuffle,
         seed: config.seed,
         group_by_length: config.group_by_length,
         micro_batch_size: config.micro_batch_size,
     };
-    let steps_per_epoch = data
-        .train
-        .len()
-        .div_ceil(config.micro_batch_size)
-        .div_ceil(config.grad_accum) as u64;
+    let steps_per_epoch = data.train.len().div_ceil(config.micro_batch_size).div_ceil(config.grad_accum) as u64;
     let total_steps = if config.max_steps > 0 {
         config.max_steps
     } else {
@@ -423,20 +348,12 @@ pub fn train(
     let mut optimizer: PagedAdamW = optimizer_config(config)?.init()?;
 
     // Resume: adapter values, optimizer state, data position.
-    let mut state = TrainerState {
-        step: 0,
-        cursor: DataCursor::default(),
-        config_toml: config.to_toml(),
-    };
+    let mut state = TrainerState { step: 0, cursor: DataCursor::default(), config_toml: config.to_toml() };
     if let Some(dir) = resume {
         let (ckpt, restored) = checkpoint::latest(dir)?;
         loaded.model.load_peft_adapter(&ckpt.join("adapter"))?;
         optimizer.load(&ckpt.join("optimizer.safetensors"))?;
-        progress.message(&format!(
-            "resumed from {} at step {}",
-            ckpt.display(),
-            restored.step
-        ));
+        progress.message(&format!("resumed from {} at step {}", ckpt.display(), restored.step));
         if restored.cursor.position > data.train.len() {
             return Err(TrainError::Input(format!(
                 "{}: step {} at position {} of epoch {} does not fit this run's data ({} examples): resume with the run's own data and config",
@@ -456,11 +373,8 @@ pub fn train(
         (p, None) if !p.is_empty() => Some(sample_answer(&loaded, &model, p, 64)?),
         _ => None,
     };
-    let eval_loss_before = if resume.is_none() {
-        eval_loss(&model, &data.eval, config.micro_batch_size, pad_id)
-    } else {
-        None
-    };
+    let eval_loss_before =
+        if resume.is_none() { eval_loss(&model, &data.eval, config.micro_batch_size, pad_id) } else { None };
     if let Some(loss) = eval_loss_before {
         metrics.eval(state.step, loss)?;
     }
@@ -473,39 +387,29 @@ pub fn train(
     let max_grad_norm = (config.max_grad_norm > 0.0).then_some(config.max_grad_norm as f32);
     while state.step < total_steps {
         if config.time_limit_s > 0 && started.elapsed().as_secs() >= config.time_limit_s {
-            progress.message(&format!(
-                "time limit of {} s reached at step {}",
-                config.time_limit_s, state.step
-            ));
+            progress.message(&format!("time limit of {} s reached at step {}", config.time_limit_s, state.step));
             break;
         }
         let step_started = Instant::now();
         // One optimizer step = grad_accum micro-batches; the loss is the mean over all their target tokens.
-        let batches: Vec<Batch> = (0..config.grad_accum)
-            .map(|_| Batch::new(&stream.next_examples(), pad_id))
-            .collect();
+        let batches: Vec<Batch> = (0..config.grad_accum).map(|_| Batch::new(&stream.next_examples(), pad_id)).collect();
         let targets: usize = batches.iter().map(|b| b.targets).sum();
         let tokens: usize = batches.iter().map(|b| b.batch * b.len).sum();
-        let (grads, loss) =
-            accumulate_gradients(&model, &batches, &device, config.seed ^ (state.step << 16))?;
+        let (grads, loss) = accumulate_gradients(&model, &batches, &device, config.seed ^ (state.step << 16))?;
         if !loss.is_finite() {
             return Err(TrainError::Diverged(format!(
                 "the loss is {loss} at step {}: stopping without updating; the last good checkpoint is {}",
                 state.step + 1,
-                checkpoint::latest(out)
-                    .map(|(p, _)| p.display().to_string())
-                    .unwrap_or_else(|_| "none".into())
+                checkpoint::latest(out).map(|(p, _)| p.display().to_string()).unwrap_or_else(|_| "none".into())
             )));
         }
         let lr = schedule.lr_at(state.step);
-        let (updated, report) = optimizer
-            .step_module(&model, grads, lr, max_grad_norm)
-            .map_err(|e| match e {
-                optim::OptimError::NonFiniteGradient { .. } => {
-                    TrainError::Diverged(format!("{e} at step {}", state.step + 1))
-                }
-                other => other.into(),
-            })?;
+        let (updated, report) = optimizer.step_module(&model, grads, lr, max_grad_norm).map_err(|e| match e {
+            optim::OptimError::NonFiniteGradient { .. } => {
+                TrainError::Diverged(format!("{e} at step {}", state.step + 1))
+            }
+            other => other.into(),
+        })?;
         model = updated;
         state.step += 1;
         state.cursor = stream.cursor;
@@ -523,8 +427,7 @@ pub fn train(
             paged_in_bytes: report.pager.paged_in_bytes,
             paged_out_bytes: report.pager.paged_out_bytes,
             optimizer_state_bytes: report.pager.state_bytes,
-            epoch: stream.cursor.epoch as f64
-                + stream.cursor.position as f64 / data.train.len().max(1) as f64,
+            epoch: stream.cursor.epoch as f64 + stream.cursor.position as f64 / data.train.len().max(1) as f64,
         };
         metrics.step(&m)?;
         progress.step(&m);
@@ -532,11 +435,7 @@ pub fn train(
         if config.eval_steps > 0 && state.step % config.eval_steps == 0 && !last {
             if let Some(loss) = eval_loss(&model, &data.eval, config.micro_batch_size, pad_id) {
                 metrics.eval(state.step, loss)?;
-                progress.message(&format!(
-                    "step {}: eval loss {loss:.4} (perplexity {:.2})",
-                    state.step,
-                    loss.exp()
-                ));
+                progress.message(&format!("step {}: eval loss {loss:.4} (perplexity {:.2})", state.step, loss.exp()));
             }
         }
         if config.save_steps > 0 && state.step % config.save_steps == 0 && !last {
@@ -554,14 +453,13 @@ pub fn train(
     if let Some(loss) = eval_loss_after {
         metrics.eval(state.step, loss)?;
     }
-    let plot_file =
-        match crate::metrics::plot_losses(&out.join("metrics.jsonl"), &out.join("loss.png")) {
-            Ok(path) => Some(path),
-            Err(e) => {
-                progress.message(&format!("no loss plot: {e}"));
-                None
-            }
-        };
+    let plot_file = match crate::metrics::plot_losses(&out.join("metrics.jsonl"), &out.join("loss.png")) {
+        Ok(path) => Some(path),
+        Err(e) => {
+            progress.message(&format!("no loss plot: {e}"));
+            None
+        }
+    };
     let sample_after = if config.sample_prompt.is_empty() {
         None
     } else {
@@ -614,34 +512,19 @@ pub fn report(config: &TrainConfig, s: &TrainSummary) -> String {
         out.push_str(&format!("training loss {first:.4} → {last:.4}\n"));
     }
     match (s.eval_loss_before, s.eval_loss_after) {
-        (Some(b), Some(a)) => out.push_str(&format!(
-            "held-out loss {b:.4} → {a:.4} (perplexity {:.2} → {:.2})\n",
-            b.exp(),
-            a.exp()
-        )),
-        (None, Some(a)) => out.push_str(&format!(
-            "held-out loss {a:.4} (perplexity {:.2})\n",
-            a.exp()
-        )),
+        (Some(b), Some(a)) => {
+            out.push_str(&format!("held-out loss {b:.4} → {a:.4} (perplexity {:.2} → {:.2})\n", b.exp(), a.exp()))
+        }
+        (None, Some(a)) => out.push_str(&format!("held-out loss {a:.4} (perplexity {:.2})\n", a.exp())),
         _ => {}
     }
     if let (Some(before), Some(after)) = (&s.sample_before, &s.sample_after) {
-        out.push_str(&format!(
-            "\nQ: {}\nbefore: {before}\nafter:  {after}\n\n",
-            config.sample_prompt
-        ));
+        out.push_str(&format!("\nQ: {}\nbefore: {before}\nafter:  {after}\n\n", config.sample_prompt));
     }
-    out.push_str(&format!(
-        "adapter (PEFT): {}\nmetrics: {}\n",
-        s.adapter_dir.display(),
-        s.metrics_file.display()
-    ));
+    out.push_str(&format!("adapter (PEFT): {}\nmetrics: {}\n", s.adapter_dir.display(), s.metrics_file.display()));
     if let Some(plot) = &s.plot_file {
         out.push_str(&format!("loss plot: {}\n", plot.display()));
     }
-    out.push_str(&format!(
-        "config: {}",
-        config.output_dir.join("train_config.toml").display()
-    ));
+    out.push_str(&format!("config: {}", config.output_dir.join("train_config.toml").display()));
     out
 }

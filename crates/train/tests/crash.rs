@@ -16,7 +16,18 @@ fn qlora(out: &Path) -> Command {
         .arg("--data")
         .arg(fixtures().join("chat-train.jsonl"))
         .args(["--lora-r", "8", "--micro-batch-size", "2", "--grad-accum", "2", "--max-steps", "12", "--lr", "2e-3"])
-        .args(["--save-steps", "2", "--save-total-limit", "3", "--eval-steps", "0", "--lora-dropout", "0.1", "--sample-prompt", ""])
+        .args([
+            "--save-steps",
+            "2",
+            "--save-total-limit",
+            "3",
+            "--eval-steps",
+            "0",
+            "--lora-dropout",
+            "0.1",
+            "--sample-prompt",
+            "",
+        ])
         .arg("--output-dir")
         .arg(out)
         .stdout(Stdio::null())
@@ -42,7 +53,8 @@ fn assert_only_complete_files(out: &Path) {
         }
         if name.starts_with("checkpoint-") {
             let dir = entry.path();
-            let state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("trainer_state.json")).unwrap()).unwrap();
+            let state: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(dir.join("trainer_state.json")).unwrap()).unwrap();
             assert_eq!(format!("checkpoint-{}", state["step"]), name);
             for file in ["adapter/adapter_config.json", "adapter/adapter_model.safetensors", "optimizer.safetensors"] {
                 let bytes = std::fs::read(dir.join(file)).unwrap_or_else(|e| panic!("{name}/{file}: {e}"));
@@ -89,11 +101,20 @@ fn killed_runs_resume_with_the_losses_of_an_uninterrupted_run() {
     assert_eq!(expected.len(), 12);
 
     let scenarios: [(&str, Box<dyn Fn(&Path) -> bool>); 2] = [
-        ("during a step", Box::new(move |out: &Path| std::fs::read_to_string(out.join("metrics.jsonl")).is_ok_and(|t| t.lines().count() >= kill_at_step))),
+        (
+            "during a step",
+            Box::new(move |out: &Path| {
+                std::fs::read_to_string(out.join("metrics.jsonl")).is_ok_and(|t| t.lines().count() >= kill_at_step)
+            }),
+        ),
         (
             "during a checkpoint write",
             Box::new(|out: &Path| {
-                std::fs::read_dir(out).into_iter().flatten().flatten().any(|e| e.file_name().to_string_lossy().contains(".partial-"))
+                std::fs::read_dir(out)
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .any(|e| e.file_name().to_string_lossy().contains(".partial-"))
                     || std::fs::read_to_string(out.join("metrics.jsonl")).is_ok_and(|t| t.lines().count() >= 9)
             }),
         ),
@@ -138,7 +159,12 @@ fn a_full_disk_is_a_clear_error_and_leaves_nothing_half_written() {
     assert!(!output.status.success(), "the run must fail");
     assert!(stderr.contains("File too large") && stderr.contains(&out.display().to_string()), "{stderr}");
     assert_only_complete_files(&out);
-    let leftovers: Vec<String> = std::fs::read_dir(&out).unwrap().flatten().map(|e| e.file_name().to_string_lossy().to_string()).filter(|n| n.starts_with('.')).collect();
+    let leftovers: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .filter(|n| n.starts_with('.'))
+        .collect();
     assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
     assert!(train_losses(&out).len() >= 2, "the steps before the failed checkpoint are logged");
 }

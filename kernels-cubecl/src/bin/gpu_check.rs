@@ -48,19 +48,13 @@ fn time_it(client: &Client, iters: usize, mut f: impl FnMut() -> Result<()>) -> 
 }
 
 fn read_act(client: &Client, handle: Handle, n: usize, dtype: FloatDtype) -> Result<Vec<f32>> {
-    let bytes = client
-        .read_one(handle)
-        .map_err(|e| anyhow::anyhow!("read: {e:?}"))?;
+    let bytes = client.read_one(handle).map_err(|e| anyhow::anyhow!("read: {e:?}"))?;
     Ok(match dtype {
         FloatDtype::F32 => bytemuck::cast_slice::<u8, f32>(&bytes[..n * 4]).to_vec(),
-        FloatDtype::Bf16 => bytes[..n * 2]
-            .chunks(2)
-            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        FloatDtype::F16 => bytes[..n * 2]
-            .chunks(2)
-            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
+        FloatDtype::Bf16 => {
+            bytes[..n * 2].chunks(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect()
+        }
+        FloatDtype::F16 => bytes[..n * 2].chunks(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
     })
 }
 
@@ -75,10 +69,7 @@ impl Checks {
         if !ok {
             self.failures += 1;
         }
-        self.lines.push(format!(
-            "| {} | {what} |",
-            if ok { "ok" } else { "**FAIL**" }
-        ));
+        self.lines.push(format!("| {} | {what} |", if ok { "ok" } else { "**FAIL**" }));
     }
 }
 
@@ -98,45 +89,20 @@ fn check_dequant(
     for dtype in [FloatDtype::F32, FloatDtype::Bf16, FloatDtype::F16] {
         let out = poison(client, q.numel.div_ceil(2) * 2 * dtype.size_in_bytes());
         dequantize_into(client, &weight, dtype, &out)?;
-        let dense = DeviceDense {
-            handle: out,
-            numel: q.numel,
-            dtype,
-        };
+        let dense = DeviceDense { handle: out, numel: q.numel, dtype };
         let mismatches = match dtype {
             FloatDtype::F32 => {
                 let got = dense.to_f32(client)?;
                 let want: Vec<f32> = q.dequantize()?;
-                got.iter()
-                    .zip(&want)
-                    .filter(|(a, b)| a.to_bits() != b.to_bits())
-                    .count()
+                got.iter().zip(&want).filter(|(a, b)| a.to_bits() != b.to_bits()).count()
             }
             FloatDtype::Bf16 => {
-                let want: Vec<u16> = q
-                    .dequantize::<half::bf16>()?
-                    .iter()
-                    .map(|v| v.to_bits())
-                    .collect();
-                dense
-                    .to_bits16(client)?
-                    .iter()
-                    .zip(&want)
-                    .filter(|(a, b)| a != b)
-                    .count()
+                let want: Vec<u16> = q.dequantize::<half::bf16>()?.iter().map(|v| v.to_bits()).collect();
+                dense.to_bits16(client)?.iter().zip(&want).filter(|(a, b)| a != b).count()
             }
             FloatDtype::F16 => {
-                let want: Vec<u16> = q
-                    .dequantize::<half::f16>()?
-                    .iter()
-                    .map(|v| v.to_bits())
-                    .collect();
-                dense
-                    .to_bits16(client)?
-                    .iter()
-                    .zip(&want)
-                    .filter(|(a, b)| a != b)
-                    .count()
+                let want: Vec<u16> = q.dequantize::<half::f16>()?.iter().map(|v| v.to_bits()).collect();
+                dense.to_bits16(client)?.iter().zip(&want).filter(|(a, b)| a != b).count()
             }
         };
         checks.record(mismatches == 0, format!("dequantize {rows}×{cols} bs {bs} {qt:?} dq={dq} → {dtype:?}: {mismatches} of {} elements differ from the CPU reference (bit-exact required)", q.numel));
@@ -160,11 +126,7 @@ fn check_product(
     let w = rng.normals(rows * cols, 0.02);
     let q = nf4::quantize(&w, 64, QuantType::Nf4, dq)?;
     let weight = DeviceWeight4bit::upload(client, &q, [rows, cols])?;
-    let (r_size, p_size) = if product == Product::Forward {
-        (cols, rows)
-    } else {
-        (rows, cols)
-    };
+    let (r_size, p_size) = if product == Product::Forward { (cols, rows) } else { (rows, cols) };
     let (a, a_rounded) = upload_as(client, &rng.normals(m * r_size, 1.0), dtype);
     let out = poison(client, m * p_size * dtype.size_in_bytes());
     if use_gemv {
@@ -173,18 +135,8 @@ fn check_product(
         fused_matmul_into(client, &a, m, &weight, product, dtype, &out)?;
     }
     let got = read_act(client, out, m * p_size, dtype)?;
-    let (want, magnitude) = reference_product(
-        &a_rounded,
-        m,
-        &q.dequantize::<f32>()?,
-        [rows, cols],
-        product,
-    );
-    let rounding = if dtype == FloatDtype::F32 {
-        0.0
-    } else {
-        1.0 / 128.0
-    };
+    let (want, magnitude) = reference_product(&a_rounded, m, &q.dequantize::<f32>()?, [rows, cols], product);
+    let rounding = if dtype == FloatDtype::F32 { 0.0 } else { 1.0 / 128.0 };
     // The tensor-core path rounds the decoded W to the activation type (as dequantize-then-matmul does).
     let w_rounding = match dtype {
         FloatDtype::Bf16 if !use_gemv => 1.0 / 256.0,
@@ -219,34 +171,12 @@ fn check_quantize(
     let values = rng.normals(rows * cols, 0.02);
     let (input, rounded) = upload_as(client, &values, dtype);
     let want = nf4::quantize(&rounded, 64, QuantType::Nf4, true)?;
-    let got = quantize(
-        client,
-        &input,
-        dtype,
-        [rows, cols],
-        64,
-        QuantType::Nf4,
-        true,
-    )?;
-    let packed = client
-        .read_one(got.packed.clone())
-        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
-    let code_diff = packed[..want.packed.len()]
-        .iter()
-        .zip(&want.packed)
-        .filter(|(a, b)| a != b)
-        .count();
-    let nf4::Absmax::Double(dq) = &want.absmax else {
-        bail!("expected double quant")
-    };
-    let codes = client
-        .read_one(got.absmax.clone())
-        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
-    let absmax_diff = codes[..dq.codes.len()]
-        .iter()
-        .zip(&dq.codes)
-        .filter(|(a, b)| a != b)
-        .count();
+    let got = quantize(client, &input, dtype, [rows, cols], 64, QuantType::Nf4, true)?;
+    let packed = client.read_one(got.packed.clone()).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let code_diff = packed[..want.packed.len()].iter().zip(&want.packed).filter(|(a, b)| a != b).count();
+    let nf4::Absmax::Double(dq) = &want.absmax else { bail!("expected double quant") };
+    let codes = client.read_one(got.absmax.clone()).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let absmax_diff = codes[..dq.codes.len()].iter().zip(&dq.codes).filter(|(a, b)| a != b).count();
     let ok = code_diff == 0 && absmax_diff == 0 && got.offset.to_bits() == dq.offset.to_bits();
     checks.record(ok, format!("quantize {rows}×{cols} {dtype:?} → NF4+DQ: {code_diff} code bytes, {absmax_diff} absmax codes differ from bitsandbytes' algorithm (nf4 crate)"));
     Ok(())
@@ -264,34 +194,19 @@ fn check_adamw(client: &Client, checks: &mut Checks, rng: &mut Rng) -> Result<()
     let mut page = device.upload(PageState::zeros(StateFormat::F32, n));
     let mut p8_host = init.clone();
     let mut p8_dev = init;
-    let PageState::Blockwise8 {
-        mut codes1,
-        mut absmax1,
-        mut codes2,
-        mut absmax2,
-    } = PageState::zeros(StateFormat::Blockwise8, n)
+    let PageState::Blockwise8 { mut codes1, mut absmax1, mut codes2, mut absmax2 } =
+        PageState::zeros(StateFormat::Blockwise8, n)
     else {
         bail!("format")
     };
     let mut page8 = device.upload(PageState::zeros(StateFormat::Blockwise8, n));
     for step in 1..=5 {
         let grad = rng.normals(n, 0.1);
-        let h = AdamHyper {
-            lr: 1e-3,
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            weight_decay: 0.01,
-            step,
-        };
+        let h = AdamHyper { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01, step };
         adamw_torch(&mut p_host, &grad, &mut m, &mut v, &h);
         device.update(&mut page, UpdateRule::TorchAdamW, &mut p_dev, &grad, &h);
-        let state = Blockwise8Mut {
-            codes1: &mut codes1,
-            absmax1: &mut absmax1,
-            codes2: &mut codes2,
-            absmax2: &mut absmax2,
-        };
+        let state =
+            Blockwise8Mut { codes1: &mut codes1, absmax1: &mut absmax1, codes2: &mut codes2, absmax2: &mut absmax2 };
         adamw_bnb8(
             &mut p8_host,
             &grad,
@@ -305,54 +220,19 @@ fn check_adamw(client: &Client, checks: &mut Checks, rng: &mut Rng) -> Result<()
     if let Some(e) = device.take_error() {
         bail!("optimizer update: {e}");
     }
-    let PageState::F32 {
-        exp_avg,
-        exp_avg_sq,
-    } = device.download(page)
-    else {
-        bail!("format")
-    };
-    let moment_diff = exp_avg
-        .iter()
-        .zip(&m)
-        .filter(|(a, b)| a.to_bits() != b.to_bits())
-        .count()
-        + exp_avg_sq
-            .iter()
-            .zip(&v)
-            .filter(|(a, b)| a.to_bits() != b.to_bits())
-            .count();
-    let param_diff = p_dev
-        .iter()
-        .zip(&p_host)
-        .filter(|(a, b)| a.to_bits() != b.to_bits())
-        .count();
+    let PageState::F32 { exp_avg, exp_avg_sq } = device.download(page) else { bail!("format") };
+    let moment_diff = exp_avg.iter().zip(&m).filter(|(a, b)| a.to_bits() != b.to_bits()).count()
+        + exp_avg_sq.iter().zip(&v).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+    let param_diff = p_dev.iter().zip(&p_host).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
     checks.record(moment_diff == 0 && param_diff == 0, format!("AdamW 32-bit (torch rule), 2^20 params × 5 steps: {moment_diff} moment values differ, {param_diff} parameters differ"));
-    let PageState::Blockwise8 {
-        codes1: d1,
-        absmax1: a1,
-        codes2: d2,
-        absmax2: a2,
-    } = device.download(page8)
-    else {
+    let PageState::Blockwise8 { codes1: d1, absmax1: a1, codes2: d2, absmax2: a2 } = device.download(page8) else {
         bail!("format")
     };
-    let code_diff = d1.iter().zip(&codes1).filter(|(a, b)| a != b).count()
-        + d2.iter().zip(&codes2).filter(|(a, b)| a != b).count();
-    let absmax_diff = a1
-        .iter()
-        .zip(&absmax1)
-        .filter(|(a, b)| a.to_bits() != b.to_bits())
-        .count()
-        + a2.iter()
-            .zip(&absmax2)
-            .filter(|(a, b)| a.to_bits() != b.to_bits())
-            .count();
-    let param_diff = p8_dev
-        .iter()
-        .zip(&p8_host)
-        .filter(|(a, b)| a.to_bits() != b.to_bits())
-        .count();
+    let code_diff =
+        d1.iter().zip(&codes1).filter(|(a, b)| a != b).count() + d2.iter().zip(&codes2).filter(|(a, b)| a != b).count();
+    let absmax_diff = a1.iter().zip(&absmax1).filter(|(a, b)| a.to_bits() != b.to_bits()).count()
+        + a2.iter().zip(&absmax2).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+    let param_diff = p8_dev.iter().zip(&p8_host).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
     checks.record(
         code_diff == 0 && absmax_diff == 0 && param_diff == 0,
         format!("AdamW 8-bit blockwise, 2^20 params × 5 steps: {code_diff} state codes, {absmax_diff} absmax, {param_diff} parameters differ"),
@@ -369,16 +249,12 @@ fn burn_dense_bf16(m: usize, k: usize, n: usize, iters: usize) -> Result<f64> {
     for _ in 0..3 {
         let _ = a.clone().matmul(b.clone());
     }
-    device
-        .sync()
-        .map_err(|e| anyhow::anyhow!("burn sync: {e:?}"))?;
+    device.sync().map_err(|e| anyhow::anyhow!("burn sync: {e:?}"))?;
     let start = Instant::now();
     for _ in 0..iters {
         let _ = a.clone().matmul(b.clone());
     }
-    device
-        .sync()
-        .map_err(|e| anyhow::anyhow!("burn sync: {e:?}"))?;
+    device.sync().map_err(|e| anyhow::anyhow!("burn sync: {e:?}"))?;
     Ok(start.elapsed().as_secs_f64() / iters as f64)
 }
 
@@ -390,23 +266,10 @@ fn main() -> Result<()> {
     writeln!(report, "device: {:?}, seed {seed}", client.name())?;
 
     // 1. Correctness.
-    let mut checks = Checks {
-        lines: vec![],
-        failures: 0,
-    };
+    let mut checks = Checks { lines: vec![], failures: 0 };
     let t = Instant::now();
-    for (rows, cols, bs) in [
-        (3, 37, 64),
-        (17, 515, 32),
-        (300, 97, 256),
-        (4096, 4096, 64),
-        (11008, 4096, 64),
-    ] {
-        for (qt, dq) in [
-            (QuantType::Nf4, true),
-            (QuantType::Nf4, false),
-            (QuantType::Fp4, true),
-        ] {
+    for (rows, cols, bs) in [(3, 37, 64), (17, 515, 32), (300, 97, 256), (4096, 4096, 64), (11008, 4096, 64)] {
+        for (qt, dq) in [(QuantType::Nf4, true), (QuantType::Nf4, false), (QuantType::Fp4, true)] {
             if rows * cols > 1 << 20 && qt == QuantType::Fp4 {
                 continue;
             }
@@ -414,40 +277,13 @@ fn main() -> Result<()> {
         }
     }
     for dtype in [FloatDtype::F32, FloatDtype::Bf16, FloatDtype::F16] {
-        for (m, rows, cols) in [
-            (7, 70, 130),
-            (130, 129, 67),
-            (8, 4096, 4096),
-            (5, 11008, 4096),
-        ] {
+        for (m, rows, cols) in [(7, 70, 130), (130, 129, 67), (8, 4096, 4096), (5, 11008, 4096)] {
             for product in [Product::Forward, Product::InputGrad] {
-                check_product(
-                    &client,
-                    &mut checks,
-                    &mut rng,
-                    m,
-                    rows,
-                    cols,
-                    true,
-                    product,
-                    dtype,
-                    false,
-                )?;
+                check_product(&client, &mut checks, &mut rng, m, rows, cols, true, product, dtype, false)?;
             }
         }
         for (m, rows, cols) in [(1, 300, 515), (16, 4096, 4096), (3, 4096, 11008)] {
-            check_product(
-                &client,
-                &mut checks,
-                &mut rng,
-                m,
-                rows,
-                cols,
-                true,
-                Product::Forward,
-                dtype,
-                true,
-            )?;
+            check_product(&client, &mut checks, &mut rng, m, rows, cols, true, Product::Forward, dtype, true)?;
         }
     }
     for dtype in [FloatDtype::F32, FloatDtype::Bf16, FloatDtype::F16] {
@@ -484,15 +320,9 @@ fn main() -> Result<()> {
         Ok(())
     })?;
     let copy_gbs = 2.0 * copy_bytes as f64 / copy_s / 1e9;
-    writeln!(
-        bench,
-        "device copy (1 GiB read + 1 GiB write): {copy_gbs:.0} GB/s"
-    )?;
+    writeln!(bench, "device copy (1 GiB read + 1 GiB write): {copy_gbs:.0} GB/s")?;
     writeln!(bench)?;
-    writeln!(
-        bench,
-        "| weight [out×in] | dequantize NF4+DQ → bf16 | GB/s | % of copy |"
-    )?;
+    writeln!(bench, "| weight [out×in] | dequantize NF4+DQ → bf16 | GB/s | % of copy |")?;
     writeln!(bench, "|---|---|---|---|")?;
     let shapes = [(4096usize, 4096usize), (11008, 4096), (4096, 11008)];
     let mut weights = vec![];
@@ -502,9 +332,7 @@ fn main() -> Result<()> {
         let q = nf4::quantize(&w, 64, QuantType::Nf4, true)?;
         let weight = DeviceWeight4bit::upload(&client, &q, [rows, cols])?;
         let out = client.empty(rows * cols * 2);
-        let s = time_it(&client, 50, || {
-            Ok(dequantize_into(&client, &weight, FloatDtype::Bf16, &out)?)
-        })?;
+        let s = time_it(&client, 50, || Ok(dequantize_into(&client, &weight, FloatDtype::Bf16, &out)?))?;
         let bytes = (rows * cols) as f64 * (0.5 + 2.0) + (rows * cols / 64) as f64;
         let gbs = bytes / s / 1e9;
         writeln!(bench, "| {rows}×{cols} | {:.1} µs | {gbs:.0} | {:.0}% |", s * 1e6, 100.0 * gbs / copy_gbs)?;
@@ -521,14 +349,7 @@ fn main() -> Result<()> {
     for (rows, cols, weight) in &weights {
         let (rows, cols) = (*rows, *cols);
         let dense_out = client.empty(rows * cols * 2);
-        let dequant_s = time_it(&client, 20, || {
-            Ok(dequantize_into(
-                &client,
-                weight,
-                FloatDtype::Bf16,
-                &dense_out,
-            )?)
-        })?;
+        let dequant_s = time_it(&client, 20, || Ok(dequantize_into(&client, weight, FloatDtype::Bf16, &dense_out)?))?;
         for m in [1usize, 16, 4096] {
             let (x, _) = upload_as(&client, &rng.normals(m * cols, 1.0), FloatDtype::Bf16);
             let y = client.empty(m * rows * 2);
@@ -537,15 +358,7 @@ fn main() -> Result<()> {
                 if m <= 16 {
                     gemv_into(&client, &x, m, weight, FloatDtype::Bf16, &y)?;
                 } else {
-                    fused_matmul_into(
-                        &client,
-                        &x,
-                        m,
-                        weight,
-                        Product::Forward,
-                        FloatDtype::Bf16,
-                        &y,
-                    )?;
+                    fused_matmul_into(&client, &x, m, weight, Product::Forward, FloatDtype::Bf16, &y)?;
                 }
                 Ok(())
             })?;
@@ -571,15 +384,7 @@ fn main() -> Result<()> {
         let (dy, _) = upload_as(&client, &rng.normals(m * rows, 1.0), FloatDtype::Bf16);
         let dx = client.empty(m * cols * 2);
         let s = time_it(&client, 5, || {
-            Ok(fused_matmul_into(
-                &client,
-                &dy,
-                m,
-                weight,
-                Product::InputGrad,
-                FloatDtype::Bf16,
-                &dx,
-            )?)
+            Ok(fused_matmul_into(&client, &dy, m, weight, Product::InputGrad, FloatDtype::Bf16, &dx)?)
         })?;
         writeln!(
             bench,
