@@ -39,7 +39,7 @@ fn adamw_torch_kernel(
         let m_new = fma(scalars[1], g - m[i], m[i]);
         let v_new = fma(scalars[3] * g, g, mul_rounded(v[i], scalars[2]));
         let denom = Sqrt::sqrt(v_new) / scalars[4] + scalars[6];
-        p = p + (scalars[5] * m_new) / denom;
+        p += (scalars[5] * m_new) / denom;
         m[i] = m_new;
         v[i] = v_new;
         param[i] = p;
@@ -94,7 +94,7 @@ fn cube_max(value: f32, scratch: &mut [f32]) -> f32 {
             scratch[unit] = max(scratch[unit], scratch[unit + stride]);
         }
         sync_cube();
-        stride = stride / 2;
+        stride /= 2;
     }
     let result = scratch[0];
     sync_cube();
@@ -155,14 +155,14 @@ fn adamw_bnb8_kernel(
     new_codes[256 + unit] = c2;
     sync_cube();
     // Four units pack four codes into each word.
-    if unit % 4 == 0 && active {
+    if unit.is_multiple_of(4) && active {
         let mut w1 = 0u32;
         let mut w2 = 0u32;
         #[unroll]
         for b in 0..4usize {
             if i + b < n {
-                w1 = w1 | (new_codes[unit + b] << (8u32 * u32::cast_from(b)));
-                w2 = w2 | (new_codes[256 + unit + b] << (8u32 * u32::cast_from(b)));
+                w1 |= new_codes[unit + b] << (8u32 * u32::cast_from(b));
+                w2 |= new_codes[256 + unit + b] << (8u32 * u32::cast_from(b));
             }
         }
         codes1[i / 4] = w1;

@@ -57,7 +57,7 @@ fn dequantize_4bit_tiled_kernel(
     let unit = UNIT_POS as usize;
     let tile_start = CUBE_POS * TILE_ELEMS;
     let first_block = tile_start / blocksize;
-    let blocks = (numel + blocksize - 1) / blocksize;
+    let blocks = numel.div_ceil(blocksize);
     if unit < 16 {
         book[unit] = codebook[unit];
     }

@@ -452,10 +452,10 @@ fn gemv_kernel<F: Float>(
         let mut stride = 16usize;
         while stride > 0 {
             if lane < stride {
-                partial[unit] = partial[unit] + partial[unit + stride];
+                partial[unit] += partial[unit + stride];
             }
             sync_cube();
-            stride = stride / 2;
+            stride /= 2;
         }
         if lane == 0 && p < p_size {
             y[m * p_size + p] = F::cast_from(partial[unit]);

@@ -95,6 +95,7 @@ pub fn f16_bits_to_f32(bits: u32) -> f32 {
 /// into one FMA by default (`--fmad=true`), but the CPU reference (and bitsandbytes) round the product first.
 /// A select on the product's own ordered-ness is opaque to the contraction and free at run time.
 #[cube]
+#[allow(clippy::eq_op)] // `product == product` is the NaN test the contraction cannot see through
 pub fn mul_rounded(a: f32, b: f32) -> f32 {
     let product = a * b;
     select(product == product, product, 0.0f32)
@@ -127,7 +128,7 @@ pub fn block_absmax(
 pub fn nibble(word: u32, j: usize) -> u32 {
     let byte = (word >> (8u32 * u32::cast_from(j / 2))) & 0xFFu32;
     let mut code = byte & 0x0Fu32;
-    if j % 2 == 0 {
+    if j.is_multiple_of(2) {
         code = byte >> 4u32;
     }
     code

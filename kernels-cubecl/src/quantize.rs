@@ -107,17 +107,17 @@ fn quantize_4bit_kernel(
                         lo_x = load_element(input, i + 1, dtype);
                     }
                     if ragged {
-                        hi_x = hi_x / clamped;
-                        lo_x = lo_x / clamped;
+                        hi_x /= clamped;
+                        lo_x /= clamped;
                     } else {
-                        hi_x = hi_x * reciprocal;
-                        lo_x = lo_x * reciprocal;
+                        hi_x *= reciprocal;
+                        lo_x *= reciprocal;
                     }
                     hi_x = (hi_x).clamp(-1.0f32, 1.0f32);
                     lo_x = (lo_x).clamp(-1.0f32, 1.0f32);
                     let byte = (nearest_code(hi_x, &midpoints, &sorted_to_code) << 4u32)
                         | nearest_code(lo_x, &midpoints, &sorted_to_code);
-                    word = word | (byte << (8u32 * u32::cast_from(b)));
+                    word |= byte << (8u32 * u32::cast_from(b));
                 }
             }
             packed[start / 8 + w] = word;
@@ -163,7 +163,7 @@ fn double_quantize_kernel(
                     let t = (v + 1.0f32) * 0.5f32;
                     let index = u32::cast_from(fma(t, 65535.0f32, 0.5f32)) & 0xFFFFu32;
                     let code = (lut[(index / 4u32) as usize] >> (8u32 * (index % 4u32))) & 0xFFu32;
-                    word = word | (code << (8u32 * u32::cast_from(b)));
+                    word |= code << (8u32 * u32::cast_from(b));
                 }
             }
             codes[start / 4 + w] = word;

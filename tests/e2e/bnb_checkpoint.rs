@@ -152,7 +152,8 @@ fn damaged_bnb_tensors_give_clear_errors() {
         .into_iter()
         .map(|(k, v)| (k, StoredTensor { dtype: v.dtype(), shape: v.shape().to_vec(), data: v.data().to_vec() }))
         .collect();
-    let read_with = |edit: &dyn Fn(&mut Vec<(String, StoredTensor)>)| -> String {
+    type Tensors = Vec<(String, StoredTensor)>;
+    let read_with = |edit: &dyn Fn(&mut Tensors)| -> String {
         let mut tensors = all.clone();
         edit(&mut tensors);
         let bytes = safetensors::serialize(tensors.iter().map(|(k, t)| (k.clone(), t)), None).unwrap();

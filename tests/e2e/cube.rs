@@ -72,7 +72,7 @@ fn seeded_dropout_on_wgpu_equals_flex() {
     let on_flex = to_vec(ops::dropout::seeded_dropout(x(&Device::flex()), 0.1, 99));
     let on_wgpu = to_vec(ops::dropout::seeded_dropout(x(&wgpu()), 0.1, 99));
     assert_eq!(on_flex, on_wgpu);
-    assert!(on_flex.iter().any(|&v| v == 0.0));
+    assert!(on_flex.contains(&0.0));
 }
 
 /// `qlora train --device wgpu`: the 12-step QLoRA run of the trainer tests, on the CubeCL backend, matches

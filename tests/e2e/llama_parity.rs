@@ -98,7 +98,9 @@ fn bad_checkpoints_name_file_and_tensor() {
     use quant::checkpoint::HfCheckpoint;
     let src = dir("tiny-llama-f32");
     let checkpoint = HfCheckpoint::open(&src).unwrap();
-    let write = |edit: &dyn Fn(&str, Vec<f32>, Vec<usize>) -> Option<(Vec<f32>, Vec<usize>)>| -> tempfile::TempDir {
+    type Values = (Vec<f32>, Vec<usize>);
+    type Edit<'a> = &'a dyn Fn(&str, Vec<f32>, Vec<usize>) -> Option<Values>;
+    let write = |edit: Edit| -> tempfile::TempDir {
         let out = tempfile::tempdir().unwrap();
         std::fs::copy(src.join("config.json"), out.path().join("config.json")).unwrap();
         let mut tensors = Vec::new();
@@ -113,7 +115,7 @@ fn bad_checkpoints_name_file_and_tensor() {
         out
     };
     let err = |d: &tempfile::TempDir| {
-        load_hf(d.path(), &LoadOptions::default(), &Device::flex()).err().expect("must fail").to_string()
+        load_hf(d.path(), &LoadOptions::default(), &Device::flex()).expect_err("must fail").to_string()
     };
 
     let missing = write(&|name, v, s| (name != "model.layers.1.mlp.up_proj.weight").then_some((v, s)));

@@ -9,6 +9,9 @@
 //! and reused across all rows; tiles of 12 rows × 32 columns accumulate in 24 zmm registers. Results are
 //! f32 or bf16 (rounded once, to nearest even). Without AVX512-BF16 a portable kernel computes the same.
 
+#[cfg(target_endian = "big")]
+compile_error!("bf16-gemm packs its panels little-endian (bf16 halves of u32 words)");
+
 use std::borrow::Cow;
 
 use half::bf16;
@@ -149,7 +152,7 @@ impl<'a> Packed4bit<'a> {
     ) -> Option<Self> {
         let numel = rows * cols;
         let fits = blocksize > 0
-            && blocksize % 2 == 0
+            && blocksize.is_multiple_of(2)
             && bytes.len() >= numel.div_ceil(2)
             && absmax.len() >= numel.div_ceil(blocksize);
         fits.then_some(Packed4bit { bytes, absmax, codebook, blocksize, rows, cols, transposed })
@@ -158,7 +161,7 @@ impl<'a> Packed4bit<'a> {
     /// The code of flattened element `f`.
     fn code(&self, f: usize) -> usize {
         let byte = self.bytes[f / 2];
-        (if f % 2 == 0 { byte >> 4 } else { byte & 0x0f }) as usize
+        (if f.is_multiple_of(2) { byte >> 4 } else { byte & 0x0f }) as usize
     }
 
     /// `put(i, round(W[start + i]))` (flattened W; `codebook · absmax` in f32 as the dequantize kernel
@@ -248,7 +251,6 @@ impl F32Panels for Packed4bit<'_> {
 
 /// The panel's words as bf16 halves (little-endian: the low half first).
 fn bytemuck_u16(words: &mut [u32]) -> &mut [u16] {
-    assert!(cfg!(target_endian = "little"), "panels are packed little-endian");
     bytemuck::cast_slice_mut(words)
 }
 
@@ -441,6 +443,8 @@ fn drive<W: Copy + Default + Send + Sync, O: Output>(
         for (i, p) in (p0..p1).enumerate() {
             pack(p * NR, &mut buf[i * panel_len..(i + 1) * panel_len]);
         }
+        // The closure must capture the whole `Send` wrapper, not its raw-pointer field.
+        #[allow(clippy::redundant_locals)]
         let out_ptr = out_ptr;
         for r0 in (r_start..r_end).step_by(MR) {
             let rows = MR.min(r_end - r0);

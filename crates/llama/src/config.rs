@@ -104,16 +104,16 @@ impl LlamaConfig {
                 return bad(format!("{what} = {a} × {b} is too large"));
             }
         }
-        if self.num_attention_heads % self.num_key_value_heads != 0 {
+        if !self.num_attention_heads.is_multiple_of(self.num_key_value_heads) {
             return bad(format!(
                 "num_attention_heads ({}) is not a multiple of num_key_value_heads ({})",
                 self.num_attention_heads, self.num_key_value_heads
             ));
         }
-        if self.head_dim() % 2 != 0 {
+        if !self.head_dim().is_multiple_of(2) {
             return bad(format!("head_dim {} must be even for rotary embeddings", self.head_dim()));
         }
-        if self.head_dim.is_none() && self.hidden_size % self.num_attention_heads != 0 {
+        if self.head_dim.is_none() && !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return bad(format!(
                 "hidden_size {} is not divisible by num_attention_heads {}",
                 self.hidden_size, self.num_attention_heads
@@ -283,6 +283,19 @@ impl LlamaConfig {
     }
 }
 
+/// A tiny grouped-query config for unit tests: vocabulary 50, hidden 16, MLP 24, 2 layers, 4 heads over 2
+/// K/V heads.
+#[cfg(test)]
+pub(crate) fn tiny_test_config() -> LlamaConfig {
+    LlamaConfig::new()
+        .with_vocab_size(50)
+        .with_hidden_size(16)
+        .with_intermediate_size(24)
+        .with_num_hidden_layers(2)
+        .with_num_attention_heads(4)
+        .with_num_key_value_heads(2)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -290,13 +303,7 @@ mod tests {
 
     #[test]
     fn hf_json_round_trips() {
-        let mut c = LlamaConfig::new()
-            .with_vocab_size(50)
-            .with_hidden_size(16)
-            .with_intermediate_size(24)
-            .with_num_hidden_layers(2)
-            .with_num_attention_heads(4)
-            .with_num_key_value_heads(2)
+        let mut c = tiny_test_config()
             .with_head_dim(Some(4))
             .with_rms_norm_eps(1e-6)
             .with_bos_token_id(Some(1))
@@ -307,7 +314,7 @@ mod tests {
             c.qkv_bias = qkv;
             c.o_bias = o;
             c.mlp_bias = mlp;
-            c.rope_scaling = scaled.then(|| Llama3RopeScaling {
+            c.rope_scaling = scaled.then_some(Llama3RopeScaling {
                 factor: 8.0,
                 low_freq_factor: 1.0,
                 high_freq_factor: 4.0,

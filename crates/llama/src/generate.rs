@@ -21,7 +21,7 @@ pub struct SamplingConfig {
     #[config(default = 1.0)]
     pub top_p: f64,
     /// > 1 discourages tokens already in the context (transformers' rule: divide positive logits,
-    /// multiply negative ones).
+    /// > multiply negative ones).
     #[config(default = 1.0)]
     pub repetition_penalty: f64,
     #[config(default = 128)]

@@ -236,14 +236,7 @@ mod tests {
     use super::*;
 
     fn tiny() -> LlamaConfig {
-        LlamaConfig::new()
-            .with_vocab_size(50)
-            .with_hidden_size(16)
-            .with_intermediate_size(24)
-            .with_num_hidden_layers(2)
-            .with_num_attention_heads(4)
-            .with_num_key_value_heads(2)
-            .with_qkv_bias(true)
+        crate::config::tiny_test_config().with_qkv_bias(true)
     }
 
     /// `LlamaConfig::init` builds a model that runs: `[batch, len]` ids → `[batch, len, vocab]` logits.
@@ -284,7 +277,7 @@ mod tests {
                 self.0.lm_head(v, h)
             }
         }
-        let err = tiny().init_with(&NoNorms(RandomInit::new(&Device::flex()))).err().expect("an error").to_string();
+        let err = tiny().init_with(&NoNorms(RandomInit::new(&Device::flex()))).expect_err("an error").to_string();
         assert!(err.contains("model.layers.0.input_layernorm.weight"), "{err}");
     }
 }

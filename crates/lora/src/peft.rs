@@ -85,8 +85,8 @@ pub fn read_peft_adapter(dir: &Path) -> Result<PeftAdapter, LoraError> {
     let path = dir.join("adapter_model.safetensors");
     let bytes = std::fs::read(&path).map_err(|e| cfg_err(&path, e))?;
     let tensors = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| cfg_err(&path, e))?;
-    let mut halves: BTreeMap<String, (Option<(Vec<f32>, [usize; 2])>, Option<(Vec<f32>, [usize; 2])>)> =
-        BTreeMap::new();
+    type Half = Option<(Vec<f32>, [usize; 2])>;
+    let mut halves: BTreeMap<String, (Half, Half)> = BTreeMap::new();
     for (key, view) in tensors.tensors() {
         let Some(rest) = key.strip_prefix(PEFT_PREFIX) else {
             return Err(cfg_err(&path, format!("tensor `{key}` does not start with `{PEFT_PREFIX}`")));

@@ -246,7 +246,7 @@ impl Quantized4bit {
     /// The 4-bit code of element `i` (unpacked).
     pub fn code(&self, i: usize) -> u8 {
         let byte = self.packed[i / 2];
-        if i % 2 == 0 { byte >> 4 } else { byte & 0x0f }
+        if i.is_multiple_of(2) { byte >> 4 } else { byte & 0x0f }
     }
 }
 

@@ -22,7 +22,7 @@ pub fn torch_sum_f32(values: &[f32], lanes: usize) -> f32 {
     if n >= lanes {
         let vectors = n / lanes;
         let load = |i: usize| -> Vec<f32> { values[i * lanes..(i + 1) * lanes].to_vec() };
-        let lane_sums = row_sum(&load, vectors, || vec![0.0f32; lanes], add_vec);
+        let lane_sums = row_sum(&load, vectors, || vec![0.0f32; lanes], |a: &mut Vec<f32>, b: &Vec<f32>| add_vec(a, b));
         let mut acc = 0.0f32;
         for &v in &values[vectors * lanes..] {
             acc += v;
@@ -36,7 +36,7 @@ pub fn torch_sum_f32(values: &[f32], lanes: usize) -> f32 {
     }
 }
 
-fn add_vec(a: &mut Vec<f32>, b: &Vec<f32>) {
+fn add_vec(a: &mut [f32], b: &[f32]) {
     for (x, y) in a.iter_mut().zip(b) {
         *x += *y;
     }

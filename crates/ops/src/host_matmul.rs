@@ -84,8 +84,7 @@ pub fn upcast_flex<B: Backend>(t: FlexTensor) -> FloatTensor<B> {
 /// `B::float_matmul`.
 pub fn matmul<B: Backend>(lhs: FloatTensor<B>, rhs: FloatTensor<B>) -> FloatTensor<B> {
     if bf16_gemm::accelerated() && TypeId::of::<B>() == TypeId::of::<Flex>() {
-        let (lhs, rhs) =
-            (downcast_flex::<B>(lhs).ok().expect("B is Flex"), downcast_flex::<B>(rhs).ok().expect("B is Flex"));
+        let (lhs, rhs) = (downcast_flex::<B>(lhs).expect("B is Flex"), downcast_flex::<B>(rhs).expect("B is Flex"));
         return upcast_flex::<B>(match flex_bf16_matmul(&lhs, &rhs) {
             Some(out) => out,
             None => <Flex as FloatTensorOps<Flex>>::float_matmul(lhs, rhs),

@@ -141,7 +141,7 @@ impl HostWeight {
 /// Whether [`quant_matmul_on_host`] takes a product: an even block size, and bf16 x on an AVX512-BF16 CPU
 /// or f32 x on an AVX-512 CPU.
 fn host_product_applies(dtype: FloatDType, shape: PackedShape) -> bool {
-    shape.blocksize % 2 == 0
+    shape.blocksize.is_multiple_of(2)
         && match dtype {
             FloatDType::BF16 => bf16_gemm::accelerated(),
             FloatDType::F32 => bf16_gemm::accelerated_f32(),

@@ -66,8 +66,7 @@ pub fn parse_questions(text: &str, file: &str) -> Result<Vec<Question>, TrainErr
         let choices: Vec<String> = v
             .get("choices")
             .and_then(Value::as_array)
-            .map(|a| a.iter().map(|c| c.as_str().map(String::from)).collect::<Option<Vec<_>>>())
-            .flatten()
+            .and_then(|a| a.iter().map(|c| c.as_str().map(String::from)).collect::<Option<Vec<_>>>())
             .ok_or_else(|| bad("`choices` must be a list of strings".into()))?;
         if choices.len() < 2 {
             return Err(bad("a question needs at least two choices".into()));

@@ -111,7 +111,7 @@ pub fn generate_text(
             safe -= 1;
         }
         if safe > printed && !text[printed..safe].contains('\u{FFFD}') {
-            if let Err(e) = out.write_all(text[printed..safe].as_bytes()).and_then(|_| out.flush()) {
+            if let Err(e) = out.write_all(&text.as_bytes()[printed..safe]).and_then(|_| out.flush()) {
                 io_error = Some(e);
                 return false;
             }
@@ -123,7 +123,7 @@ pub fn generate_text(
         return Err(TrainError::Io { path: "<stdout>".into(), source: e });
     }
     if text.len() > printed {
-        out.write_all(text[printed..].as_bytes())
+        out.write_all(&text.as_bytes()[printed..])
             .map_err(|source| TrainError::Io { path: "<stdout>".into(), source })?;
     }
     Ok(Generated { text, tokens, stop })

@@ -104,8 +104,11 @@ pub fn reset_peak_rss() -> bool {
     std::fs::write("/proc/self/clear_refs", "5").is_ok()
 }
 
+/// `(step, loss)` points of one curve.
+pub type LossCurve = Vec<(f64, f64)>;
+
 /// Training and eval losses from a metrics file.
-pub fn read_losses(metrics: &Path) -> Result<(Vec<(f64, f64)>, Vec<(f64, f64)>), TrainError> {
+pub fn read_losses(metrics: &Path) -> Result<(LossCurve, LossCurve), TrainError> {
     let text =
         std::fs::read_to_string(metrics).map_err(|source| TrainError::Io { path: metrics.to_path_buf(), source })?;
     let (mut train, mut eval) = (Vec::new(), Vec::new());

@@ -240,7 +240,7 @@ pub fn accumulate_gradients(
 /// The optimizer of a run.
 pub fn optimizer_config(config: &TrainConfig) -> Result<PagedAdamWConfig, TrainError> {
     let precision = config.optimizer.precision();
-    let budget = (config.optimizer_device_budget_mib > 0).then(|| config.optimizer_device_budget_mib << 20);
+    let budget = (config.optimizer_device_budget_mib > 0).then_some(config.optimizer_device_budget_mib << 20);
     Ok(PagedAdamWConfig::new()
         .with_precision(precision)
         .with_beta2(config.adam_beta2)
@@ -432,13 +432,15 @@ pub fn train(
         metrics.step(&m)?;
         progress.step(&m);
         let last = state.step == total_steps;
-        if config.eval_steps > 0 && state.step % config.eval_steps == 0 && !last {
-            if let Some(loss) = eval_loss(&model, &data.eval, config.micro_batch_size, pad_id) {
-                metrics.eval(state.step, loss)?;
-                progress.message(&format!("step {}: eval loss {loss:.4} (perplexity {:.2})", state.step, loss.exp()));
-            }
+        if config.eval_steps > 0
+            && state.step.is_multiple_of(config.eval_steps)
+            && !last
+            && let Some(loss) = eval_loss(&model, &data.eval, config.micro_batch_size, pad_id)
+        {
+            metrics.eval(state.step, loss)?;
+            progress.message(&format!("step {}: eval loss {loss:.4} (perplexity {:.2})", state.step, loss.exp()));
         }
-        if config.save_steps > 0 && state.step % config.save_steps == 0 && !last {
+        if config.save_steps > 0 && state.step.is_multiple_of(config.save_steps) && !last {
             save(out, &model, &optimizer, &state, config, &lora)?;
         }
     }

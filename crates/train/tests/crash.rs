@@ -100,7 +100,8 @@ fn killed_runs_resume_with_the_losses_of_an_uninterrupted_run() {
     let expected = train_losses(straight.path());
     assert_eq!(expected.len(), 12);
 
-    let scenarios: [(&str, Box<dyn Fn(&Path) -> bool>); 2] = [
+    type KillWhen = Box<dyn Fn(&Path) -> bool>;
+    let scenarios: [(&str, KillWhen); 2] = [
         (
             "during a step",
             Box::new(move |out: &Path| {

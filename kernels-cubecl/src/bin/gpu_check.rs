@@ -5,6 +5,7 @@
 //! 2. benchmarks at Llama-7B shapes: dequantize GB/s against the measured device copy bandwidth, the fused
 //!    dequantize-matmul against burn's dense bf16 matmul of the same shape, and for small batches the
 //!    streaming GEMV against dequantize-then-matmul.
+//!
 //! Prints one markdown table and writes it to `$OUT/gpu-check.md` (or `./gpu-check.md`).
 
 use std::fmt::Write as _;
@@ -187,7 +188,7 @@ fn check_adamw(client: &Client, checks: &mut Checks, rng: &mut Rng) -> Result<()
     use adamw_rules::update::{AdamHyper, Blockwise8Mut, adamw_bnb8, adamw_torch};
     use adamw_rules::{PageDevice, PageState, StateFormat};
     let n = 1 << 20;
-    let mut device = qlora_kernels::adamw_rules::DevicePages::new(client.clone());
+    let mut device = qlora_kernels::adamw::DevicePages::new(client.clone());
     let init = rng.normals(n, 1.0);
     let (mut p_host, mut p_dev) = (init.clone(), init.clone());
     let (mut m, mut v) = (vec![0.0; n], vec![0.0; n]);

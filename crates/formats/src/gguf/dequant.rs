@@ -297,8 +297,9 @@ mod tests {
     // --- Dequantization against Python `gguf.quants.dequantize` (gguf 0.19.0) -----------------
     // Blocks come from `gguf.quants.quantize` of random normals (Q4_0/Q4_1/Q5_0/Q5_1/Q8_0) or are
     // random bytes with sane f16 scales (K-quants, IQ4, MXFP4); the expected values are what
-    // gguf-py's numpy dequantizer returns, as f32 bit patterns. They live in the workspace fixture
-    // `tests/fixtures/gguf/dequant_cases.json`.
+    // gguf-py's numpy dequantizer returns, as f32 bit patterns (Q8_K, which gguf-py lacks: ggml's
+    // `d * qs`). They live in the workspace fixture `tests/fixtures/gguf/dequant_cases.json`, made by
+    // `xtask/fixtures/make_gguf_fixtures.py` (`cargo xtask fixtures gguf`).
 
     /// One case of `tests/fixtures/gguf/dequant_cases.json`.
     #[derive(serde::Deserialize)]
