@@ -31,6 +31,13 @@ impl QuantChoice {
             QuantChoice::Fp4 => Some(QuantType::Fp4),
         }
     }
+
+    /// The quantization applied on load (`None`: keep dense).
+    pub fn quant_config(self, blocksize: usize, double_quant: bool) -> Option<quant::QuantConfig> {
+        self.quant_type().map(|qt| {
+            quant::QuantConfig::new().with_quant_type(qt).with_blocksize(blocksize).with_double_quant(double_quant)
+        })
+    }
 }
 
 /// `--compute-dtype` of training: QLoRA computes in f32 or bf16.

@@ -179,12 +179,7 @@ struct ModelArgs {
 impl ModelArgs {
     fn options(&self) -> anyhow::Result<LoadOptions> {
         nf4::check_blocksize(self.blocksize)?;
-        let quant = self.quant.quant_type().map(|qt| {
-            QuantConfig::new()
-                .with_quant_type(qt)
-                .with_blocksize(self.blocksize)
-                .with_double_quant(!self.no_double_quant)
-        });
+        let quant = self.quant.quant_config(self.blocksize, !self.no_double_quant);
         Ok(LoadOptions { dtype: self.dtype.dtype(), quant })
     }
 

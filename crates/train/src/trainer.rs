@@ -10,7 +10,6 @@ use data::{Batch, BatchStream, DataCursor, Limits, OrderConfig, TokenizedExample
 use llama::{LlamaModel, LoadOptions, LoadedModel};
 use lora::{LoraConfig, TargetModules};
 use optim::{HostTensor, LrSchedule, LrScheduleConfig, PagedAdamW, PagedAdamWConfig, Warmup};
-use quant::QuantConfig;
 use serde::{Deserialize, Serialize};
 
 use crate::TrainError;
@@ -63,12 +62,7 @@ pub struct PreparedData {
 /// Loads the model for training on `device`: quantized as configured, with a fresh LoRA or `init_adapter`.
 /// Returns the model and the LoRA configuration in effect (the init adapter's, when there is one).
 pub fn load_for_training(config: &TrainConfig, device: &Device) -> Result<(LoadedModel, LoraConfig), TrainError> {
-    let quant = config.quant.quant_type().map(|qt| {
-        QuantConfig::new()
-            .with_quant_type(qt)
-            .with_blocksize(config.blocksize)
-            .with_double_quant(!config.no_double_quant)
-    });
+    let quant = config.quant.quant_config(config.blocksize, !config.no_double_quant);
     nf4::check_blocksize(config.blocksize).map_err(|e| TrainError::Input(e.to_string()))?;
     let source = formats::source::resolve(&config.model)?;
     let dtype = config.compute_dtype.dtype();
