@@ -180,14 +180,151 @@ pub enum DevicePage {
     Blockwise8 { codes1: Handle, absmax1: Handle, codes2: Handle, absmax2: Handle, len: usize },
 }
 
-/// Device memory as the paged optimizer's page device: pages are uploaded on page-in, updated in place by the
-/// fused kernels (parameter and gradient slices travel with the update), and read back on page-out.
-pub struct DevicePages {
-    client: Client,
+/// The state buffers one update reads and writes in place: f32 moments (`n` each), or 8-bit codes packed four
+/// to a u32 word (`n.div_ceil(4)` words, little-endian) with one f32 absmax per 256-element block.
+pub enum StateBuffers<'a> {
+    F32 { exp_avg: &'a Handle, exp_avg_sq: &'a Handle },
+    Blockwise8 { codes1: &'a Handle, absmax1: &'a Handle, codes2: &'a Handle, absmax2: &'a Handle },
+}
+
+/// The two 8-bit state code books (values and 65,536-entry lookup tables) in device memory.
+pub struct DeviceCodebooks {
     signed_values: Handle,
     unsigned_values: Handle,
     signed_lut: Handle,
     unsigned_lut: Handle,
+}
+
+impl DeviceCodebooks {
+    pub fn upload(client: &Client) -> Self {
+        let signed = adamw_rules::codebooks::signed();
+        let unsigned = adamw_rules::codebooks::unsigned();
+        DeviceCodebooks {
+            signed_values: upload_f32(client, signed.values()),
+            unsigned_values: upload_f32(client, unsigned.values()),
+            signed_lut: upload_u32(client, &bytes_to_words(signed.lookup_table())),
+            unsigned_lut: upload_u32(client, &bytes_to_words(unsigned.lookup_table())),
+        }
+    }
+}
+
+/// Runs `rule` on `n` elements in place on the device: `param` (f32) and the state buffers are updated, `grad`
+/// (f32) is read. Nothing is read back.
+pub fn update_in_place(
+    client: &Client,
+    books: &DeviceCodebooks,
+    rule: UpdateRule,
+    param: &Handle,
+    grad: &Handle,
+    state: StateBuffers<'_>,
+    n: usize,
+    h: &AdamHyper,
+) -> Result<(), KernelError> {
+    if n == 0 {
+        return Ok(());
+    }
+    let c = client;
+    let step = h.step as f64;
+    let dim = CubeDim::new_1d(256);
+    match (state, rule) {
+        (StateBuffers::F32 { exp_avg, exp_avg_sq }, rule @ (UpdateRule::TorchAdamW | UpdateRule::Bnb32)) => {
+            let c1 = 1.0 - h.beta1.powf(step);
+            let c2 = (1.0 - h.beta2.powf(step)).sqrt();
+            // Each kernel's scalars, in the order its comment lists them.
+            let scalars = if rule == UpdateRule::TorchAdamW {
+                [
+                    (1.0 - h.lr * h.weight_decay) as f32,
+                    (1.0 - h.beta1) as f32,
+                    h.beta2 as f32,
+                    (1.0 - h.beta2) as f32,
+                    ((1.0 - h.beta2.powf(step)).powf(0.5)) as f32,
+                    (-(h.lr / c1)) as f32,
+                    h.eps as f32,
+                ]
+            } else {
+                [
+                    h.beta1 as f32,
+                    (1.0 - h.beta1) as f32,
+                    h.beta2 as f32,
+                    (1.0 - h.beta2) as f32,
+                    (1.0 - h.lr * h.weight_decay) as f32,
+                    (-h.lr * c2 / c1) as f32,
+                    (h.eps * c2) as f32,
+                ]
+            };
+            let count = cubecl::calculate_cube_count_elemwise(c, n, dim);
+            macro_rules! launch {
+                ($kernel:ident, $apply_decay:expr) => {
+                    unsafe {
+                        $kernel::launch_unchecked(
+                            c,
+                            count,
+                            dim,
+                            BufferArg::from_raw_parts(param.clone(), n),
+                            BufferArg::from_raw_parts(grad.clone(), n),
+                            BufferArg::from_raw_parts(exp_avg.clone(), n),
+                            BufferArg::from_raw_parts(exp_avg_sq.clone(), n),
+                            n,
+                            BufferArg::from_raw_parts(upload_f32(c, &scalars), scalars.len()),
+                            $apply_decay,
+                        )
+                    }
+                };
+            }
+            // torch decays whenever weight_decay != 0, bitsandbytes only when it is > 0.
+            match rule {
+                UpdateRule::TorchAdamW => launch!(adamw_torch_kernel, h.weight_decay != 0.0),
+                _ => launch!(adamw_bnb32_kernel, h.weight_decay > 0.0),
+            }
+        }
+        (StateBuffers::Blockwise8 { codes1, absmax1, codes2, absmax2 }, UpdateRule::Bnb8) => {
+            let c1 = 1.0 - h.beta1.powf(step);
+            let c2 = (1.0 - h.beta2.powf(step)).sqrt();
+            let scalars = [
+                h.beta1 as f32,
+                (1.0 - h.beta1) as f32,
+                h.beta2 as f32,
+                (1.0 - h.beta2) as f32,
+                (1.0 - h.lr * h.weight_decay) as f32,
+                c2 as f32,
+                (-h.lr / c1) as f32,
+                h.eps as f32,
+            ];
+            let blocks = n.div_ceil(STATE_BLOCKSIZE);
+            unsafe {
+                adamw_bnb8_kernel::launch_unchecked(
+                    c,
+                    CubeCount::Static(blocks as u32, 1, 1),
+                    dim,
+                    BufferArg::from_raw_parts(param.clone(), n),
+                    BufferArg::from_raw_parts(grad.clone(), n),
+                    BufferArg::from_raw_parts(codes1.clone(), n.div_ceil(4)),
+                    BufferArg::from_raw_parts(absmax1.clone(), blocks),
+                    BufferArg::from_raw_parts(codes2.clone(), n.div_ceil(4)),
+                    BufferArg::from_raw_parts(absmax2.clone(), blocks),
+                    BufferArg::from_raw_parts(books.signed_values.clone(), 256),
+                    BufferArg::from_raw_parts(books.unsigned_values.clone(), 256),
+                    BufferArg::from_raw_parts(books.signed_lut.clone(), 16384),
+                    BufferArg::from_raw_parts(books.unsigned_lut.clone(), 16384),
+                    n,
+                    BufferArg::from_raw_parts(upload_f32(c, &scalars), scalars.len()),
+                    h.weight_decay > 0.0,
+                );
+            }
+        }
+        (_, rule) => {
+            return Err(KernelError::Unsupported(format!("update rule {rule:?} on a page of another format")));
+        }
+    }
+    Ok(())
+}
+
+/// Device memory as a page device for host parameters: pages are uploaded on page-in, updated in place by the
+/// fused kernels (parameter and gradient slices travel with each update), and read back on page-out. The
+/// kernel checks use it; the trainer keeps parameters on the device too (`optim::TensorPages`).
+pub struct DevicePages {
+    client: Client,
+    books: DeviceCodebooks,
     /// The first device error; `PageDevice` methods cannot return errors, so the optimizer's caller checks
     /// [`DevicePages::take_error`] after a step (state of a failed update is left as it was on the host).
     error: Option<KernelError>,
@@ -195,16 +332,7 @@ pub struct DevicePages {
 
 impl DevicePages {
     pub fn new(client: Client) -> Self {
-        let signed = adamw_rules::codebooks::signed();
-        let unsigned = adamw_rules::codebooks::unsigned();
-        DevicePages {
-            signed_values: upload_f32(&client, signed.values()),
-            unsigned_values: upload_f32(&client, unsigned.values()),
-            signed_lut: upload_u32(&client, &bytes_to_words(signed.lookup_table())),
-            unsigned_lut: upload_u32(&client, &bytes_to_words(unsigned.lookup_table())),
-            client,
-            error: None,
-        }
+        DevicePages { books: DeviceCodebooks::upload(&client), client, error: None }
     }
 
     /// The first device error since the last call (out of memory, a lost device).
@@ -252,11 +380,17 @@ impl DevicePages {
     ) -> Result<(), KernelError> {
         let c = self.client.clone();
         let n = param.len();
-        if grad.len() != n {
+        let (state, len) = match page {
+            DevicePage::F32 { exp_avg, exp_avg_sq, len } => (StateBuffers::F32 { exp_avg, exp_avg_sq }, *len),
+            DevicePage::Blockwise8 { codes1, absmax1, codes2, absmax2, len } => {
+                (StateBuffers::Blockwise8 { codes1, absmax1, codes2, absmax2 }, *len)
+            }
+        };
+        if grad.len() != n || len != n {
             return Err(KernelError::Shape {
-                what: "gradient",
+                what: "gradient and page",
                 expected: format!("{n} elements"),
-                found: grad.len().to_string(),
+                found: format!("{} and {len}", grad.len()),
             });
         }
         if n == 0 {
@@ -264,102 +398,7 @@ impl DevicePages {
         }
         let p = upload_f32(&c, param);
         let g = upload_f32(&c, grad);
-        let step = h.step as f64;
-        let dim = CubeDim::new_1d(256);
-        match (page, rule) {
-            (DevicePage::F32 { exp_avg, exp_avg_sq, len }, rule @ (UpdateRule::TorchAdamW | UpdateRule::Bnb32))
-                if *len == n =>
-            {
-                let c1 = 1.0 - h.beta1.powf(step);
-                let c2 = (1.0 - h.beta2.powf(step)).sqrt();
-                // Each kernel's scalars, in the order its comment lists them.
-                let scalars = if rule == UpdateRule::TorchAdamW {
-                    [
-                        (1.0 - h.lr * h.weight_decay) as f32,
-                        (1.0 - h.beta1) as f32,
-                        h.beta2 as f32,
-                        (1.0 - h.beta2) as f32,
-                        ((1.0 - h.beta2.powf(step)).powf(0.5)) as f32,
-                        (-(h.lr / c1)) as f32,
-                        h.eps as f32,
-                    ]
-                } else {
-                    [
-                        h.beta1 as f32,
-                        (1.0 - h.beta1) as f32,
-                        h.beta2 as f32,
-                        (1.0 - h.beta2) as f32,
-                        (1.0 - h.lr * h.weight_decay) as f32,
-                        (-h.lr * c2 / c1) as f32,
-                        (h.eps * c2) as f32,
-                    ]
-                };
-                let count = cubecl::calculate_cube_count_elemwise(&c, n, dim);
-                macro_rules! launch {
-                    ($kernel:ident, $apply_decay:expr) => {
-                        unsafe {
-                            $kernel::launch_unchecked(
-                                &c,
-                                count,
-                                dim,
-                                BufferArg::from_raw_parts(p.clone(), n),
-                                BufferArg::from_raw_parts(g, n),
-                                BufferArg::from_raw_parts(exp_avg.clone(), n),
-                                BufferArg::from_raw_parts(exp_avg_sq.clone(), n),
-                                n,
-                                BufferArg::from_raw_parts(upload_f32(&c, &scalars), scalars.len()),
-                                $apply_decay,
-                            )
-                        }
-                    };
-                }
-                // torch decays whenever weight_decay != 0, bitsandbytes only when it is > 0.
-                match rule {
-                    UpdateRule::TorchAdamW => launch!(adamw_torch_kernel, h.weight_decay != 0.0),
-                    _ => launch!(adamw_bnb32_kernel, h.weight_decay > 0.0),
-                }
-            }
-            (DevicePage::Blockwise8 { codes1, absmax1, codes2, absmax2, len }, UpdateRule::Bnb8) if *len == n => {
-                let c1 = 1.0 - h.beta1.powf(step);
-                let c2 = (1.0 - h.beta2.powf(step)).sqrt();
-                let scalars = [
-                    h.beta1 as f32,
-                    (1.0 - h.beta1) as f32,
-                    h.beta2 as f32,
-                    (1.0 - h.beta2) as f32,
-                    (1.0 - h.lr * h.weight_decay) as f32,
-                    c2 as f32,
-                    (-h.lr / c1) as f32,
-                    h.eps as f32,
-                ];
-                let blocks = n.div_ceil(STATE_BLOCKSIZE);
-                unsafe {
-                    adamw_bnb8_kernel::launch_unchecked(
-                        &c,
-                        CubeCount::Static(blocks as u32, 1, 1),
-                        dim,
-                        BufferArg::from_raw_parts(p.clone(), n),
-                        BufferArg::from_raw_parts(g, n),
-                        BufferArg::from_raw_parts(codes1.clone(), n.div_ceil(4)),
-                        BufferArg::from_raw_parts(absmax1.clone(), blocks),
-                        BufferArg::from_raw_parts(codes2.clone(), n.div_ceil(4)),
-                        BufferArg::from_raw_parts(absmax2.clone(), blocks),
-                        BufferArg::from_raw_parts(self.signed_values.clone(), 256),
-                        BufferArg::from_raw_parts(self.unsigned_values.clone(), 256),
-                        BufferArg::from_raw_parts(self.signed_lut.clone(), 16384),
-                        BufferArg::from_raw_parts(self.unsigned_lut.clone(), 16384),
-                        n,
-                        BufferArg::from_raw_parts(upload_f32(&c, &scalars), scalars.len()),
-                        h.weight_decay > 0.0,
-                    );
-                }
-            }
-            (_, rule) => {
-                return Err(KernelError::Unsupported(format!(
-                    "update rule {rule:?} on a page of another format or size ({n} parameters)"
-                )));
-            }
-        }
+        update_in_place(&c, &self.books, rule, &p, &g, state, n, h)?;
         let updated = read_f32(&c, p, n, "the optimizer update")?;
         param.copy_from_slice(&updated);
         Ok(())
@@ -368,6 +407,7 @@ impl DevicePages {
 
 impl PageDevice for DevicePages {
     type Page = Option<DevicePage>;
+    type Values = [f32];
 
     fn upload(&mut self, host: PageState) -> Option<DevicePage> {
         let c = &self.client;
@@ -414,10 +454,11 @@ impl PageDevice for DevicePages {
         rule: UpdateRule,
         param: &mut [f32],
         grad: &[f32],
+        range: std::ops::Range<usize>,
         hyper: &AdamHyper,
     ) {
         let page = page.as_mut().expect("pages are always present once uploaded");
-        let result = self.try_update(page, rule, param, grad, hyper);
+        let result = self.try_update(page, rule, &mut param[range.clone()], &grad[range], hyper);
         self.record(result);
     }
 }
@@ -489,7 +530,7 @@ mod tests {
                             UpdateRule::TorchAdamW => adamw_torch(&mut p_host, &grad, &mut m, &mut v, &h),
                             _ => adamw_bnb32(&mut p_host, &grad, &mut m, &mut v, &h),
                         }
-                        device.update(&mut page, rule, &mut p_dev, &grad, &h);
+                        device.update(&mut page, rule, &mut p_dev, &grad, 0..n, &h);
                         assert!(device.take_error().is_none());
                     }
                     let PageState::F32 { exp_avg, exp_avg_sq } = device.download(page) else { panic!("format") };
@@ -523,7 +564,7 @@ mod tests {
                         adamw_rules::codebooks::unsigned(),
                         &h,
                     );
-                    device.update(&mut page, UpdateRule::Bnb8, &mut p_dev, &grad, &h);
+                    device.update(&mut page, UpdateRule::Bnb8, &mut p_dev, &grad, 0..n, &h);
                     assert!(device.take_error().is_none());
                 }
                 let PageState::Blockwise8 { codes1: d1, absmax1: a1, codes2: d2, absmax2: a2 } = device.download(page)

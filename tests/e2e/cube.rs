@@ -117,14 +117,14 @@ fn paged_optimizer_on_device_pages_matches_host_memory() {
                 .iter_mut()
                 .zip(&grads)
                 .enumerate()
-                .map(|(i, (p, g))| ParamGrad { key: keys[i], param: p, grad: g })
+                .map(|(i, (p, g))| ParamGrad { key: keys[i], param: &mut p[..], grad: &g[..] })
                 .collect();
             host.step(lr as f64, &mut a).unwrap();
             let mut b: Vec<ParamGrad> = p_dev
                 .iter_mut()
                 .zip(&grads)
                 .enumerate()
-                .map(|(i, (p, g))| ParamGrad { key: keys[i], param: p, grad: g })
+                .map(|(i, (p, g))| ParamGrad { key: keys[i], param: &mut p[..], grad: &g[..] })
                 .collect();
             device.step(lr as f64, &mut b).unwrap();
         }

@@ -58,7 +58,7 @@ fn run_steps(
             .iter_mut()
             .zip(&grads)
             .zip(NAMES)
-            .map(|((p, g), key)| ParamGrad { key, param: p, grad: g })
+            .map(|((p, g), key)| ParamGrad { key, param: &mut p[..], grad: &g[..] })
             .collect();
         opt.step(1e-3, &mut updates).unwrap();
         if let Some(k) = SNAPSHOTS.iter().position(|&s| s == step + 1) {

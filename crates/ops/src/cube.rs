@@ -10,15 +10,21 @@
 //! the two on the H200 at training batch sizes (docs/benchmarks.md).
 
 use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+
+use adamw_rules::UpdateRule;
+use adamw_rules::update::AdamHyper;
 
 use burn::backend::ops::FloatTensorOps;
 use burn::backend::{Cube, DType, tensor::FloatTensor, tensor::IntTensor};
 use burn::tensor::Shape;
 use burn_cubecl::tensor::CubeTensor;
 use nf4::FloatDtype;
+use qlora_kernels::adamw::{self, DeviceCodebooks, StateBuffers};
 use qlora_kernels::matmul::{self, GEMV_MAX_ROWS, Product};
 use qlora_kernels::{DeviceWeight4bit, dequant};
 
+use crate::adamw::OptimizerBackend;
 use crate::dropout::{SeededDropoutBackend, apply_mask};
 use crate::quant_matmul::{PackedShape, QuantMatmulBackend, decode_weight};
 
@@ -166,6 +172,80 @@ impl QuantMatmulBackend for Cube {
 impl SeededDropoutBackend for Cube {
     fn seeded_dropout(x: FloatTensor<Self>, seed: u64, keep: f64) -> FloatTensor<Self> {
         apply_mask::<Self>(x, seed, keep)
+    }
+}
+
+/// A tensor the kernels may write in place: contiguous and not shared with another tensor (copied otherwise).
+fn writable(t: CubeTensor) -> CubeTensor {
+    let t = contiguous(t);
+    if t.can_mut() && t.is_contiguous_buffer() { t } else { t.copy() }
+}
+
+/// The 8-bit state code books on `t`'s device, uploaded once per device.
+fn codebooks(t: &CubeTensor) -> Arc<DeviceCodebooks> {
+    static BOOKS: Mutex<Vec<(String, Arc<DeviceCodebooks>)>> = Mutex::new(Vec::new());
+    let key = format!("{:?}", t.device);
+    let mut books = BOOKS.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some((_, b)) = books.iter().find(|(k, _)| *k == key) {
+        return b.clone();
+    }
+    let b = Arc::new(DeviceCodebooks::upload(&t.client));
+    books.push((key, b.clone()));
+    b
+}
+
+/// The fused updates run in place on the page's buffers; the norm is a device reduction in f32.
+impl OptimizerBackend for Cube {
+    fn l2_norm(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        Self::float_sqrt(Self::float_sum(Self::float_mul(x.clone(), x)))
+    }
+
+    fn adamw_f32(
+        param: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        exp_avg: FloatTensor<Self>,
+        exp_avg_sq: FloatTensor<Self>,
+        rule: UpdateRule,
+        hyper: AdamHyper,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let (param, m, v, grad) = (writable(param), writable(exp_avg), writable(exp_avg_sq), contiguous(grad));
+        let n = param.meta.shape().num_elements();
+        let state = StateBuffers::F32 { exp_avg: &m.handle, exp_avg_sq: &v.handle };
+        adamw::update_in_place(&param.client, &codebooks(&param), rule, &param.handle, &grad.handle, state, n, &hyper)
+            .unwrap_or_else(|e| panic!("optimizer update: {e}"));
+        (param, m, v)
+    }
+
+    fn adamw_8bit(
+        param: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        codes1: IntTensor<Self>,
+        absmax1: FloatTensor<Self>,
+        codes2: IntTensor<Self>,
+        absmax2: FloatTensor<Self>,
+        hyper: AdamHyper,
+    ) -> (FloatTensor<Self>, IntTensor<Self>, FloatTensor<Self>, IntTensor<Self>, FloatTensor<Self>) {
+        let (param, grad) = (writable(param), contiguous(grad));
+        let (c1, a1, c2, a2) = (writable(codes1), writable(absmax1), writable(codes2), writable(absmax2));
+        let n = param.meta.shape().num_elements();
+        let state = StateBuffers::Blockwise8 {
+            codes1: &c1.handle,
+            absmax1: &a1.handle,
+            codes2: &c2.handle,
+            absmax2: &a2.handle,
+        };
+        adamw::update_in_place(
+            &param.client,
+            &codebooks(&param),
+            UpdateRule::Bnb8,
+            &param.handle,
+            &grad.handle,
+            state,
+            n,
+            &hyper,
+        )
+        .unwrap_or_else(|e| panic!("optimizer update: {e}"));
+        (param, c1, a1, c2, a2)
     }
 }
 

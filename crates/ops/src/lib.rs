@@ -21,10 +21,12 @@
 //! | grouped causal attention | [`attention`] | q, k, v |
 //! | RMSNorm, SwiGLU | [`fused`] | the inputs |
 //! | chunked next-token loss | [`loss`] (host kernel [`loss_host`]) | the hidden states |
+//! | AdamW page update, gradient norm (no autodiff) | [`adamw`] | — |
 //!
 //! [`host_matmul::matmul`] is the product all of them use (AVX512-BF16 through `bf16-gemm` on flex bf16),
 //! [`simd`] the vectorised row kernels of the host ops.
 
+pub mod adamw;
 pub mod attention;
 #[cfg(feature = "cube")]
 pub mod cube;

@@ -32,7 +32,7 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn bench<D: PageDevice>(
+fn bench<D: PageDevice<Values = [f32]>>(
     mut opt: PagedAdamW<D>,
     params: &mut [Vec<f32>],
     grads: &[Vec<f32>],
@@ -45,7 +45,7 @@ fn bench<D: PageDevice>(
             .iter_mut()
             .zip(grads)
             .zip(keys)
-            .map(|((p, g), (k, _))| ParamGrad { key: k, param: p, grad: g })
+            .map(|((p, g), (k, _))| ParamGrad { key: k, param: &mut p[..], grad: &g[..] })
             .collect();
         let start = Instant::now();
         stats = opt.step(1e-4, &mut updates).unwrap();

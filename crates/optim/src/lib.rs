@@ -6,24 +6,27 @@
 //! device memory. [`PagedAdamW`] keeps both Adam moments in fixed-size host pages — f32 with
 //! `torch.optim.AdamW`'s update, or 8-bit blockwise with `bitsandbytes.optim.AdamW8bit`'s (signed/unsigned
 //! dynamic maps, 256-element blocks, small tensors in 32-bit) — and a [`Pager`] streams them through a device
-//! budget, counting the bytes it moves. Also here: global gradient-norm clipping as torch's
-//! `clip_grad_norm_` ([`clip`]), warmup + constant/linear/cosine schedules ([`schedule`]), bit-exact state
-//! checkpoints, and the bridge that reads and writes a burn module's trainable tensors by path ([`module`]).
+//! budget, counting the bytes it moves. [`device`] runs the whole step on the training device (the trainer's
+//! path on every backend: gradients, their norm, clipping and the update never leave the device; pages are
+//! tensors there and the update is `ops::adamw`); [`module`] is the same bridge for host slices. Also here:
+//! global gradient-norm clipping as torch's `clip_grad_norm_` ([`clip`]), warmup + constant/linear/cosine
+//! schedules ([`schedule`]), bit-exact state checkpoints.
 
 mod checkpoint;
-pub mod clip;
+pub mod device;
 pub mod module;
 mod optimizer;
 pub mod pager;
 pub mod schedule;
 
 /// The update rules, code books and pages live in `adamw-rules` (shared with the device kernels).
-pub use adamw_rules::{codebooks, page, update};
+pub use adamw_rules::{clip, codebooks, page, update};
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
-pub use adamw_rules::{HostMemory, PageDevice, PageState, StateFormat, UpdateRule};
+pub use adamw_rules::{HostMemory, PageDevice, PageState, ParamValues, StateFormat, UpdateRule};
+pub use device::{FlatTensor, TensorPages};
 pub use module::{HostTensor, gradients_of, trainable_tensors, write_tensors};
 pub use optimizer::{AdamPrecision, PagedAdamW, PagedAdamWConfig, ParamGrad};
 pub use pager::{Pager, PagerStats};
@@ -59,7 +62,7 @@ pub struct StepReport {
     pub pager: PagerStats,
 }
 
-impl<D: PageDevice> PagedAdamW<D> {
+impl<D: PageDevice<Values = [f32]>> PagedAdamW<D> {
     /// One step on a burn module: clip `grads` (by module path, e.g. accumulated over micro-batches) to a global
     /// norm of `max_grad_norm`, update every parameter that has a gradient, and return the updated module.
     /// A non-finite gradient stops before anything is changed.

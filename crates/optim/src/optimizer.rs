@@ -10,7 +10,7 @@ use crate::OptimError;
 use crate::page::{PageState, StateFormat, split_into_pages};
 use crate::pager::{Pager, PagerStats};
 use crate::update::AdamHyper;
-use adamw_rules::{HostMemory, PageDevice, UpdateRule};
+use adamw_rules::{HostMemory, PageDevice, ParamValues, UpdateRule};
 
 /// The state precision of AdamW.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -101,12 +101,13 @@ impl PagedAdamWConfig {
     }
 }
 
-/// One trainable tensor and its gradient, flattened, for one step.
-pub struct ParamGrad<'a> {
+/// One trainable tensor and its gradient, flattened, for one step: host slices (`[f32]`, the default) or
+/// [`FlatTensor`](crate::device::FlatTensor)s on the training device, as the page device reads them.
+pub struct ParamGrad<'a, V: ?Sized = [f32]> {
     /// A stable name (the module path), used to find its state across steps and checkpoints.
     pub key: &'a str,
-    pub param: &'a mut [f32],
-    pub grad: &'a [f32],
+    pub param: &'a mut V,
+    pub grad: &'a V,
 }
 
 /// The optimizer's record of one parameter.
@@ -179,31 +180,28 @@ impl<D: PageDevice> PagedAdamW<D> {
 
     /// One AdamW step at learning rate `lr` for every parameter given (in the given order). Parameters seen
     /// for the first time get fresh state, as in torch.
-    pub fn step(&mut self, lr: f64, params: &mut [ParamGrad<'_>]) -> Result<PagerStats, OptimError> {
+    pub fn step(&mut self, lr: f64, params: &mut [ParamGrad<'_, D::Values>]) -> Result<PagerStats, OptimError> {
         if !lr.is_finite() || lr < 0.0 {
             return Err(OptimError::Config(format!("learning rate {lr} must be finite and ≥ 0")));
         }
         for p in params.iter() {
-            if p.param.len() != p.grad.len() {
+            let numel = p.param.numel();
+            if numel != p.grad.numel() {
                 return Err(OptimError::Param {
                     key: p.key.to_string(),
-                    reason: format!("{} values but {} gradient values", p.param.len(), p.grad.len()),
+                    reason: format!("{numel} values but {} gradient values", p.grad.numel()),
                 });
             }
             match self.index.get(p.key) {
-                Some(&i) if self.params[i].numel != p.param.len() => {
+                Some(&i) if self.params[i].numel != numel => {
                     return Err(OptimError::Param {
                         key: p.key.to_string(),
-                        reason: format!(
-                            "has {} elements but its optimizer state has {}",
-                            p.param.len(),
-                            self.params[i].numel
-                        ),
+                        reason: format!("has {numel} elements but its optimizer state has {}", self.params[i].numel),
                     });
                 }
                 Some(_) => {}
                 None => {
-                    self.register(p.key, p.param.len(), 0, None)?;
+                    self.register(p.key, numel, 0, None)?;
                 }
             }
         }
@@ -222,8 +220,7 @@ impl<D: PageDevice> PagedAdamW<D> {
                 step: entry.step,
             };
             for page in entry.pages.clone() {
-                let range = self.pager.pages()[page].range.clone();
-                self.pager.update(page, rule, &mut p.param[range.clone()], &p.grad[range], &hyper);
+                self.pager.update(page, rule, p.param, p.grad, &hyper);
             }
         }
         Ok(self.pager.stats())

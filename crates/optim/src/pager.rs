@@ -76,11 +76,25 @@ impl<D: PageDevice> Pager<D> {
         self.stats.paged_out_bytes = 0;
     }
 
-    /// Makes page `index` resident (evicting others if the budget requires) and updates it.
-    pub fn update(&mut self, index: usize, rule: UpdateRule, param: &mut [f32], grad: &[f32], hyper: &AdamHyper) {
+    /// Makes page `index` resident (evicting others if the budget requires) and updates it; `param` and `grad`
+    /// are the whole parameter the page belongs to.
+    pub fn update(
+        &mut self,
+        index: usize,
+        rule: UpdateRule,
+        param: &mut D::Values,
+        grad: &D::Values,
+        hyper: &AdamHyper,
+    ) {
         self.make_resident(index);
+        let range = self.pages[index].range.clone();
         let page = self.resident[index].as_mut().expect("page made resident");
-        self.device.update(page, rule, param, grad, hyper);
+        self.device.update(page, rule, param, grad, range, hyper);
+    }
+
+    /// The page device.
+    pub fn device(&self) -> &D {
+        &self.device
     }
 
     fn make_resident(&mut self, index: usize) {

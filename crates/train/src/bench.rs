@@ -2,7 +2,7 @@
 //! tokens, the way `cargo xtask bench` compares it with transformers + PEFT + bitsandbytes
 //! (xtask/bench/reference_step.py times the same step on its side).
 //!
-//! The step is the trainer's own ([`accumulate_gradients`] then [`PagedAdamW::step_module`]), on the model
+//! The step is the trainer's own ([`optimizer_step`]: everything on the training device), on the model
 //! and LoRA settings of a [`TrainConfig`]; the batch is `batch × seq` uniform random token ids with a loss
 //! on every next token, as the reference's `labels = input_ids`. Peak RSS is measured twice: over the whole
 //! process (loading included) and over the steps only (the peak is reset after loading).
@@ -10,13 +10,13 @@
 use std::time::Instant;
 
 use data::{Batch, TokenizedExample};
-use optim::PagedAdamW;
+use optim::TensorPages;
 use serde::Serialize;
 
 use crate::TrainError;
 use crate::config::TrainConfig;
 use crate::metrics::{peak_rss_mib, reset_peak_rss, rss_mib};
-use crate::trainer::{accumulate_gradients, load_for_training, optimizer_config, training_device};
+use crate::trainer::{load_for_training, optimizer_config, optimizer_step, training_device};
 
 /// What to time.
 #[derive(Debug, Clone)]
@@ -77,7 +77,7 @@ pub fn run(config: &TrainConfig, bench: &StepBench) -> Result<StepBenchReport, T
     let mut model = loaded.model.clone();
     drop(loaded);
     let trainable_params: usize = optim::trainable_tensors(&model)?.values().map(|t| t.values.len()).sum();
-    let mut optimizer: PagedAdamW = optimizer_config(config)?.init()?;
+    let mut optimizer = optimizer_config(config)?.init_on(TensorPages::new(&device))?;
     let max_grad_norm = (config.max_grad_norm > 0.0).then_some(config.max_grad_norm as f32);
     let process_peak_after_load = peak_rss_mib();
     let rss_after_load = rss_mib();
@@ -88,10 +88,12 @@ pub fn run(config: &TrainConfig, bench: &StepBench) -> Result<StepBenchReport, T
     for step in 0..bench.warmup + bench.steps {
         let batch = random_batch(bench.batch, bench.seq, model.vocab_size, config.seed ^ step as u64);
         let started = Instant::now();
-        let (grads, loss) =
-            accumulate_gradients(&model, std::slice::from_ref(&batch), &device, config.seed ^ ((step as u64) << 16))?;
-        let (updated, _report) = optimizer.step_module(&model, grads, config.lr, max_grad_norm)?;
+        let seed = config.seed ^ ((step as u64) << 16);
+        let batches = std::slice::from_ref(&batch);
+        let (updated, outcome) =
+            optimizer_step(&model, &mut optimizer, batches, &device, seed, config.lr, max_grad_norm, step as u64)?;
         model = updated;
+        let loss = outcome.loss;
         let seconds = started.elapsed().as_secs_f64();
         losses.push(loss);
         if step >= bench.warmup {

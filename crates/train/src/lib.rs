@@ -52,4 +52,7 @@ pub enum TrainError {
     Lora(#[from] lora::LoraError),
     #[error("training diverged: {0}")]
     Diverged(String),
+    /// The device failed during a step (out of memory, a lost device): nothing of that step was saved.
+    #[error("{0}")]
+    Device(String),
 }

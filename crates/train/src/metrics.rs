@@ -25,6 +25,9 @@ pub struct StepMetrics {
     pub paged_in_bytes: u64,
     pub paged_out_bytes: u64,
     pub optimizer_state_bytes: u64,
+    /// Bytes read back from the training device during the step (scalars only: the loss and the grad norm).
+    #[serde(default)]
+    pub readback_bytes: u64,
     pub epoch: f64,
 }
 

@@ -5,11 +5,11 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use burn::module::Module;
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 use data::{Batch, BatchStream, DataCursor, Limits, OrderConfig, TokenizedExample};
 use llama::{LlamaModel, LoadOptions, LoadedModel};
 use lora::{LoraConfig, TargetModules};
-use optim::{HostTensor, LrSchedule, LrScheduleConfig, PagedAdamW, PagedAdamWConfig, Warmup};
+use optim::{FlatTensor, LrSchedule, LrScheduleConfig, PagedAdamW, PagedAdamWConfig, StepReport, TensorPages, Warmup};
 use serde::{Deserialize, Serialize};
 
 use crate::TrainError;
@@ -194,29 +194,18 @@ pub fn eval_loss(
     (count > 0).then(|| sum / count as f64)
 }
 
-fn add_into(acc: &mut BTreeMap<String, HostTensor>, grads: BTreeMap<String, HostTensor>) {
-    for (key, g) in grads {
-        match acc.get_mut(&key) {
-            Some(a) => a.values.iter_mut().zip(&g.values).for_each(|(a, g)| *a += g),
-            None => {
-                acc.insert(key, g);
-            }
-        }
-    }
-}
-
 /// Forward and backward over the micro-batches of one optimizer step: the summed LoRA gradients of the
-/// mean loss over all their target tokens, and that loss. Micro-batch `i` draws its dropout masks from
-/// `seed ^ i`, so they depend only on the run's seed and the step.
+/// mean loss over all their target tokens (on the device), and that loss (the one value read back). Micro-batch
+/// `i` draws its dropout masks from `seed ^ i`, so they depend only on the run's seed and the step.
 pub fn accumulate_gradients(
     model: &LlamaModel,
     batches: &[Batch],
     device: &Device,
     seed: u64,
-) -> Result<(BTreeMap<String, HostTensor>, f64), TrainError> {
+) -> Result<(BTreeMap<String, FlatTensor>, f64), TrainError> {
     let targets: usize = batches.iter().map(|b| b.targets).sum();
     let mut grads = BTreeMap::new();
-    let mut loss_sum = 0.0f64;
+    let mut nll_sum: Option<Tensor<1>> = None;
     for (i, batch) in batches.iter().enumerate() {
         if batch.targets == 0 {
             continue;
@@ -225,10 +214,93 @@ pub fn accumulate_gradients(
         let nll = batch_nll_sum(model, batch, device);
         let loss = nll.clone().div_scalar(targets as f64);
         let g = loss.backward();
-        loss_sum += nll.into_data().convert::<f64>().try_to_vec::<f64>().expect("scalar")[0];
-        add_into(&mut grads, optim::gradients_of(model, &g)?);
+        let nll = nll.inner().cast(DType::F32);
+        nll_sum = Some(match nll_sum {
+            Some(sum) => sum.add(nll),
+            None => nll,
+        });
+        optim::device::accumulate(&mut grads, optim::device::gradients_on_device(model, &g));
     }
+    let loss_sum = nll_sum.map_or(0.0, |sum| optim::device::read_scalars(sum)[0]);
     Ok((grads, loss_sum / targets.max(1) as f64))
+}
+
+/// What one optimizer step did.
+pub struct StepOutcome {
+    pub loss: f64,
+    pub report: StepReport,
+    /// Bytes read back from the device during the step (the loss and the gradient norm: scalars only).
+    pub readback_bytes: u64,
+}
+
+/// One optimizer step, all of it on the training device: forward and backward over the micro-batches, their
+/// gradients summed, the global norm clipped, the paged AdamW update. Returns the updated model.
+#[allow(clippy::too_many_arguments)]
+pub fn optimizer_step(
+    model: &LlamaModel,
+    optimizer: &mut PagedAdamW<TensorPages>,
+    batches: &[Batch],
+    device: &Device,
+    seed: u64,
+    lr: f64,
+    max_grad_norm: Option<f32>,
+    step: u64,
+) -> Result<(LlamaModel, StepOutcome), TrainError> {
+    let readback_before = optim::device::readback_bytes();
+    let (grads, loss) = accumulate_gradients(model, batches, device, seed)?;
+    if !loss.is_finite() {
+        return Err(TrainError::Diverged(format!("the loss is {loss} at step {step}: stopping without updating")));
+    }
+    let (updated, report) = optimizer.step_module_on_device(model, grads, lr, max_grad_norm).map_err(|e| match e {
+        optim::OptimError::NonFiniteGradient { .. } => TrainError::Diverged(format!("{e} at step {step}")),
+        other => other.into(),
+    })?;
+    let readback_bytes = optim::device::readback_bytes() - readback_before;
+    Ok((updated, StepOutcome { loss, report, readback_bytes }))
+}
+
+/// Runs one step with device failures (which burn and cubecl raise as panics: out of memory, a lost device)
+/// turned into [`TrainError::Device`], naming the step and what to lower. `QLORA_INJECT_DEVICE_OOM_AT_STEP=N`
+/// makes step N fail as an allocation failure would (for tests of this path).
+pub fn guarded_step<T>(
+    step: u64,
+    config: &TrainConfig,
+    run: impl FnOnce() -> Result<T, TrainError>,
+) -> Result<T, TrainError> {
+    let inject = std::env::var("QLORA_INJECT_DEVICE_OOM_AT_STEP").ok().and_then(|v| v.parse::<u64>().ok());
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        if inject == Some(step) {
+            panic!("injected: the device ran out of memory (OutOfMemory) allocating the step's buffers");
+        }
+        run()
+    }));
+    result.unwrap_or_else(|payload| {
+        let message = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or("unknown device failure")
+            .to_string();
+        let out = &config.output_dir;
+        let checkpoint = checkpoint::latest(out)
+            .map(|(p, _)| format!("the last good checkpoint is {} (continue with --resume {})", p.display(), out.display()))
+            .unwrap_or_else(|_| "no checkpoint was written yet".into());
+        let oom = ["out of memory", "OutOfMemory", "BufferTooBig", "out of device memory", "can't allocate"]
+            .iter()
+            .any(|needle| message.contains(needle));
+        Err(TrainError::Device(if oom {
+            format!(
+                "step {step}: the {} device ran out of memory ({message}). Lower --micro-batch-size (now {}), the sequence length (--source-max-len {} / --target-max-len {}), or the optimizer's device budget (--optimizer-device-budget-mib, now {}); {checkpoint}",
+                config.device,
+                config.micro_batch_size,
+                config.source_max_len,
+                config.target_max_len,
+                config.optimizer_device_budget_mib,
+            )
+        } else {
+            format!("step {step}: the {} device failed: {message}; {checkpoint}", config.device)
+        }))
+    })
 }
 
 /// The optimizer of a run.
@@ -339,7 +411,7 @@ pub fn train(
         ((steps_per_epoch as f64) * config.epochs).ceil().max(1.0) as u64
     };
     let schedule = schedule(config, total_steps)?;
-    let mut optimizer: PagedAdamW = optimizer_config(config)?.init()?;
+    let mut optimizer = optimizer_config(config)?.init_on(TensorPages::new(&device))?;
 
     // Resume: adapter values, optimizer state, data position.
     let mut state = TrainerState { step: 0, cursor: DataCursor::default(), config_toml: config.to_toml() };
@@ -389,21 +461,19 @@ pub fn train(
         let batches: Vec<Batch> = (0..config.grad_accum).map(|_| Batch::new(&stream.next_examples(), pad_id)).collect();
         let targets: usize = batches.iter().map(|b| b.targets).sum();
         let tokens: usize = batches.iter().map(|b| b.batch * b.len).sum();
-        let (grads, loss) = accumulate_gradients(&model, &batches, &device, config.seed ^ (state.step << 16))?;
-        if !loss.is_finite() {
-            return Err(TrainError::Diverged(format!(
-                "the loss is {loss} at step {}: stopping without updating; the last good checkpoint is {}",
-                state.step + 1,
-                checkpoint::latest(out).map(|(p, _)| p.display().to_string()).unwrap_or_else(|_| "none".into())
-            )));
-        }
         let lr = schedule.lr_at(state.step);
-        let (updated, report) = optimizer.step_module(&model, grads, lr, max_grad_norm).map_err(|e| match e {
-            optim::OptimError::NonFiniteGradient { .. } => {
-                TrainError::Diverged(format!("{e} at step {}", state.step + 1))
-            }
-            other => other.into(),
+        let seed = config.seed ^ (state.step << 16);
+        let (updated, outcome) = guarded_step(state.step + 1, config, || {
+            optimizer_step(&model, &mut optimizer, &batches, &device, seed, lr, max_grad_norm, state.step + 1)
+        })
+        .map_err(|e| match e {
+            TrainError::Diverged(why) => TrainError::Diverged(format!(
+                "{why}; the last good checkpoint is {}",
+                checkpoint::latest(out).map(|(p, _)| p.display().to_string()).unwrap_or_else(|_| "none".into())
+            )),
+            other => other,
         })?;
+        let (loss, report) = (outcome.loss, outcome.report);
         model = updated;
         state.step += 1;
         state.cursor = stream.cursor;
@@ -421,6 +491,7 @@ pub fn train(
             paged_in_bytes: report.pager.paged_in_bytes,
             paged_out_bytes: report.pager.paged_out_bytes,
             optimizer_state_bytes: report.pager.state_bytes,
+            readback_bytes: outcome.readback_bytes,
             epoch: stream.cursor.epoch as f64 + stream.cursor.position as f64 / data.train.len().max(1) as f64,
         };
         metrics.step(&m)?;
@@ -480,7 +551,7 @@ pub fn train(
 fn save(
     out: &Path,
     model: &LlamaModel,
-    optimizer: &PagedAdamW,
+    optimizer: &PagedAdamW<TensorPages>,
     state: &TrainerState,
     config: &TrainConfig,
     lora: &LoraConfig,

@@ -205,7 +205,7 @@ fn check_adamw(client: &Client, checks: &mut Checks, rng: &mut Rng) -> Result<()
         let grad = rng.normals(n, 0.1);
         let h = AdamHyper { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01, step };
         adamw_torch(&mut p_host, &grad, &mut m, &mut v, &h);
-        device.update(&mut page, UpdateRule::TorchAdamW, &mut p_dev, &grad, &h);
+        device.update(&mut page, UpdateRule::TorchAdamW, &mut p_dev, &grad, 0..n, &h);
         let state =
             Blockwise8Mut { codes1: &mut codes1, absmax1: &mut absmax1, codes2: &mut codes2, absmax2: &mut absmax2 };
         adamw_bnb8(
@@ -216,7 +216,7 @@ fn check_adamw(client: &Client, checks: &mut Checks, rng: &mut Rng) -> Result<()
             adamw_rules::codebooks::unsigned(),
             &h,
         );
-        device.update(&mut page8, UpdateRule::Bnb8, &mut p8_dev, &grad, &h);
+        device.update(&mut page8, UpdateRule::Bnb8, &mut p8_dev, &grad, 0..n, &h);
     }
     if let Some(e) = device.take_error() {
         bail!("optimizer update: {e}");
