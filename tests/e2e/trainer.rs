@@ -297,3 +297,84 @@ fn a_diverging_run_stops_and_keeps_its_last_good_checkpoint() {
     let adapter = std::fs::read(ckpt.join("adapter/adapter_model.safetensors")).unwrap();
     safetensors::SafeTensors::deserialize(&adapter).unwrap();
 }
+
+/// The per-step train lines of a run's metrics.jsonl.
+pub(crate) fn train_lines(out: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["kind"] == "train")
+        .collect()
+}
+
+/// A QLoRA run (r 64 so the 8-bit optimizer keeps 8-bit state, grad accumulation 4, dropout) on `device` with
+/// `optimizer` and an optional device budget for its state; returns the per-step losses and metrics lines.
+pub(crate) fn accumulating_run(
+    device: &str,
+    optimizer: train::config::OptimizerChoice,
+    budget_mib: f64,
+) -> (Vec<f64>, Vec<serde_json::Value>) {
+    let dir = tempfile::tempdir().unwrap();
+    let config = TrainConfig {
+        data: tiny().join("chat-train.jsonl").display().to_string(),
+        micro_batch_size: 1,
+        grad_accum: 4,
+        lr: 2e-3,
+        max_steps: 3,
+        lora_r: 64,
+        lora_dropout: 0.1,
+        optimizer,
+        optimizer_device_budget_mib: budget_mib,
+        optimizer_page_kib: 16,
+        device: device.parse().unwrap(),
+        ..base_config(dir.path())
+    };
+    let summary = trainer::train(&config, None, &mut Quiet).unwrap();
+    (summary.losses, train_lines(dir.path()))
+}
+
+/// The device-resident step reads back only scalars: the loss and the gradient norm, 4 bytes each, per step
+/// (with grad accumulation 4). A budget below the state makes the pager move pages every step.
+#[test]
+fn a_training_step_reads_back_only_scalars() {
+    let _rng = rng_lock();
+    for budget in [0.0, 0.25] {
+        let (_, lines) = accumulating_run("cpu", train::config::OptimizerChoice::PagedAdamW32bit, budget);
+        assert_eq!(lines.len(), 3);
+        for line in &lines {
+            assert_eq!(line["readback_bytes"], 8, "budget {budget}: {line}");
+            let moved = line["paged_out_bytes"].as_u64().unwrap();
+            assert_eq!(moved > 0, budget > 0.0, "budget {budget}: {line}");
+        }
+    }
+}
+
+/// A device allocation failure during a step is one clear error naming the step and what to lower; the last
+/// good checkpoint stays and the run resumes from it to the losses of an uninterrupted run.
+#[test]
+fn a_device_out_of_memory_is_a_clear_error_and_the_run_resumes() {
+    let _rng = rng_lock();
+    let dir = tempfile::tempdir().unwrap();
+    let config = TrainConfig {
+        data: tiny().join("text.jsonl").display().to_string(),
+        micro_batch_size: 1,
+        max_steps: 5,
+        save_steps: 2,
+        ..base_config(dir.path())
+    };
+    let failing = TrainConfig { inject_device_oom_at_step: Some(4), ..config.clone() };
+    let err = trainer::train(&failing, None, &mut Quiet).unwrap_err();
+    let message = err.to_string();
+    println!("  {message}");
+    assert!(matches!(err, train::TrainError::Device(_)), "{err:?}");
+    for needle in ["step 4", "ran out of memory", "--micro-batch-size", "--optimizer-device-budget-mib", "checkpoint-2"] {
+        assert!(message.contains(needle), "`{needle}` missing from: {message}");
+    }
+    assert_eq!(train::checkpoint::latest(dir.path()).unwrap().1.step, 2);
+    let resumed = trainer::train(&config, Some(dir.path()), &mut Quiet).unwrap();
+    let other = tempfile::tempdir().unwrap();
+    let straight = trainer::train(&TrainConfig { output_dir: other.path().to_path_buf(), ..config }, None, &mut Quiet).unwrap();
+    assert_eq!(resumed.first_step, 2);
+    assert_eq!(resumed.losses, straight.losses[2..]);
+}

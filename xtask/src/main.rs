@@ -521,22 +521,6 @@ fn write_if_changed(path: &Path, content: &str) -> Result<()> {
 
 /// `cargo xtask gpu-check`: builds the CUDA check binary (offline: through the LLVM stand-in), strips it into
 /// target/gpu-check/ with a run script, and runs it when this machine has a CUDA GPU.
-/// Finds CUDA and NVRTC on the device machine, then runs what follows.
-const CUDA_ENV_SH: &str = "set -eu\ncd \"$(dirname \"$0\")\"\n\
-     if [ -z \"${CUDA_PATH:-}\" ]; then for d in /usr/local/cuda /usr/local/cuda-13* /usr/local/cuda-12* /usr/lib/cuda; do [ -d \"$d/include\" ] && { export CUDA_PATH=\"$d\"; break; }; done; fi\n\
-     for d in \"${CUDA_PATH:-/usr/local/cuda}/lib64\" \"${CUDA_PATH:-/usr/local/cuda}/targets/x86_64-linux/lib\"; do [ -d \"$d\" ] && LD_LIBRARY_PATH=\"$d:${LD_LIBRARY_PATH:-}\"; done\n\
-     export LD_LIBRARY_PATH=\"$PWD/lib:${LD_LIBRARY_PATH:-}\"\n";
-
-fn write_script(path: &Path, body: &str) -> Result<()> {
-    std::fs::write(path, body)?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755))?;
-    }
-    Ok(())
-}
-
 fn gpu_check(build_only: bool) -> Result<()> {
     // One cargo invocation for both binaries, so burn and cubecl are built once with one feature set.
     let mut build = cargo();
@@ -554,35 +538,18 @@ fn gpu_check(build_only: bool) -> Result<()> {
             .with_context(|| format!("copying the {name} binary"))?;
         run(Command::new("strip").arg(out.join(name)))?;
     }
-    write_script(
-        &out.join("run.sh"),
-        &format!(
-            "#!/bin/sh\n# Runs the CUDA kernel checks and benchmarks; needs an NVIDIA driver and NVRTC (CUDA 12/13).\n{CUDA_ENV_SH}exec ./gpu-check \"$@\"\n"
-        ),
-    )?;
-    // Training steps on the GPU: `qlora bench-step --device cuda` on random-weight models of SmolLM2-135M
-    // and Llama-7B shapes (no checkpoint to carry), each 4-bit product strategy, f32 and bf16 compute.
-    write_script(
-        &out.join("train-bench.sh"),
-        &format!(
-            "#!/bin/sh\n# QLoRA training steps on the GPU (one JSON line each).\n{CUDA_ENV_SH}\
-             step() {{ strategy=$1; shift; echo \"# QLORA_QUANT_MATMUL=$strategy $*\"; QLORA_QUANT_MATMUL=$strategy timeout 150 ./qlora bench-step --device cuda --steps 3 --warmup 1 \"$@\" || echo \"failed: $*\"; }}\n\
-             step auto --model random:smollm2-135m --compute-dtype f32 --batch 4 --seq 256\n\
-             step auto --model random:smollm2-135m --compute-dtype bf16 --batch 4 --seq 256\n\
-             step auto --model random:llama-7b,layers=4 --compute-dtype bf16 --batch 4 --seq 512\n\
-             step fused --model random:llama-7b,layers=4 --compute-dtype bf16 --batch 4 --seq 512\n"
-        ),
-    )?;
+    // The device script: kernels, training steps at 7B and 65B shapes, the trainer against the CPU; one JSON report.
+    std::fs::copy(root().join("xtask/gpu/run.sh"), out.join("run.sh")).context("copying xtask/gpu/run.sh")?;
+    let _ = std::fs::remove_file(out.join("train-bench.sh"));
     let size = std::fs::metadata(&binary)?.len() + std::fs::metadata(out.join("qlora"))?.len();
     eprintln!(
-        "gpu-check + qlora: {} ({:.1} MiB together); run target/gpu-check/run.sh and train-bench.sh on a CUDA machine",
+        "gpu-check + qlora: {} ({:.1} MiB together); run target/gpu-check/run.sh on a CUDA machine (report.json)",
         out.display(),
         size as f64 / 1048576.0
     );
     let has_gpu = Command::new("nvidia-smi").output().map(|o| o.status.success()).unwrap_or(false);
     if !build_only && has_gpu {
         run(&mut Command::new(out.join("run.sh")))?;
-        run(&mut Command::new(out.join("train-bench.sh")))?;
     } else if !build_only {
         eprintln!("no NVIDIA GPU here (nvidia-smi): built only");
     }

@@ -213,6 +213,8 @@ pub enum RandomBase {
     Smollm2_135m,
     /// `llama-7b`: Llama-2-7B's shape.
     Llama7b,
+    /// `llama-65b`: LLaMA-65B's shape (the paper's headline model).
+    Llama65b,
     /// An HF `config.json` file.
     ConfigJson(PathBuf),
 }
@@ -223,12 +225,13 @@ impl RandomBase {
         match self {
             RandomBase::Smollm2_135m => "smollm2-135m".into(),
             RandomBase::Llama7b => "llama-7b".into(),
+            RandomBase::Llama65b => "llama-65b".into(),
             RandomBase::ConfigJson(path) => path.display().to_string(),
         }
     }
 }
 
-/// A parsed `random:<smollm2-135m|llama-7b|config.json>[,layers=N][,seed=S]` spec: a model of any
+/// A parsed `random:<smollm2-135m|llama-7b|llama-65b|config.json>[,layers=N][,seed=S]` spec: a model of any
 /// Llama-family shape with random weights, for benchmarks and tests on machines without the
 /// checkpoint. This is the spec only; `llama::random` builds the config and generates the weights.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -255,13 +258,14 @@ impl RandomSpec {
         let base = match name {
             "smollm2-135m" => RandomBase::Smollm2_135m,
             "llama-7b" => RandomBase::Llama7b,
+            "llama-65b" => RandomBase::Llama65b,
             "" => {
-                return Err(bad("name a preset (smollm2-135m, llama-7b) or a config.json after `random:`".into()));
+                return Err(bad("name a preset (smollm2-135m, llama-7b, llama-65b) or a config.json after `random:`".into()));
             }
             path if Path::new(path).is_file() => RandomBase::ConfigJson(PathBuf::from(path)),
             other => {
                 return Err(bad(format!(
-                    "`{other}` is neither a preset (smollm2-135m, llama-7b) nor a config.json file"
+                    "`{other}` is neither a preset (smollm2-135m, llama-7b, llama-65b) nor a config.json file"
                 )));
             }
         };

@@ -69,6 +69,20 @@ impl LlamaConfig {
         self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
     }
 
+    /// Parameters of the base model (embeddings, every linear layer and norm, the head unless tied):
+    /// 6,738,415,616 for Llama-2-7B, as transformers counts them.
+    pub fn num_parameters(&self) -> u64 {
+        let (h, i, v) = (self.hidden_size as u64, self.intermediate_size as u64, self.vocab_size as u64);
+        let q = (self.num_attention_heads * self.head_dim()) as u64;
+        let kv = (self.num_key_value_heads * self.head_dim()) as u64;
+        let biases = if self.qkv_bias { q + 2 * kv } else { 0 }
+            + if self.o_bias { h } else { 0 }
+            + if self.mlp_bias { 2 * i + h } else { 0 };
+        let layer = h * (q + 2 * kv) + q * h + 3 * h * i + 2 * h + biases;
+        let head = if self.tie_word_embeddings { 0 } else { v * h };
+        v * h + self.num_hidden_layers as u64 * layer + h + head
+    }
+
     /// Checks the shape relations the model relies on.
     pub fn validate(&self, source: &str) -> Result<(), LlamaError> {
         let bad = |reason: String| Err(LlamaError::InvalidConfig { file: source.to_string(), reason });

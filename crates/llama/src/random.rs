@@ -2,8 +2,8 @@
 //! tests on machines without the checkpoint (a GPU box with no network, a shape no small model has).
 //!
 //! The spec `random:<preset or config.json>[,layers=N][,seed=S]` is parsed by
-//! [`formats::source::RandomSpec`]: presets `smollm2-135m` (SmolLM2-135M) and `llama-7b`
-//! (Llama-2-7B), or any HF `config.json`; `layers` overrides the depth. Here it becomes a
+//! [`formats::source::RandomSpec`]: presets `smollm2-135m` (SmolLM2-135M), `llama-7b` (Llama-2-7B) and
+//! `llama-65b` (LLaMA-65B), or any HF `config.json`; `layers` overrides the depth. Here it becomes a
 //! [`LlamaConfig`] and weights: N(0, 0.02) as transformers initialises them (norms 1), drawn from
 //! SplitMix64 per tensor, so the same spec always gives the same model. There is no tokenizer: such
 //! a model runs on token ids.
@@ -24,6 +24,9 @@ const SMOLLM2_135M: &str = r#"{"model_type":"llama","vocab_size":49152,"hidden_s
 const LLAMA_7B: &str = r#"{"model_type":"llama","vocab_size":32000,"hidden_size":4096,"intermediate_size":11008,
 "num_hidden_layers":32,"num_attention_heads":32,"num_key_value_heads":32,"rms_norm_eps":1e-5,"rope_theta":10000.0,
 "max_position_embeddings":4096,"tie_word_embeddings":false,"bos_token_id":1,"eos_token_id":2}"#;
+const LLAMA_65B: &str = r#"{"model_type":"llama","vocab_size":32000,"hidden_size":8192,"intermediate_size":22016,
+"num_hidden_layers":80,"num_attention_heads":64,"num_key_value_heads":64,"rms_norm_eps":1e-6,"rope_theta":10000.0,
+"max_position_embeddings":2048,"tie_word_embeddings":false,"bos_token_id":1,"eos_token_id":2}"#;
 
 /// A `random:` model: the spec's config, built.
 #[derive(Debug, Clone, PartialEq)]
@@ -46,6 +49,7 @@ impl RandomModel {
         let mut config = match &spec.base {
             RandomBase::Smollm2_135m => LlamaConfig::from_hf_json(&preset(SMOLLM2_135M), &spec.base.name())?,
             RandomBase::Llama7b => LlamaConfig::from_hf_json(&preset(LLAMA_7B), &spec.base.name())?,
+            RandomBase::Llama65b => LlamaConfig::from_hf_json(&preset(LLAMA_65B), &spec.base.name())?,
             RandomBase::ConfigJson(path) => LlamaConfig::from_hf_config(path)?,
         };
         if let Some(layers) = spec.layers {
@@ -162,6 +166,16 @@ impl WeightSource for RandomWeights {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Parameter counts as transformers reports them for the real checkpoints.
+    #[test]
+    fn presets_have_their_models_parameter_counts() {
+        assert_eq!(RandomModel::parse("random:llama-7b").unwrap().config.num_parameters(), 6_738_415_616);
+        assert_eq!(RandomModel::parse("random:smollm2-135m").unwrap().config.num_parameters(), 134_515_008);
+        let big = RandomModel::parse("random:llama-65b").unwrap().config;
+        assert_eq!((big.num_hidden_layers, big.hidden_size, big.intermediate_size), (80, 8192, 22016));
+        assert_eq!(big.num_parameters(), 65_285_660_672);
+    }
 
     #[test]
     fn specs_parse_and_bad_specs_are_clear_errors() {

@@ -51,6 +51,10 @@ pub struct StepBenchReport {
     pub loss_last: f64,
     /// The model file or directory the run loaded (the reference loads the same).
     pub model_path: String,
+    /// Parameters of the base model (for model FLOPs: ≈ 6 per parameter and token with recomputation).
+    pub base_params: u64,
+    /// The most bytes the device's allocator held after a step (MiB; GPU backends only).
+    pub device_reserved_mib: Option<f64>,
 }
 
 /// `batch` rows of `seq` token ids below `vocab` (SplitMix64 from `seed`), every next token a target.
@@ -74,6 +78,7 @@ pub fn run(config: &TrainConfig, bench: &StepBench) -> Result<StepBenchReport, T
     let model_path = formats::source::resolve(&config.model)?.label();
     let device = training_device(config)?;
     let (loaded, _lora) = load_for_training(config, &device)?;
+    let loaded_config_params = loaded.config.num_parameters();
     let mut model = loaded.model.clone();
     drop(loaded);
     let trainable_params: usize = optim::trainable_tensors(&model)?.values().map(|t| t.values.len()).sum();
@@ -83,6 +88,8 @@ pub fn run(config: &TrainConfig, bench: &StepBench) -> Result<StepBenchReport, T
     let rss_after_load = rss_mib();
     reset_peak_rss();
 
+    let base_params = loaded_config_params;
+    let mut device_reserved_mib: Option<f64> = None;
     let mut times = Vec::with_capacity(bench.steps);
     let mut losses = Vec::new();
     for step in 0..bench.warmup + bench.steps {
@@ -95,6 +102,10 @@ pub fn run(config: &TrainConfig, bench: &StepBench) -> Result<StepBenchReport, T
         model = updated;
         let loss = outcome.loss;
         let seconds = started.elapsed().as_secs_f64();
+        if let Some(usage) = device.memory_pool_usage() {
+            let mib = usage.bytes_reserved as f64 / 1048576.0;
+            device_reserved_mib = Some(device_reserved_mib.map_or(mib, |m| m.max(mib)));
+        }
         losses.push(loss);
         if step >= bench.warmup {
             times.push(seconds);
@@ -126,6 +137,8 @@ pub fn run(config: &TrainConfig, bench: &StepBench) -> Result<StepBenchReport, T
         loss_first: losses[0],
         loss_last: losses[losses.len() - 1],
         model_path,
+        base_params,
+        device_reserved_mib,
     })
 }
 

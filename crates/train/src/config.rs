@@ -252,9 +252,13 @@ pub struct TrainConfig {
     pub adam_beta2: f64,
     #[arg(long, value_enum, default_value = "paged_adamw_32bit")]
     pub optimizer: OptimizerChoice,
-    /// Device budget for optimizer state in MiB (0: unlimited, state stays resident).
-    #[arg(long, default_value_t = 0)]
-    pub optimizer_device_budget_mib: usize,
+    /// Device budget for optimizer state in MiB, fractions allowed (0: unlimited, the state stays resident);
+    /// state beyond it lives in host memory and pages in for the update.
+    #[arg(long, default_value_t = 0.0)]
+    pub optimizer_device_budget_mib: f64,
+    /// Optimizer state per page in KiB: pages move between host and device whole (the budget holds ≥ 1).
+    #[arg(long, default_value_t = 1024)]
+    pub optimizer_page_kib: usize,
     /// Recompute memory-bound activations in the backward pass.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub gradient_checkpointing: bool,
@@ -280,6 +284,10 @@ pub struct TrainConfig {
     /// A held-out prompt answered before and after training (empty: none).
     #[arg(long, default_value = "")]
     pub sample_prompt: String,
+    /// Testing only: step N fails as a device allocation failure would (the out-of-memory path end to end).
+    #[arg(long, hide = true)]
+    #[serde(skip)]
+    pub inject_device_oom_at_step: Option<u64>,
 }
 
 impl Default for TrainConfig {

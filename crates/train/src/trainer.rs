@@ -260,16 +260,15 @@ pub fn optimizer_step(
 }
 
 /// Runs one step with device failures (which burn and cubecl raise as panics: out of memory, a lost device)
-/// turned into [`TrainError::Device`], naming the step and what to lower. `QLORA_INJECT_DEVICE_OOM_AT_STEP=N`
-/// makes step N fail as an allocation failure would (for tests of this path).
+/// turned into [`TrainError::Device`], naming the step and what to lower. `config.inject_device_oom_at_step`
+/// makes that step fail as an allocation failure would (tests of this path).
 pub fn guarded_step<T>(
     step: u64,
     config: &TrainConfig,
     run: impl FnOnce() -> Result<T, TrainError>,
 ) -> Result<T, TrainError> {
-    let inject = std::env::var("QLORA_INJECT_DEVICE_OOM_AT_STEP").ok().and_then(|v| v.parse::<u64>().ok());
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        if inject == Some(step) {
+        if config.inject_device_oom_at_step == Some(step) {
             panic!("injected: the device ran out of memory (OutOfMemory) allocating the step's buffers");
         }
         run()
@@ -290,7 +289,7 @@ pub fn guarded_step<T>(
             .any(|needle| message.contains(needle));
         Err(TrainError::Device(if oom {
             format!(
-                "step {step}: the {} device ran out of memory ({message}). Lower --micro-batch-size (now {}), the sequence length (--source-max-len {} / --target-max-len {}), or the optimizer's device budget (--optimizer-device-budget-mib, now {}); {checkpoint}",
+                "step {step}: the {} device ran out of memory ({message}). Lower --micro-batch-size (now {}), the sequence length (--source-max-len {} / --target-max-len {}), or the optimizer's device budget (--optimizer-device-budget-mib, now {}, 0 = unlimited); {checkpoint}",
                 config.device,
                 config.micro_batch_size,
                 config.source_max_len,
@@ -306,8 +305,15 @@ pub fn guarded_step<T>(
 /// The optimizer of a run.
 pub fn optimizer_config(config: &TrainConfig) -> Result<PagedAdamWConfig, TrainError> {
     let precision = config.optimizer.precision();
-    let budget = (config.optimizer_device_budget_mib > 0).then_some(config.optimizer_device_budget_mib << 20);
+    let budget_mib = config.optimizer_device_budget_mib;
+    if !(budget_mib >= 0.0 && budget_mib.is_finite()) || config.optimizer_page_kib == 0 {
+        return Err(TrainError::Input(format!(
+            "--optimizer-device-budget-mib {budget_mib} must be ≥ 0 (0: unlimited) and --optimizer-page-kib ≥ 1"
+        )));
+    }
+    let budget = (budget_mib > 0.0).then_some((budget_mib * (1u64 << 20) as f64) as usize);
     Ok(PagedAdamWConfig::new()
+        .with_page_bytes(config.optimizer_page_kib << 10)
         .with_precision(precision)
         .with_beta2(config.adam_beta2)
         .with_weight_decay(config.weight_decay)
