@@ -19,6 +19,8 @@ OUT=${OUT:-$BUNDLE}
 FIXTURES=${FIXTURES:-$BUNDLE/../../tests/fixtures}
 PEAK_TFLOPS=${PEAK_TFLOPS:-989}   # dense bf16 peak of an H100/H200 SXM
 DEVICE=${DEVICE:-cuda}            # DEVICE=cpu runs the script's plumbing on a machine without a GPU
+MODEL_7B=${MODEL_7B:-random:llama-7b}      # (with small models there: MODEL_7B=random:smollm2-135m,layers=2)
+MODEL_65B=${MODEL_65B:-random:llama-65b}
 mkdir -p "$OUT"
 LINES="$OUT/report.lines"
 : > "$LINES"
@@ -47,10 +49,10 @@ step() { # name limit_s args...
     *) note "{\"part\":\"step\",\"name\":\"$name\",\"status\":\"failed rc $rc\",\"seconds\":$(( $(date +%s) - t )),\"stderr_tail\":\"$(tail -c 300 "$OUT/$name.err" | tr '\n"\\' "  /")\"}" ;;
   esac
 }
-step qlora-7b-1x2048 100 --model random:llama-7b --quant nf4 --batch 1 --seq 2048
-step qlora-7b-4x512 80 --model random:llama-7b --quant nf4 --batch 4 --seq 512
-step lora16-7b-1x2048 100 --model random:llama-7b --quant none --batch 1 --seq 2048
-step qlora-65b-1x512 170 --model random:llama-65b --quant nf4 --batch 1 --seq 512 --optimizer-device-budget-mib 1024
+step qlora-7b-1x2048 100 --model "$MODEL_7B" --quant nf4 --batch 1 --seq 2048
+step qlora-7b-4x512 80 --model "$MODEL_7B" --quant nf4 --batch 4 --seq 512
+step lora16-7b-1x2048 100 --model "$MODEL_7B" --quant none --batch 1 --seq 2048
+step qlora-65b-1x512 170 --model "$MODEL_65B" --quant nf4 --batch 1 --seq 512 --optimizer-device-budget-mib 1024
 
 # 3. The trainer on the GPU against the CPU.
 t=$(date +%s)

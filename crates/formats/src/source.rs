@@ -260,7 +260,9 @@ impl RandomSpec {
             "llama-7b" => RandomBase::Llama7b,
             "llama-65b" => RandomBase::Llama65b,
             "" => {
-                return Err(bad("name a preset (smollm2-135m, llama-7b, llama-65b) or a config.json after `random:`".into()));
+                return Err(bad(
+                    "name a preset (smollm2-135m, llama-7b, llama-65b) or a config.json after `random:`".into()
+                ));
             }
             path if Path::new(path).is_file() => RandomBase::ConfigJson(PathBuf::from(path)),
             other => {

@@ -11,6 +11,9 @@
 //! tensors of `n.div_ceil(4)` words (four codes per word, little-endian, the kernels' layout), one f32 absmax
 //! per 256-element block. No autodiff: the optimizer works on the parameters' inner tensors.
 
+// The 8-bit update returns five tensors; the extension macro reads the tuple from the signature, so no alias.
+#![allow(clippy::type_complexity)]
+
 use adamw_rules::UpdateRule;
 use adamw_rules::page::PageState;
 use adamw_rules::update::{AdamHyper, STATE_BLOCKSIZE};

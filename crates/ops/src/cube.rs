@@ -195,6 +195,7 @@ fn codebooks(t: &CubeTensor) -> Arc<DeviceCodebooks> {
 }
 
 /// The fused updates run in place on the page's buffers; the norm is a device reduction in f32.
+#[allow(clippy::type_complexity)]
 impl OptimizerBackend for Cube {
     fn l2_norm(x: FloatTensor<Self>) -> FloatTensor<Self> {
         Self::float_sqrt(Self::float_sum(Self::float_mul(x.clone(), x)))

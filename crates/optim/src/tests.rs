@@ -169,11 +169,11 @@ fn bad_input_is_a_clear_error() {
     ));
     assert!(matches!(PagedAdamWConfig::new().with_beta2(1.0).init(), Err(OptimError::Config(_))));
     let mut opt = PagedAdamWConfig::new().init().unwrap();
-    let mut p = vec![0.0f32; 10];
+    let mut p = [0.0f32; 10];
     let err = opt.step(1e-3, &mut [ParamGrad { key: "w", param: &mut p[..], grad: &[0.0; 9][..] }]).unwrap_err();
     assert!(err.to_string().contains("parameter w"), "{err}");
     opt.step(1e-3, &mut [ParamGrad { key: "w", param: &mut p[..], grad: &[0.0; 10][..] }]).unwrap();
-    let mut q = vec![0.0f32; 11];
+    let mut q = [0.0f32; 11];
     let err = opt.step(1e-3, &mut [ParamGrad { key: "w", param: &mut q[..], grad: &[0.0; 11][..] }]).unwrap_err();
     assert!(err.to_string().contains("11 elements"), "{err}");
     assert!(opt.step(f64::NAN, &mut []).is_err());
