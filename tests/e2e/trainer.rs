@@ -382,3 +382,79 @@ fn a_device_out_of_memory_is_a_clear_error_and_the_run_resumes() {
     assert_eq!(resumed.first_step, 2);
     assert_eq!(resumed.losses, straight.losses[2..]);
 }
+
+/// The adapter a run wrote, by tensor name.
+fn adapter_values(out: &Path) -> std::collections::BTreeMap<String, Vec<f32>> {
+    let bytes = std::fs::read(out.join("adapter/adapter_model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            let values = view.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+            (name, values)
+        })
+        .collect()
+}
+
+fn data_parallel_config(out: &Path, device: &str, grad_accum: usize) -> TrainConfig {
+    TrainConfig {
+        data: tiny().join("chat-train.jsonl").display().to_string(),
+        micro_batch_size: 1,
+        grad_accum,
+        lr: 1e-3,
+        warmup_ratio: 0.0,
+        max_steps: 4,
+        save_steps: 2,
+        save_total_limit: 5,
+        lora_dropout: 0.1,
+        device: device.parse().unwrap(),
+        ..base_config(out)
+    }
+}
+
+/// Two CPU ranks × micro-batch 1 × accumulation 2 give the losses and adapter of one rank × accumulation 4 on
+/// the same examples (dropout on); a 2-rank checkpoint resumes on one rank; a failing rank stops the run with
+/// one error naming it, its last checkpoint kept.
+#[test]
+fn two_cpu_ranks_train_like_one_rank_with_double_accumulation() {
+    let _rng = rng_lock();
+    let (two, one) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let parallel = trainer::train(&data_parallel_config(two.path(), "cpu,cpu", 2), None, &mut Quiet).unwrap();
+    let single = trainer::train(&data_parallel_config(one.path(), "cpu", 4), None, &mut Quiet).unwrap();
+    println!("  2 ranks: {:?}\n  1 rank:  {:?}", parallel.losses, single.losses);
+    assert_eq!(parallel.losses.len(), 4);
+    let worst = max_rel_diff(&parallel.losses, &single.losses);
+    assert!(worst <= 1e-6, "losses differ by {worst:e} relative");
+    let (a, b) = (adapter_values(two.path()), adapter_values(one.path()));
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    let mut worst_abs = 0.0f32;
+    for (key, values) in &a {
+        assert_same_len(values, &b[key], key);
+        worst_abs = values.iter().zip(&b[key]).fold(worst_abs, |m, (x, y)| m.max((x - y).abs()));
+    }
+    println!("  adapters: worst absolute difference {worst_abs:e}");
+    assert!(worst_abs <= 1e-6, "adapters differ by {worst_abs:e}");
+    // The per-step lines count the ranks' examples: one metrics file, written by rank 0.
+    assert_eq!(train_lines(two.path()).len(), 4);
+
+    // Resume the 2-rank run's step-2 checkpoint on one rank with accumulation 4.
+    let resumed_dir = tempfile::tempdir().unwrap();
+    let resumed = trainer::train(
+        &data_parallel_config(resumed_dir.path(), "cpu", 4),
+        Some(&two.path().join("checkpoint-2")),
+        &mut Quiet,
+    )
+    .unwrap();
+    assert_eq!(resumed.first_step, 2);
+    let worst = max_rel_diff(&resumed.losses, &single.losses[2..]);
+    assert!(worst <= 1e-6, "resumed losses differ by {worst:e} relative");
+
+    // Rank 1 runs out of memory at step 3: one error naming the rank and the step; checkpoint-2 stays.
+    let failing_dir = tempfile::tempdir().unwrap();
+    let failing =
+        TrainConfig { inject_device_oom_at_step: Some(3), ..data_parallel_config(failing_dir.path(), "cpu,cpu", 2) };
+    let err = trainer::train(&failing, None, &mut Quiet).unwrap_err().to_string();
+    println!("  {err}");
+    assert!(err.contains("rank 1") && err.contains("step 3") && err.contains("ran out of memory"), "{err}");
+    assert_eq!(train::checkpoint::latest(failing_dir.path()).unwrap().1.step, 2);
+}

@@ -44,7 +44,8 @@ step() { # name limit_s args...
   line=$(timeout "$limit" ./qlora bench-step --device "$DEVICE" --steps 3 --warmup 1 --compute-dtype bf16 --lora-r 64 "$@" 2> "$OUT/$name.err" | tail -1)
   rc=$?
   case "$line" in
-    \{*) mfu=$(echo "$line" | sed -n 's/.*"tokens_per_s":\([0-9.e+-]*\).*"base_params":\([0-9]*\).*/\1 \2/p' | awk -v p="$PEAK_TFLOPS" '{ if (NF == 2) printf "%.4f", 6 * $2 * $1 / (p * 1e12); else printf "null" }')
+    \{*) echo "$line" > "$OUT/$name.json"
+         mfu=$(echo "$line" | sed -n 's/.*"tokens_per_s":\([0-9.e+-]*\).*"base_params":\([0-9]*\).*/\1 \2/p' | awk -v p="$PEAK_TFLOPS" '{ if (NF == 2) printf "%.4f", 6 * $2 * $1 / (p * 1e12); else printf "null" }')
          note "{\"part\":\"step\",\"name\":\"$name\",\"status\":\"ok\",\"mfu\":${mfu:-null},\"seconds\":$(( $(date +%s) - t )),\"bench\":$line}" ;;
     *) note "{\"part\":\"step\",\"name\":\"$name\",\"status\":\"failed rc $rc\",\"seconds\":$(( $(date +%s) - t )),\"stderr_tail\":\"$(tail -c 300 "$OUT/$name.err" | tr '\n"\\' "  /")\"}" ;;
   esac
@@ -68,7 +69,17 @@ worst=$(printf '%s\n%s\n' "$cpu" "$gpu" | awk -F, 'NR==1{n=NF; for(i=1;i<=NF;i++
 note "{\"part\":\"train\",\"cpu_losses\":[${cpu}],\"cuda_losses\":[${gpu}],\"worst_rel_diff\":${worst:-null},\"goal\":1e-3,\"seconds\":$(( $(date +%s) - t ))}"
 
 # 4. More than one GPU: data parallel scaling (issue 24), when present.
-if [ "$gpus" -gt 1 ]; then note "{\"part\":\"multi-gpu\",\"status\":\"not built yet\"}"; else note "{\"part\":\"multi-gpu\",\"status\":\"1 GPU: skipped\"}"; fi
+tps() { sed -n 's/.*"tokens_per_s":\([0-9.e+-]*\).*/\1/p' "$OUT/$1.json" 2>/dev/null; }
+if [ "$gpus" -gt 1 ]; then
+  single=$DEVICE; DEVICE=cuda:0,cuda:1
+  step dp2-7b-4x512 120 --model "$MODEL_7B" --quant nf4 --batch 4 --seq 512
+  DEVICE=$single
+  one=$(tps qlora-7b-4x512); two=$(tps dp2-7b-4x512)
+  scaling=$(echo "$one $two" | awk 'NF == 2 && $1 > 0 { printf "%.3f", $2 / $1; exit } { printf "null" }')
+  note "{\"part\":\"multi-gpu\",\"status\":\"ran\",\"gpus_used\":2,\"scaling_vs_1_gpu\":${scaling:-null},\"goal\":1.8}"
+else
+  note "{\"part\":\"multi-gpu\",\"status\":\"1 GPU: skipped\"}"
+fi
 
 { printf '{"total_seconds":%d,"parts":[\n' $(( $(date +%s) - started )); paste -sd, "$LINES"; printf ']}\n'; } > "$OUT/report.json"
 cat "$OUT/report.json"

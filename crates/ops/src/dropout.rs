@@ -172,8 +172,31 @@ pub fn seeded_dropout<const D: usize>(x: Tensor<D>, prob: f64, seed: u64) -> Ten
     Tensor::from_dispatch(<Dispatch as SeededDropoutBackend>::seeded_dropout(x.into_dispatch(), seed, 1.0 - prob))
 }
 
-/// A fresh seed from the device's generator (what `device.seed(..)` makes reproducible).
+thread_local! {
+    /// This thread's dropout generator, when [`seed_dropout`] set one.
+    static DROPOUT_SEEDS: std::cell::Cell<Option<u64>> = const { std::cell::Cell::new(None) };
+}
+
+/// Makes this thread's dropout masks a function of `seed` and the order of the forwards: [`draw_seed`] then
+/// takes SplitMix64 draws on the host instead of the device's generator, so nothing is read back from the
+/// device and threads training on different devices (data-parallel ranks) do not share a generator.
+pub fn seed_dropout(seed: u64) {
+    DROPOUT_SEEDS.with(|s| s.set(Some(seed)));
+}
+
+/// A fresh dropout seed: the next draw of this thread's generator ([`seed_dropout`]), or else one from the
+/// device's generator (what `device.seed(..)` makes reproducible; a small read back from the device).
 pub fn draw_seed(device: &burn::tensor::Device) -> u64 {
+    if let Some(state) = DROPOUT_SEEDS.with(|s| s.get()) {
+        let mut rng = splitmix::SplitMix64(state);
+        let seed = rng.next_u64();
+        DROPOUT_SEEDS.with(|s| s.set(Some(rng.0)));
+        return seed;
+    }
+    draw_device_seed(device)
+}
+
+fn draw_device_seed(device: &burn::tensor::Device) -> u64 {
     let draws: Vec<f32> = Tensor::<1>::random([4], Distribution::Default, device)
         .into_data()
         .convert::<f32>()

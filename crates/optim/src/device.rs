@@ -7,9 +7,9 @@
 //! reads back goes through [`read_scalars`], which counts the bytes ([`readback_bytes`]), so a test can check that
 //! no parameter or gradient makes the round trip.
 
+use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::ops::Range;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use adamw_rules::update::AdamHyper;
 use adamw_rules::{PageDevice, PageState, ParamValues, UpdateRule};
@@ -37,18 +37,27 @@ impl FlatTensor {
     }
 }
 
-static READBACK_BYTES: AtomicU64 = AtomicU64::new(0);
+thread_local! {
+    static READBACK_BYTES: Cell<u64> = const { Cell::new(0) };
+}
 
-/// Reads a small tensor back to the host as f64 values, counting its bytes in [`readback_bytes`].
+/// Reads a tensor back to the host as f64 values, counting its bytes in [`readback_bytes`].
 pub fn read_scalars(t: Tensor<1>) -> Vec<f64> {
     let data = t.into_data();
-    READBACK_BYTES.fetch_add(data.as_bytes().len() as u64, Ordering::Relaxed);
+    count_readback(data.as_bytes().len());
     data.convert::<f64>().try_into_vec::<f64>().expect("float values")
 }
 
-/// Bytes read back through [`read_scalars`] since the process started (the trainer logs the difference per step).
+/// Counts `bytes` read back from the device by this thread (for reads that do not go through
+/// [`read_scalars`], such as a host all-reduce).
+pub fn count_readback(bytes: usize) {
+    READBACK_BYTES.with(|c| c.set(c.get() + bytes as u64));
+}
+
+/// Bytes this thread read back through [`read_scalars`] / [`count_readback`] so far (the trainer logs the
+/// difference per step; per thread, so data-parallel ranks count their own).
 pub fn readback_bytes() -> u64 {
-    READBACK_BYTES.load(Ordering::Relaxed)
+    READBACK_BYTES.with(Cell::get)
 }
 
 /// A resident page: its state tensors and element count.

@@ -16,7 +16,7 @@ use serde::Serialize;
 use crate::TrainError;
 use crate::config::TrainConfig;
 use crate::metrics::{peak_rss_mib, reset_peak_rss, rss_mib};
-use crate::trainer::{load_for_training, optimizer_config, optimizer_step, training_device};
+use crate::trainer::{RankStep, load_for_training, optimizer_config, optimizer_step, training_device};
 
 /// What to time.
 #[derive(Debug, Clone)]
@@ -37,6 +37,8 @@ pub struct StepBenchReport {
     pub seq: usize,
     pub dtype: String,
     pub threads: usize,
+    /// Data-parallel ranks (devices); `batch` sequences each.
+    pub ranks: usize,
     pub steps: usize,
     pub median_s: f64,
     pub min_s: f64,
@@ -84,6 +86,20 @@ pub fn run(config: &TrainConfig, bench: &StepBench) -> Result<StepBenchReport, T
     let trainable_params: usize = optim::trainable_tensors(&model)?.values().map(|t| t.values.len()).sum();
     let mut optimizer = optimizer_config(config)?.init_on(TensorPages::new(&device))?;
     let max_grad_norm = (config.max_grad_norm > 0.0).then_some(config.max_grad_norm as f32);
+    // Several devices: data parallel, `batch` sequences per rank (tokens/s counts every rank's).
+    let specs = config.rank_devices();
+    let ranks = specs.len();
+    let workers = if ranks > 1 {
+        crate::parallel::Workers::start(
+            &TrainConfig { grad_accum: 1, ..config.clone() },
+            &specs,
+            &device,
+            &model,
+            None,
+        )?
+    } else {
+        crate::parallel::Workers::none()
+    };
     let process_peak_after_load = peak_rss_mib();
     let rss_after_load = rss_mib();
     reset_peak_rss();
@@ -93,12 +109,27 @@ pub fn run(config: &TrainConfig, bench: &StepBench) -> Result<StepBenchReport, T
     let mut times = Vec::with_capacity(bench.steps);
     let mut losses = Vec::new();
     for step in 0..bench.warmup + bench.steps {
-        let batch = random_batch(bench.batch, bench.seq, model.vocab_size, config.seed ^ step as u64);
+        let batches: Vec<Batch> = (0..ranks)
+            .map(|rank| {
+                let seed = config.seed ^ step as u64 ^ ((rank as u64) << 32);
+                random_batch(bench.batch, bench.seq, model.vocab_size, seed)
+            })
+            .collect();
+        let targets = batches.iter().map(|b| b.targets).sum();
         let started = Instant::now();
         let seed = config.seed ^ ((step as u64) << 16);
-        let batches = std::slice::from_ref(&batch);
-        let (updated, outcome) =
-            optimizer_step(&model, &mut optimizer, batches, &device, seed, config.lr, max_grad_norm, step as u64)?;
+        workers.send_step(&batches, targets, seed, config.lr, step as u64);
+        let part = RankStep {
+            batches: &batches[..1],
+            first_index: 0,
+            step_targets: targets,
+            sync: workers.sync().map(|s| (s, 0)),
+        };
+        let stepped =
+            optimizer_step(&model, &mut optimizer, &part, &device, seed, (config.lr, max_grad_norm), step as u64)
+                .inspect_err(|e| workers.abort(0, e.to_string()));
+        let others = workers.wait_step();
+        let (updated, outcome) = stepped.and_then(|r| others.map(|()| r))?;
         model = updated;
         let loss = outcome.loss;
         let seconds = started.elapsed().as_secs_f64();
@@ -125,11 +156,12 @@ pub fn run(config: &TrainConfig, bench: &StepBench) -> Result<StepBenchReport, T
         seq: bench.seq,
         dtype: config.compute_dtype.name().to_string(),
         threads: burn_threads(),
+        ranks,
         steps: bench.steps,
         median_s,
         min_s: sorted[0],
         max_s: sorted[sorted.len() - 1],
-        tokens_per_s: (bench.batch * bench.seq) as f64 / median_s,
+        tokens_per_s: (ranks * bench.batch * bench.seq) as f64 / median_s,
         step_peak_rss_mib: step_peak,
         process_peak_rss_mib: process_peak_after_load.max(step_peak),
         rss_after_load_mib: rss_after_load,

@@ -145,6 +145,55 @@ impl std::fmt::Display for DeviceSpec {
     }
 }
 
+/// `--device` of training: one device, or one per data-parallel rank.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Devices(pub Vec<DeviceSpec>);
+
+impl Devices {
+    /// The first (rank 0's) device.
+    pub fn first(&self) -> DeviceSpec {
+        self.0[0]
+    }
+}
+
+impl std::str::FromStr for Devices {
+    type Err = TrainError;
+    fn from_str(spec: &str) -> Result<Self, TrainError> {
+        let devices = spec.split(',').map(str::parse).collect::<Result<Vec<DeviceSpec>, _>>()?;
+        if devices.is_empty() {
+            return Err(TrainError::Input("--device: name at least one device".into()));
+        }
+        Ok(Devices(devices))
+    }
+}
+
+impl std::fmt::Display for Devices {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<String> = self.0.iter().map(ToString::to_string).collect();
+        f.write_str(&names.join(","))
+    }
+}
+
+impl TryFrom<String> for Devices {
+    type Error = TrainError;
+    fn try_from(s: String) -> Result<Self, TrainError> {
+        s.parse()
+    }
+}
+
+impl From<Devices> for String {
+    fn from(d: Devices) -> String {
+        d.to_string()
+    }
+}
+
+impl From<DeviceSpec> for Devices {
+    fn from(d: DeviceSpec) -> Devices {
+        Devices(vec![d])
+    }
+}
+
 impl TryFrom<String> for DeviceSpec {
     type Error = TrainError;
     fn try_from(s: String) -> Result<Self, TrainError> {
@@ -177,9 +226,13 @@ pub struct TrainConfig {
     /// bf16, norms and the loss stay f32).
     #[arg(long, value_enum, default_value = "f32")]
     pub compute_dtype: ComputeDtype,
-    /// cpu, or wgpu / cuda / cuda:N in builds with those features.
+    /// cpu, or wgpu / cuda / cuda:N in builds with those features; several, comma-separated, train data
+    /// parallel with one rank per device (`cuda:0,cuda:1`; `cpu,cpu` for tests).
     #[arg(long, default_value = "cpu")]
-    pub device: DeviceSpec,
+    pub device: Devices,
+    /// Data parallel on the first N CUDA GPUs (`cuda:0` … `cuda:N-1`), instead of `--device`.
+    #[arg(long)]
+    pub devices: Option<usize>,
     /// Continue from an existing PEFT adapter instead of a fresh LoRA.
     #[arg(long)]
     pub init_adapter: Option<PathBuf>,
@@ -302,6 +355,13 @@ impl Default for TrainConfig {
 }
 
 impl TrainConfig {
+    /// One device per data-parallel rank (`--devices N`, else `--device`).
+    pub fn rank_devices(&self) -> Vec<DeviceSpec> {
+        match self.devices {
+            Some(n) => (0..n).map(DeviceSpec::Cuda).collect(),
+            None => self.device.0.clone(),
+        }
+    }
     /// Reads a TOML config file written by a previous run (or by hand; missing keys take the defaults).
     pub fn from_toml_file(path: &Path) -> Result<Self, TrainError> {
         let text =
@@ -391,7 +451,13 @@ mod tests {
         .unwrap();
         assert_eq!(c.quant, QuantChoice::Fp4);
         assert_eq!(c.compute_dtype, ComputeDtype::Bf16);
-        assert_eq!(c.device, DeviceSpec::Cuda(1));
+        assert_eq!(c.device, DeviceSpec::Cuda(1).into());
+        let c = parse(&["--device", "cpu,cuda:1"]).unwrap();
+        assert_eq!(c.rank_devices(), vec![DeviceSpec::Cpu, DeviceSpec::Cuda(1)]);
+        assert_eq!(c.device.to_string(), "cpu,cuda:1");
+        let c = parse(&["--devices", "3"]).unwrap();
+        assert_eq!(c.rank_devices(), vec![DeviceSpec::Cuda(0), DeviceSpec::Cuda(1), DeviceSpec::Cuda(2)]);
+        assert!(parse(&["--device", "cpu,,cpu"]).is_err());
         assert_eq!(c.format, DatasetFormat::Oasst);
         assert_eq!(c.schedule, ScheduleKind::Cosine);
         assert_eq!(c.optimizer, OptimizerChoice::PagedAdamW8bit);

@@ -22,6 +22,7 @@ pub mod device;
 pub mod eval;
 pub mod infer;
 pub mod metrics;
+pub mod parallel;
 pub mod quantize;
 pub mod trainer;
 

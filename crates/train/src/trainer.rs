@@ -194,25 +194,30 @@ pub fn eval_loss(
     (count > 0).then(|| sum / count as f64)
 }
 
-/// Forward and backward over the micro-batches of one optimizer step: the summed LoRA gradients of the
-/// mean loss over all their target tokens (on the device), and that loss (the one value read back). Micro-batch
-/// `i` draws its dropout masks from `seed ^ i`, so they depend only on the run's seed and the step.
+/// Forward and backward over this rank's micro-batches of one optimizer step: the summed LoRA gradients of the
+/// loss divided by `step_targets` (the target tokens of the whole step, all ranks), on the device, and the summed
+/// NLL (a `[1]` tensor; `None` without targets). Micro-batch `i` is the step's micro-batch `first_index + i` and
+/// draws its dropout masks from `seed ^ (first_index + i)`, so they depend only on the run's seed, the step and
+/// the micro-batch, not on how the step is split across ranks.
 pub fn accumulate_gradients(
     model: &LlamaModel,
     batches: &[Batch],
+    first_index: usize,
+    step_targets: usize,
     device: &Device,
     seed: u64,
-) -> Result<(BTreeMap<String, FlatTensor>, f64), TrainError> {
-    let targets: usize = batches.iter().map(|b| b.targets).sum();
+) -> (BTreeMap<String, FlatTensor>, Option<Tensor<1>>) {
     let mut grads = BTreeMap::new();
     let mut nll_sum: Option<Tensor<1>> = None;
     for (i, batch) in batches.iter().enumerate() {
         if batch.targets == 0 {
             continue;
         }
-        device.seed(seed ^ i as u64);
+        let micro_seed = seed ^ (first_index + i) as u64;
+        device.seed(micro_seed);
+        ops::dropout::seed_dropout(micro_seed);
         let nll = batch_nll_sum(model, batch, device);
-        let loss = nll.clone().div_scalar(targets as f64);
+        let loss = nll.clone().div_scalar(step_targets.max(1) as f64);
         let g = loss.backward();
         let nll = nll.inner().cast(DType::F32);
         nll_sum = Some(match nll_sum {
@@ -221,8 +226,17 @@ pub fn accumulate_gradients(
         });
         optim::device::accumulate(&mut grads, optim::device::gradients_on_device(model, &g));
     }
-    let loss_sum = nll_sum.map_or(0.0, |sum| optim::device::read_scalars(sum)[0]);
-    Ok((grads, loss_sum / targets.max(1) as f64))
+    (grads, nll_sum)
+}
+
+/// This rank's part of one optimizer step, and with whom it sums its gradients (`None`: a single device).
+pub struct RankStep<'a> {
+    /// The rank's micro-batches and the index of its first in the step.
+    pub batches: &'a [Batch],
+    pub first_index: usize,
+    /// Target tokens of the whole step, all ranks.
+    pub step_targets: usize,
+    pub sync: Option<(&'a dyn crate::parallel::GradientSync, usize)>,
 }
 
 /// What one optimizer step did.
@@ -233,21 +247,26 @@ pub struct StepOutcome {
     pub readback_bytes: u64,
 }
 
-/// One optimizer step, all of it on the training device: forward and backward over the micro-batches, their
-/// gradients summed, the global norm clipped, the paged AdamW update. Returns the updated model.
-#[allow(clippy::too_many_arguments)]
+/// One optimizer step, all of it on the training device: forward and backward over the rank's micro-batches,
+/// their gradients summed (and summed across ranks), the global norm clipped, the paged AdamW update. Returns
+/// the updated model; the loss is the step's (all ranks).
 pub fn optimizer_step(
     model: &LlamaModel,
     optimizer: &mut PagedAdamW<TensorPages>,
-    batches: &[Batch],
+    part: &RankStep<'_>,
     device: &Device,
     seed: u64,
-    lr: f64,
-    max_grad_norm: Option<f32>,
+    (lr, max_grad_norm): (f64, Option<f32>),
     step: u64,
 ) -> Result<(LlamaModel, StepOutcome), TrainError> {
     let readback_before = optim::device::readback_bytes();
-    let (grads, loss) = accumulate_gradients(model, batches, device, seed)?;
+    let (grads, nll_sum) = accumulate_gradients(model, part.batches, part.first_index, part.step_targets, device, seed);
+    let local_loss_sum = nll_sum.map_or(0.0, |sum| optim::device::read_scalars(sum)[0]);
+    let (grads, loss_sum) = match part.sync {
+        Some((sync, rank)) => sync.all_reduce_sum(rank, grads, local_loss_sum)?,
+        None => (grads, local_loss_sum),
+    };
+    let loss = loss_sum / part.step_targets.max(1) as f64;
     if !loss.is_finite() {
         return Err(TrainError::Diverged(format!("the loss is {loss} at step {step}: stopping without updating")));
     }
@@ -261,14 +280,17 @@ pub fn optimizer_step(
 
 /// Runs one step with device failures (which burn and cubecl raise as panics: out of memory, a lost device)
 /// turned into [`TrainError::Device`], naming the step and what to lower. `config.inject_device_oom_at_step`
-/// makes that step fail as an allocation failure would (tests of this path).
+/// makes that step fail as an allocation failure would (tests of this path) on the rank where `injectable`
+/// (the last rank of a data-parallel run).
 pub fn guarded_step<T>(
     step: u64,
     config: &TrainConfig,
+    device_name: &str,
+    injectable: bool,
     run: impl FnOnce() -> Result<T, TrainError>,
 ) -> Result<T, TrainError> {
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        if config.inject_device_oom_at_step == Some(step) {
+        if injectable && config.inject_device_oom_at_step == Some(step) {
             panic!("injected: the device ran out of memory (OutOfMemory) allocating the step's buffers");
         }
         run()
@@ -290,14 +312,14 @@ pub fn guarded_step<T>(
         Err(TrainError::Device(if oom {
             format!(
                 "step {step}: the {} device ran out of memory ({message}). Lower --micro-batch-size (now {}), the sequence length (--source-max-len {} / --target-max-len {}), or the optimizer's device budget (--optimizer-device-budget-mib, now {}, 0 = unlimited); {checkpoint}",
-                config.device,
+                device_name,
                 config.micro_batch_size,
                 config.source_max_len,
                 config.target_max_len,
                 config.optimizer_device_budget_mib,
             )
         } else {
-            format!("step {step}: the {} device failed: {message}; {checkpoint}", config.device)
+            format!("step {step}: the {device_name} device failed: {message}; {checkpoint}")
         }))
     })
 }
@@ -345,7 +367,12 @@ fn check_config(config: &TrainConfig) -> Result<(), TrainError> {
 
 /// The device training runs on (`--device`) with autodiff, checkpointing as configured.
 pub fn training_device(config: &TrainConfig) -> Result<Device, TrainError> {
-    let device = crate::device::open(config.device)?.autodiff();
+    device_for_rank(config, config.rank_devices()[0])
+}
+
+/// A rank's training device: `spec` with autodiff, checkpointing as configured.
+pub fn device_for_rank(config: &TrainConfig, spec: crate::config::DeviceSpec) -> Result<Device, TrainError> {
+    let device = crate::device::open(spec)?.autodiff();
     Ok(if config.gradient_checkpointing { device.gradient_checkpointing() } else { device })
 }
 
@@ -410,7 +437,11 @@ pub fn train(
         group_by_length: config.group_by_length,
         micro_batch_size: config.micro_batch_size,
     };
-    let steps_per_epoch = data.train.len().div_ceil(config.micro_batch_size).div_ceil(config.grad_accum) as u64;
+    let rank_specs = config.rank_devices();
+    let ranks = rank_specs.len();
+    // One optimizer step takes `ranks × grad_accum` micro-batches.
+    let micro_batches_per_step = ranks * config.grad_accum;
+    let steps_per_epoch = data.train.len().div_ceil(config.micro_batch_size).div_ceil(micro_batches_per_step) as u64;
     let total_steps = if config.max_steps > 0 {
         config.max_steps
     } else {
@@ -441,6 +472,15 @@ pub fn train(
     }
     let mut metrics = MetricsLog::open(&out.join("metrics.jsonl"), state.step)?;
     let mut model = loaded.model.clone();
+    // Data parallel: ranks 1.. on their own threads and devices, with rank 0's adapter and optimizer state.
+    let workers = if ranks > 1 {
+        progress.message(&format!("data parallel over {ranks} ranks: {}", config.device));
+        let optimizer_checkpoint =
+            resume.map(|dir| checkpoint::latest(dir).map(|(p, _)| p.join("optimizer.safetensors")));
+        crate::parallel::Workers::start(config, &rank_specs, &device, &model, optimizer_checkpoint.transpose()?)?
+    } else {
+        crate::parallel::Workers::none()
+    };
     let sample_before = match (&config.sample_prompt, resume) {
         (p, None) if !p.is_empty() => Some(sample_answer(&loaded, &model, p, 64)?),
         _ => None,
@@ -463,16 +503,29 @@ pub fn train(
             break;
         }
         let step_started = Instant::now();
-        // One optimizer step = grad_accum micro-batches; the loss is the mean over all their target tokens.
-        let batches: Vec<Batch> = (0..config.grad_accum).map(|_| Batch::new(&stream.next_examples(), pad_id)).collect();
+        // One optimizer step = ranks × grad_accum micro-batches; rank r takes micro-batches r·k .. (r+1)·k; the
+        // loss is the mean over all their target tokens.
+        let batches: Vec<Batch> =
+            (0..micro_batches_per_step).map(|_| Batch::new(&stream.next_examples(), pad_id)).collect();
         let targets: usize = batches.iter().map(|b| b.targets).sum();
         let tokens: usize = batches.iter().map(|b| b.batch * b.len).sum();
         let lr = schedule.lr_at(state.step);
         let seed = config.seed ^ (state.step << 16);
-        let (updated, outcome) = guarded_step(state.step + 1, config, || {
-            optimizer_step(&model, &mut optimizer, &batches, &device, seed, lr, max_grad_norm, state.step + 1)
+        let k = config.grad_accum;
+        workers.send_step(&batches, targets, seed, lr, state.step + 1);
+        let own = RankStep {
+            batches: &batches[..k],
+            first_index: 0,
+            step_targets: targets,
+            sync: workers.sync().map(|s| (s, 0)),
+        };
+        let rank0_name = rank_specs[0].to_string();
+        let stepped = guarded_step(state.step + 1, config, &rank0_name, ranks == 1, || {
+            optimizer_step(&model, &mut optimizer, &own, &device, seed, (lr, max_grad_norm), state.step + 1)
         })
-        .map_err(|e| match e {
+        .inspect_err(|e| workers.abort(0, e.to_string()));
+        let workers_done = workers.wait_step();
+        let (updated, outcome) = stepped.and_then(|r| workers_done.map(|()| r)).map_err(|e| match e {
             TrainError::Diverged(why) => TrainError::Diverged(format!(
                 "{why}; the last good checkpoint is {}",
                 checkpoint::latest(out).map(|(p, _)| p.display().to_string()).unwrap_or_else(|_| "none".into())
