@@ -11,9 +11,10 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use burn::tensor::{Bool, DType, Device, Distribution, Tensor, TensorData};
-use llama::{Attention, DecoderLayer, LlamaConfig, Mlp, RmsNorm, Rotary};
-use lora::{FrozenLinear, LoraConfig, LoraLinear};
-use quant::{QuantConfig, QuantizedWeight};
+use llama::{AttentionConfig, DecoderLayer, DecoderLayerConfig, LlamaConfig, MlpConfig, Rotary};
+use lora::LoraConfig;
+
+mod common;
 
 struct Counting;
 static LIVE: AtomicUsize = AtomicUsize::new(0);
@@ -42,43 +43,12 @@ const MLP: usize = 11008;
 const HEADS: usize = 32;
 const TOKENS: usize = 256;
 
-fn random_weight(rows: usize, cols: usize, seed: u64) -> Vec<f32> {
-    let mut rng = splitmix::SplitMix64(seed);
-    (0..rows * cols).map(|_| (rng.unit_f32() - 0.5) * 0.04).collect()
-}
-
-fn linear(rows: usize, cols: usize, seed: u64, nf4: bool, dense_dtype: DType, device: &Device) -> (LoraLinear, usize) {
-    let values = random_weight(rows, cols, seed);
-    if nf4 {
-        let q = QuantizedWeight::quantize("w", &values, &[rows, cols], &QuantConfig::new()).unwrap();
-        let bytes = q.stored_bytes();
-        (LoraLinear::frozen(FrozenLinear::quantized(q.to_device(device), None)), bytes)
-    } else {
-        let w = Tensor::<2>::from_data(TensorData::new(values, [rows, cols]), device).cast(dense_dtype);
-        (LoraLinear::frozen(FrozenLinear::dense(w, None)), rows * cols * dense_dtype.size())
-    }
-}
-
+/// One Llama-7B-shaped decoder layer built by its config; the bytes of its frozen weights.
 fn layer(nf4: bool, dtype: DType, device: &Device) -> (DecoderLayer, usize) {
-    let mut bytes = 0;
-    let mut make = |r, c, seed| {
-        let (l, b) = linear(r, c, seed, nf4, dtype, device);
-        bytes += b;
-        l
-    };
-    let head_dim = HIDDEN / HEADS;
-    let self_attn = Attention {
-        q_proj: make(HIDDEN, HIDDEN, 1),
-        k_proj: make(HIDDEN, HIDDEN, 2),
-        v_proj: make(HIDDEN, HIDDEN, 3),
-        o_proj: make(HIDDEN, HIDDEN, 4),
-        num_heads: HEADS,
-        num_kv_heads: HEADS,
-        head_dim,
-    };
-    let mlp = Mlp { gate_proj: make(MLP, HIDDEN, 5), up_proj: make(MLP, HIDDEN, 6), down_proj: make(HIDDEN, MLP, 7) };
-    let norm = || RmsNorm { weight: Tensor::<1>::ones([HIDDEN], device).cast(dtype), eps: 1e-5 };
-    (DecoderLayer { input_layernorm: norm(), self_attn, post_attention_layernorm: norm(), mlp }, bytes)
+    let weights = common::SeededWeights::new(device, nf4, dtype, 0.04);
+    let attention = AttentionConfig::new(HIDDEN, HEADS, HEADS, HIDDEN / HEADS);
+    let layer = DecoderLayerConfig::new(attention, MlpConfig::new(HIDDEN, MLP)).init_with(&weights, "layer").unwrap();
+    (layer, weights.bytes.get())
 }
 
 fn mib(b: usize) -> String {

@@ -12,11 +12,13 @@
 //!
 //! RAYON_NUM_THREADS sets the thread count.
 
+use burn::tensor::DType;
 use burn::tensor::{Bool, Device, Distribution, Tensor, TensorData};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use llama::{Attention, LlamaConfig, RmsNorm, Rotary};
-use lora::{FrozenLinear, LoraConfig, LoraLinear};
-use quant::{QuantConfig, QuantizedWeight};
+use llama::{AttentionConfig, FrozenWeights, LlamaConfig, RmsNormConfig, Rotary};
+use lora::{LoraConfig, LoraLinear};
+
+mod common;
 
 const TOKENS: usize = 1024;
 const BATCH: usize = 4;
@@ -25,16 +27,17 @@ const MLP: usize = 1536;
 const HEADS: usize = 9;
 const KV_HEADS: usize = 3;
 
-fn random_weight(rows: usize, cols: usize, seed: u64) -> Vec<f32> {
-    let mut rng = splitmix::SplitMix64(seed);
-    (0..rows * cols).map(|_| (rng.unit_f32() - 0.5) * 0.08).collect()
+/// LoRA r 64 (dropout 0.05) on a frozen layer.
+fn with_adapter(layer: &mut LoraLinear, name: &str, device: &Device) {
+    layer.adapter =
+        Some(LoraConfig::new().init_adapter(name, layer.in_features(), layer.out_features(), device).unwrap());
 }
 
-fn qlora_linear(rows: usize, cols: usize, seed: u64, name: &str, device: &Device) -> LoraLinear {
-    let q =
-        QuantizedWeight::quantize("w", &random_weight(rows, cols, seed), &[rows, cols], &QuantConfig::new()).unwrap();
-    let mut layer = LoraLinear::frozen(FrozenLinear::quantized(q.to_device(device), None));
-    layer.adapter = Some(LoraConfig::new().init_adapter(name, cols, rows, device).unwrap());
+/// An NF4 + DQ linear `[rows, cols]` with LoRA.
+fn qlora_linear(rows: usize, cols: usize, name: &str, device: &Device) -> LoraLinear {
+    let weights = common::SeededWeights::new(device, true, DType::F32, 0.08);
+    let mut layer = LoraLinear::frozen(weights.linear(name, rows, cols, false).unwrap());
+    with_adapter(&mut layer, name, device);
     layer
 }
 
@@ -46,16 +49,20 @@ fn bench(c: &mut Criterion) {
     group.sample_size(10);
     let cpu = Device::flex();
     let x = Tensor::<2>::random([TOKENS, HIDDEN], Distribution::Normal(0.0, 1.0), &cpu);
-    let w = Tensor::<2>::from_data(TensorData::new(random_weight(MLP, HIDDEN, 1), [MLP, HIDDEN]), &cpu).transpose();
+    let dense = common::SeededWeights::new(&cpu, false, DType::F32, 0.08);
+    // Stored as Wᵀ `[in, out]`: the product is x · Wᵀ.
+    let lora::BaseWeight::Dense(w) = dense.linear("gate_proj", MLP, HIDDEN, false).unwrap().weight else {
+        unreachable!("dense")
+    };
     group.throughput(Throughput::Elements(flops));
     group.bench_function("matmul_f32", |b| b.iter(|| x.clone().matmul(w.clone()).into_data()));
 
-    let layer = qlora_linear(MLP, HIDDEN, 1, "gate_proj", &cpu);
+    let layer = qlora_linear(MLP, HIDDEN, "gate_proj", &cpu);
     group.throughput(Throughput::Elements(flops + lora_flops));
     group.bench_function("qlora_forward", |b| b.iter(|| layer.forward(x.clone()).into_data()));
 
     let ad = cpu.clone().autodiff();
-    let layer = qlora_linear(MLP, HIDDEN, 1, "gate_proj", &ad);
+    let layer = qlora_linear(MLP, HIDDEN, "gate_proj", &ad);
     let xa = Tensor::<2>::random([TOKENS, HIDDEN], Distribution::Normal(0.0, 1.0), &ad).require_grad();
     // forward, input gradient (same size as the forward) and the LoRA gradients (twice the LoRA forward)
     group.throughput(Throughput::Elements(2 * flops + 3 * lora_flops));
@@ -70,15 +77,16 @@ fn bench(c: &mut Criterion) {
     let mut group = c.benchmark_group("attention_smollm2_4x256");
     group.sample_size(10);
     let head_dim = HIDDEN / HEADS;
-    let attn = Attention {
-        q_proj: qlora_linear(HIDDEN, HIDDEN, 2, "q_proj", &ad),
-        k_proj: qlora_linear(KV_HEADS * head_dim, HIDDEN, 3, "k_proj", &ad),
-        v_proj: qlora_linear(KV_HEADS * head_dim, HIDDEN, 4, "v_proj", &ad),
-        o_proj: qlora_linear(HIDDEN, HIDDEN, 5, "o_proj", &ad),
-        num_heads: HEADS,
-        num_kv_heads: KV_HEADS,
-        head_dim,
-    };
+    let weights = common::SeededWeights::new(&ad, true, DType::F32, 0.08);
+    let mut attn = AttentionConfig::new(HIDDEN, HEADS, KV_HEADS, head_dim).init_with(&weights, "attn").unwrap();
+    for (name, l) in [
+        ("q_proj", &mut attn.q_proj),
+        ("k_proj", &mut attn.k_proj),
+        ("v_proj", &mut attn.v_proj),
+        ("o_proj", &mut attn.o_proj),
+    ] {
+        with_adapter(l, name, &ad);
+    }
     let seq = TOKENS / BATCH;
     let config =
         LlamaConfig::new().with_hidden_size(HIDDEN).with_num_attention_heads(HEADS).with_num_key_value_heads(KV_HEADS);
@@ -96,7 +104,7 @@ fn bench(c: &mut Criterion) {
 
     let mut group = c.benchmark_group("rms_norm_4x256x576");
     group.sample_size(20);
-    let norm = RmsNorm { weight: Tensor::<1>::ones([HIDDEN], &ad), eps: 1e-5 };
+    let norm = RmsNormConfig::new(HIDDEN).init(&ad);
     group.throughput(Throughput::Bytes((TOKENS * HIDDEN * 4) as u64));
     group.bench_function("forward_backward", |b| {
         b.iter(|| {
