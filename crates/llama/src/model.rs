@@ -16,6 +16,7 @@ pub struct RmsNorm {
 }
 
 impl RmsNorm {
+    /// `x [..., size]` → the same shape: `x / rms(x) · weight` over the last dimension (statistics in f32).
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         ops::fused::rms_norm(x, self.weight.clone(), self.eps)
     }
@@ -136,7 +137,9 @@ pub struct Attention {
 }
 
 impl Attention {
-    /// `x`: `[batch, len, hidden]` at positions `start..start + len` (`start` = cached positions).
+    /// `x`: `[batch, len, hidden]` at positions `start..start + len` (`start` = cached positions) → `[batch, len,
+    /// hidden]`. `cos`/`sin`: `[len, head_dim]` rotary tables of those positions; `mask`: `[len, start + len]`,
+    /// true where a query may not attend; `cache`: this layer's K/V and its index, grown by `len`.
     pub fn forward(
         &self,
         x: Tensor<3>,
@@ -192,6 +195,7 @@ pub struct Mlp {
 }
 
 impl Mlp {
+    /// `[batch, len, hidden]` → `[batch, len, hidden]`: `down(silu(gate(x)) ⊙ up(x))`.
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         self.down_proj.forward(ops::fused::swiglu(self.gate_proj.forward(x.clone()), self.up_proj.forward(x)))
     }
@@ -207,6 +211,8 @@ pub struct DecoderLayer {
 }
 
 impl DecoderLayer {
+    /// `[batch, len, hidden]` → `[batch, len, hidden]`: `h = x + attn(norm(x))`, `h + mlp(norm(h))`; the other
+    /// arguments as [`Attention::forward`].
     pub fn forward(
         &self,
         x: Tensor<3>,
