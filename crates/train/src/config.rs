@@ -452,15 +452,15 @@ mod tests {
         assert_eq!(c.quant, QuantChoice::Fp4);
         assert_eq!(c.compute_dtype, ComputeDtype::Bf16);
         assert_eq!(c.device, DeviceSpec::Cuda(1).into());
-        let c = parse(&["--device", "cpu,cuda:1"]).unwrap();
-        assert_eq!(c.rank_devices(), vec![DeviceSpec::Cpu, DeviceSpec::Cuda(1)]);
-        assert_eq!(c.device.to_string(), "cpu,cuda:1");
-        let c = parse(&["--devices", "3"]).unwrap();
-        assert_eq!(c.rank_devices(), vec![DeviceSpec::Cuda(0), DeviceSpec::Cuda(1), DeviceSpec::Cuda(2)]);
-        assert!(parse(&["--device", "cpu,,cpu"]).is_err());
         assert_eq!(c.format, DatasetFormat::Oasst);
         assert_eq!(c.schedule, ScheduleKind::Cosine);
         assert_eq!(c.optimizer, OptimizerChoice::PagedAdamW8bit);
+        let ranks = parse(&["--device", "cpu,cuda:1"]).unwrap();
+        assert_eq!(ranks.rank_devices(), vec![DeviceSpec::Cpu, DeviceSpec::Cuda(1)]);
+        assert_eq!(ranks.device.to_string(), "cpu,cuda:1");
+        let gpus = parse(&["--devices", "3"]).unwrap();
+        assert_eq!(gpus.rank_devices(), vec![DeviceSpec::Cuda(0), DeviceSpec::Cuda(1), DeviceSpec::Cuda(2)]);
+        assert!(parse(&["--device", "cpu,,cpu"]).is_err());
     }
 
     /// A config file round-trips, and a bad value in it is an error naming the file (not a later panic).
