@@ -178,8 +178,11 @@ mod tests {
         assert!(completions_url("ftp://h").is_err());
     }
 
+    /// The (head, body) of each request a test server saw.
+    type Seen = Arc<Mutex<Vec<(String, String)>>>;
+
     /// Serves `replies` (status, body) in turn, one per connection, recording each request's head and body.
-    fn server(replies: Vec<(u16, String)>) -> (String, Arc<Mutex<Vec<(String, String)>>>) {
+    fn server(replies: Vec<(u16, String)>) -> (String, Seen) {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let seen = Arc::new(Mutex::new(Vec::new()));

@@ -297,9 +297,9 @@ fn answer_judge_resume_score_and_elo() {
     let battles = lines(Path::new(&judgments));
     assert_eq!(battles.len(), 16, "18 battles, 2 without an outcome");
     let count = |f: &dyn Fn(&Value) -> bool| battles.iter().filter(|b| f(b)).count();
-    assert_eq!(count(&|b| b["model_b"] == "fake-answerer" && b["winner"] == "model_b"), 10);
-    assert_eq!(count(&|b| b["model_b"] != "fake-answerer" && b["winner"] == "tie"), 6);
-    assert_eq!(count(&|b| b["question_id"] == 6), 1);
+    assert_eq!(count(&|b: &Value| b["model_b"] == "fake-answerer" && b["winner"] == "model_b"), 10);
+    assert_eq!(count(&|b: &Value| b["model_b"] != "fake-answerer" && b["winner"] == "tie"), 6);
+    assert_eq!(count(&|b: &Value| b["question_id"] == 6), 1);
     let cached = std::fs::read_to_string(&cache).unwrap();
     assert_eq!(cached.lines().count(), 36);
     assert!(cached.contains("\"verdict\":\"error\"") && cached.contains("I cannot pick one"), "unreadable kept");
@@ -373,7 +373,7 @@ fn answer_judge_resume_score_and_elo() {
     let dead_url = format!("http://127.0.0.1:{dead}/v1");
     let mut args = pairwise.clone();
     let at = args.iter().position(|a| *a == server.url).unwrap();
-    args[at] = &dead_url;
+    args[at] = dead_url.as_str();
     let at = args.iter().position(|a| *a == "fake-judge").unwrap();
     args[at] = "another-judge";
     args.extend(["--retries", "1"]);
