@@ -14,6 +14,8 @@
 //! - `qlora eval`: loss / perplexity on a dataset, or multiple-choice accuracy ([`eval`]).
 //! - `qlora merge`: fold an adapter into its base.
 //! - `qlora bench-step`: time one training step on random tokens ([`bench`]; `cargo xtask bench` runs it).
+//! - `qlora answer` and `qlora judge pairwise | score | elo`: LLM-as-judge evaluation over the `judge` crate
+//!   (the binary's `judge_cmd.rs`; the Elo plot is [`metrics::plot_intervals`]).
 
 pub mod bench;
 pub mod checkpoint;

@@ -14,6 +14,8 @@ use train::config::{ComputeDtype, DeviceSpec, InferenceDtype, QuantChoice, Train
 use train::infer;
 use train::quantize::{self, QuantizeArgs};
 
+mod judge_cmd;
+
 #[derive(Parser)]
 #[command(name = "qlora", version, about = "QLoRA in Rust: quantize, finetune and run Llama-family models")]
 struct Cli {
@@ -137,6 +139,15 @@ enum Command {
         target_max_len: usize,
         #[arg(long, default_value_t = 4)]
         micro_batch_size: usize,
+    },
+    /// Answer a question file (FastChat's question.jsonl) with a local model (and adapter) or an
+    /// OpenAI-compatible endpoint; every answer records the model, adapter and sampling settings.
+    Answer(Box<judge_cmd::AnswerArgs>),
+    /// LLM-as-judge evaluation through any OpenAI-compatible endpoint: pairwise verdicts, scores against a
+    /// reference, Elo ratings (docs/evaluation.md).
+    Judge {
+        #[command(subcommand)]
+        command: judge_cmd::JudgeCommand,
     },
     /// Chat with the model in the terminal, using its chat template.
     Chat {
@@ -390,6 +401,8 @@ fn main() -> anyhow::Result<()> {
             };
             println!("{}", train::eval::run(&loaded, &args)?);
         }
+        Command::Answer(args) => judge_cmd::answer(&args)?,
+        Command::Judge { command } => judge_cmd::run(&command)?,
         Command::Chat { model, system, sampling } => {
             let loaded = model.load()?;
             let stdin = std::io::stdin();
@@ -458,6 +471,116 @@ mod tests {
             "runs/x",
             "--config",
             "c.toml",
+        ]);
+        ok(&["qlora", "answer", "--questions", "q.jsonl", "--out", "a.jsonl", "--model", "m", "--adapter", "a"]);
+        ok(&[
+            "qlora",
+            "answer",
+            "--questions",
+            "q.jsonl",
+            "--out",
+            "a.jsonl",
+            "--endpoint",
+            "http://127.0.0.1:1/v1",
+            "--endpoint-model",
+            "gpt",
+            "--temperature",
+            "1.5",
+            "--top-p",
+            "0.9",
+            "--max-new-tokens",
+            "64",
+            "--seed",
+            "3",
+        ]);
+        assert!(
+            Cli::try_parse_from(["qlora", "answer", "--questions", "q", "--out", "o", "--endpoint", "http://h"])
+                .is_err(),
+            "--endpoint needs --endpoint-model"
+        );
+        assert!(
+            Cli::try_parse_from([
+                "qlora",
+                "answer",
+                "--questions",
+                "q",
+                "--out",
+                "o",
+                "--endpoint",
+                "http://h",
+                "--endpoint-model",
+                "m",
+                "--adapter",
+                "a"
+            ])
+            .is_err(),
+            "an adapter needs a local model"
+        );
+        ok(&[
+            "qlora",
+            "judge",
+            "pairwise",
+            "--questions",
+            "q.jsonl",
+            "--answers",
+            "a.jsonl",
+            "b.jsonl",
+            "c.jsonl",
+            "--judge-url",
+            "http://127.0.0.1:8000/v1",
+            "--judge-model",
+            "gpt-4",
+            "--judge-key-env",
+            "OPENAI_API_KEY",
+            "--out",
+            "j.jsonl",
+        ]);
+        assert!(
+            Cli::try_parse_from([
+                "qlora",
+                "judge",
+                "pairwise",
+                "--questions",
+                "q",
+                "--answers",
+                "a",
+                "--judge-url",
+                "u",
+                "--judge-model",
+                "m"
+            ])
+            .is_err(),
+            "pairwise needs two answer files"
+        );
+        ok(&[
+            "qlora",
+            "judge",
+            "score",
+            "--questions",
+            "q.jsonl",
+            "--answers",
+            "a.jsonl",
+            "--reference",
+            "r.jsonl",
+            "--judge-url",
+            "u",
+            "--judge-model",
+            "m",
+        ]);
+        ok(&[
+            "qlora",
+            "judge",
+            "elo",
+            "--battles",
+            "j.jsonl",
+            "--rounds",
+            "100",
+            "--k",
+            "16",
+            "--seed",
+            "1",
+            "--out",
+            "e.json",
         ]);
         ok(&["qlora", "bench-step", "--batch", "8", "--seq", "128", "--compute-dtype", "bf16", "--steps", "5"]);
         assert!(

@@ -179,3 +179,68 @@ pub fn plot_losses(metrics: &Path, png: &Path) -> Result<PathBuf, TrainError> {
     std::fs::rename(&tmp, png).map_err(|source| TrainError::Io { path: png.to_path_buf(), source })?;
     Ok(png.to_path_buf())
 }
+
+/// Draws one point with a vertical interval per entry `(name, value, low, high)`, left to right in the
+/// given order, into a PNG at `png` (`qlora judge elo`).
+pub fn plot_intervals(points: &[(&str, f64, f64, f64)], png: &Path, title: &str) -> Result<PathBuf, TrainError> {
+    use plotters::prelude::*;
+    if points.is_empty() {
+        return Err(TrainError::Input("nothing to plot".into()));
+    }
+    let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, FONT);
+    let err = |e: &dyn std::fmt::Display| TrainError::Input(format!("drawing {}: {e}", png.display()));
+    let tmp = png
+        .with_file_name(format!(".{}.partial.png", png.file_stem().map(|s| s.to_string_lossy()).unwrap_or_default()));
+    {
+        let width = (160 * points.len() as u32 + 160).clamp(640, 2400);
+        let root = BitMapBackend::new(&tmp, (width, 540)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| err(&e))?;
+        let values = points.iter().flat_map(|p| [p.1, p.2, p.3]).filter(|v| v.is_finite());
+        let (lo, hi) = values.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| (lo.min(v), hi.max(v)));
+        let pad = ((hi - lo) * 0.1).max(5.0);
+        let n = points.len();
+        let names: Vec<String> = points.iter().map(|p| p.0.to_string()).collect();
+        let mut chart = ChartBuilder::on(&root)
+            .caption(title, ("sans-serif", 22))
+            .margin(16)
+            .x_label_area_size(50)
+            .y_label_area_size(60)
+            .build_cartesian_2d(-0.5..(n as f64 - 0.5), (lo - pad)..(hi + pad))
+            .map_err(|e| err(&e))?;
+        chart
+            .configure_mesh()
+            .disable_x_mesh()
+            .x_labels(n)
+            .x_label_formatter(&|x| {
+                let i = x.round();
+                if (x - i).abs() < 1e-6 && i >= 0.0 && (i as usize) < n {
+                    names[i as usize].clone()
+                } else {
+                    String::new()
+                }
+            })
+            .y_desc("rating")
+            .draw()
+            .map_err(|e| err(&e))?;
+        for (i, &(_, value, low, high)) in points.iter().enumerate() {
+            let x = i as f64;
+            let bar = [(x, low), (x, high)];
+            chart
+                .draw_series(std::iter::once(PathElement::new(bar.to_vec(), BLUE.stroke_width(2))))
+                .map_err(|e| err(&e))?;
+            for cap in [low, high] {
+                let line = vec![(x - 0.08, cap), (x + 0.08, cap)];
+                chart
+                    .draw_series(std::iter::once(PathElement::new(line, BLUE.stroke_width(2))))
+                    .map_err(|e| err(&e))?;
+            }
+            chart.draw_series(std::iter::once(Circle::new((x, value), 5, BLUE.filled()))).map_err(|e| err(&e))?;
+            chart
+                .draw_series(std::iter::once(Text::new(format!("{value:.0}"), (x + 0.1, value), ("sans-serif", 16))))
+                .map_err(|e| err(&e))?;
+        }
+        root.present().map_err(|e| err(&e))?;
+    }
+    std::fs::rename(&tmp, png).map_err(|source| TrainError::Io { path: png.to_path_buf(), source })?;
+    Ok(png.to_path_buf())
+}
