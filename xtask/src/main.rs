@@ -270,6 +270,8 @@ const FIXTURE_GENERATORS: &[Generator] = &[
     // (`$QLORA_CACHE`, else `$XDG_CACHE_HOME/qlora`, else `~/.cache/qlora`), unless it is there already.
     Generator { name: "smollm2", script: "make_smollm2_fixtures.py", args: &["tests/fixtures/smollm2"] },
     Generator { name: "gguf", script: "make_gguf_fixtures.py", args: &["tests/fixtures/gguf"] },
+    // t5/: tiny T5 models (gated and ReLU, untied and tied), an NF4 checkpoint, a PEFT adapter, references
+    Generator { name: "t5", script: "make_t5_fixtures.py", args: &["tests/fixtures"] },
 ];
 
 /// Fails when xtask/fixtures/ has a `make_*.py` that [`FIXTURE_GENERATORS`] does not run, or the list names
