@@ -16,8 +16,8 @@ use rayon::prelude::*;
 use serde_json::Value;
 
 use crate::weights::WeightSource;
-use lora::weights::WeightError;
 use crate::{LlamaConfig, LlamaError};
+use lora::weights::WeightError;
 
 const SMOLLM2_135M: &str = r#"{"model_type":"llama","vocab_size":49152,"hidden_size":576,"intermediate_size":1536,
 "num_hidden_layers":30,"num_attention_heads":9,"num_key_value_heads":3,"rms_norm_eps":1e-5,"rope_theta":100000.0,

@@ -5,8 +5,8 @@
 use std::collections::BTreeMap;
 
 use formats::gguf::{GgufFile, GgufLlamaParams};
-pub use lora::weights::WeightSource;
 use lora::weights::WeightError;
+pub use lora::weights::WeightSource;
 use quant::QuantizedWeight;
 
 use crate::{LlamaConfig, LlamaError};
@@ -77,10 +77,8 @@ impl WeightSource for GgufWeights {
             .names
             .get(name)
             .ok_or_else(|| WeightError::MissingTensor { file: self.file_of(name), tensor: name.into() })?;
-        let (_, values, shape) = self
-            .file
-            .hf_tensor_f32(gguf_name, &self.params)
-            .map_err(|e| WeightError::Source(Box::new(e)))?;
+        let (_, values, shape) =
+            self.file.hf_tensor_f32(gguf_name, &self.params).map_err(|e| WeightError::Source(Box::new(e)))?;
         Ok((values, shape))
     }
     fn bnb_weight(&self, _name: &str) -> Result<Option<QuantizedWeight>, WeightError> {

@@ -53,8 +53,13 @@ impl WeightSource for HfCheckpoint {
 /// Where a block's frozen tensors come from when it is built (each model config's `init_with`).
 pub trait FrozenWeights {
     /// The linear layer `name` (`name.weight` `[out, in]`, and `name.bias` `[out]` when `bias`).
-    fn linear(&self, name: &str, out_features: usize, in_features: usize, bias: bool)
-    -> Result<FrozenLinear, WeightError>;
+    fn linear(
+        &self,
+        name: &str,
+        out_features: usize,
+        in_features: usize,
+        bias: bool,
+    ) -> Result<FrozenLinear, WeightError>;
     /// The norm weight `name` `[len]`.
     fn norm_weight(&self, name: &str, len: usize) -> Result<Tensor<1>, WeightError>;
     /// An embedding table `name` `[rows, cols]` (tokens, or relative-position buckets).

@@ -8,8 +8,8 @@ use burn::tensor::Device;
 use lora::peft::{PeftAdapter, TaskType};
 use lora::{LoraConfig, LoraError, LoraLinear, attach};
 
-use crate::model::{Attention, FeedForward};
 use crate::T5Model;
+use crate::model::{Attention, FeedForward};
 
 fn attention<'a>(prefix: String, a: &'a Attention, out: &mut Vec<(String, &'a LoraLinear)>) {
     for (name, l) in [("q", &a.q), ("k", &a.k), ("v", &a.v), ("o", &a.o)] {
@@ -146,8 +146,10 @@ mod tests {
         }
         fresh.shared = model.shared.clone();
         fresh.lm_head = model.lm_head.clone();
-        fresh.encoder[0].self_attention.relative_attention_bias = model.encoder[0].self_attention.relative_attention_bias.clone();
-        fresh.decoder[0].self_attention.relative_attention_bias = model.decoder[0].self_attention.relative_attention_bias.clone();
+        fresh.encoder[0].self_attention.relative_attention_bias =
+            model.encoder[0].self_attention.relative_attention_bias.clone();
+        fresh.decoder[0].self_attention.relative_attention_bias =
+            model.decoder[0].self_attention.relative_attention_bias.clone();
         let before: Vec<f32> = fresh.forward(enc.clone(), dec.clone()).into_data().try_into_vec().unwrap();
         let loaded = fresh.load_peft_adapter(dir.path()).unwrap();
         assert_eq!(loaded.modules.len(), names.len());

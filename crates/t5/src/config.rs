@@ -49,7 +49,9 @@ pub struct T5Config {
     /// `wi_0`, `wi_1`, `wo` (v1.1, Flan-T5, mT5) instead of `wi`, `wo` (v1.0).
     #[config(default = false)]
     pub gated: bool,
-    /// lm_head shares the embedding, and the decoder output is scaled by `d_model^-0.5` before it.
+    /// The decoder output is scaled by `d_model^-0.5` before the head (config.json's `scale_decoder_outputs`,
+    /// else `tie_word_embeddings`, as transformers 5 reads them); a model without its own `lm_head.weight`
+    /// uses the embedding as its head.
     #[config(default = true)]
     pub tie_word_embeddings: bool,
     #[config(default = 0)]
@@ -183,11 +185,19 @@ impl T5Config {
             relative_attention_max_distance: usize_or("relative_attention_max_distance", 128)?,
             layer_norm_epsilon: match v.get("layer_norm_epsilon") {
                 None | Some(Value::Null) => 1e-6,
-                Some(x) => x.as_f64().ok_or_else(|| bad(format!("`layer_norm_epsilon` must be a number, found {x}")))?,
+                Some(x) => {
+                    x.as_f64().ok_or_else(|| bad(format!("`layer_norm_epsilon` must be a number, found {x}")))?
+                }
             },
             activation,
             gated,
-            tie_word_embeddings: v.get("tie_word_embeddings").and_then(Value::as_bool).unwrap_or(true),
+            // transformers 5 writes `scale_decoder_outputs` (and then `tie_word_embeddings: true` whatever the
+            // head); older configs carry only `tie_word_embeddings`, which is read as the rescale.
+            tie_word_embeddings: v
+                .get("scale_decoder_outputs")
+                .and_then(Value::as_bool)
+                .or_else(|| v.get("tie_word_embeddings").and_then(Value::as_bool))
+                .unwrap_or(true),
             pad_token_id,
             eos_token_id: match v.get("eos_token_id") {
                 Some(Value::Array(ids)) => ids.first().and_then(Value::as_u64).map(|n| n as u32).unwrap_or(1),
@@ -223,6 +233,7 @@ impl T5Config {
             "layer_norm_epsilon": self.layer_norm_epsilon,
             "feed_forward_proj": if self.gated { format!("gated-{act}") } else { act.to_string() },
             "tie_word_embeddings": self.tie_word_embeddings,
+            "scale_decoder_outputs": self.tie_word_embeddings,
             "pad_token_id": self.pad_token_id,
             "eos_token_id": self.eos_token_id,
             "decoder_start_token_id": self.decoder_start_token_id,
@@ -278,6 +289,9 @@ mod tests {
         let v10 = json!({"model_type": "t5", "d_model": 512, "num_layers": 6, "num_heads": 8});
         let c = T5Config::from_hf_json(&v10, "t5-small").unwrap();
         assert!(!c.gated && c.activation == Activation::Relu && c.tie_word_embeddings);
+        // transformers 5's own save: the explicit rescale flag wins over tie_word_embeddings.
+        let v5 = json!({"model_type": "t5", "tie_word_embeddings": true, "scale_decoder_outputs": false});
+        assert!(!T5Config::from_hf_json(&v5, "t5").unwrap().tie_word_embeddings);
         assert_eq!((c.num_decoder_layers, c.relative_attention_max_distance), (6, 128));
     }
 

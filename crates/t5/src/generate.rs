@@ -98,8 +98,11 @@ mod tests {
 
         let encoded = model.encode(ids_tensor(&model, &source), None);
         let all = [0u32, 4, 8, 15, 16];
-        let full: Vec<f32> =
-            model.logits(model.decode(ids_tensor(&model, &all), &encoded, None, None)).into_data().try_into_vec().unwrap();
+        let full: Vec<f32> = model
+            .logits(model.decode(ids_tensor(&model, &all), &encoded, None, None))
+            .into_data()
+            .try_into_vec()
+            .unwrap();
         let mut cache = model.new_cache();
         let mut stepped = Vec::new();
         for (start, len) in [(0, 2), (2, 1), (3, 2)] {

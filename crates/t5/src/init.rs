@@ -12,9 +12,9 @@ use burn::tensor::Device;
 use lora::LoraLinear;
 use lora::weights::{FrozenWeights, RandomInit};
 
+use crate::T5Error;
 use crate::config::{Activation, T5Config};
 use crate::model::{Attention, DecoderLayer, EncoderLayer, FeedForward, RelativeBias, T5LayerNorm, T5Model};
-use crate::T5Error;
 
 /// T5's layer norm (RMS, no mean, no bias).
 #[derive(Config, Debug)]

@@ -148,7 +148,8 @@ pub fn activate(x: Tensor<3>, activation: Activation) -> Tensor<3> {
         Activation::Gelu => gelu(x),
         Activation::Silu => silu(x),
         Activation::GeluNew => {
-            let inner = (x.clone() + x.clone().powi_scalar(3).mul_scalar(0.044715)).mul_scalar((2.0 / std::f64::consts::PI).sqrt());
+            let inner = (x.clone() + x.clone().powi_scalar(3).mul_scalar(0.044715))
+                .mul_scalar((2.0 / std::f64::consts::PI).sqrt());
             x.mul_scalar(0.5) * tanh(inner).add_scalar(1.0)
         }
     }
@@ -291,11 +292,8 @@ impl T5Model {
     pub fn encode(&self, ids: Tensor<2, Int>, padding: Option<&Tensor<2, Bool>>) -> Tensor<3> {
         let [_, t] = ids.dims();
         let mut x = burn::tensor::module::embedding(self.shared.clone(), ids);
-        let bias = self.encoder[0].self_attention.relative_attention_bias.as_ref().expect("layer 0 bias").forward(
-            0,
-            t,
-            t,
-        );
+        let bias =
+            self.encoder[0].self_attention.relative_attention_bias.as_ref().expect("layer 0 bias").forward(0, t, t);
         let bias = match padding {
             Some(mask) => bias + padding_bias(mask),
             None => bias,
@@ -334,9 +332,9 @@ impl T5Model {
         let mut x = burn::tensor::module::embedding(self.shared.clone(), ids);
         for (i, layer) in self.decoder.iter().enumerate() {
             let cross_kv = match cache.as_deref_mut() {
-                Some(c) => c.cross_kv[i]
-                    .get_or_insert_with(|| layer.cross_attention.key_values(encoded.clone()))
-                    .clone(),
+                Some(c) => {
+                    c.cross_kv[i].get_or_insert_with(|| layer.cross_attention.key_values(encoded.clone())).clone()
+                }
                 None => layer.cross_attention.key_values(encoded.clone()),
             };
             let cross_bias = &cross_bias;

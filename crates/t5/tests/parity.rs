@@ -142,18 +142,18 @@ fn relu_tied_bf16_checkpoint_outputs_and_generation_match_transformers() {
 
 #[test]
 fn nf4_checkpoint_and_quantize_on_load_match_bitsandbytes() {
-    let model = load("tiny-t5-gated-bnb-nf4", &LoadOptions::default());
+    let model = load("tiny-t5-nf4", &LoadOptions::default());
     let quantized = model.linears().iter().filter(|(_, l)| l.base.is_quantized()).count();
-    assert_eq!(quantized, 2 * 6 + 3 * 10, "every linear but wo stays 4-bit");
-    check_outputs(&model, "tiny-t5-gated-bnb-nf4.reference.safetensors");
-    check_greedy(&model, "tiny-t5-gated-bnb-nf4.reference.safetensors");
+    assert_eq!(quantized, 6 + 10, "every linear but wo stays 4-bit");
+    check_outputs(&model, "tiny-t5-nf4.reference.safetensors");
+    check_greedy(&model, "tiny-t5-nf4.reference.safetensors");
 
     // Quantizing the f32 checkpoint on load gives bitsandbytes' bytes, so the same logits.
     let dq = QuantConfig::new();
-    let on_load = load("tiny-t5-gated", &LoadOptions { quant: Some(dq.clone()), ..Default::default() });
-    check_outputs(&on_load, "tiny-t5-gated-bnb-nf4.reference.safetensors");
-    let dense = HfCheckpoint::open(&fixtures().join("tiny-t5-gated")).unwrap();
-    let bnb = HfCheckpoint::open(&fixtures().join("tiny-t5-gated-bnb-nf4")).unwrap();
+    let on_load = load("tiny-t5-nf4-src", &LoadOptions { quant: Some(dq.clone()), ..Default::default() });
+    check_outputs(&on_load, "tiny-t5-nf4.reference.safetensors");
+    let dense = HfCheckpoint::open(&fixtures().join("tiny-t5-nf4-src")).unwrap();
+    let bnb = HfCheckpoint::open(&fixtures().join("tiny-t5-nf4")).unwrap();
     let mut compared = 0;
     for (name, linear) in model.linears() {
         let key = format!("{name}.weight");

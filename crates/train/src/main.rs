@@ -388,8 +388,10 @@ fn main() -> anyhow::Result<()> {
                     "T5 generation is greedy (no --temperature, --stop) for now"
                 );
                 let loaded = model.load_t5()?;
-                let tokenizer =
-                    loaded.tokenizer.as_ref().context("the model directory has no tokenizer.json to encode --prompt")?;
+                let tokenizer = loaded
+                    .tokenizer
+                    .as_ref()
+                    .context("the model directory has no tokenizer.json to encode --prompt")?;
                 let ids = tokenizer.encode(&prompt, true)?;
                 let mut stdout = std::io::stdout().lock();
                 let started = std::time::Instant::now();

@@ -72,8 +72,11 @@ pub fn forward_to_file(loaded: &LoadedT5, source: &[u32], target: &[u32], out: &
     let values: Vec<f32> = logits.cast(DType::F32).into_data().try_into_vec().expect("f32 logits");
     let logits = StoredTensor::f32(vec![1, target.len(), loaded.config.vocab_size], &values);
     let (input, decoder) = (ids_stored(source), ids_stored(target));
-    let tensors =
-        [("input_ids".to_string(), &input), ("decoder_input_ids".to_string(), &decoder), ("logits".to_string(), &logits)];
+    let tensors = [
+        ("input_ids".to_string(), &input),
+        ("decoder_input_ids".to_string(), &decoder),
+        ("logits".to_string(), &logits),
+    ];
     let bytes = safetensors::serialize(tensors, None)
         .map_err(|e| TrainError::Input(format!("serializing {}: {e}", out.display())))?;
     write_atomically(out, &bytes)?;
