@@ -8,7 +8,7 @@ use formats::gguf::GgufFile;
 use formats::source::ModelSource;
 use formats::tokenizer::TextTokenizer;
 pub use lora::weights::LoadOptions;
-use lora::weights::{FrozenReader as WeightReader, WeightSource};
+use lora::weights::FrozenReader as WeightReader;
 use quant::checkpoint::HfCheckpoint;
 
 use crate::random::RandomModel;
