@@ -7,8 +7,8 @@ use burn::tensor::Device;
 use formats::gguf::GgufFile;
 use formats::source::ModelSource;
 use formats::tokenizer::TextTokenizer;
-pub use lora::weights::LoadOptions;
 use lora::weights::FrozenReader as WeightReader;
+pub use lora::weights::LoadOptions;
 use quant::checkpoint::HfCheckpoint;
 
 use crate::random::RandomModel;
