@@ -272,6 +272,8 @@ const FIXTURE_GENERATORS: &[Generator] = &[
     Generator { name: "gguf", script: "make_gguf_fixtures.py", args: &["tests/fixtures/gguf"] },
     // judge/: battles and an independent Elo reference (Python's standard library only)
     Generator { name: "judge", script: "make_judge_fixtures.py", args: &["tests/fixtures/judge"] },
+    // t5/: tiny T5 models (gated and ReLU, untied and tied), an NF4 checkpoint, a PEFT adapter, references
+    Generator { name: "t5", script: "make_t5_fixtures.py", args: &["tests/fixtures"] },
 ];
 
 /// Fails when xtask/fixtures/ has a `make_*.py` that [`FIXTURE_GENERATORS`] does not run, or the list names

@@ -1,12 +1,11 @@
-//! LoRA on the model: which linear layers there are (by their Hugging Face module names), attaching fresh
-//! adapters per a [`LoraConfig`], and reading / writing PEFT adapter directories.
+//! LoRA on the model: which linear layers there are (by their Hugging Face module names); attaching fresh
+//! adapters per a [`LoraConfig`] and reading / writing PEFT adapter directories go through `lora::attach`.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 
-use burn::tensor::{DType, Device};
-use lora::peft::{PeftAdapter, StoredAdapter, read_peft_adapter, write_peft_adapter};
-use lora::{LoraAdapter, LoraConfig, LoraError, LoraLinear};
+use burn::tensor::Device;
+use lora::peft::{PeftAdapter, TaskType};
+use lora::{LoraConfig, LoraError, LoraLinear, attach};
 
 use crate::LlamaModel;
 
@@ -49,79 +48,22 @@ impl LlamaModel {
     /// Attaches fresh adapters to the targeted layers (lm_head never). Returns how many; an error when the
     /// targets match no layer or the rank does not fit a layer.
     pub fn add_lora(&mut self, config: &LoraConfig, device: &Device) -> Result<usize, LoraError> {
-        let mut count = 0;
-        for (name, linear) in self.linears_mut() {
-            if config.target_modules.matches(&name, false)? {
-                linear.adapter =
-                    Some(config.init_adapter(&name, linear.in_features(), linear.out_features(), device)?);
-                count += 1;
-            }
-        }
-        if count == 0 {
-            return Err(LoraError::Config(format!(
-                "target_modules {:?} match no linear layer of the model",
-                config.target_modules
-            )));
-        }
-        Ok(count)
+        attach::add_lora(self.linears_mut(), config, device)
     }
 
     /// Loads a PEFT adapter directory onto the model; every module in it must exist with matching shapes.
     pub fn load_peft_adapter(&mut self, dir: &Path) -> Result<PeftAdapter, LoraError> {
-        let adapter = read_peft_adapter(dir)?;
         let device = self.device();
-        let scaling = adapter.config.scaling();
-        let mut linears: BTreeMap<String, &mut LoraLinear> = self.linears_mut().into_iter().collect();
-        for (module, stored) in &adapter.modules {
-            let linear = linears.get_mut(module).ok_or_else(|| {
-                LoraError::Adapter(format!("{}: module `{module}` is not a linear layer of this model", dir.display()))
-            })?;
-            let (r, a_in) = (stored.a.1[0], stored.a.1[1]);
-            let (b_out, b_r) = (stored.b.1[0], stored.b.1[1]);
-            if a_in != linear.in_features() || b_out != linear.out_features() || r != b_r {
-                return Err(LoraError::Adapter(format!(
-                    "{}: `{module}` has lora_A {:?} and lora_B {:?}, but the layer is {} in, {} out",
-                    dir.display(),
-                    stored.a.1,
-                    stored.b.1,
-                    linear.in_features(),
-                    linear.out_features()
-                )));
-            }
-            linear.adapter = Some(LoraAdapter::from_values(
-                stored.a.clone(),
-                stored.b.clone(),
-                scaling,
-                adapter.config.dropout,
-                &device,
-            ));
-        }
-        Ok(adapter)
+        attach::load_peft_adapter(self.linears_mut(), dir, &device)
     }
 
-    /// Writes the model's adapters as a PEFT adapter directory.
+    /// Writes the model's adapters as a PEFT adapter directory (`CAUSAL_LM`).
     pub fn save_peft_adapter(
         &self,
         dir: &Path,
         config: &LoraConfig,
         base_model_name_or_path: Option<&str>,
     ) -> Result<usize, LoraError> {
-        let mut modules = BTreeMap::new();
-        for (name, linear) in self.linears() {
-            if let Some(adapter) = &linear.adapter {
-                let values = |t: burn::tensor::Tensor<2>| -> (Vec<f32>, [usize; 2]) {
-                    let dims = t.dims();
-                    (t.cast(DType::F32).into_data().try_into_vec::<f32>().expect("f32"), dims)
-                };
-                modules
-                    .insert(name, StoredAdapter { a: values(adapter.lora_a.val()), b: values(adapter.lora_b.val()) });
-            }
-        }
-        if modules.is_empty() {
-            return Err(LoraError::Adapter("the model has no adapters to save".into()));
-        }
-        let count = modules.len();
-        write_peft_adapter(dir, config, base_model_name_or_path, &modules)?;
-        Ok(count)
+        attach::save_peft_adapter(self.linears(), dir, config, base_model_name_or_path, TaskType::CausalLm)
     }
 }

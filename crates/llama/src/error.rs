@@ -13,10 +13,9 @@ pub enum LlamaError {
     },
     #[error("{file}: {reason}")]
     InvalidConfig { file: String, reason: String },
-    #[error("{file}: missing tensor `{tensor}`")]
-    MissingTensor { file: String, tensor: String },
-    #[error("{file}: tensor `{tensor}` has shape {found:?}, but the config needs {expected:?}")]
-    ShapeMismatch { file: String, tensor: String, expected: Vec<usize>, found: Vec<usize> },
+    /// A tensor missing or of the wrong shape, or a weight source that failed (`lora::weights`).
+    #[error(transparent)]
+    Weights(#[from] lora::weights::WeightError),
     #[error(transparent)]
     Quant(#[from] quant::QuantError),
     /// An adapter, or a checkpoint read as a merge base (`lora`).

@@ -10,64 +10,12 @@
 //! are Hugging Face's names: the readers look tensors up by them.
 
 use burn::config::Config;
-use burn::tensor::{Device, Distribution, Tensor};
-use lora::{FrozenLinear, LoraLinear};
+use burn::tensor::Device;
+use lora::LoraLinear;
+pub use lora::weights::{FrozenWeights, RandomInit};
 
 use crate::model::{Attention, DecoderLayer, LlamaModel, Mlp, RmsNorm, Rotary};
 use crate::{LlamaConfig, LlamaError};
-
-/// Where a block's frozen tensors come from when it is built.
-pub trait FrozenWeights {
-    /// The linear layer `name` (`name.weight` `[out, in]`, and `name.bias` `[out]` when `bias`).
-    fn linear(
-        &self,
-        name: &str,
-        out_features: usize,
-        in_features: usize,
-        bias: bool,
-    ) -> Result<FrozenLinear, LlamaError>;
-    /// The norm weight `name` `[len]`.
-    fn norm_weight(&self, name: &str, len: usize) -> Result<Tensor<1>, LlamaError>;
-    /// The token embedding `name` `[vocab, hidden]`.
-    fn embedding(&self, name: &str, vocab: usize, hidden: usize) -> Result<Tensor<2>, LlamaError>;
-    /// The untied output layer `lm_head` `[vocab, hidden]` (QLoRA leaves it dense unless the source stores it
-    /// in 4 bits), or `None` where the source has none and the model ties it to the embedding.
-    fn lm_head(&self, vocab: usize, hidden: usize) -> Result<Option<FrozenLinear>, LlamaError>;
-}
-
-/// Fresh weights as transformers initialises a Llama (`initializer_range` 0.02): linear and embedding
-/// weights N(0, 0.02²), biases 0, norm weights 1; dense f32 on `device`, drawn from the device's generator
-/// (`device.seed(..)` makes them reproducible).
-pub struct RandomInit {
-    pub device: Device,
-    pub std: f64,
-}
-
-impl RandomInit {
-    pub fn new(device: &Device) -> Self {
-        RandomInit { device: device.clone(), std: 0.02 }
-    }
-
-    fn normal<const D: usize>(&self, shape: [usize; D]) -> Tensor<D> {
-        Tensor::random(shape, Distribution::Normal(0.0, self.std), &self.device)
-    }
-}
-
-impl FrozenWeights for RandomInit {
-    fn linear(&self, _name: &str, out: usize, inp: usize, bias: bool) -> Result<FrozenLinear, LlamaError> {
-        let bias = bias.then(|| Tensor::zeros([out], &self.device));
-        Ok(FrozenLinear::dense(self.normal([out, inp]), bias))
-    }
-    fn norm_weight(&self, _name: &str, len: usize) -> Result<Tensor<1>, LlamaError> {
-        Ok(Tensor::ones([len], &self.device))
-    }
-    fn embedding(&self, _name: &str, vocab: usize, hidden: usize) -> Result<Tensor<2>, LlamaError> {
-        Ok(self.normal([vocab, hidden]))
-    }
-    fn lm_head(&self, vocab: usize, hidden: usize) -> Result<Option<FrozenLinear>, LlamaError> {
-        Ok(Some(FrozenLinear::dense(self.normal([vocab, hidden]), None)))
-    }
-}
 
 /// RMSNorm over the last dimension.
 #[derive(Config, Debug)]
@@ -231,7 +179,9 @@ impl LlamaConfig {
 
 #[cfg(test)]
 mod tests {
-    use burn::tensor::{Int, TensorData};
+    use burn::tensor::{Int, Tensor, TensorData};
+    use lora::FrozenLinear;
+    use lora::weights::WeightError;
 
     use super::*;
 
@@ -264,16 +214,16 @@ mod tests {
     fn a_missing_tensor_is_an_error_naming_it() {
         struct NoNorms(RandomInit);
         impl FrozenWeights for NoNorms {
-            fn linear(&self, n: &str, o: usize, i: usize, b: bool) -> Result<FrozenLinear, LlamaError> {
+            fn linear(&self, n: &str, o: usize, i: usize, b: bool) -> Result<FrozenLinear, WeightError> {
                 self.0.linear(n, o, i, b)
             }
-            fn norm_weight(&self, name: &str, _len: usize) -> Result<Tensor<1>, LlamaError> {
-                Err(LlamaError::MissingTensor { file: "test".into(), tensor: name.into() })
+            fn norm_weight(&self, name: &str, _len: usize) -> Result<Tensor<1>, WeightError> {
+                Err(WeightError::MissingTensor { file: "test".into(), tensor: name.into() })
             }
-            fn embedding(&self, n: &str, v: usize, h: usize) -> Result<Tensor<2>, LlamaError> {
+            fn embedding(&self, n: &str, v: usize, h: usize) -> Result<Tensor<2>, WeightError> {
                 self.0.embedding(n, v, h)
             }
-            fn lm_head(&self, v: usize, h: usize) -> Result<Option<FrozenLinear>, LlamaError> {
+            fn lm_head(&self, v: usize, h: usize) -> Result<Option<FrozenLinear>, WeightError> {
                 self.0.lm_head(v, h)
             }
         }

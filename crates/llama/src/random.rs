@@ -17,6 +17,7 @@ use serde_json::Value;
 
 use crate::weights::WeightSource;
 use crate::{LlamaConfig, LlamaError};
+use lora::weights::WeightError;
 
 const SMOLLM2_135M: &str = r#"{"model_type":"llama","vocab_size":49152,"hidden_size":576,"intermediate_size":1536,
 "num_hidden_layers":30,"num_attention_heads":9,"num_key_value_heads":3,"rms_norm_eps":1e-5,"rope_theta":100000.0,
@@ -140,11 +141,11 @@ impl WeightSource for RandomWeights {
     fn contains(&self, name: &str) -> bool {
         self.shapes.contains_key(name)
     }
-    fn tensor_f32(&self, name: &str) -> Result<(Vec<f32>, Vec<usize>), LlamaError> {
+    fn tensor_f32(&self, name: &str) -> Result<(Vec<f32>, Vec<usize>), WeightError> {
         let shape = self
             .shapes
             .get(name)
-            .ok_or_else(|| LlamaError::MissingTensor { file: self.label.clone(), tensor: name.into() })?;
+            .ok_or_else(|| WeightError::MissingTensor { file: self.label.clone(), tensor: name.into() })?;
         let n = shape.iter().product();
         let values = if name.ends_with("norm.weight") {
             vec![1.0; n]
@@ -158,7 +159,7 @@ impl WeightSource for RandomWeights {
         };
         Ok((values, shape.clone()))
     }
-    fn bnb_weight(&self, _name: &str) -> Result<Option<QuantizedWeight>, LlamaError> {
+    fn bnb_weight(&self, _name: &str) -> Result<Option<QuantizedWeight>, WeightError> {
         Ok(None)
     }
 }

@@ -1,40 +1,15 @@
-//! Where the loader reads weights from ([`WeightSource`], under Hugging Face names): an HF
+//! Where the loader reads weights from ([`WeightSource`], `lora::weights`, under Hugging Face names): an HF
 //! checkpoint (dense or bitsandbytes 4-bit), a GGUF file ([`GgufWeights`]) or random weights
 //! (`crate::random`).
 
 use std::collections::BTreeMap;
 
 use formats::gguf::{GgufFile, GgufLlamaParams};
+use lora::weights::WeightError;
+pub use lora::weights::WeightSource;
 use quant::QuantizedWeight;
-use quant::checkpoint::HfCheckpoint;
 
 use crate::{LlamaConfig, LlamaError};
-
-/// Where the loader reads weights from, under their Hugging Face names.
-pub trait WeightSource {
-    /// A label for errors (the file holding `name`, or the checkpoint).
-    fn file_of(&self, name: &str) -> String;
-    fn contains(&self, name: &str) -> bool;
-    /// Values (as f32) and shape of a dense tensor.
-    fn tensor_f32(&self, name: &str) -> Result<(Vec<f32>, Vec<usize>), LlamaError>;
-    /// The weight in bitsandbytes 4-bit form, when the source stores it so.
-    fn bnb_weight(&self, name: &str) -> Result<Option<QuantizedWeight>, LlamaError>;
-}
-
-impl WeightSource for HfCheckpoint {
-    fn file_of(&self, name: &str) -> String {
-        self.shard_of(name).map(|(_, p)| p.display().to_string()).unwrap_or_else(|| self.dir.display().to_string())
-    }
-    fn contains(&self, name: &str) -> bool {
-        HfCheckpoint::contains(self, name)
-    }
-    fn tensor_f32(&self, name: &str) -> Result<(Vec<f32>, Vec<usize>), LlamaError> {
-        Ok(HfCheckpoint::tensor_f32(self, name)?)
-    }
-    fn bnb_weight(&self, name: &str) -> Result<Option<QuantizedWeight>, LlamaError> {
-        Ok(HfCheckpoint::bnb_weight(self, name)?)
-    }
-}
 
 /// A GGUF file seen through Hugging Face names: tensors dequantized, llama.cpp's Q/K permutation undone.
 pub struct GgufWeights {
@@ -97,15 +72,16 @@ impl WeightSource for GgufWeights {
     fn contains(&self, name: &str) -> bool {
         self.names.contains_key(name)
     }
-    fn tensor_f32(&self, name: &str) -> Result<(Vec<f32>, Vec<usize>), LlamaError> {
+    fn tensor_f32(&self, name: &str) -> Result<(Vec<f32>, Vec<usize>), WeightError> {
         let gguf_name = self
             .names
             .get(name)
-            .ok_or_else(|| LlamaError::MissingTensor { file: self.file_of(name), tensor: name.into() })?;
-        let (_, values, shape) = self.file.hf_tensor_f32(gguf_name, &self.params)?;
+            .ok_or_else(|| WeightError::MissingTensor { file: self.file_of(name), tensor: name.into() })?;
+        let (_, values, shape) =
+            self.file.hf_tensor_f32(gguf_name, &self.params).map_err(|e| WeightError::Source(Box::new(e)))?;
         Ok((values, shape))
     }
-    fn bnb_weight(&self, _name: &str) -> Result<Option<QuantizedWeight>, LlamaError> {
+    fn bnb_weight(&self, _name: &str) -> Result<Option<QuantizedWeight>, WeightError> {
         Ok(None)
     }
 }

@@ -8,13 +8,17 @@
 //! weight and returns the input gradient; the base never gets a gradient. [`LoraConfig`] picks the targets
 //! (`all-linear`, names, or a regex) and the rank, α, dropout and rsLoRA scaling. A layer with a 4-bit base and an
 //! adapter runs as one op ([`qlora_linear`]). With the `wgpu` or `cuda` feature the ops also run on burn's
-//! CubeCL backend through the `qlora-kernels` kernels (`ops::cube`).
+//! CubeCL backend through the `qlora-kernels` kernels (`ops::cube`). What every model family shares sits here
+//! too: frozen tensors by Hugging Face name from a checkpoint ([`weights`]) and LoRA on a model's list of
+//! named linear layers ([`attach`]: fresh adapters, PEFT adapter directories in and out).
 
 mod adapter;
+pub mod attach;
 mod frozen;
 pub mod merge;
 pub mod peft;
 pub mod qlora_linear;
+pub mod weights;
 
 pub use adapter::{LoraAdapter, LoraConfig, LoraInit, LoraLinear, TargetModules};
 pub use frozen::{BaseWeight, FrozenLinear};

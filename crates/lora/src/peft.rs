@@ -127,6 +127,25 @@ pub fn read_peft_adapter(dir: &Path) -> Result<PeftAdapter, LoraError> {
     Ok(PeftAdapter { config, base_model_name_or_path: base, modules })
 }
 
+/// PEFT's `task_type`: what kind of model the adapter belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TaskType {
+    /// A decoder-only causal LM (`CAUSAL_LM`).
+    CausalLm,
+    /// An encoder-decoder LM such as T5 (`SEQ_2_SEQ_LM`).
+    Seq2SeqLm,
+}
+
+impl TaskType {
+    /// The name PEFT writes.
+    pub fn as_peft(self) -> &'static str {
+        match self {
+            TaskType::CausalLm => "CAUSAL_LM",
+            TaskType::Seq2SeqLm => "SEQ_2_SEQ_LM",
+        }
+    }
+}
+
 /// Writes a PEFT adapter: `adapter_config.json` (PEFT 0.21's fields) and `adapter_model.safetensors` (f32),
 /// each atomically.
 pub fn write_peft_adapter(
@@ -134,6 +153,7 @@ pub fn write_peft_adapter(
     config: &LoraConfig,
     base_model_name_or_path: Option<&str>,
     modules: &BTreeMap<String, StoredAdapter>,
+    task_type: TaskType,
 ) -> Result<(), LoraError> {
     std::fs::create_dir_all(dir).map_err(|e| cfg_err(dir, e))?;
     let target_modules = match &config.target_modules {
@@ -164,7 +184,7 @@ pub fn write_peft_adapter(
         "alpha_pattern": {},
         "revision": null,
         "target_modules": target_modules,
-        "task_type": "CAUSAL_LM",
+        "task_type": task_type.as_peft(),
         "use_dora": false,
         "use_rslora": config.use_rslora,
     });

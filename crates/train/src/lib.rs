@@ -7,7 +7,7 @@
 //! - `qlora quantize`: convert a Hugging Face checkpoint to the bitsandbytes 4-bit layout (NF4/FP4,
 //!   any power-of-two blocksize, double quantization on by default), loadable by transformers + bitsandbytes.
 //! - `qlora forward | generate | chat`: run a model (HF directory, bitsandbytes checkpoint, GGUF, hub id or
-//!   `smollm2`), dense or quantized on load.
+//!   `smollm2`), dense or quantized on load; `forward` and `generate` take a T5 directory too ([`seq2seq`]).
 //!
 //! - `qlora train`: QLoRA finetuning ([`trainer`]) with checkpoints ([`checkpoint`]), metrics and a loss
 //!   plot ([`metrics`]), configured by [`config::TrainConfig`] (flags or a TOML file).
@@ -26,6 +26,7 @@ pub mod infer;
 pub mod metrics;
 pub mod parallel;
 pub mod quantize;
+pub mod seq2seq;
 pub mod trainer;
 
 use std::path::PathBuf;
@@ -35,6 +36,8 @@ use std::path::PathBuf;
 pub enum TrainError {
     #[error(transparent)]
     Model(#[from] llama::LlamaError),
+    #[error(transparent)]
+    T5(#[from] t5::T5Error),
     #[error(transparent)]
     Format(#[from] formats::FormatError),
     #[error(transparent)]

@@ -44,16 +44,21 @@ enum Command {
         #[arg(long)]
         no_double_quant: bool,
     },
-    /// Run the model once and write `input_ids` and `logits` to a safetensors file.
+    /// Run the model once and write `input_ids` and `logits` to a safetensors file (a T5 model: the encoder
+    /// runs on the input, the decoder on `--decoder-tokens`, and `decoder_input_ids` is written too).
     Forward {
         #[command(flatten)]
         model: ModelArgs,
         /// Text to tokenize (with the tokenizer's special tokens, as transformers' default).
         #[arg(long, conflicts_with = "tokens", required_unless_present = "tokens")]
         text: Option<String>,
-        /// Token ids, comma separated.
+        /// Token ids, comma separated (a T5 model: the encoder's input).
         #[arg(long)]
         tokens: Option<String>,
+        /// T5 models: the decoder's token ids, comma separated, starting with decoder_start_token_id
+        /// (default: that token alone).
+        #[arg(long)]
+        decoder_tokens: Option<String>,
         /// Output safetensors file.
         #[arg(long)]
         out: PathBuf,
@@ -192,6 +197,13 @@ impl ModelArgs {
         nf4::check_blocksize(self.blocksize)?;
         let quant = self.quant.quant_config(self.blocksize, !self.no_double_quant);
         Ok(LoadOptions { dtype: self.dtype.dtype(), quant })
+    }
+
+    /// A T5 directory (see `train::seq2seq`), with the adapter applied.
+    fn load_t5(&self) -> anyhow::Result<t5::LoadedT5> {
+        let options = self.options()?;
+        train::seq2seq::load(&self.model, &options, &train::device::open(self.device)?, self.adapter.as_deref())
+            .with_context(|| format!("loading {}", self.model))
     }
 
     fn load(&self) -> anyhow::Result<llama::LoadedModel> {
@@ -343,7 +355,33 @@ fn main() -> anyhow::Result<()> {
                 quantize::run(&args).with_context(|| format!("quantizing {}", args.model.display()))?;
             println!("{}", quantize::summary(&args, &report, seconds));
         }
-        Command::Forward { model, text, tokens, out } => {
+        Command::Forward { model, text, tokens, decoder_tokens, out } => {
+            if train::seq2seq::is_t5(&model.model) {
+                let loaded = model.load_t5()?;
+                let ids = match (text, tokens) {
+                    (Some(text), _) => loaded
+                        .tokenizer
+                        .as_ref()
+                        .context("the model directory has no tokenizer.json: pass --tokens")?
+                        .encode(&text, true)?,
+                    (None, Some(tokens)) => infer::parse_token_list(&tokens)?,
+                    (None, None) => anyhow::bail!("give --text or --tokens"),
+                };
+                let target = match decoder_tokens {
+                    Some(list) => infer::parse_token_list(&list)?,
+                    None => vec![loaded.config.decoder_start_token_id],
+                };
+                train::seq2seq::forward_to_file(&loaded, &ids, &target, &out)?;
+                eprintln!(
+                    "wrote {} ({} encoder tokens, {} decoder tokens x {} logits)",
+                    out.display(),
+                    ids.len(),
+                    target.len(),
+                    loaded.config.vocab_size
+                );
+                return Ok(());
+            }
+            anyhow::ensure!(decoder_tokens.is_none(), "--decoder-tokens is for encoder-decoder (T5) models");
             let loaded = model.load()?;
             let ids = match (text, tokens) {
                 (Some(text), _) => loaded.tokenizer()?.encode(&text, true)?,
@@ -354,6 +392,27 @@ fn main() -> anyhow::Result<()> {
             eprintln!("wrote {} ({} tokens x {} logits)", out.display(), ids.len(), loaded.config.vocab_size);
         }
         Command::Generate { model, prompt, chat, sampling } => {
+            if train::seq2seq::is_t5(&model.model) {
+                anyhow::ensure!(!chat, "--chat: T5 models have no chat template");
+                anyhow::ensure!(
+                    sampling.temperature == 0.0 && sampling.stop.is_empty(),
+                    "T5 generation is greedy (no --temperature, --stop) for now"
+                );
+                let loaded = model.load_t5()?;
+                let tokenizer = loaded
+                    .tokenizer
+                    .as_ref()
+                    .context("the model directory has no tokenizer.json to encode --prompt")?;
+                let ids = tokenizer.encode(&prompt, true)?;
+                let mut stdout = std::io::stdout().lock();
+                let started = std::time::Instant::now();
+                let (tokens, stop) =
+                    train::seq2seq::generate_text(&loaded, &ids, sampling.max_new_tokens, &mut stdout)?;
+                writeln!(stdout)?;
+                let secs = started.elapsed().as_secs_f64();
+                eprintln!("[{} tokens in {secs:.2} s, stop: {stop:?}]", tokens.len());
+                return Ok(());
+            }
             let loaded = model.load()?;
             let ids = if chat {
                 infer::chat_prompt_ids(&loaded, &[ChatMessage::new("user", prompt)])?
