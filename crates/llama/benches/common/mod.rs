@@ -5,8 +5,9 @@
 use std::cell::Cell;
 
 use burn::tensor::{DType, Device, Tensor, TensorData};
-use llama::{FrozenWeights, LlamaError};
+use llama::FrozenWeights;
 use lora::FrozenLinear;
+use lora::weights::WeightError;
 use quant::{QuantConfig, QuantizedWeight};
 
 pub struct SeededWeights {
@@ -33,7 +34,7 @@ impl SeededWeights {
 }
 
 impl FrozenWeights for SeededWeights {
-    fn linear(&self, name: &str, out: usize, inp: usize, bias: bool) -> Result<FrozenLinear, LlamaError> {
+    fn linear(&self, name: &str, out: usize, inp: usize, bias: bool) -> Result<FrozenLinear, WeightError> {
         let values = self.values(name, out * inp);
         let bias = bias.then(|| Tensor::<1>::zeros([out], &self.device).cast(self.dense_dtype));
         if self.nf4 {
@@ -47,15 +48,15 @@ impl FrozenWeights for SeededWeights {
         }
     }
 
-    fn norm_weight(&self, _name: &str, len: usize) -> Result<Tensor<1>, LlamaError> {
+    fn norm_weight(&self, _name: &str, len: usize) -> Result<Tensor<1>, WeightError> {
         Ok(Tensor::<1>::ones([len], &self.device).cast(self.dense_dtype))
     }
 
-    fn embedding(&self, name: &str, vocab: usize, hidden: usize) -> Result<Tensor<2>, LlamaError> {
+    fn embedding(&self, name: &str, vocab: usize, hidden: usize) -> Result<Tensor<2>, WeightError> {
         Ok(Tensor::from_data(TensorData::new(self.values(name, vocab * hidden), [vocab, hidden]), &self.device))
     }
 
-    fn lm_head(&self, _vocab: usize, _hidden: usize) -> Result<Option<FrozenLinear>, LlamaError> {
+    fn lm_head(&self, _vocab: usize, _hidden: usize) -> Result<Option<FrozenLinear>, WeightError> {
         Ok(None)
     }
 }
