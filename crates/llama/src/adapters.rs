@@ -9,6 +9,7 @@ use lora::peft::{PeftAdapter, StoredAdapter, read_peft_adapter, write_peft_adapt
 use lora::{LoraAdapter, LoraConfig, LoraError, LoraLinear};
 
 use crate::LlamaModel;
+use crate::batch::SideAdapter;
 
 const ATTENTION: [&str; 4] = ["q_proj", "k_proj", "v_proj", "o_proj"];
 const MLP: [&str; 3] = ["gate_proj", "up_proj", "down_proj"];
@@ -68,14 +69,29 @@ impl LlamaModel {
 
     /// Loads a PEFT adapter directory onto the model; every module in it must exist with matching shapes.
     pub fn load_peft_adapter(&mut self, dir: &Path) -> Result<PeftAdapter, LoraError> {
+        let (adapter, side) = self.read_side_adapter(dir)?;
+        for ((_, linear), module) in self.linears_mut().into_iter().zip(side.modules) {
+            if module.is_some() {
+                linear.adapter = module;
+            }
+        }
+        Ok(adapter)
+    }
+
+    /// Reads a PEFT adapter directory for this model without attaching it (for serving several adapters on
+    /// one base, [`crate::batch`]); every module in it must exist with matching shapes.
+    pub fn read_side_adapter(&self, dir: &Path) -> Result<(PeftAdapter, SideAdapter), LoraError> {
         let adapter = read_peft_adapter(dir)?;
         let device = self.device();
         let scaling = adapter.config.scaling();
-        let mut linears: BTreeMap<String, &mut LoraLinear> = self.linears_mut().into_iter().collect();
+        let linears = self.linears();
+        let index: BTreeMap<&str, usize> = linears.iter().enumerate().map(|(i, (name, _))| (name.as_str(), i)).collect();
+        let mut modules: Vec<Option<LoraAdapter>> = (0..linears.len()).map(|_| None).collect();
         for (module, stored) in &adapter.modules {
-            let linear = linears.get_mut(module).ok_or_else(|| {
+            let &i = index.get(module.as_str()).ok_or_else(|| {
                 LoraError::Adapter(format!("{}: module `{module}` is not a linear layer of this model", dir.display()))
             })?;
+            let linear = linears[i].1;
             let (r, a_in) = (stored.a.1[0], stored.a.1[1]);
             let (b_out, b_r) = (stored.b.1[0], stored.b.1[1]);
             if a_in != linear.in_features() || b_out != linear.out_features() || r != b_r {
@@ -88,7 +104,7 @@ impl LlamaModel {
                     linear.out_features()
                 )));
             }
-            linear.adapter = Some(LoraAdapter::from_values(
+            modules[i] = Some(LoraAdapter::from_values(
                 stored.a.clone(),
                 stored.b.clone(),
                 scaling,
@@ -96,7 +112,7 @@ impl LlamaModel {
                 &device,
             ));
         }
-        Ok(adapter)
+        Ok((adapter, SideAdapter { modules }))
     }
 
     /// Writes the model's adapters as a PEFT adapter directory.
