@@ -85,7 +85,8 @@ impl LlamaModel {
         let device = self.device();
         let scaling = adapter.config.scaling();
         let linears = self.linears();
-        let index: BTreeMap<&str, usize> = linears.iter().enumerate().map(|(i, (name, _))| (name.as_str(), i)).collect();
+        let index: BTreeMap<&str, usize> =
+            linears.iter().enumerate().map(|(i, (name, _))| (name.as_str(), i)).collect();
         let mut modules: Vec<Option<LoraAdapter>> = (0..linears.len()).map(|_| None).collect();
         for (module, stored) in &adapter.modules {
             let &i = index.get(module.as_str()).ok_or_else(|| {

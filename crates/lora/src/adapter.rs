@@ -272,7 +272,8 @@ mod tests {
             FrozenLinear::dense(Tensor::from_data(TensorData::new(w, [out, inp]), &device), Some(bias)),
         ];
         for base in bases {
-            let adapter = |seed| LoraAdapter::new(tensor([r, inp], seed, &device), tensor([out, r], seed + 1, &device), 2.0, 0.0);
+            let adapter =
+                |seed| LoraAdapter::new(tensor([r, inp], seed, &device), tensor([out, r], seed + 1, &device), 2.0, 0.0);
             let (first, second) = (adapter(3), adapter(5));
             let x = tensor([7, inp], 7, &device);
             let mut layer = LoraLinear::frozen(base);

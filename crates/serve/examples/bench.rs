@@ -21,8 +21,12 @@ fn arg(name: &str, default: &str) -> String {
 fn complete(addr: SocketAddr, prompt: &str, tokens: usize) -> u64 {
     let body = json!({"model": "base", "prompt": prompt, "max_tokens": tokens, "temperature": 0}).to_string();
     let mut stream = TcpStream::connect(addr).unwrap();
-    write!(stream, "POST /v1/completions HTTP/1.1\r\nHost: b\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}", body.len())
-        .unwrap();
+    write!(
+        stream,
+        "POST /v1/completions HTTP/1.1\r\nHost: b\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
     let mut raw = String::new();
     stream.read_to_string(&mut raw).unwrap();
     let json: Value = serde_json::from_str(raw.split_once("\r\n\r\n").unwrap().1).unwrap();
@@ -31,7 +35,12 @@ fn complete(addr: SocketAddr, prompt: &str, tokens: usize) -> u64 {
 
 /// `clients` concurrent requests; returns (tokens, seconds).
 fn run(addr: SocketAddr, clients: usize, tokens: usize) -> (u64, f64) {
-    let prompts = ["Once upon a time, in a small village,", "The history of the Roman Empire", "Here is a recipe for bread:", "In mathematics, a prime number"];
+    let prompts = [
+        "Once upon a time, in a small village,",
+        "The history of the Roman Empire",
+        "Here is a recipe for bread:",
+        "In mathematics, a prime number",
+    ];
     let started = Instant::now();
     let handles: Vec<_> = (0..clients)
         .map(|i| {

@@ -155,7 +155,9 @@ fn completion_prompt(prompt: &Value, limits: &Limits) -> Result<Vec<u32>, ApiErr
                 _ => Err(bad(&format!("token {v} is not an id of the vocabulary (0..{})", limits.vocab))),
             })
             .collect(),
-        Value::Array(items) if items.len() > 1 => Err(bad("one prompt per request (batches of prompts are not supported)")),
+        Value::Array(items) if items.len() > 1 => {
+            Err(bad("one prompt per request (batches of prompts are not supported)"))
+        }
         _ => Err(bad("prompt must be a string or an array of token ids")),
     }
 }
@@ -239,7 +241,11 @@ pub fn prepare(endpoint: Endpoint, body: &[u8], limits: &Limits, default_seed: u
     let room = limits.context - prompt.len();
     let max_tokens = match common.max_completion_tokens.or(common.max_tokens) {
         Some(m) if m < 1 => {
-            return Err(ApiError::invalid_param("max_tokens", "invalid_value", format!("max_tokens must be at least 1, not {m}")));
+            return Err(ApiError::invalid_param(
+                "max_tokens",
+                "invalid_value",
+                format!("max_tokens must be at least 1, not {m}"),
+            ));
         }
         Some(m) if m as u64 > limits.max_tokens_cap as u64 => {
             return Err(ApiError::invalid_param(
@@ -387,7 +393,8 @@ mod tests {
         let t = tokenizer();
         let text = t.apply_chat_template(&[ChatMessage::new("user", "hi")], true).unwrap();
         assert_eq!(p.prompt, t.encode(&text, false).unwrap(), "the chat template's tokens");
-        let p = check(r#"{"model":"base","prompt":"hello","stream":true,"stream_options":{"include_usage":true}}"#).unwrap();
+        let p = check(r#"{"model":"base","prompt":"hello","stream":true,"stream_options":{"include_usage":true}}"#)
+            .unwrap();
         assert_eq!((p.adapter, p.stream, p.include_usage), (None, true, true));
         assert_eq!(p.prompt, t.encode("hello", true).unwrap());
         assert_eq!(p.sampling.max_new_tokens, 32, "the cap when the room is larger");
@@ -420,7 +427,10 @@ mod tests {
         assert_eq!(code(r#"{"model":"base","prompt":"x","stop":["a","b","c","d","e"]}"#), (400, Some("invalid_value")));
         assert_eq!(code(r#"{"model":"base","prompt":"x","stop":[""]}"#), (400, Some("invalid_value")));
         assert_eq!(code(r#"{"model":"base","messages":[]}"#), (400, Some("invalid_value")));
-        assert_eq!(code(r#"{"model":"base","messages":[{"role":"user","content":[{"type":"image_url"}]}]}"#), (400, Some("invalid_value")));
+        assert_eq!(
+            code(r#"{"model":"base","messages":[{"role":"user","content":[{"type":"image_url"}]}]}"#),
+            (400, Some("invalid_value"))
+        );
     }
 
     #[test]

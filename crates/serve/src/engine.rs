@@ -290,12 +290,15 @@ mod tests {
         }
         fn step(&self, rows: &mut [DecodeRow<'_, Vec<u32>>]) -> Result<Vec<Vec<f32>>, String> {
             std::thread::sleep(self.delay);
-            let mut steps = self.steps.lock().unwrap();
-            if Some(steps.len()) == self.fail_at_step {
-                steps.push(Vec::new());
+            let fail = {
+                let mut steps = self.steps.lock().unwrap();
+                let fail = Some(steps.len()) == self.fail_at_step;
+                steps.push(if fail { Vec::new() } else { rows.iter().map(|r| (r.adapter, r.tokens.len())).collect() });
+                fail
+            };
+            if fail {
                 panic!("scripted failure");
             }
-            steps.push(rows.iter().map(|r| (r.adapter, r.tokens.len())).collect());
             Ok(rows
                 .iter_mut()
                 .map(|r| {

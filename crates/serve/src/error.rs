@@ -135,7 +135,12 @@ mod tests {
     fn errors_map_to_openai_shapes_and_statuses() {
         let cases = [
             (ApiError::invalid("bad"), 400, "invalid_request_error", None),
-            (ApiError::invalid_param("max_tokens", "invalid_value", "x"), 400, "invalid_request_error", Some("invalid_value")),
+            (
+                ApiError::invalid_param("max_tokens", "invalid_value", "x"),
+                400,
+                "invalid_request_error",
+                Some("invalid_value"),
+            ),
             (ApiError::unknown_model("m", &["a".into()]), 404, "not_found_error", Some("model_not_found")),
             (ApiError::unauthorized("no key"), 401, "authentication_error", Some("invalid_api_key")),
             (ApiError::too_large(10), 413, "invalid_request_error", Some("request_too_large")),

@@ -110,19 +110,11 @@ async fn models(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Resul
     Ok(json_response(StatusCode::OK, &json!({"object": "list", "data": data})))
 }
 
-async fn chat(
-    State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-    body: Body,
-) -> Result<Response, ApiError> {
+async fn chat(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
     complete(state, headers, body, Endpoint::Chat).await
 }
 
-async fn completions(
-    State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-    body: Body,
-) -> Result<Response, ApiError> {
+async fn completions(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
     complete(state, headers, body, Endpoint::Completion).await
 }
 
@@ -132,7 +124,8 @@ const DRAIN_FACTOR: usize = 4;
 
 /// The body, at most `limit` bytes (413 beyond).
 async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Bytes, ApiError> {
-    let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok());
+    let declared =
+        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok());
     if declared.is_some_and(|n| n > limit.saturating_mul(DRAIN_FACTOR)) {
         return Err(ApiError::too_large(limit));
     }
@@ -227,7 +220,9 @@ impl Reply {
                     }
                 }
                 Some(Event::Finished(finish)) => break finish,
-                Some(Event::Failed(message)) => return Err(ApiError::internal(format!("generation failed: {message}"))),
+                Some(Event::Failed(message)) => {
+                    return Err(ApiError::internal(format!("generation failed: {message}")));
+                }
                 None => return Err(ApiError::internal("the scheduler stopped")),
             }
         };

@@ -40,7 +40,8 @@ fn start(config: ServeConfig) -> Running {
 fn http(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> (u16, String) {
     let mut stream = TcpStream::connect(addr).unwrap();
     stream.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
-    let mut request = format!("{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
+    let mut request =
+        format!("{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
     for (k, v) in headers {
         request.push_str(&format!("{k}: {v}\r\n"));
     }
@@ -52,7 +53,8 @@ fn http(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], bo
     let text = String::from_utf8(raw).unwrap();
     let (head, rest) = text.split_once("\r\n\r\n").unwrap();
     let status: u16 = head.split(' ').nth(1).unwrap().parse().unwrap();
-    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") { dechunk(rest) } else { rest.to_string() };
+    let body =
+        if head.to_ascii_lowercase().contains("transfer-encoding: chunked") { dechunk(rest) } else { rest.to_string() };
     (status, body)
 }
 
@@ -74,9 +76,12 @@ fn post(addr: SocketAddr, path: &str, body: &Value) -> (u16, Value) {
     (status, serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}")))
 }
 
-/// What `qlora generate --chat` would print for `prompt` on the base (greedy).
-fn generate_alone(prompt: &str, max: usize) -> String {
-    let loaded = load();
+/// What `qlora generate --chat` would print for `prompt` (greedy), with `adapter` attached.
+fn generate_alone(prompt: &str, adapter: Option<&Path>, max: usize) -> String {
+    let mut loaded = load();
+    if let Some(dir) = adapter {
+        loaded.model.load_peft_adapter(dir).unwrap();
+    }
     let tokenizer = loaded.tokenizer.as_ref().unwrap();
     let text = tokenizer.apply_chat_template(&[formats::tokenizer::ChatMessage::new("user", prompt)], true).unwrap();
     let ids = tokenizer.encode(&text, false).unwrap();
@@ -87,7 +92,8 @@ fn generate_alone(prompt: &str, max: usize) -> String {
 }
 
 fn chat(model: &str, prompt: &str, extra: Value) -> Value {
-    let mut body = json!({"model": model, "messages": [{"role": "user", "content": prompt}], "temperature": 0, "max_tokens": 12});
+    let mut body =
+        json!({"model": model, "messages": [{"role": "user", "content": prompt}], "temperature": 0, "max_tokens": 12});
     for (k, v) in extra.as_object().unwrap() {
         body[k] = v.clone();
     }
@@ -113,24 +119,32 @@ fn serves_models_chat_completions_and_streams() {
     assert_eq!(models["data"][1]["parent"], "tiny");
     assert_eq!(models["data"][0]["parent"], Value::Null);
 
-    let want = generate_alone("What does the word \"host\" mean?", 12);
-    for model in ["tiny", "tiny-init"] {
-        let (status, reply) = post(addr, "/v1/chat/completions", &chat(model, "What does the word \"host\" mean?", json!({})));
+    let init = tiny().join("init-adapter");
+    for (model, adapter) in [("tiny", None), ("tiny-init", Some(init.as_path()))] {
+        let want = generate_alone("What does the word \"host\" mean?", adapter, 12);
+        let (status, reply) =
+            post(addr, "/v1/chat/completions", &chat(model, "What does the word \"host\" mean?", json!({})));
         assert_eq!(status, 200, "{reply}");
         assert_eq!(reply["object"], "chat.completion");
         assert_eq!(reply["model"], model);
         let content = reply["choices"][0]["message"]["content"].as_str().unwrap();
-        // The init adapter's B is zero: its output is the base's.
         assert_eq!(content, want, "{model}: greedy output equals generate's");
         let usage = &reply["usage"];
-        assert_eq!(usage["total_tokens"], usage["prompt_tokens"].as_u64().unwrap() + usage["completion_tokens"].as_u64().unwrap());
+        assert_eq!(
+            usage["total_tokens"],
+            usage["prompt_tokens"].as_u64().unwrap() + usage["completion_tokens"].as_u64().unwrap()
+        );
         let finish = reply["choices"][0]["finish_reason"].as_str().unwrap();
         assert!(finish == "length" || finish == "stop");
         if finish == "length" {
             assert_eq!(usage["completion_tokens"], 12);
         }
 
-        let body = chat(model, "What does the word \"host\" mean?", json!({"stream": true, "stream_options": {"include_usage": true}}));
+        let body = chat(
+            model,
+            "What does the word \"host\" mean?",
+            json!({"stream": true, "stream_options": {"include_usage": true}}),
+        );
         let (status, text) = http(addr, "POST", "/v1/chat/completions", &[], body.to_string().as_bytes());
         assert_eq!(status, 200, "{text}");
         let data = sse_data(&text);
@@ -147,19 +161,30 @@ fn serves_models_chat_completions_and_streams() {
     }
 
     // /v1/completions with a raw prompt, and a stop string that cuts the text.
-    let (status, reply) = post(addr, "/v1/completions", &json!({"model": "tiny", "prompt": "The word", "max_tokens": 10, "temperature": 0}));
+    let (status, reply) = post(
+        addr,
+        "/v1/completions",
+        &json!({"model": "tiny", "prompt": "The word", "max_tokens": 10, "temperature": 0}),
+    );
     assert_eq!(status, 200, "{reply}");
     assert_eq!(reply["object"], "text_completion");
     let text = reply["choices"][0]["text"].as_str().unwrap().to_string();
     if let Some(cut) = text.char_indices().nth(3).map(|(i, _)| &text[i..]).filter(|rest| !rest.is_empty()) {
         let stop: String = cut.chars().take(2).collect();
-        let (_, stopped) = post(addr, "/v1/completions", &json!({"model": "tiny", "prompt": "The word", "max_tokens": 10, "temperature": 0, "stop": [stop]}));
+        let (_, stopped) = post(
+            addr,
+            "/v1/completions",
+            &json!({"model": "tiny", "prompt": "The word", "max_tokens": 10, "temperature": 0, "stop": [stop]}),
+        );
         assert_eq!(stopped["choices"][0]["text"].as_str().unwrap(), &text[..text.find(&stop).unwrap()]);
         assert_eq!(stopped["choices"][0]["finish_reason"], "stop");
     }
     // Sampled with a seed: the same seed gives the same text.
     let sampled = json!({"model": "tiny-init", "prompt": "The word", "max_tokens": 10, "temperature": 1.0, "top_p": 0.9, "seed": 5});
-    assert_eq!(post(addr, "/v1/completions", &sampled).1["choices"][0]["text"], post(addr, "/v1/completions", &sampled).1["choices"][0]["text"]);
+    assert_eq!(
+        post(addr, "/v1/completions", &sampled).1["choices"][0]["text"],
+        post(addr, "/v1/completions", &sampled).1["choices"][0]["text"]
+    );
 }
 
 fn error_of(status_body: (u16, String)) -> (u16, Value) {
@@ -192,7 +217,8 @@ fn bad_input_gets_openai_errors_and_the_key_is_checked() {
     let (status, e) = send("/v1/chat/completions", &auth, chat("nope", "hi", json!({})).to_string().as_bytes());
     assert_eq!((status, e["code"].as_str()), (404, Some("model_not_found")));
     for bad in [json!(0), json!(-1), json!(100000), json!("x")] {
-        let (status, _) = send("/v1/chat/completions", &auth, chat("tiny", "hi", json!({"max_tokens": bad})).to_string().as_bytes());
+        let (status, _) =
+            send("/v1/chat/completions", &auth, chat("tiny", "hi", json!({"max_tokens": bad})).to_string().as_bytes());
         assert_eq!(status, 400, "max_tokens {bad}");
     }
     // The tiny model's context is 512 tokens; each "word " is more than one token.

@@ -264,9 +264,8 @@ impl ServeArgs {
         let loaded = model_args.load()?;
         let mut adapters = Vec::new();
         for spec in &self.adapters {
-            let (name, dir) = spec
-                .split_once('=')
-                .with_context(|| format!("--adapter {spec}: expected NAME=PEFT_DIR"))?;
+            let (name, dir) =
+                spec.split_once('=').with_context(|| format!("--adapter {spec}: expected NAME=PEFT_DIR"))?;
             let (peft, side) = loaded
                 .model
                 .read_side_adapter(std::path::Path::new(dir))
@@ -563,7 +562,20 @@ mod tests {
             "--config",
             "c.toml",
         ]);
-        ok(&["qlora", "serve", "--model", "m", "--adapter", "a=dir", "--adapter", "b=dir2", "--port", "0", "--api-key", "k"]);
+        ok(&[
+            "qlora",
+            "serve",
+            "--model",
+            "m",
+            "--adapter",
+            "a=dir",
+            "--adapter",
+            "b=dir2",
+            "--port",
+            "0",
+            "--api-key",
+            "k",
+        ]);
         ok(&["qlora", "bench-step", "--batch", "8", "--seq", "128", "--compute-dtype", "bf16", "--steps", "5"]);
         assert!(
             Cli::try_parse_from(["qlora", "quantize", "--model", "m", "--out", "o", "--quant-type", "int4"]).is_err()

@@ -72,8 +72,18 @@ fn train_adapter(out: &Path) -> PathBuf {
 /// `qlora generate --chat` greedy: the printed text.
 fn generate(prompt: &str, adapter: Option<&Path>, max: usize) -> String {
     let mut cmd = qlora();
-    cmd.args(["generate", "--quant", "nf4", "--chat", "--max-new-tokens", &max.to_string(), "--prompt", prompt, "--model"])
-        .arg(tiny().join("model-nf4"));
+    cmd.args([
+        "generate",
+        "--quant",
+        "nf4",
+        "--chat",
+        "--max-new-tokens",
+        &max.to_string(),
+        "--prompt",
+        prompt,
+        "--model",
+    ])
+    .arg(tiny().join("model-nf4"));
     if let Some(dir) = adapter {
         cmd.arg("--adapter").arg(dir);
     }
@@ -95,7 +105,19 @@ impl Drop for Server {
 /// Starts `qlora serve` on a free loopback port; returns it with its base URL.
 fn serve(adapter: &Path) -> (Server, String) {
     let mut child = qlora()
-        .args(["serve", "--quant", "nf4", "--served-name", "tiny", "--port", "0", "--api-key", KEY, "--max-batch", "16"])
+        .args([
+            "serve",
+            "--quant",
+            "nf4",
+            "--served-name",
+            "tiny",
+            "--port",
+            "0",
+            "--api-key",
+            KEY,
+            "--max-batch",
+            "16",
+        ])
         .arg("--model")
         .arg(tiny().join("model-nf4"))
         .arg("--adapter")
