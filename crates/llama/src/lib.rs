@@ -5,13 +5,15 @@
 //! (Llama 2/3, Mistral, Qwen2 with q/k/v biases, SmolLM) on burn, computed as transformers computes it:
 //! RMSNorm with f32 statistics, rotary embeddings with rotate_half (and Llama-3 scaling), grouped-query
 //! attention (a fused causal op with its own backward, `ops::attention`) and a KV cache, SwiGLU MLP, tied or
-//! untied lm_head, f32/bf16/f16 compute.
+//! untied lm_head, f32/bf16/f16 compute. [`batch`] runs many sequences at once, each with its own cache and
+//! LoRA adapter on the one base (for serving).
 //! Every projection is a [`lora::FrozenLinear`], dense or 4-bit, so LoRA wraps one type. Loaders read HF
 //! directories (transformers 4 and 5 config forms, sharded safetensors) and bitsandbytes 4-bit checkpoints
 //! without re-quantizing, or quantize on load (NF4/FP4, double quant). Generation: greedy and sampled
 //! (temperature, top-k, top-p, repetition penalty) with stop tokens, through the KV cache.
 
 mod adapters;
+pub mod batch;
 mod config;
 mod error;
 pub mod generate;

@@ -97,7 +97,7 @@ fn llama3_scale(inv_freq: &mut [f32], s: &Llama3RopeScaling) {
 #[derive(Debug, Default, Clone)]
 pub struct KvCache {
     layers: Vec<Option<(Tensor<4>, Tensor<4>)>>,
-    len: usize,
+    pub(crate) len: usize,
 }
 
 impl KvCache {
@@ -114,7 +114,7 @@ impl KvCache {
         self.len == 0
     }
 
-    fn append(&mut self, layer: usize, k: Tensor<4>, v: Tensor<4>) -> (Tensor<4>, Tensor<4>) {
+    pub(crate) fn append(&mut self, layer: usize, k: Tensor<4>, v: Tensor<4>) -> (Tensor<4>, Tensor<4>) {
         let (k, v) = match self.layers[layer].take() {
             Some((pk, pv)) => (Tensor::cat(vec![pk, k], 2), Tensor::cat(vec![pv, v], 2)),
             None => (k, v),
@@ -155,26 +155,49 @@ impl Attention {
         let v = self.v_proj.forward(x).reshape([b, t, kvh, d]).swap_dims(1, 2);
         let q = Rotary::apply(q, cos, sin);
         let k = Rotary::apply(k, cos, sin);
-        let scale = (d as f64).powf(-0.5);
         let out = match cache {
             // Training, evaluation, and forward passes without a cache: the fused op, whose backward keeps no
             // `[len, len]` matrices (`crate::attention`).
-            None => ops::attention::causal_attention(q, k, v, scale as f32),
-            Some((cache, layer)) => {
-                let (k, v) = cache.append(layer, k, v);
-                let s = k.dims()[2];
-                let k = repeat_kv(k, h / kvh);
-                let v = repeat_kv(v, h / kvh);
-                let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale);
-                let dtype = scores.dtype();
-                let scores = scores
-                    .cast(DType::F32)
-                    .mask_fill(mask.clone().reshape([1, 1, t, s]).expand([b, h, t, s]), f32::NEG_INFINITY);
-                softmax(scores, 3).cast(dtype).matmul(v)
-            }
+            None => ops::attention::causal_attention(q, k, v, (d as f64).powf(-0.5) as f32),
+            Some((cache, layer)) => self.attend_cached(q, k, v, mask, cache, layer),
         };
         self.o_proj.forward(out.swap_dims(1, 2).reshape([b, t, h * d]))
     }
+
+    /// Attention of rotated `q [batch, heads, len, head_dim]` over the cached keys and values plus the new
+    /// `k`, `v` (`[batch, kv_heads, len, head_dim]`, appended to the cache's `layer`); `mask` `[len, cached +
+    /// len]` is true where a position is hidden. Returns `[batch, heads, len, head_dim]`.
+    pub(crate) fn attend_cached(
+        &self,
+        q: Tensor<4>,
+        k: Tensor<4>,
+        v: Tensor<4>,
+        mask: &Tensor<2, Bool>,
+        cache: &mut KvCache,
+        layer: usize,
+    ) -> Tensor<4> {
+        let [b, _, t, _] = q.dims();
+        let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let scale = (d as f64).powf(-0.5);
+        let (k, v) = cache.append(layer, k, v);
+        let s = k.dims()[2];
+        let k = repeat_kv(k, h / kvh);
+        let v = repeat_kv(v, h / kvh);
+        let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale);
+        let dtype = scores.dtype();
+        let scores = scores
+            .cast(DType::F32)
+            .mask_fill(mask.clone().reshape([1, 1, t, s]).expand([b, h, t, s]), f32::NEG_INFINITY);
+        softmax(scores, 3).cast(dtype).matmul(v)
+    }
+}
+
+/// The causal mask of `len` new positions after `start` cached ones: `[len, start + len]`, true where a
+/// position is hidden (in the future).
+pub(crate) fn causal_mask(start: usize, len: usize, device: &Device) -> Tensor<2, Bool> {
+    let total = start + len;
+    let values: Vec<bool> = (0..len).flat_map(|i| (0..total).map(move |j| j > start + i)).collect();
+    Tensor::<2, Bool>::from_data(TensorData::new(values, [len, total]), device)
 }
 
 /// HF `repeat_kv`: each K/V head serves `rep` consecutive query heads.
@@ -259,8 +282,7 @@ impl LlamaModel {
         let dtype = self.dtype();
         let (cos, sin) = self.rotary.tables(start, t, dtype, &device);
         let total = start + t;
-        let mask_values: Vec<bool> = (0..t).flat_map(|i| (0..total).map(move |j| j > start + i)).collect();
-        let mask = Tensor::<2, Bool>::from_data(TensorData::new(mask_values, [t, total]), &device);
+        let mask = causal_mask(start, t, &device);
         let mut x = burn::tensor::module::embedding(self.embed_tokens.clone(), ids);
         for (i, layer) in self.layers.iter().enumerate() {
             x = layer.forward(x, &cos, &sin, &mask, cache.as_deref_mut().map(|c| (c, i)));

@@ -154,6 +154,13 @@ enum Command {
         #[command(subcommand)]
         command: judge_cmd::JudgeCommand,
     },
+    /// Serve the model behind an OpenAI-compatible HTTP API (`/v1/models`, `/v1/chat/completions`,
+    /// `/v1/completions`, `/health`), with any number of PEFT adapters on the one base, each its own model
+    /// name; concurrent requests are batched continuously.
+    Serve {
+        #[command(flatten)]
+        serve: ServeArgs,
+    },
     /// Chat with the model in the terminal, using its chat template.
     Chat {
         #[command(flatten)]
@@ -220,6 +227,101 @@ impl ModelArgs {
             );
         }
         Ok(loaded)
+    }
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// The base: an HF directory, a bitsandbytes 4-bit checkpoint, a .gguf file, a hub id, or `smollm2`.
+    #[arg(long, default_value = "smollm2")]
+    model: String,
+    /// Quantize the linear weights on load (a bitsandbytes checkpoint is 4-bit already).
+    #[arg(long, value_enum, default_value = "nf4")]
+    quant: QuantChoice,
+    /// Blocksize when quantizing on load.
+    #[arg(long, default_value_t = 64)]
+    blocksize: usize,
+    /// Keep f32 absmax statistics when quantizing on load.
+    #[arg(long)]
+    no_double_quant: bool,
+    /// Compute dtype.
+    #[arg(long, value_enum, default_value = "f32")]
+    dtype: InferenceDtype,
+    /// A PEFT adapter served as model NAME (repeatable); all share the one base in memory.
+    #[arg(long = "adapter", value_name = "NAME=PEFT_DIR")]
+    adapters: Vec<String>,
+    /// Address to bind (127.0.0.1: this machine only).
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// Port (0: any free one; the address is printed).
+    #[arg(long, default_value_t = 8000)]
+    port: u16,
+    /// Require `Authorization: Bearer KEY` on /v1/* (default: the QLORA_API_KEY environment variable, if set).
+    #[arg(long)]
+    api_key: Option<String>,
+    /// Sequences decoded together at most.
+    #[arg(long, default_value_t = 16)]
+    max_batch: usize,
+    /// The largest max_tokens a request may ask for.
+    #[arg(long, default_value_t = 4096)]
+    max_tokens: usize,
+    /// The base's model name (default: the --model's last path component).
+    #[arg(long)]
+    served_name: Option<String>,
+    /// cpu, or wgpu / cuda / cuda:N in builds with those features.
+    #[arg(long, default_value = "cpu")]
+    device: DeviceSpec,
+}
+
+impl ServeArgs {
+    fn run(self) -> anyhow::Result<()> {
+        let model_args = ModelArgs {
+            model: self.model.clone(),
+            quant: self.quant,
+            blocksize: self.blocksize,
+            no_double_quant: self.no_double_quant,
+            dtype: self.dtype,
+            adapter: None,
+            device: self.device,
+        };
+        let loaded = model_args.load()?;
+        let mut adapters = Vec::new();
+        for spec in &self.adapters {
+            let (name, dir) =
+                spec.split_once('=').with_context(|| format!("--adapter {spec}: expected NAME=PEFT_DIR"))?;
+            let (peft, side) = loaded
+                .model
+                .read_side_adapter(std::path::Path::new(dir))
+                .with_context(|| format!("--adapter {spec}"))?;
+            eprintln!("adapter {name}: {dir} ({} modules, r = {})", peft.modules.len(), peft.config.r);
+            adapters.push((name.to_string(), side));
+        }
+        let name = self.served_name.clone().unwrap_or_else(|| {
+            let trimmed = self.model.trim_end_matches('/');
+            std::path::Path::new(trimmed).file_name().map_or(trimmed.to_string(), |f| f.to_string_lossy().into_owned())
+        });
+        let tokenizer = loaded.tokenizer.context("serving needs the model's tokenizer (tokenizer.json)")?;
+        let stop_ids = tokenizer.stop_ids(&loaded.config.eos_token_ids);
+        let served = serve::Served {
+            model: loaded.model,
+            tokenizer,
+            name: name.clone(),
+            adapters,
+            context: loaded.config.max_position_embeddings,
+            stop_ids,
+        };
+        let config = serve::ServeConfig {
+            host: self.host,
+            port: self.port,
+            api_key: self.api_key.or_else(|| std::env::var("QLORA_API_KEY").ok().filter(|k| !k.is_empty())),
+            max_batch: self.max_batch,
+            max_tokens_cap: self.max_tokens,
+            ..serve::ServeConfig::default()
+        };
+        let running = serve::start(served, &config)?;
+        eprintln!("qlora serve: {name} on http://{}/v1 (listening on {})", running.addr, running.addr);
+        running.wait()?;
+        Ok(())
     }
 }
 
@@ -462,6 +564,7 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Answer(args) => judge_cmd::answer(&args)?,
         Command::Judge { command } => judge_cmd::run(&command)?,
+        Command::Serve { serve } => serve.run()?,
         Command::Chat { model, system, sampling } => {
             let loaded = model.load()?;
             let stdin = std::io::stdin();
@@ -640,6 +743,20 @@ mod tests {
             "1",
             "--out",
             "e.json",
+        ]);
+        ok(&[
+            "qlora",
+            "serve",
+            "--model",
+            "m",
+            "--adapter",
+            "a=dir",
+            "--adapter",
+            "b=dir2",
+            "--port",
+            "0",
+            "--api-key",
+            "k",
         ]);
         ok(&["qlora", "bench-step", "--batch", "8", "--seq", "128", "--compute-dtype", "bf16", "--steps", "5"]);
         assert!(

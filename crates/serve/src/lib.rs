@@ -1,0 +1,160 @@
+//! # serve — the model behind an OpenAI-compatible HTTP API
+//!
+//! Above `llama` and `data` in the stack (… → formats → llama → data → serve → train); the `qlora serve`
+//! command of `train` calls [`serve`]. One base model (4-bit or dense) is loaded once; any number of PEFT
+//! adapters are read beside it ([`llama::batch::SideAdapter`], never merged) and each becomes a model name.
+//! axum serves `GET /v1/models`, `POST /v1/chat/completions`, `POST /v1/completions` (OpenAI's request and
+//! response shapes, server-sent events with `data: [DONE]` when `stream` is set) and `GET /health`.
+//!
+//! A scheduler thread owns the model and batches continuously ([`engine`]): every step runs one forward pass
+//! over all active sequences — those of different adapters too, each row with its own LoRA on the shared
+//! base product, each sequence with its own KV cache — new requests join between steps and finished or
+//! abandoned ones leave. Greedy output for a model name is `qlora generate`'s with that adapter, token for
+//! token. Bad requests get one OpenAI-style error JSON ([`error::ApiError`]); bodies, `max_tokens`, stop
+//! strings and the queue are bounded; the server binds 127.0.0.1 unless told otherwise.
+
+pub mod api;
+pub mod engine;
+pub mod error;
+pub mod server;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+
+use formats::tokenizer::TextTokenizer;
+use llama::LlamaModel;
+use llama::batch::SideAdapter;
+use tokio::sync::mpsc;
+
+pub use error::{ApiError, ServeError};
+
+/// Settings of the server. Defaults: 127.0.0.1:8000, no key, 16 sequences per step.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub host: String,
+    /// 0 picks a free port (printed on start).
+    pub port: u16,
+    /// When set, `/v1/*` requests need `Authorization: Bearer <key>`.
+    pub api_key: Option<String>,
+    /// Sequences decoded together at most.
+    pub max_batch: usize,
+    /// Requests waiting for a place in the batch at most (more get 503).
+    pub max_queue: usize,
+    /// Request bodies over this many bytes get 413.
+    pub max_body_bytes: usize,
+    /// The largest `max_tokens` a request may ask for.
+    pub max_tokens_cap: usize,
+    /// Prompt tokens admitted into one step at most (beyond the first new sequence).
+    pub max_prefill_tokens: usize,
+    /// Runtime worker threads for the HTTP side.
+    pub http_threads: usize,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        ServeConfig {
+            host: "127.0.0.1".into(),
+            port: 8000,
+            api_key: None,
+            max_batch: 16,
+            max_queue: 256,
+            max_body_bytes: 1 << 20,
+            max_tokens_cap: 4096,
+            max_prefill_tokens: 2048,
+            http_threads: 2,
+        }
+    }
+}
+
+/// The model to serve: the base, its tokenizer, and named adapters read beside it.
+pub struct Served {
+    pub model: LlamaModel,
+    pub tokenizer: TextTokenizer,
+    /// The base's model name.
+    pub name: String,
+    /// `(name, adapter)` pairs; names must be unique and differ from the base's.
+    pub adapters: Vec<(String, SideAdapter)>,
+    /// Positions the model attends to (`max_position_embeddings`).
+    pub context: usize,
+    /// Token ids that end a generation.
+    pub stop_ids: Vec<u32>,
+}
+
+/// A running server: its address, and the handle to wait on.
+pub struct Running {
+    pub addr: SocketAddr,
+    runtime: tokio::runtime::Runtime,
+    server: tokio::task::JoinHandle<std::io::Result<()>>,
+    scheduler: std::thread::JoinHandle<()>,
+}
+
+impl Running {
+    /// Serves until the process ends (or the server fails).
+    pub fn wait(self) -> Result<(), ServeError> {
+        let result = self.runtime.block_on(self.server);
+        let _ = self.scheduler.join();
+        match result {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(ServeError::Server(e)),
+            Err(e) => Err(ServeError::Server(std::io::Error::other(e))),
+        }
+    }
+}
+
+/// Checks the names, binds the address, starts the scheduler thread and the HTTP server.
+pub fn start(served: Served, config: &ServeConfig) -> Result<Running, ServeError> {
+    let mut names = vec![served.name.clone()];
+    for (name, _) in &served.adapters {
+        if name.is_empty() || name.chars().any(char::is_whitespace) {
+            return Err(ServeError::Config(format!("adapter name `{name}`: give a non-empty name without spaces")));
+        }
+        if names.contains(name) {
+            return Err(ServeError::Config(format!("the model name `{name}` is given twice")));
+        }
+        names.push(name.clone());
+    }
+    if config.max_batch == 0 || config.max_queue == 0 || config.max_tokens_cap == 0 {
+        return Err(ServeError::Config("--max-batch, the queue and the max_tokens cap must be at least 1".into()));
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.http_threads.max(1))
+        .enable_io()
+        .build()
+        .map_err(ServeError::Runtime)?;
+    let addr = format!("{}:{}", config.host, config.port);
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind(&addr))
+        .map_err(|source| ServeError::Bind { addr: addr.clone(), source })?;
+    let local = listener.local_addr().map_err(|source| ServeError::Bind { addr, source })?;
+
+    let (jobs, rx) = mpsc::channel(config.max_queue);
+    let stats = Arc::new(engine::Stats::default());
+    let vocab = served.model.vocab_size;
+    let decoder =
+        engine::LlamaDecoder { model: served.model, adapters: served.adapters.into_iter().map(|(_, a)| a).collect() };
+    let scheduler_config =
+        engine::SchedulerConfig { max_batch: config.max_batch, max_prefill_tokens: config.max_prefill_tokens };
+    let (stop_ids, scheduler_stats) = (served.stop_ids, stats.clone());
+    let scheduler = std::thread::Builder::new()
+        .name("qlora-scheduler".into())
+        .spawn(move || engine::run(decoder, scheduler_config, stop_ids, rx, scheduler_stats))
+        .map_err(ServeError::Runtime)?;
+
+    let state = Arc::new(server::AppState {
+        tokenizer: Arc::new(served.tokenizer),
+        models: names,
+        context: served.context,
+        vocab,
+        max_tokens_cap: config.max_tokens_cap,
+        max_body_bytes: config.max_body_bytes,
+        api_key: config.api_key.clone(),
+        jobs,
+        stats,
+        created: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+        next_id: AtomicU64::new(1),
+    });
+    let app = server::router(state);
+    let server = runtime.spawn(async move { axum::serve(listener, app).await });
+    Ok(Running { addr: local, runtime, server, scheduler })
+}
