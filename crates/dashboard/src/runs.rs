@@ -310,7 +310,12 @@ impl Runs {
     }
 
     /// Run `name`'s curves after what the client has, refreshed; `f` serializes them (they borrow the cache).
-    pub fn curves<R>(&mut self, name: &str, have: Have, f: impl FnOnce(&RunCurves<'_>) -> R) -> Result<R, DashboardError> {
+    pub fn curves<R>(
+        &mut self,
+        name: &str,
+        have: Have,
+        f: impl FnOnce(&RunCurves<'_>) -> R,
+    ) -> Result<R, DashboardError> {
         let cached = self.refresh(name)?;
         let m = &cached.metrics;
         let full = have.generation != Some(m.generation)
@@ -439,11 +444,10 @@ mod tests {
             })
             .unwrap();
         assert_eq!(got, (true, vec![(1, 2.0), (2, 1.9), (3, 1.7)], 0));
-        assert_eq!(Have::from_query(Some("generation=4&train=7&eval=x&zz")), Have {
-            generation: Some(4),
-            train: 7,
-            eval: 0
-        });
+        assert_eq!(
+            Have::from_query(Some("generation=4&train=7&eval=x&zz")),
+            Have { generation: Some(4), train: 7, eval: 0 }
+        );
     }
 
     /// A metrics file far larger than the point budget: memory holds the budget, the read proceeds by budget

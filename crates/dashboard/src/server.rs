@@ -43,7 +43,10 @@ fn error(e: DashboardError) -> Response {
 }
 
 /// Runs `f` on the runs under the lock, off the async threads (it reads files).
-async fn with_runs(runs: Shared, f: impl FnOnce(&mut Runs) -> Result<Vec<u8>, DashboardError> + Send + 'static) -> Response {
+async fn with_runs(
+    runs: Shared,
+    f: impl FnOnce(&mut Runs) -> Result<Vec<u8>, DashboardError> + Send + 'static,
+) -> Response {
     let result = tokio::task::spawn_blocking(move || {
         let mut runs = runs.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         f(&mut runs)

@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use burn::module::Module;
-use dashboard::status::{RunState, StatusFile};
 use burn::tensor::{Device, Int, Tensor, TensorData};
+use dashboard::status::{RunState, StatusFile};
 use data::{Batch, BatchStream, DataCursor, Limits, OrderConfig, TokenizedExample};
 use llama::{LlamaModel, LoadOptions, LoadedModel};
 use lora::{LoraConfig, TargetModules};
@@ -315,8 +315,9 @@ pub fn train(
     let result = train_with_status(config, resume, progress, &mut status);
     if let (Err(e), Some(status)) = (&result, &status) {
         // Best effort: the error itself is what the caller needs to see.
-        let _ = Status { dir: status.dir.clone(), file: status.file.with_state(RunState::Stopped, Some(e.to_string())) }
-            .write();
+        let _ =
+            Status { dir: status.dir.clone(), file: status.file.with_state(RunState::Stopped, Some(e.to_string())) }
+                .write();
     }
     result
 }
