@@ -482,7 +482,7 @@ mod tests {
             assert!(s.read_bytes < s.metrics_bytes && s.read_bytes <= refreshes * (8 << 20));
         };
         assert_eq!(last.metrics_bytes, size);
-        assert!(refreshes as u64 >= size.div_ceil(8 << 20), "{size} bytes in {refreshes} refreshes");
+        assert!(refreshes >= size.div_ceil(8 << 20), "{size} bytes in {refreshes} refreshes");
         assert_eq!(last.step, Some(steps));
         assert_eq!(last.last_train.unwrap().loss, Some(1.0 + 1.0 / steps as f64));
         assert_eq!(last.counts.malformed, 4);

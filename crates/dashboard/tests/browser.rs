@@ -209,8 +209,8 @@ fn train_line(step: u64, total: u64, loss_shift: f64) -> String {
         "target_tokens": 900,
         "step_seconds": 4.2,
         "peak_rss_mib": 2400.0 + 350.0 * (1.0 - (-t / 4.0).exp()),
-        "paged_in_bytes": if step % 5 == 0 { 3u64 << 20 } else { 0 },
-        "paged_out_bytes": if step % 5 == 0 { 2u64 << 20 } else { 0 },
+        "paged_in_bytes": if step.is_multiple_of(5) { 3u64 << 20 } else { 0 },
+        "paged_out_bytes": if step.is_multiple_of(5) { 2u64 << 20 } else { 0 },
         "optimizer_state_bytes": 37_748_736u64,
         "epoch": t / total as f64,
         "kind": "train",
@@ -288,8 +288,12 @@ fn the_page_in_a_real_browser_follows_a_run_being_written() {
     browser.open(&format!("http://{addr}/"), width, height);
 
     let expr = row_expr(live);
-    let shows =
-        |step: u64, loss: f64| move |v: &Value| v["step"] == step.to_string() && v["loss"] == format!("{loss:.4}");
+    let shows = |step: u64, loss: f64| {
+        move |v: &Value| {
+            v["step"].as_str() == Some(step.to_string().as_str())
+                && v["loss"].as_str() == Some(format!("{loss:.4}").as_str())
+        }
+    };
     let last = last_line(&metrics);
     assert_eq!(last["step"], 40, "the half-written line is not a line yet");
     let (v, _) = browser.wait_for("the row of the live run", &expr, |v| !v.is_null());
