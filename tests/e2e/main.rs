@@ -3,7 +3,6 @@
 
 mod bnb_checkpoint;
 mod cube;
-mod dashboard_live;
 mod fixture;
 mod hostile_input;
 mod llama_parity;

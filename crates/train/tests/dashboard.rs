@@ -1,5 +1,6 @@
-//! The training dashboard over the real trainer: its files read through the JSON API while it trains (the
-//! page itself is tested in a browser by `crates/dashboard/tests/browser.rs`).
+//! The training dashboard over the real trainer (the tiny NF4 model of `tests/fixtures/tiny-train`): its files
+//! read through the JSON API while it trains. The page itself is tested in a browser by the dashboard crate's
+//! `tests/browser.rs`.
 
 use std::io::{Read, Write};
 use std::net::SocketAddr;
@@ -7,7 +8,6 @@ use std::path::Path;
 
 use dashboard::status::{RunState, StatusFile};
 use dashboard::{ReadLimits, Runs};
-use qlora_tests::{fixtures_dir, rng_lock};
 use serde_json::Value;
 use train::config::TrainConfig;
 use train::metrics::StepMetrics;
@@ -32,7 +32,7 @@ fn api_run(addr: SocketAddr, name: &str) -> Value {
 }
 
 fn tiny_config(out: &Path) -> TrainConfig {
-    let tiny = fixtures_dir().join("tiny-train");
+    let tiny = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-train");
     TrainConfig {
         model: tiny.join("model-nf4").display().to_string(),
         data: tiny.join("chat-train.jsonl").display().to_string(),
@@ -71,7 +71,6 @@ impl Progress for Watch {
 /// A run that fails says stopped, with the error.
 #[test]
 fn the_api_follows_a_real_training_run() {
-    let _rng = rng_lock();
     let root = tempfile::tempdir().unwrap();
     let out = root.path().join("tiny run");
     let listener = dashboard::bind("127.0.0.1", 0).unwrap();
