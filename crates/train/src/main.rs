@@ -105,6 +105,22 @@ enum Command {
         /// --config the run's own train_config.toml is used.
         #[arg(long)]
         resume: Option<PathBuf>,
+        /// Serve a live dashboard of this run on 127.0.0.1:PORT while it trains (default port 6006).
+        #[arg(long, value_name = "PORT", num_args = 0..=1, default_missing_value = "6006")]
+        dashboard: Option<u16>,
+    },
+    /// A live dashboard in the browser: every run under RUNS_DIR (model, data, settings, status, step, ETA,
+    /// losses) and the selected runs' curves, updated as they train; JSON at /api/runs and
+    /// /api/runs/NAME/metrics.
+    Dashboard {
+        /// The directory holding the runs (one subdirectory per run, as `qlora train --output-dir` makes).
+        #[arg(default_value = "runs")]
+        runs_dir: PathBuf,
+        /// Address to listen on (anything but loopback shows the runs to the network).
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        #[arg(long, default_value_t = 6006)]
+        port: u16,
     },
     /// Time one QLoRA training step (forward, backward, clip, optimizer) on random tokens and print one JSON
     /// line: median step seconds, tokens/s, peak RSS (`cargo xtask bench` compares it with the reference).
@@ -431,12 +447,28 @@ fn main() -> anyhow::Result<()> {
     let matches = <Cli as clap::CommandFactory>::command().get_matches();
     let cli = <Cli as clap::FromArgMatches>::from_arg_matches(&matches)?;
     match cli.command {
-        Command::Train { config: _, config_file, resume } => {
+        Command::Train { config: _, config_file, resume, dashboard: port } => {
             let sub = matches.subcommand_matches("train").expect("train subcommand");
             let file = config_file.or_else(|| resume.as_deref().and_then(config_of_run));
             let config = TrainConfig::from_matches_over_file(sub, file.as_deref())?;
+            if let Some(port) = port {
+                let runs = dashboard::Runs::single(&config.output_dir, dashboard::ReadLimits::default())?;
+                let listener = dashboard::bind("127.0.0.1", port)?;
+                eprintln!("dashboard of this run: http://{}/", listener.local_addr()?);
+                // Serves until the process ends; a failure there must not stop the training.
+                dashboard::spawn(listener, runs);
+            }
             let summary = train::trainer::train(&config, resume.as_deref(), &mut Bar(None)).context("training")?;
             println!("{}", train::trainer::report(&config, &summary));
+        }
+        Command::Dashboard { runs_dir, host, port } => {
+            let listener = dashboard::bind(&host, port)?;
+            let addr = listener.local_addr()?;
+            eprintln!("dashboard of the runs under {}: http://{addr}/ (Ctrl-C stops it)", runs_dir.display());
+            if !addr.ip().is_loopback() {
+                eprintln!("note: listening on {addr}, not only on this machine's loopback");
+            }
+            dashboard::serve(listener, dashboard::Runs::new(runs_dir, dashboard::ReadLimits::default()))?;
         }
         Command::BenchStep { config, batch, seq, steps, warmup } => {
             let report = train::bench::run(&config, &train::bench::StepBench { batch, seq, steps, warmup })
@@ -758,6 +790,16 @@ mod tests {
             "--api-key",
             "k",
         ]);
+        ok(&["qlora", "dashboard"]);
+        ok(&["qlora", "dashboard", "some/runs", "--host", "0.0.0.0", "--port", "7000"]);
+        ok(&["qlora", "train", "--dashboard", "--max-steps", "3"]);
+        let port = |args: &[&str]| match ok(args).command {
+            Command::Train { dashboard, .. } => dashboard,
+            _ => unreachable!(),
+        };
+        assert_eq!(port(&["qlora", "train", "--dashboard"]), Some(6006));
+        assert_eq!(port(&["qlora", "train", "--max-steps", "3", "--dashboard", "7001"]), Some(7001));
+        assert_eq!(port(&["qlora", "train"]), None);
         ok(&["qlora", "bench-step", "--batch", "8", "--seq", "128", "--compute-dtype", "bf16", "--steps", "5"]);
         assert!(
             Cli::try_parse_from(["qlora", "quantize", "--model", "m", "--out", "o", "--quant-type", "int4"]).is_err()

@@ -244,3 +244,47 @@ pub fn plot_intervals(points: &[(&str, f64, f64, f64)], png: &Path, title: &str)
     std::fs::rename(&tmp, png).map_err(|source| TrainError::Io { path: png.to_path_buf(), source })?;
     Ok(png.to_path_buf())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dashboard::line::{MetricsLine, parse_line};
+
+    /// The dashboard reads every value the trainer writes (`qlora dashboard` parses these lines itself).
+    #[test]
+    fn the_dashboard_reads_what_the_log_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("metrics.jsonl");
+        let mut log = MetricsLog::open(&path, 0).unwrap();
+        let m = StepMetrics {
+            step: 3,
+            loss: 1.25,
+            lr: 2e-4,
+            grad_norm: 0.5,
+            tokens_per_s: 812.5,
+            target_tokens: 90,
+            step_seconds: 4.5,
+            peak_rss_mib: 2750.0,
+            paged_in_bytes: 11,
+            paged_out_bytes: 12,
+            optimizer_state_bytes: 13,
+            readback_bytes: 8,
+            epoch: 0.25,
+        };
+        log.step(&m).unwrap();
+        log.eval(3, 2.0).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<MetricsLine> = text.lines().map(|l| parse_line(l.as_bytes()).unwrap()).collect();
+        let MetricsLine::Train(t) = &lines[0] else { panic!("{:?}", lines[0]) };
+        assert_eq!(
+            (t.step, t.loss, t.lr, t.grad_norm, t.tokens_per_s, t.step_seconds, t.peak_rss_mib),
+            (3, Some(1.25), Some(2e-4), Some(0.5), Some(812.5), Some(4.5), Some(2750.0))
+        );
+        assert_eq!(
+            (t.paged_in_bytes, t.paged_out_bytes, t.optimizer_state_bytes, t.epoch),
+            (Some(11.0), Some(12.0), Some(13.0), Some(0.25))
+        );
+        let MetricsLine::Eval(e) = &lines[1] else { panic!("{:?}", lines[1]) };
+        assert_eq!((e.step, e.loss, e.perplexity), (3, Some(2.0), Some(2f64.exp())));
+    }
+}

@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use burn::module::Module;
 use burn::tensor::{DType, Device, Int, Tensor, TensorData};
+use dashboard::status::{RunState, StatusFile};
 use data::{Batch, BatchStream, DataCursor, Limits, OrderConfig, TokenizedExample};
 use llama::{LlamaModel, LoadOptions, LoadedModel};
 use lora::{LoraConfig, TargetModules};
@@ -392,11 +393,45 @@ pub fn sample_answer(
     Ok(tokenizer.decode(&tokens, true)?.trim().to_string())
 }
 
+/// The run's `status.json` (read by `qlora dashboard`): written once the output directory is this run's.
+struct Status {
+    dir: PathBuf,
+    file: StatusFile,
+}
+
+impl Status {
+    fn write(&self) -> Result<(), TrainError> {
+        let path = self.dir.join(dashboard::status::STATUS_FILE);
+        self.file.write(&self.dir).map_err(|source| TrainError::Io { path, source })
+    }
+}
+
 /// Runs (or resumes) a training run as configured; `resume` is an output or checkpoint directory.
+///
+/// The output directory's `status.json` says "running" from the start, "finished" when the run has saved
+/// its adapter, and "stopped" (with the error) when it fails; a killed trainer leaves "running" behind,
+/// which `qlora dashboard` reads as stopped once the process is gone.
 pub fn train(
     config: &TrainConfig,
     resume: Option<&Path>,
     progress: &mut dyn Progress,
+) -> Result<TrainSummary, TrainError> {
+    let mut status = None;
+    let result = train_with_status(config, resume, progress, &mut status);
+    if let (Err(e), Some(status)) = (&result, &status) {
+        // Best effort: the error itself is what the caller needs to see.
+        let _ =
+            Status { dir: status.dir.clone(), file: status.file.with_state(RunState::Stopped, Some(e.to_string())) }
+                .write();
+    }
+    result
+}
+
+fn train_with_status(
+    config: &TrainConfig,
+    resume: Option<&Path>,
+    progress: &mut dyn Progress,
+    status: &mut Option<Status>,
 ) -> Result<TrainSummary, TrainError> {
     check_config(config)?;
     // A run killed before its first checkpoint has nothing to resume: it starts over.
@@ -420,6 +455,8 @@ pub fn train(
     checkpoint::prepare_output_dir(out)?;
     std::fs::write(out.join("train_config.toml"), config.to_toml())
         .map_err(|source| TrainError::Io { path: out.join("train_config.toml"), source })?;
+    let status = status.insert(Status { dir: out.clone(), file: StatusFile::running(None) });
+    status.write()?;
 
     // Model, adapter, data.
     let device = training_device(config)?;
@@ -448,6 +485,8 @@ pub fn train(
         ((steps_per_epoch as f64) * config.epochs).ceil().max(1.0) as u64
     };
     let schedule = schedule(config, total_steps)?;
+    status.file.total_steps = Some(total_steps);
+    status.write()?;
     let mut optimizer = optimizer_config(config)?.init_on(TensorPages::new(&device))?;
 
     // Resume: adapter values, optimizer state, data position.
@@ -497,9 +536,12 @@ pub fn train(
     let started = Instant::now();
     progress.start(total_steps, first_step);
     let max_grad_norm = (config.max_grad_norm > 0.0).then_some(config.max_grad_norm as f32);
+    let mut ended_early = None;
     while state.step < total_steps {
         if config.time_limit_s > 0 && started.elapsed().as_secs() >= config.time_limit_s {
-            progress.message(&format!("time limit of {} s reached at step {}", config.time_limit_s, state.step));
+            let note = format!("time limit of {} s reached at step {}", config.time_limit_s, state.step);
+            progress.message(&note);
+            ended_early = Some(note);
             break;
         }
         let step_started = Instant::now();
@@ -591,6 +633,8 @@ pub fn train(
     } else {
         Some(sample_answer(&loaded, &model, &config.sample_prompt, 64)?)
     };
+    status.file = status.file.with_state(RunState::Finished, ended_early);
+    status.write()?;
     Ok(TrainSummary {
         steps: state.step,
         first_step,
