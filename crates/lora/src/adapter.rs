@@ -259,7 +259,7 @@ mod tests {
     }
 
     /// Rows of two adapters and rows of none in one call equal three `forward` calls with the adapter attached
-    /// (or none), bit for bit, on a 4-bit base and on a dense base with a bias.
+    /// (or none), to rounding (1e-6 of the scale), on a 4-bit base and on a dense base with a bias.
     #[test]
     fn grouped_rows_equal_separate_forwards() {
         let device = Device::flex();
@@ -284,9 +284,17 @@ mod tests {
             let with_first = layer.forward(x.clone());
             layer.adapter = Some(adapter(5));
             let with_second = layer.forward(x.clone());
-            assert_eq!(grouped[..2 * out], rows(with_first, 0..2)[..]);
-            assert_eq!(grouped[2 * out..4 * out], rows(plain.clone(), 2..4)[..]);
-            assert_eq!(grouped[4 * out..], rows(with_second.clone(), 4..7)[..]);
+            // The single-adapter 4-bit forward is one fused op (`qlora_linear`), the grouped one adds each
+            // adapter's term to the shared product: the same sums, rounded in another order (≤ a few ulp).
+            let close = |a: &[f32], b: &[f32]| {
+                assert_eq!(a.len(), b.len());
+                let scale = b.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+                let worst = a.iter().zip(b).fold(0.0f32, |m, (x, y)| m.max((x - y).abs()));
+                assert!(worst <= 1e-6 * scale, "grouped rows differ by {worst} (scale {scale})");
+            };
+            close(&grouped[..2 * out], &rows(with_first, 0..2));
+            close(&grouped[2 * out..4 * out], &rows(plain.clone(), 2..4));
+            close(&grouped[4 * out..], &rows(with_second.clone(), 4..7));
             assert_ne!(rows(with_second, 4..7), rows(plain, 4..7), "the adapter changes the output");
         }
     }
