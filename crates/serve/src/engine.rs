@@ -275,10 +275,13 @@ mod tests {
     use std::sync::Mutex;
     use std::time::Duration;
 
+    /// Each step's rows, `(adapter, new tokens)`, as the scripted model saw them.
+    type StepLog = Arc<Mutex<Vec<Vec<(Option<usize>, usize)>>>>;
+
     /// A scripted model over a vocabulary of 16: the next token is (last token + 1 + adapter) mod 16, as
     /// logits; it records each step's rows (`(adapter, new tokens)`) and can be told to fail.
     struct Script {
-        steps: Arc<Mutex<Vec<Vec<(Option<usize>, usize)>>>>,
+        steps: StepLog,
         fail_at_step: Option<usize>,
         delay: Duration,
     }
@@ -312,7 +315,7 @@ mod tests {
 
     struct Harness {
         jobs: mpsc::Sender<Job>,
-        steps: Arc<Mutex<Vec<Vec<(Option<usize>, usize)>>>>,
+        steps: StepLog,
         stats: Arc<Stats>,
         thread: std::thread::JoinHandle<()>,
     }
