@@ -229,10 +229,16 @@ pub fn write_on_device<M: Module>(module: M, values: &BTreeMap<String, FlatTenso
             Some(_) => {}
         }
     }
+    Ok(write_trusted(module, values))
+}
+
+/// Writes values taken from `module`'s own parameters (keys and sizes known to fit) without reading every
+/// parameter again to check them.
+fn write_trusted<M: Module>(module: M, values: &BTreeMap<String, FlatTensor>) -> M {
     let mut writer = Writer { path: Vec::new(), values, written: 0 };
     let module = module.map(&mut writer);
     debug_assert_eq!(writer.written, values.len());
-    Ok(module)
+    module
 }
 
 impl PagedAdamW<TensorPages> {
@@ -269,7 +275,8 @@ impl PagedAdamW<TensorPages> {
         let pager = self.step(lr, &mut updates)?;
         drop(updates);
         params.retain(|k, _| grads.contains_key(k));
-        let module = write_on_device(module.clone(), &params)?;
+        // `params` came from this module a moment ago: no need to read its parameters again to check them.
+        let module = write_trusted(module.clone(), &params);
         Ok((module, StepReport { grad_norm: norm, lr, pager }))
     }
 }
