@@ -274,6 +274,9 @@ const FIXTURE_GENERATORS: &[Generator] = &[
     Generator { name: "judge", script: "make_judge_fixtures.py", args: &["tests/fixtures/judge"] },
     // t5/: tiny T5 models (gated and ReLU, untied and tied), an NF4 checkpoint, a PEFT adapter, references
     Generator { name: "t5", script: "make_t5_fixtures.py", args: &["tests/fixtures"] },
+    // t5/train/: a tiny NF4 T5 with a tokenizer, the "reverse the words" task, PEFT's gradients of one padded
+    // batch and a reference QLoRA trajectory (seq2seq)
+    Generator { name: "t5-train", script: "make_t5_train_fixtures.py", args: &["tests/fixtures/t5/train"] },
 ];
 
 /// Fails when xtask/fixtures/ has a `make_*.py` that [`FIXTURE_GENERATORS`] does not run, or the list names

@@ -93,24 +93,35 @@ impl Batch {
 
 /// Walks the data in micro-batches, epoch after epoch.
 #[derive(Debug, Clone)]
-pub struct BatchStream<'a> {
-    examples: &'a [TokenizedExample],
+pub struct BatchStream<'a, E = TokenizedExample> {
+    examples: &'a [E],
     lengths: Vec<usize>,
     config: OrderConfig,
     order: Vec<usize>,
     pub cursor: DataCursor,
 }
 
-impl<'a> BatchStream<'a> {
+/// What the epoch order needs to know of an example: its length in tokens (for `group_by_length`).
+pub trait TokenCount {
+    fn token_count(&self) -> usize;
+}
+
+impl TokenCount for TokenizedExample {
+    fn token_count(&self) -> usize {
+        self.len()
+    }
+}
+
+impl<'a, E: TokenCount> BatchStream<'a, E> {
     /// A stream positioned at `cursor` (the start, or where a checkpoint left off).
-    pub fn new(examples: &'a [TokenizedExample], config: OrderConfig, cursor: DataCursor) -> Self {
-        let lengths: Vec<usize> = examples.iter().map(TokenizedExample::len).collect();
+    pub fn new(examples: &'a [E], config: OrderConfig, cursor: DataCursor) -> Self {
+        let lengths: Vec<usize> = examples.iter().map(E::token_count).collect();
         let order = epoch_order(&lengths, &config, cursor.epoch);
         BatchStream { examples, lengths, config, order, cursor }
     }
 
     /// The next micro-batch's examples (the last of an epoch may be smaller).
-    pub fn next_examples(&mut self) -> Vec<&'a TokenizedExample> {
+    pub fn next_examples(&mut self) -> Vec<&'a E> {
         if self.cursor.position >= self.order.len() {
             self.cursor = DataCursor { epoch: self.cursor.epoch.wrapping_add(1), position: 0 };
             self.order = epoch_order(&self.lengths, &self.config, self.cursor.epoch);

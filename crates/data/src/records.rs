@@ -24,6 +24,10 @@ pub enum DatasetFormat {
     Chat,
     /// `text`: loss on every token.
     Text,
+    /// `input`, `output`: a source and a target as they are (no prompt template), the form of seq2seq data
+    /// (QLoRA's `input-output`).
+    #[serde(rename = "input-output", alias = "input_output")]
+    InputOutput,
 }
 
 impl std::fmt::Display for DatasetFormat {
@@ -34,6 +38,7 @@ impl std::fmt::Display for DatasetFormat {
             DatasetFormat::Oasst => "oasst",
             DatasetFormat::Chat => "chat",
             DatasetFormat::Text => "text",
+            DatasetFormat::InputOutput => "input-output",
         })
     }
 }
@@ -47,7 +52,10 @@ impl std::str::FromStr for DatasetFormat {
             "oasst" | "oasst1" | "guanaco" => Ok(DatasetFormat::Oasst),
             "chat" | "messages" => Ok(DatasetFormat::Chat),
             "text" => Ok(DatasetFormat::Text),
-            other => Err(DataError::UnknownFormat(format!("`{other}` (expected auto, alpaca, oasst, chat or text)"))),
+            "input-output" | "input_output" => Ok(DatasetFormat::InputOutput),
+            other => Err(DataError::UnknownFormat(format!(
+                "`{other}` (expected auto, alpaca, oasst, chat, text or input-output)"
+            ))),
         }
     }
 }
@@ -111,6 +119,8 @@ fn detect(obj: &serde_json::Map<String, Value>) -> Option<DatasetFormat> {
         Some(DatasetFormat::Oasst)
     } else if obj.contains_key("text") {
         Some(DatasetFormat::Text)
+    } else if obj.contains_key("input") && obj.contains_key("output") {
+        Some(DatasetFormat::InputOutput)
     } else {
         None
     }
@@ -282,7 +292,7 @@ pub fn parse_jsonl(
             let line_format = match format {
                 DatasetFormat::Auto => detect(obj).ok_or_else(|| {
                     let keys: Vec<&str> = obj.keys().map(String::as_str).collect();
-                    format!("unknown format: keys {keys:?} (expected messages, instruction/output, text, or an OASST message/tree)")
+                    format!("unknown format: keys {keys:?} (expected messages, instruction/output, text, input/output, or an OASST message/tree)")
                 })?,
                 f => f,
             };
@@ -298,6 +308,10 @@ pub fn parse_jsonl(
                     Err(String::new()) // collected; assembled below
                 }
                 DatasetFormat::Oasst => oasst_tree(obj),
+                DatasetFormat::InputOutput => Ok(Example::SourceTarget {
+                    source: string_field(obj, "input")?.to_string(),
+                    target: string_field(obj, "output")?.to_string(),
+                }),
                 DatasetFormat::Auto => unreachable!(),
             }
         })();

@@ -220,3 +220,60 @@ fn the_embedded_dataset_parses_and_has_its_licence() {
     assert_eq!((train.examples.len(), heldout.examples.len()), (2800, 200));
     assert!(embedded::WORDNET_LICENSE.contains("WordNet 3.0 Copyright 2006 by Princeton University"));
 }
+
+#[test]
+fn seq2seq_examples_split_source_and_target_each_ending_in_eos() {
+    let t = tokenizer();
+    let eos = t.token_id("</s>").unwrap();
+    let text = "{\"input\": \"reverse: a b\", \"output\": \"b a\"}\n\
+                {\"instruction\": \"Say hi\", \"output\": \"hi\"}\n\
+                {\"messages\": [{\"role\": \"user\", \"content\": \"u1\"}, {\"role\": \"assistant\", \"content\": \"a1\"}, \
+                {\"role\": \"user\", \"content\": \"u2\"}, {\"role\": \"assistant\", \"content\": \"a2\"}]}\n";
+    let report = parse_jsonl(text, "s.jsonl", DatasetFormat::Auto, false).unwrap();
+    assert_eq!(
+        report.examples[0],
+        Example::SourceTarget { source: "reverse: a b".into(), target: "b a".into() },
+        "input/output lines are detected and taken as they are"
+    );
+    let limits = Limits::default();
+    let s = tokenize_all_seq2seq(&report.examples, &t, &limits).unwrap();
+    assert_eq!(s.truncated, 0);
+    let text_of = |ids: &[u32]| t.decode(ids, false).unwrap();
+    assert_eq!(text_of(&s.examples[0].source), "reverse: a b</s>");
+    assert_eq!(text_of(&s.examples[0].target), "b a</s>");
+    assert!(text_of(&s.examples[1].source).contains("### Instruction:\nSay hi"), "Alpaca's prompt is the source");
+    // A chat: everything before the last assistant turn, through the template, is the source.
+    assert_eq!(
+        text_of(&s.examples[2].source),
+        "<|im_start|>user\nu1<|im_end|>\n<|im_start|>assistant\na1<|im_end|>\n<|im_start|>user\nu2<|im_end|>\n<|im_start|>assistant\n</s>"
+    );
+    assert_eq!(text_of(&s.examples[2].target), "a2</s>");
+    assert!(s.examples.iter().all(|e| e.source.last() == Some(&eos) && e.target.last() == Some(&eos)));
+
+    // Cut to the limits, EOS kept.
+    let short = Limits { source_max_len: 4, target_max_len: 2, train_on_source: false };
+    let cut = tokenize_all_seq2seq(&report.examples[..1], &t, &short).unwrap();
+    assert_eq!(
+        (cut.truncated, text_of(&cut.examples[0].source), text_of(&cut.examples[0].target)),
+        (1, "rev</s>".into(), "b</s>".into())
+    );
+
+    // Plain text has no target of its own.
+    let text = parse_jsonl("{\"text\": \"abc\"}\n", "t.jsonl", DatasetFormat::Auto, false).unwrap();
+    let err = tokenize_all_seq2seq(&text.examples, &t, &limits).unwrap_err().to_string();
+    assert!(err.contains("example 1") && err.contains("no source/target split"), "{err}");
+}
+
+#[test]
+fn seq2seq_batches_shift_the_target_right_behind_the_start_token() {
+    let a = Seq2SeqExample { source: vec![10, 11, 1], target: vec![20, 21, 1] };
+    let b = Seq2SeqExample { source: vec![12, 1], target: vec![1] };
+    let batch = Seq2SeqBatch::new(&[&a, &b], 0, 0);
+    assert_eq!((batch.batch, batch.source_len, batch.target_len), (2, 3, 3));
+    assert_eq!(batch.source_ids, [10, 11, 1, 12, 1, 0]);
+    assert_eq!(batch.source_padding, [false, false, false, false, false, true]);
+    assert_eq!(batch.decoder_ids, [0, 20, 21, 0, 0, 0]);
+    assert_eq!(batch.labels, [20, 21, 1, 1, 0, 0]);
+    assert_eq!(batch.label_mask, [1., 1., 1., 1., 0., 0.]);
+    assert_eq!(batch.targets, 4);
+}

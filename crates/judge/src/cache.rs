@@ -23,6 +23,9 @@ use crate::verdict::Verdict;
 pub struct Request {
     pub model: String,
     pub system: String,
+    /// Worked examples sent before `user` as (user, assistant) turns (absent from older cache keys).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub examples: Vec<(String, String)>,
     pub user: String,
     pub temperature: f64,
     pub max_tokens: usize,
@@ -147,6 +150,7 @@ mod tests {
             scores: None,
             tstamp: 0.0,
             request: Request {
+                examples: Vec::new(),
                 model: "judge".into(),
                 system: "sys".into(),
                 user: user.into(),

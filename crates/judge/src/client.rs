@@ -82,6 +82,10 @@ impl ChatClient {
         if !request.system.is_empty() {
             messages.push(("system", request.system.as_str()));
         }
+        for (user, assistant) in &request.examples {
+            messages.push(("user", user.as_str()));
+            messages.push(("assistant", assistant.as_str()));
+        }
         messages.push(("user", request.user.as_str()));
         self.chat(&request.model, &messages, request.temperature, request.max_tokens, extra)
     }
@@ -219,7 +223,14 @@ mod tests {
     }
 
     fn request() -> Request {
-        Request { model: "j".into(), system: "s".into(), user: "u".into(), temperature: 0.0, max_tokens: 8 }
+        Request {
+            model: "j".into(),
+            system: "s".into(),
+            examples: vec![("u0".into(), "[[B]]".into())],
+            user: "u".into(),
+            temperature: 0.0,
+            max_tokens: 8,
+        }
     }
 
     fn quick() -> Retry {
@@ -237,7 +248,13 @@ mod tests {
         assert!(seen[0].0.contains("/v1/chat/completions") && seen[0].0.contains("Bearer sk-test"));
         let body: Value = serde_json::from_str(&seen[2].1).unwrap();
         assert_eq!(body["messages"][0]["role"], "system");
-        assert_eq!(body["messages"][1]["content"], "u");
+        let turns: Vec<(&str, &str)> = body["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| (m["role"].as_str().unwrap(), m["content"].as_str().unwrap()))
+            .collect();
+        assert_eq!(turns, [("system", "s"), ("user", "u0"), ("assistant", "[[B]]"), ("user", "u")], "examples first");
         assert_eq!(body["max_tokens"], 8);
         assert_eq!(body["seed"], 3);
     }

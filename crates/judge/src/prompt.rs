@@ -12,6 +12,9 @@
 //! `[[A]]` (FastChat's three-class verdict), `last-line-123` (qlora's `eval_gpt_review.py`: the last line
 //! is 1, 2 or 3), or `score-pair` (the first line holds the two 1–10 scores; `type` must be `score`).
 //!
+//! An optional `examples` list (`[{"user", "assistant"}]`, our extension) is sent as earlier turns before
+//! the question: worked examples that make a small judge answer in the asked format.
+//!
 //! The built-in prompts live in `crates/judge/prompts/` (see its README for where each comes from).
 
 use std::collections::BTreeMap;
@@ -60,6 +63,17 @@ pub struct JudgePrompt {
     pub output_format: OutputFormat,
     #[serde(default)]
     pub defaults: BTreeMap<String, String>,
+    /// Worked examples sent before the question as earlier turns of the conversation (ours, not
+    /// FastChat's): a small judge follows the verdict format when it has seen it answered.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub examples: Vec<FewShot>,
+}
+
+/// One worked example of a judge prompt: a user turn and the judge's reply to it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FewShot {
+    pub user: String,
+    pub assistant: String,
 }
 
 impl JudgePrompt {
@@ -171,6 +185,15 @@ mod tests {
         let q = JudgePrompt::parse(QLORA_THREECLASS, "qlora").unwrap();
         assert_eq!(q.output_format, OutputFormat::LastLine123);
         assert!(q.user_message("Q?", "one", "two").contains("outputting the number 1 or 2"));
+        assert!(p.examples.is_empty() && s.examples.is_empty());
+        // Worked examples, our extension, are read in order.
+        let shots = JudgePrompt::parse(
+            r#"{"name": "x", "type": "pairwise", "system_prompt": "s", "prompt_template": "{question} {answer_a} {answer_b}",
+                "output_format": "[[A]]", "examples": [{"user": "2+2? 4 5", "assistant": "[[A]]"}, {"user": "b", "assistant": "[[C]]"}]}"#,
+            "x",
+        )
+        .unwrap();
+        assert_eq!(shots.examples[1], FewShot { user: "b".into(), assistant: "[[C]]".into() });
     }
 
     #[test]

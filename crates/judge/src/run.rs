@@ -73,6 +73,7 @@ impl Asker<'_> {
         let request = Request {
             model: self.settings.model.clone(),
             system: self.prompt.system_prompt.clone(),
+            examples: self.prompt.examples.iter().map(|e| (e.user.clone(), e.assistant.clone())).collect(),
             user: self.prompt.user_message(
                 &question.turns[0],
                 answer(first, &question.id),

@@ -388,6 +388,52 @@ impl T5Model {
         self.logits(self.decode(decoder_ids, &encoded, None, None))
     }
 
+    /// The training loss: the summed negative log-likelihood `[1]` of `labels` `[batch, dec_len]` where
+    /// `mask` `[batch, dec_len]` is 1, for encoder `ids` `[batch, enc_len]` (padding marked true in
+    /// `encoder_padding`) and decoder inputs `decoder_ids` `[batch, dec_len]` (`decoder_start_token_id`, then
+    /// the labels shifted right). With a dense head (tied or a plain `lm_head`) the full-vocabulary logits
+    /// are never held ([`ops::loss::chunked_nll_sum`]); gradients flow to every LoRA weight.
+    pub fn nll_sum(
+        &self,
+        encoder_ids: Tensor<2, Int>,
+        encoder_padding: Option<&Tensor<2, Bool>>,
+        decoder_ids: Tensor<2, Int>,
+        labels: Tensor<2, Int>,
+        mask: Tensor<2>,
+    ) -> Tensor<1> {
+        let encoded = self.encode(encoder_ids, encoder_padding);
+        let hidden = self.decode(decoder_ids, &encoded, encoder_padding, None);
+        let [b, t, d] = hidden.dims();
+        let w_t = match &self.lm_head {
+            None => Some(self.shared.clone().transpose()),
+            Some(head) if head.bias.is_none() => match &head.weight {
+                lora::BaseWeight::Dense(w_t) => Some(w_t.clone()),
+                lora::BaseWeight::Quantized(_) => None,
+            },
+            Some(_) => None,
+        };
+        match w_t {
+            Some(w_t) => {
+                let hidden = match self.scale_decoder_outputs {
+                    true => hidden.mul_scalar((self.d_model as f64).powf(-0.5)),
+                    false => hidden,
+                };
+                ops::loss::chunked_nll_sum(
+                    hidden.reshape([b * t, d]),
+                    w_t,
+                    labels.reshape([b * t]),
+                    mask.reshape([b * t]),
+                    ops::loss::DEFAULT_CHUNK_ROWS,
+                )
+            }
+            None => {
+                let log_probs = burn::tensor::activation::log_softmax(self.logits(hidden).cast(DType::F32), 2);
+                let picked = log_probs.gather(2, labels.reshape([b, t, 1])).reshape([b, t]);
+                (picked * mask).sum().neg()
+            }
+        }
+    }
+
     /// A fresh cache for generation.
     pub fn new_cache(&self) -> T5Cache {
         T5Cache::new(self.decoder.len())

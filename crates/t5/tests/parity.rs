@@ -210,3 +210,61 @@ fn tokenizer_appends_eos_and_the_answer_matches_transformers() {
     let (ours, _) = generate_greedy(&loaded.model, &ids, 0, answer.len(), &[1], true).unwrap();
     assert_eq!(ours, expected);
 }
+
+/// Training: on the NF4 checkpoint with a PEFT adapter, the seq2seq loss of a padded batch (padded source
+/// masked, labels shifted right behind `decoder_start_token_id` as transformers' `_shift_right`, padded
+/// labels ignored) and every LoRA gradient equal PEFT's (fixtures `tests/fixtures/t5/train`, made by
+/// `xtask/fixtures/make_t5_train_fixtures.py`).
+#[test]
+fn seq2seq_loss_and_every_lora_gradient_match_peft_on_the_nf4_checkpoint() {
+    let device = Device::flex().autodiff();
+    let dir = fixtures().join("train");
+    let (_, mut model) = load_hf(&dir.join("model-nf4"), &LoadOptions::default(), &device).unwrap();
+    let adapter = model.load_peft_adapter(&dir.join("init-adapter")).unwrap();
+    assert_eq!(adapter.modules.len(), 2 * 7 + 2 * 11, "all-linear: every linear but lm_head");
+    let r = Reference::open("train/gradients.safetensors");
+    let (ids, [b, s]) = r.ids("input_ids");
+    let (attention, _) = r.ids("attention_mask");
+    let (labels, [_, t]) = r.ids("labels");
+    let padding: Vec<bool> = attention.iter().map(|&m| m == 0).collect();
+    let decoder: Vec<i64> = (0..b)
+        .flat_map(|row| {
+            let labels = &labels[row * t..(row + 1) * t];
+            std::iter::once(0).chain(labels[..t - 1].iter().map(|&l| if l == -100 { 0 } else { l }))
+        })
+        .collect();
+    let mask: Vec<f32> = labels.iter().map(|&l| if l == -100 { 0.0 } else { 1.0 }).collect();
+    let targets = mask.iter().filter(|&&m| m > 0.0).count();
+    let clean: Vec<i64> = labels.iter().map(|&l| l.max(0)).collect();
+    let padding = Tensor::<2, burn::tensor::Bool>::from_data(TensorData::new(padding, [b, s]), &device);
+    let nll = model.nll_sum(
+        Tensor::from_data(TensorData::new(ids, [b, s]), &device),
+        Some(&padding),
+        Tensor::from_data(TensorData::new(decoder, [b, t]), &device),
+        Tensor::from_data(TensorData::new(clean, [b, t]), &device),
+        Tensor::from_data(TensorData::new(mask, [b, t]), &device),
+    );
+    let loss = nll.div_scalar(targets as f64);
+    let ours = values(loss.clone())[0] as f64;
+    let theirs = r.f32("loss")[0] as f64;
+    println!("seq2seq loss: ours {ours} PEFT {theirs}");
+    assert!(((ours - theirs) / theirs).abs() < 1e-5, "loss {ours} vs {theirs}");
+
+    let grads = loss.backward();
+    let mut worst = 0.0f64;
+    let mut compared = 0;
+    for (module, linear) in model.linears() {
+        let Some(adapter) = linear.adapter.as_ref() else { continue };
+        for (which, param) in [("lora_A", &adapter.lora_a), ("lora_B", &adapter.lora_b)] {
+            let grad = param.val().grad(&grads).unwrap_or_else(|| panic!("no gradient for {module}.{which}"));
+            let ours: Vec<f32> = grad.cast(DType::F32).into_data().try_into_vec().unwrap();
+            let theirs = r.f32(&format!("base_model.model.{module}.{which}.default.weight"));
+            let rel = relative_diff(&ours, &theirs);
+            assert!(rel < 1e-4, "{module}.{which}: relative gradient error {rel:e}");
+            worst = worst.max(rel);
+            compared += 1;
+        }
+    }
+    assert_eq!(compared, 2 * adapter.modules.len());
+    println!("worst relative LoRA gradient error vs PEFT: {worst:e} over {compared} tensors");
+}

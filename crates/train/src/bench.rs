@@ -10,6 +10,7 @@
 use std::time::Instant;
 
 use data::{Batch, TokenizedExample};
+use llama::LoadedModel;
 use optim::TensorPages;
 use serde::Serialize;
 
@@ -79,7 +80,7 @@ pub fn run(config: &TrainConfig, bench: &StepBench) -> Result<StepBenchReport, T
     }
     let model_path = formats::source::resolve(&config.model)?.label();
     let device = training_device(config)?;
-    let (loaded, _lora) = load_for_training(config, &device)?;
+    let (loaded, _lora) = load_for_training::<LoadedModel>(config, &device)?;
     let loaded_config_params = loaded.config.num_parameters();
     let mut model = loaded.model.clone();
     drop(loaded);
@@ -90,7 +91,7 @@ pub fn run(config: &TrainConfig, bench: &StepBench) -> Result<StepBenchReport, T
     let specs = config.rank_devices();
     let ranks = specs.len();
     let workers = if ranks > 1 {
-        crate::parallel::Workers::start(
+        crate::parallel::Workers::start::<LoadedModel>(
             &TrainConfig { grad_accum: 1, ..config.clone() },
             &specs,
             &device,

@@ -7,11 +7,11 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use data::DataCursor;
-use llama::LlamaModel;
 use lora::LoraConfig;
 use serde::{Deserialize, Serialize};
 
 use crate::TrainError;
+use crate::family::TrainModel;
 
 /// Where a run is: enough, with the adapter and optimizer files beside it, to continue exactly.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -102,14 +102,13 @@ pub fn write_dir_atomically(
 }
 
 /// Writes the model's adapters as a PEFT adapter directory (files written atomically one by one).
-pub fn write_adapter(model: &LlamaModel, lora: &LoraConfig, dir: &Path, base: &str) -> Result<(), TrainError> {
-    model.save_peft_adapter(dir, lora, Some(base))?;
-    Ok(())
+pub fn write_adapter<M: TrainModel>(model: &M, lora: &LoraConfig, dir: &Path, base: &str) -> Result<(), TrainError> {
+    model.save_peft_adapter(dir, lora, base)
 }
 
 /// Writes the adapter directory as a whole, atomically.
-pub fn write_adapter_atomically(
-    model: &LlamaModel,
+pub fn write_adapter_atomically<M: TrainModel>(
+    model: &M,
     lora: &LoraConfig,
     dir: &Path,
     base: &str,

@@ -254,7 +254,7 @@ pub struct TrainConfig {
     /// Held-out data for eval (JSONL); `wordnet` data brings its own held-out split.
     #[arg(long)]
     pub eval_data: Option<String>,
-    /// auto, alpaca, oasst, chat or text.
+    /// auto, alpaca, oasst, chat, text or input-output.
     #[arg(long, default_value = "auto")]
     pub format: DatasetFormat,
     /// Skip malformed JSONL lines (reported by number) instead of stopping.

@@ -1,16 +1,18 @@
 //! `qlora eval`: held-out loss and perplexity, or multiple-choice accuracy (MMLU-style JSONL: `question`,
-//! `choices`, `answer`) by comparing the log-likelihood of each choice after the question, k-shot.
+//! `choices`, `answer`) by comparing the log-likelihood of each choice after the question, k-shot. For any
+//! model [`Family`]: a decoder scores the choice as the continuation of the prompt, an encoder–decoder as
+//! the target given the prompt as its source.
 
 use std::path::{Path, PathBuf};
 
-use burn::tensor::activation::log_softmax;
-use burn::tensor::{DType, Int, Tensor, TensorData};
-use data::{Batch, DatasetFormat, Limits, TokenizedExample};
-use llama::{LlamaModel, LoadedModel};
+use burn::module::Module;
+use data::{Batch, DatasetFormat, Limits};
+use llama::LlamaModel;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::TrainError;
+use crate::family::{Family, MicroBatch, TrainModel};
 
 /// One multiple-choice question.
 #[derive(Debug, Clone, PartialEq)]
@@ -88,22 +90,9 @@ pub fn parse_questions(text: &str, file: &str) -> Result<Vec<Question>, TrainErr
     Ok(out)
 }
 
-/// Sum of the negative log-likelihood of each row's target tokens.
+/// Sum of the negative log-likelihood of each row's target tokens (a Llama-family model).
 pub fn nll_per_example(model: &LlamaModel, batch: &Batch) -> Vec<f64> {
-    let device = model.device();
-    let (b, t) = (batch.batch, batch.len);
-    let ids = Tensor::<2, Int>::from_data(
-        TensorData::new(batch.ids.iter().map(|&i| i as i64).collect::<Vec<_>>(), [b, t]),
-        &device,
-    );
-    let labels = Tensor::<3, Int>::from_data(
-        TensorData::new(batch.labels.iter().map(|&i| i as i64).collect::<Vec<_>>(), [b, t, 1]),
-        &device,
-    );
-    let mask = Tensor::<2>::from_data(TensorData::new(batch.label_mask.clone(), [b, t]), &device);
-    let log_probs = log_softmax(model.forward(ids, None).cast(DType::F32), 2);
-    let nll = (log_probs.gather(2, labels).reshape([b, t]) * mask).sum_dim(1).neg();
-    nll.into_data().convert::<f64>().try_to_vec::<f64>().expect("f64")
+    model.nll_rows(batch, &model.device())
 }
 
 fn shot_text(q: &Question) -> String {
@@ -111,32 +100,22 @@ fn shot_text(q: &Question) -> String {
 }
 
 /// Multiple-choice accuracy: the first `shots` questions are the demonstrations, the rest are scored.
-pub fn multiple_choice(loaded: &LoadedModel, questions: &[Question], shots: usize) -> Result<EvalReport, TrainError> {
+pub fn multiple_choice<F: Family>(loaded: &F, questions: &[Question], shots: usize) -> Result<EvalReport, TrainError> {
     if shots >= questions.len() {
         return Err(TrainError::Input(format!(
             "{shots} shots leave none of the {} questions to score",
             questions.len()
         )));
     }
-    let tokenizer = loaded.tokenizer()?;
-    let model = &loaded.model;
+    let model = loaded.model().valid();
+    let device = model.devices()[0].clone();
     let prefix: String = questions[..shots].iter().map(shot_text).collect();
-    let bos = tokenizer.bos_token.clone().unwrap_or_default();
     let mut correct = 0;
     for q in &questions[shots..] {
-        let prompt = tokenizer.encode(&format!("{bos}{prefix}Question: {}\nAnswer:", q.question), false)?;
-        let rows: Vec<TokenizedExample> = q
-            .choices
-            .iter()
-            .map(|c| {
-                let cont = tokenizer.encode(&format!(" {c}"), false)?;
-                let target =
-                    std::iter::repeat_n(false, prompt.len()).chain(std::iter::repeat_n(true, cont.len())).collect();
-                Ok(TokenizedExample { ids: prompt.iter().copied().chain(cont).collect(), target })
-            })
-            .collect::<Result<_, TrainError>>()?;
-        let batch = Batch::new(&rows.iter().collect::<Vec<_>>(), 0);
-        let nll = nll_per_example(model, &batch);
+        let prompt = format!("{prefix}Question: {}\nAnswer:", q.question);
+        let rows: Vec<F::Example> =
+            q.choices.iter().map(|c| loaded.choice_example(&prompt, c)).collect::<Result<_, TrainError>>()?;
+        let nll = model.nll_rows(&loaded.batch(&rows.iter().collect::<Vec<_>>()), &device);
         let best = nll.iter().enumerate().min_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i).expect("choices");
         correct += usize::from(best == q.answer);
     }
@@ -155,7 +134,7 @@ pub struct EvalArgs {
 }
 
 /// Runs `qlora eval` on a loaded model (with its adapter applied, if any).
-pub fn run(loaded: &LoadedModel, args: &EvalArgs) -> Result<EvalReport, TrainError> {
+pub fn run<F: Family>(loaded: &F, args: &EvalArgs) -> Result<EvalReport, TrainError> {
     let path: &Path = &args.data;
     let text = std::fs::read_to_string(path).map_err(|source| TrainError::Io { path: path.to_path_buf(), source })?;
     let file = path.display().to_string();
@@ -163,12 +142,14 @@ pub fn run(loaded: &LoadedModel, args: &EvalArgs) -> Result<EvalReport, TrainErr
         return multiple_choice(loaded, &parse_questions(&text, &file)?, args.shots);
     }
     let report = data::parse_jsonl(&text, &file, args.format, false)?;
-    let tokenized = data::tokenize_all(&report.examples, loaded.tokenizer()?, &args.limits)?;
+    let tokenized = loaded.tokenize(&report.examples, &args.limits)?;
+    let model = loaded.model().valid();
+    let device = model.devices()[0].clone();
     let (mut sum, mut tokens) = (0.0f64, 0usize);
     for chunk in tokenized.examples.chunks(args.micro_batch_size.max(1)) {
-        let batch = Batch::new(&chunk.iter().collect::<Vec<_>>(), 0);
-        sum += nll_per_example(&loaded.model, &batch).iter().sum::<f64>();
-        tokens += batch.targets;
+        let batch = loaded.batch(&chunk.iter().collect::<Vec<_>>());
+        sum += model.nll_rows(&batch, &device).iter().sum::<f64>();
+        tokens += batch.targets();
     }
     let loss = sum / tokens.max(1) as f64;
     Ok(EvalReport::Loss { loss, perplexity: loss.exp(), examples: tokenized.examples.len(), target_tokens: tokens })

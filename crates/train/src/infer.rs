@@ -5,7 +5,7 @@ use std::path::Path;
 
 use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 use formats::source::resolve;
-use formats::tokenizer::ChatMessage;
+use formats::tokenizer::{ChatMessage, TextTokenizer};
 use llama::generate::{SamplingConfig, StopReason, generate};
 use llama::{LoadOptions, LoadedModel, load};
 use quant::bnb::StoredTensor;
@@ -91,42 +91,66 @@ pub fn generate_text(
     out: &mut dyn Write,
 ) -> Result<Generated, TrainError> {
     check_ids(loaded, prompt_ids)?;
-    let stop_ids = loaded.tokenizer()?.stop_ids(&loaded.config.eos_token_ids);
     let tokenizer = loaded.tokenizer()?;
-    let mut tokens = Vec::new();
-    let mut printed = 0usize;
-    let mut text = String::new();
-    let mut io_error = None;
-    let (_, stop) = generate(&loaded.model, prompt_ids, sampling, &stop_ids, |id| {
-        tokens.push(id);
-        text = tokenizer.decode(&tokens, true).unwrap_or_default();
-        if let Some(pos) = stop_strings.iter().filter_map(|s| text.find(s.as_str())).min() {
-            text.truncate(pos);
+    let stop_ids = tokenizer.stop_ids(&loaded.config.eos_token_ids);
+    let mut stream = TextStream::new(tokenizer, stop_strings, out);
+    let (_, stop) = generate(&loaded.model, prompt_ids, sampling, &stop_ids, |id| stream.push(id))?;
+    let (text, tokens) = stream.finish()?;
+    Ok(Generated { text, tokens, stop })
+}
+
+/// Generated tokens decoded as they come: writes the text that can no longer change (holding back an
+/// incomplete UTF-8 character or the start of a stop string) and ends the text before the first stop string.
+pub struct TextStream<'a> {
+    tokenizer: &'a TextTokenizer,
+    stop_strings: &'a [String],
+    out: &'a mut dyn Write,
+    tokens: Vec<u32>,
+    text: String,
+    printed: usize,
+    io_error: Option<std::io::Error>,
+}
+
+impl<'a> TextStream<'a> {
+    pub fn new(tokenizer: &'a TextTokenizer, stop_strings: &'a [String], out: &'a mut dyn Write) -> Self {
+        TextStream { tokenizer, stop_strings, out, tokens: Vec::new(), text: String::new(), printed: 0, io_error: None }
+    }
+
+    /// Takes the next token; false when generation should stop (a stop string appeared, or writing failed).
+    pub fn push(&mut self, id: u32) -> bool {
+        self.tokens.push(id);
+        self.text = self.tokenizer.decode(&self.tokens, true).unwrap_or_default();
+        if let Some(pos) = self.stop_strings.iter().filter_map(|s| self.text.find(s.as_str())).min() {
+            self.text.truncate(pos);
             return false;
         }
-        // Hold back a possibly incomplete UTF-8 character or stop-string prefix.
-        let hold = stop_strings.iter().map(|s| s.len()).max().unwrap_or(0).max(1);
-        let mut safe = text.len().saturating_sub(hold);
-        while safe > printed && !text.is_char_boundary(safe) {
+        let hold = self.stop_strings.iter().map(|s| s.len()).max().unwrap_or(0).max(1);
+        let mut safe = self.text.len().saturating_sub(hold);
+        while safe > self.printed && !self.text.is_char_boundary(safe) {
             safe -= 1;
         }
-        if safe > printed && !text[printed..safe].contains('\u{FFFD}') {
-            if let Err(e) = out.write_all(&text.as_bytes()[printed..safe]).and_then(|_| out.flush()) {
-                io_error = Some(e);
+        if safe > self.printed && !self.text[self.printed..safe].contains('\u{FFFD}') {
+            if let Err(e) = self.out.write_all(&self.text.as_bytes()[self.printed..safe]).and_then(|_| self.out.flush())
+            {
+                self.io_error = Some(e);
                 return false;
             }
-            printed = safe;
+            self.printed = safe;
         }
         true
-    })?;
-    if let Some(e) = io_error {
-        return Err(TrainError::Io { path: "<stdout>".into(), source: e });
     }
-    if text.len() > printed {
-        out.write_all(&text.as_bytes()[printed..])
-            .map_err(|source| TrainError::Io { path: "<stdout>".into(), source })?;
+
+    /// Writes the rest; the whole text and the tokens.
+    pub fn finish(self) -> Result<(String, Vec<u32>), TrainError> {
+        let stdout_error = |source| TrainError::Io { path: "<stdout>".into(), source };
+        if let Some(e) = self.io_error {
+            return Err(stdout_error(e));
+        }
+        if self.text.len() > self.printed {
+            self.out.write_all(&self.text.as_bytes()[self.printed..]).map_err(stdout_error)?;
+        }
+        Ok((self.text, self.tokens))
     }
-    Ok(Generated { text, tokens, stop })
 }
 
 /// Renders one user turn with the model's chat template (ready for the assistant's reply) and encodes it.
@@ -144,6 +168,20 @@ pub fn chat_loop(
     system: Option<&str>,
     input: &mut dyn BufRead,
     output: &mut dyn Write,
+) -> Result<(), TrainError> {
+    converse(system, input, output, |messages, out| {
+        let ids = chat_prompt_ids(loaded, messages)?;
+        Ok(generate_text(loaded, &ids, sampling, &[], out)?.text)
+    })
+}
+
+/// The terminal conversation of `qlora chat` for any model: `reply` writes the model's answer to the
+/// conversation so far as it comes, and returns its text.
+pub fn converse(
+    system: Option<&str>,
+    input: &mut dyn BufRead,
+    output: &mut dyn Write,
+    mut reply: impl FnMut(&[ChatMessage], &mut dyn Write) -> Result<String, TrainError>,
 ) -> Result<(), TrainError> {
     let io = |source| TrainError::Io { path: "<terminal>".into(), source };
     let mut messages: Vec<ChatMessage> = system.map(|s| vec![ChatMessage::new("system", s)]).unwrap_or_default();
@@ -168,9 +206,8 @@ pub fn chat_loop(
             _ => {}
         }
         messages.push(ChatMessage::new("user", line));
-        let ids = chat_prompt_ids(loaded, &messages)?;
-        let reply = generate_text(loaded, &ids, sampling, &[], output)?;
+        let text = reply(&messages, output)?;
         writeln!(output).map_err(io)?;
-        messages.push(ChatMessage::new("assistant", reply.text.trim()));
+        messages.push(ChatMessage::new("assistant", text.trim()));
     }
 }

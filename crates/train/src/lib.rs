@@ -22,6 +22,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod device;
 pub mod eval;
+pub mod family;
 pub mod infer;
 pub mod metrics;
 pub mod parallel;

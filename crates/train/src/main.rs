@@ -527,21 +527,12 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Generate { model, prompt, chat, sampling } => {
             if train::seq2seq::is_t5(&model.model) {
-                anyhow::ensure!(!chat, "--chat: T5 models have no chat template");
-                anyhow::ensure!(
-                    sampling.temperature == 0.0 && sampling.stop.is_empty(),
-                    "T5 generation is greedy (no --temperature, --stop) for now"
-                );
                 let loaded = model.load_t5()?;
-                let tokenizer = loaded
-                    .tokenizer
-                    .as_ref()
-                    .context("the model directory has no tokenizer.json to encode --prompt")?;
-                let ids = tokenizer.encode(&prompt, true)?;
+                let ids = train::seq2seq::source_ids(&loaded, &[ChatMessage::new("user", prompt)], chat)?;
                 let mut stdout = std::io::stdout().lock();
                 let started = std::time::Instant::now();
-                let (tokens, stop) =
-                    train::seq2seq::generate_text(&loaded, &ids, sampling.max_new_tokens, &mut stdout)?;
+                let (_, tokens, stop) =
+                    train::seq2seq::generate_text(&loaded, &ids, &sampling.config()?, &sampling.stop, &mut stdout)?;
                 writeln!(stdout)?;
                 let secs = started.elapsed().as_secs_f64();
                 eprintln!("[{} tokens in {secs:.2} s, stop: {stop:?}]", tokens.len());
@@ -584,7 +575,6 @@ fn main() -> anyhow::Result<()> {
             }
         }
         Command::Eval { model, data, format, shots, source_max_len, target_max_len, micro_batch_size } => {
-            let loaded = model.load()?;
             let args = train::eval::EvalArgs {
                 data,
                 format,
@@ -592,12 +582,32 @@ fn main() -> anyhow::Result<()> {
                 micro_batch_size,
                 shots,
             };
-            println!("{}", train::eval::run(&loaded, &args)?);
+            let report = if train::seq2seq::is_t5(&model.model) {
+                train::eval::run(&model.load_t5()?, &args)?
+            } else {
+                train::eval::run(&model.load()?, &args)?
+            };
+            println!("{report}");
         }
         Command::Answer(args) => judge_cmd::answer(&args)?,
         Command::Judge { command } => judge_cmd::run(&command)?,
         Command::Serve { serve } => serve.run()?,
         Command::Chat { model, system, sampling } => {
+            if train::seq2seq::is_t5(&model.model) {
+                let loaded = model.load_t5()?;
+                let config = sampling.config()?;
+                let stdin = std::io::stdin();
+                infer::converse(
+                    system.as_deref(),
+                    &mut stdin.lock(),
+                    &mut std::io::stdout().lock(),
+                    |messages, out| {
+                        let ids = train::seq2seq::source_ids(&loaded, messages, true)?;
+                        Ok(train::seq2seq::generate_text(&loaded, &ids, &config, &sampling.stop, out)?.0)
+                    },
+                )?;
+                return Ok(());
+            }
             let loaded = model.load()?;
             let stdin = std::io::stdin();
             infer::chat_loop(

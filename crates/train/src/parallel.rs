@@ -19,17 +19,16 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
 use burn::tensor::{Device, Tensor, TensorData};
-use data::Batch;
-use llama::LlamaModel;
 use optim::FlatTensor;
 
 use crate::TrainError;
 use crate::config::{DeviceSpec, TrainConfig};
+use crate::family::{Family, TrainModel};
 use crate::trainer::{RankStep, device_for_rank, guarded_step, load_for_training, optimizer_config, optimizer_step};
 
 /// One optimizer step as a worker rank runs it.
-struct Job {
-    batches: Vec<Batch>,
+struct Job<B> {
+    batches: Vec<B>,
     first_index: usize,
     step_targets: usize,
     seed: u64,
@@ -40,9 +39,9 @@ struct Job {
 
 /// Ranks 1.. of a data-parallel run, each on its own thread with its own model and optimizer (rank 0 is the
 /// trainer's own thread). Empty for a single device.
-pub struct Workers {
+pub struct Workers<B> {
     sync: Option<Arc<dyn GradientSync>>,
-    jobs: Vec<Sender<Job>>,
+    jobs: Vec<Sender<Job<B>>>,
     results: Option<Receiver<(usize, Result<(), TrainError>)>>,
     handles: Vec<JoinHandle<()>>,
     names: Vec<String>,
@@ -50,7 +49,7 @@ pub struct Workers {
     max_grad_norm: Option<f32>,
 }
 
-impl Workers {
+impl<B: Clone + Send + 'static> Workers<B> {
     /// No other ranks.
     pub fn none() -> Self {
         Workers {
@@ -67,13 +66,16 @@ impl Workers {
     /// Starts ranks `1..specs.len()`: each opens its device, loads the model as configured, takes rank 0's
     /// adapter values (`rank0`) and optimizer checkpoint (when resuming), and waits for steps. A rank that cannot
     /// start is an error naming it.
-    pub fn start(
+    pub fn start<F: Family>(
         config: &TrainConfig,
         specs: &[DeviceSpec],
         rank0_device: &Device,
-        rank0: &LlamaModel,
+        rank0: &F::Model,
         optimizer_checkpoint: Option<PathBuf>,
-    ) -> Result<Self, TrainError> {
+    ) -> Result<Self, TrainError>
+    where
+        F::Model: TrainModel<Batch = B>,
+    {
         let mut devices = vec![rank0_device.clone()];
         for (rank, spec) in specs.iter().enumerate().skip(1) {
             devices.push(
@@ -94,12 +96,12 @@ impl Workers {
             max_grad_norm: (config.max_grad_norm > 0.0).then_some(config.max_grad_norm as f32),
         };
         for (rank, device) in devices.into_iter().enumerate().skip(1) {
-            let (job_tx, jobs) = channel::<Job>();
+            let (job_tx, jobs) = channel::<Job<B>>();
             let (config, adapter, checkpoint) = (config.clone(), adapter.clone(), optimizer_checkpoint.clone());
             let (sync, results, name) = (sync.clone(), result_tx.clone(), specs[rank].to_string());
             workers.jobs.push(job_tx);
             workers.handles.push(std::thread::spawn(move || {
-                worker(rank, &name, &config, device, adapter, checkpoint, sync, jobs, results)
+                worker::<F>(rank, &name, &config, device, adapter, checkpoint, sync, jobs, results)
             }));
         }
         for _ in 1..specs.len() {
@@ -122,7 +124,7 @@ impl Workers {
     }
 
     /// Hands ranks 1.. their micro-batches of a step (rank r: `batches[r·k .. (r+1)·k]`).
-    pub fn send_step(&self, batches: &[Batch], step_targets: usize, seed: u64, lr: f64, step: u64) {
+    pub fn send_step(&self, batches: &[B], step_targets: usize, seed: u64, lr: f64, step: u64) {
         let k = self.grad_accum;
         for (i, jobs) in self.jobs.iter().enumerate() {
             let rank = i + 1;
@@ -160,7 +162,7 @@ impl Workers {
     }
 }
 
-impl Drop for Workers {
+impl<B> Drop for Workers<B> {
     fn drop(&mut self) {
         self.jobs.clear();
         for handle in self.handles.drain(..) {
@@ -171,7 +173,7 @@ impl Drop for Workers {
 
 /// A worker rank: set up, report, then run steps until the trainer stops sending them or a step fails.
 #[allow(clippy::too_many_arguments)]
-fn worker(
+fn worker<F: Family>(
     rank: usize,
     name: &str,
     config: &TrainConfig,
@@ -179,12 +181,12 @@ fn worker(
     adapter: BTreeMap<String, optim::HostTensor>,
     optimizer_checkpoint: Option<PathBuf>,
     sync: Arc<dyn GradientSync>,
-    jobs: Receiver<Job>,
+    jobs: Receiver<Job<<F::Model as TrainModel>::Batch>>,
     results: Sender<(usize, Result<(), TrainError>)>,
 ) {
     let setup = || -> Result<_, TrainError> {
-        let (loaded, _) = load_for_training(config, &device)?;
-        let model = optim::write_tensors(loaded.model, &adapter)?;
+        let (loaded, _) = load_for_training::<F>(config, &device)?;
+        let model = optim::write_tensors(loaded.model().clone(), &adapter)?;
         let mut optimizer = optimizer_config(config)?.init_on(optim::TensorPages::new(&device))?;
         if let Some(path) = &optimizer_checkpoint {
             optimizer.load(path)?;

@@ -1,17 +1,19 @@
-//! `qlora forward` and `qlora generate` with an encoder–decoder (T5 / Flan-T5 / mT5): the binary picks this
+//! `qlora forward`, `qlora generate` and `qlora chat` with an encoder–decoder (T5 / Flan-T5 / mT5): the binary picks this
 //! path when `--model` is an HF directory whose config.json says `model_type` `t5` or `mt5`.
 
 use std::io::Write;
 use std::path::Path;
 
 use burn::tensor::{DType, Device, Int, Tensor, TensorData};
+use formats::tokenizer::ChatMessage;
 use lora::weights::LoadOptions;
 use quant::bnb::StoredTensor;
 use quant::checkpoint::write_atomically;
 use t5::LoadedT5;
-use t5::generate::{StopReason, generate_greedy};
+use t5::generate::{SamplingConfig, StopReason, generate};
 
 use crate::TrainError;
+use crate::infer::TextStream;
 
 /// Whether `spec` names a T5 checkpoint directory.
 pub fn is_t5(spec: &str) -> bool {
@@ -83,22 +85,48 @@ pub fn forward_to_file(loaded: &LoadedT5, source: &[u32], target: &[u32], out: &
     Ok(())
 }
 
-/// Greedy generation from the encoder input `source`, stopping at EOS or after `max_new_tokens`; writes
-/// the decoded text to `out` when the model has a tokenizer (else the token ids). Returns the new tokens.
+/// The encoder input for `messages`: with `chat`, the conversation as the training data renders it
+/// ([`data::seq2seq::conversation_source`]: the chat template when the tokenizer has one, else one message
+/// per line); without, the last message's text. EOS appended, as T5's tokenizer does.
+pub fn source_ids(loaded: &LoadedT5, messages: &[ChatMessage], chat: bool) -> Result<Vec<u32>, TrainError> {
+    let tokenizer = loaded
+        .tokenizer
+        .as_ref()
+        .ok_or_else(|| TrainError::Input("the model directory has no tokenizer.json".into()))?;
+    let text = match (chat, messages.last()) {
+        (true, _) => data::seq2seq::conversation_source(messages, tokenizer)?,
+        (false, Some(last)) => last.content.clone(),
+        (false, None) => String::new(),
+    };
+    Ok(data::seq2seq::encode_with_eos(tokenizer, &text, loaded.config.eos_token_id, usize::MAX)?.0)
+}
+
+/// Generation from the encoder input `source` (EOS included), each token picked as `sampling` says,
+/// stopping at EOS, at the first of `stop_strings` or after `sampling.max_new_tokens`; the text is written
+/// to `out` as it comes when the model has a tokenizer (else the token ids at the end). Returns the text, the
+/// new tokens and why it stopped.
 pub fn generate_text(
     loaded: &LoadedT5,
     source: &[u32],
-    max_new_tokens: usize,
+    sampling: &SamplingConfig,
+    stop_strings: &[String],
     out: &mut dyn Write,
-) -> Result<(Vec<u32>, StopReason), TrainError> {
+) -> Result<(String, Vec<u32>, StopReason), TrainError> {
     check_ids(loaded, source, "encoder")?;
     let c = &loaded.config;
-    let (tokens, stop) =
-        generate_greedy(&loaded.model, source, c.decoder_start_token_id, max_new_tokens, &[c.eos_token_id], true)?;
-    let text = match &loaded.tokenizer {
-        Some(tokenizer) => tokenizer.decode(&tokens, true)?,
-        None => tokens.iter().map(u32::to_string).collect::<Vec<_>>().join(","),
-    };
-    out.write_all(text.as_bytes()).map_err(|source| TrainError::Io { path: "<stdout>".into(), source })?;
-    Ok((tokens, stop))
+    let (start, stop_ids) = (c.decoder_start_token_id, [c.eos_token_id]);
+    match &loaded.tokenizer {
+        Some(tokenizer) => {
+            let mut stream = TextStream::new(tokenizer, stop_strings, out);
+            let (_, stop) = generate(&loaded.model, source, start, sampling, &stop_ids, |id| stream.push(id))?;
+            let (text, tokens) = stream.finish()?;
+            Ok((text, tokens, stop))
+        }
+        None => {
+            let (tokens, stop) = generate(&loaded.model, source, start, sampling, &stop_ids, |_| true)?;
+            let text = tokens.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
+            out.write_all(text.as_bytes()).map_err(|source| TrainError::Io { path: "<stdout>".into(), source })?;
+            Ok((text, tokens, stop))
+        }
+    }
 }

@@ -1,21 +1,23 @@
-//! The training loop: QLoRA's recipe on a Llama-family model, top to bottom.
+//! The training loop: QLoRA's recipe, top to bottom, for any model [`Family`] (the Llama family, T5).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use burn::module::Module;
-use burn::tensor::{DType, Device, Int, Tensor, TensorData};
+use burn::tensor::{DType, Device, Tensor};
 use dashboard::status::{RunState, StatusFile};
-use data::{Batch, BatchStream, DataCursor, Limits, OrderConfig, TokenizedExample};
-use llama::{LlamaModel, LoadOptions, LoadedModel};
+use data::{BatchStream, DataCursor, Limits, OrderConfig};
+use llama::LoadedModel;
 use lora::{LoraConfig, TargetModules};
 use optim::{FlatTensor, LrSchedule, LrScheduleConfig, PagedAdamW, PagedAdamWConfig, StepReport, TensorPages, Warmup};
 use serde::{Deserialize, Serialize};
+use t5::LoadedT5;
 
 use crate::TrainError;
 use crate::checkpoint::{self, TrainerState};
 use crate::config::TrainConfig;
+use crate::family::{Family, MicroBatch, TrainModel};
 use crate::metrics::{MetricsLog, StepMetrics, peak_rss_mib};
 
 /// Something that shows progress (a progress bar in the binary, nothing in tests).
@@ -53,27 +55,23 @@ pub struct TrainSummary {
     pub peak_rss_mib: f64,
 }
 
-/// The training data after reading and tokenizing.
-pub struct PreparedData {
-    pub train: Vec<TokenizedExample>,
-    pub eval: Vec<TokenizedExample>,
+/// The training data after reading and tokenizing, as the model family takes it.
+pub struct PreparedData<E> {
+    pub train: Vec<E>,
+    pub eval: Vec<E>,
     pub notes: Vec<String>,
 }
 
 /// Loads the model for training on `device`: quantized as configured, with a fresh LoRA or `init_adapter`.
 /// Returns the model and the LoRA configuration in effect (the init adapter's, when there is one).
-pub fn load_for_training(config: &TrainConfig, device: &Device) -> Result<(LoadedModel, LoraConfig), TrainError> {
-    let quant = config.quant.quant_config(config.blocksize, !config.no_double_quant);
-    nf4::check_blocksize(config.blocksize).map_err(|e| TrainError::Input(e.to_string()))?;
-    let source = formats::source::resolve(&config.model)?;
-    let dtype = config.compute_dtype.dtype();
-    let mut loaded = llama::load(&source, &LoadOptions { dtype, quant }, device)?;
+pub fn load_for_training<F: Family>(config: &TrainConfig, device: &Device) -> Result<(F, LoraConfig), TrainError> {
+    let mut loaded = F::load(config, device)?;
     let lora = match &config.init_adapter {
-        Some(dir) => loaded.model.load_peft_adapter(dir)?.config,
+        Some(dir) => loaded.model_mut().load_peft_adapter(dir)?.config,
         None => {
             let lora = lora_config(config)?;
             device.seed(config.seed); // the A matrices' random initialisation
-            loaded.model.add_lora(&lora, device)?;
+            loaded.model_mut().add_lora(&lora, device)?;
             lora
         }
     };
@@ -120,8 +118,7 @@ fn read_dataset(
 }
 
 /// Reads and tokenizes the training and held-out data.
-pub fn prepare_data(config: &TrainConfig, loaded: &LoadedModel) -> Result<PreparedData, TrainError> {
-    let tokenizer = loaded.tokenizer()?;
+pub fn prepare_data<F: Family>(config: &TrainConfig, loaded: &F) -> Result<PreparedData<F::Example>, TrainError> {
     let limits = Limits {
         source_max_len: config.source_max_len,
         target_max_len: config.target_max_len,
@@ -129,7 +126,7 @@ pub fn prepare_data(config: &TrainConfig, loaded: &LoadedModel) -> Result<Prepar
     };
     let mut notes = Vec::new();
     let train_examples = read_dataset(&config.data, false, config, &mut notes)?;
-    let train = data::tokenize_all(&train_examples, tokenizer, &limits)?;
+    let train = loaded.tokenize(&train_examples, &limits)?;
     if train.truncated > 0 || train.dropped > 0 {
         notes.push(format!(
             "train: {} examples cut to the length limits, {} left without targets and dropped",
@@ -141,7 +138,7 @@ pub fn prepare_data(config: &TrainConfig, loaded: &LoadedModel) -> Result<Prepar
     let eval = match eval_spec {
         Some(spec) => {
             let examples = read_dataset(&spec, true, config, &mut notes)?;
-            let mut eval = data::tokenize_all(&examples, tokenizer, &limits)?.examples;
+            let mut eval = loaded.tokenize(&examples, &limits)?.examples;
             if config.eval_samples > 0 {
                 eval.truncate(config.eval_samples);
             }
@@ -149,8 +146,8 @@ pub fn prepare_data(config: &TrainConfig, loaded: &LoadedModel) -> Result<Prepar
         }
         None => Vec::new(),
     };
-    let vocab = loaded.config.vocab_size as u32;
-    if let Some(bad) = train.examples.iter().chain(&eval).flat_map(|e| &e.ids).find(|&&id| id >= vocab) {
+    let vocab = loaded.vocab_size() as u32;
+    if let Some(bad) = train.examples.iter().chain(&eval).flat_map(F::token_ids).find(|&id| id >= vocab) {
         return Err(TrainError::Input(format!(
             "the tokenizer produced token id {bad}, outside the model's vocabulary of {vocab}"
         )));
@@ -158,39 +155,27 @@ pub fn prepare_data(config: &TrainConfig, loaded: &LoadedModel) -> Result<Prepar
     Ok(PreparedData { train: train.examples, eval, notes })
 }
 
-/// The sum of the next-token negative log-likelihood over the batch's target tokens (a scalar tensor).
-pub fn batch_nll_sum(model: &LlamaModel, batch: &Batch, device: &Device) -> Tensor<1> {
-    let (b, t) = (batch.batch, batch.len);
-    let ids: Vec<i64> = batch.ids.iter().map(|&i| i as i64).collect();
-    let labels: Vec<i64> = batch.labels.iter().map(|&i| i as i64).collect();
-    let ids = Tensor::<2, Int>::from_data(TensorData::new(ids, [b, t]), device);
-    let labels = Tensor::<2, Int>::from_data(TensorData::new(labels, [b, t]), device);
-    let mask = Tensor::<2>::from_data(TensorData::new(batch.label_mask.clone(), [b, t]), device);
-    model.nll_sum(model.forward_hidden(ids, None), labels, mask)
-}
-
 /// Mean loss over all target tokens of `examples` with the model in eval mode (no dropout, no autodiff).
-pub fn eval_loss(
-    model: &LlamaModel,
-    examples: &[TokenizedExample],
+pub fn eval_loss<F: Family>(
+    loaded: &F,
+    model: &F::Model,
+    examples: &[F::Example],
     micro_batch_size: usize,
-    pad_id: u32,
 ) -> Option<f64> {
     if examples.is_empty() {
         return None;
     }
     let model = model.valid();
-    let device = model.device();
+    let device = model.devices()[0].clone();
     let (mut sum, mut count) = (0.0f64, 0usize);
     for chunk in examples.chunks(micro_batch_size.max(1)) {
-        let batch = Batch::new(&chunk.iter().collect::<Vec<_>>(), pad_id);
-        if batch.targets == 0 {
+        let batch = loaded.batch(&chunk.iter().collect::<Vec<_>>());
+        if batch.targets() == 0 {
             continue;
         }
-        let nll =
-            batch_nll_sum(&model, &batch, &device).into_data().convert::<f64>().try_to_vec::<f64>().expect("scalar")[0];
+        let nll = model.nll_sum(&batch, &device).into_data().convert::<f64>().try_to_vec::<f64>().expect("scalar")[0];
         sum += nll;
-        count += batch.targets;
+        count += batch.targets();
     }
     (count > 0).then(|| sum / count as f64)
 }
@@ -200,9 +185,9 @@ pub fn eval_loss(
 /// NLL (a `[1]` tensor; `None` without targets). Micro-batch `i` is the step's micro-batch `first_index + i` and
 /// draws its dropout masks from `seed ^ (first_index + i)`, so they depend only on the run's seed, the step and
 /// the micro-batch, not on how the step is split across ranks.
-pub fn accumulate_gradients(
-    model: &LlamaModel,
-    batches: &[Batch],
+pub fn accumulate_gradients<M: TrainModel>(
+    model: &M,
+    batches: &[M::Batch],
     first_index: usize,
     step_targets: usize,
     device: &Device,
@@ -211,13 +196,13 @@ pub fn accumulate_gradients(
     let mut grads = BTreeMap::new();
     let mut nll_sum: Option<Tensor<1>> = None;
     for (i, batch) in batches.iter().enumerate() {
-        if batch.targets == 0 {
+        if batch.targets() == 0 {
             continue;
         }
         let micro_seed = seed ^ (first_index + i) as u64;
         device.seed(micro_seed);
         ops::dropout::seed_dropout(micro_seed);
-        let nll = batch_nll_sum(model, batch, device);
+        let nll = model.nll_sum(batch, device);
         let loss = nll.clone().div_scalar(step_targets.max(1) as f64);
         let g = loss.backward();
         let nll = nll.inner().cast(DType::F32);
@@ -231,9 +216,9 @@ pub fn accumulate_gradients(
 }
 
 /// This rank's part of one optimizer step, and with whom it sums its gradients (`None`: a single device).
-pub struct RankStep<'a> {
+pub struct RankStep<'a, B> {
     /// The rank's micro-batches and the index of its first in the step.
-    pub batches: &'a [Batch],
+    pub batches: &'a [B],
     pub first_index: usize,
     /// Target tokens of the whole step, all ranks.
     pub step_targets: usize,
@@ -251,15 +236,15 @@ pub struct StepOutcome {
 /// One optimizer step, all of it on the training device: forward and backward over the rank's micro-batches,
 /// their gradients summed (and summed across ranks), the global norm clipped, the paged AdamW update. Returns
 /// the updated model; the loss is the step's (all ranks).
-pub fn optimizer_step(
-    model: &LlamaModel,
+pub fn optimizer_step<M: TrainModel>(
+    model: &M,
     optimizer: &mut PagedAdamW<TensorPages>,
-    part: &RankStep<'_>,
+    part: &RankStep<'_, M::Batch>,
     device: &Device,
     seed: u64,
     (lr, max_grad_norm): (f64, Option<f32>),
     step: u64,
-) -> Result<(LlamaModel, StepOutcome), TrainError> {
+) -> Result<(M, StepOutcome), TrainError> {
     let readback_before = optim::device::readback_bytes();
     let (grads, nll_sum) = accumulate_gradients(model, part.batches, part.first_index, part.step_targets, device, seed);
     let local_loss_sum = nll_sum.map_or(0.0, |sum| optim::device::read_scalars(sum)[0]);
@@ -377,22 +362,6 @@ pub fn device_for_rank(config: &TrainConfig, spec: crate::config::DeviceSpec) ->
     Ok(if config.gradient_checkpointing { device.gradient_checkpointing() } else { device })
 }
 
-/// Answers `prompt` greedily with the model's chat template (for the before/after sample).
-pub fn sample_answer(
-    loaded: &LoadedModel,
-    model: &LlamaModel,
-    prompt: &str,
-    max_new_tokens: usize,
-) -> Result<String, TrainError> {
-    let tokenizer = loaded.tokenizer()?;
-    let text = tokenizer.apply_chat_template(&[formats::tokenizer::ChatMessage::new("user", prompt)], true)?;
-    let ids = tokenizer.encode(&text, false)?;
-    let stop = tokenizer.stop_ids(&loaded.config.eos_token_ids);
-    let sampling = llama::generate::SamplingConfig::new().with_max_new_tokens(max_new_tokens);
-    let (tokens, _) = llama::generate::generate(&model.valid(), &ids, &sampling, &stop, |_| true)?;
-    Ok(tokenizer.decode(&tokens, true)?.trim().to_string())
-}
-
 /// The run's `status.json` (read by `qlora dashboard`): written once the output directory is this run's.
 struct Status {
     dir: PathBuf,
@@ -406,7 +375,9 @@ impl Status {
     }
 }
 
-/// Runs (or resumes) a training run as configured; `resume` is an output or checkpoint directory.
+/// Runs (or resumes) a training run as configured; `resume` is an output or checkpoint directory. The
+/// model family comes from `config.model`: an encoder–decoder (T5) checkpoint trains on source/target pairs,
+/// anything else as a Llama-family decoder.
 ///
 /// The output directory's `status.json` says "running" from the start, "finished" when the run has saved
 /// its adapter, and "stopped" (with the error) when it fails; a killed trainer leaves "running" behind,
@@ -417,7 +388,11 @@ pub fn train(
     progress: &mut dyn Progress,
 ) -> Result<TrainSummary, TrainError> {
     let mut status = None;
-    let result = train_with_status(config, resume, progress, &mut status);
+    let result = if crate::family::is_seq2seq(&config.model) {
+        train_with_status::<LoadedT5>(config, resume, progress, &mut status)
+    } else {
+        train_with_status::<LoadedModel>(config, resume, progress, &mut status)
+    };
     if let (Err(e), Some(status)) = (&result, &status) {
         // Best effort: the error itself is what the caller needs to see.
         let _ =
@@ -427,7 +402,7 @@ pub fn train(
     result
 }
 
-fn train_with_status(
+fn train_with_status<F: Family>(
     config: &TrainConfig,
     resume: Option<&Path>,
     progress: &mut dyn Progress,
@@ -461,13 +436,11 @@ fn train_with_status(
     // Model, adapter, data.
     let device = training_device(config)?;
     progress.message(&format!("loading {}", config.model));
-    let (mut loaded, lora) = load_for_training(config, &device)?;
+    let (mut loaded, lora) = load_for_training::<F>(config, &device)?;
     let data = prepare_data(config, &loaded)?;
     for note in &data.notes {
         progress.message(note);
     }
-    let pad_id =
-        loaded.tokenizer()?.eos_token.as_deref().and_then(|t| loaded.tokenizer().ok()?.token_id(t)).unwrap_or(0);
     let order = OrderConfig {
         shuffle: !config.no_shuffle,
         seed: config.seed,
@@ -493,7 +466,7 @@ fn train_with_status(
     let mut state = TrainerState { step: 0, cursor: DataCursor::default(), config_toml: config.to_toml() };
     if let Some(dir) = resume {
         let (ckpt, restored) = checkpoint::latest(dir)?;
-        loaded.model.load_peft_adapter(&ckpt.join("adapter"))?;
+        loaded.model_mut().load_peft_adapter(&ckpt.join("adapter"))?;
         optimizer.load(&ckpt.join("optimizer.safetensors"))?;
         progress.message(&format!("resumed from {} at step {}", ckpt.display(), restored.step));
         if restored.cursor.position > data.train.len() {
@@ -510,22 +483,22 @@ fn train_with_status(
         state.cursor = restored.cursor;
     }
     let mut metrics = MetricsLog::open(&out.join("metrics.jsonl"), state.step)?;
-    let mut model = loaded.model.clone();
+    let mut model = loaded.model().clone();
     // Data parallel: ranks 1.. on their own threads and devices, with rank 0's adapter and optimizer state.
     let workers = if ranks > 1 {
         progress.message(&format!("data parallel over {ranks} ranks: {}", config.device));
         let optimizer_checkpoint =
             resume.map(|dir| checkpoint::latest(dir).map(|(p, _)| p.join("optimizer.safetensors")));
-        crate::parallel::Workers::start(config, &rank_specs, &device, &model, optimizer_checkpoint.transpose()?)?
+        crate::parallel::Workers::start::<F>(config, &rank_specs, &device, &model, optimizer_checkpoint.transpose()?)?
     } else {
         crate::parallel::Workers::none()
     };
     let sample_before = match (&config.sample_prompt, resume) {
-        (p, None) if !p.is_empty() => Some(sample_answer(&loaded, &model, p, 64)?),
+        (p, None) if !p.is_empty() => Some(loaded.sample_answer(&model, p, 64)?),
         _ => None,
     };
     let eval_loss_before =
-        if resume.is_none() { eval_loss(&model, &data.eval, config.micro_batch_size, pad_id) } else { None };
+        if resume.is_none() { eval_loss(&loaded, &model, &data.eval, config.micro_batch_size) } else { None };
     if let Some(loss) = eval_loss_before {
         metrics.eval(state.step, loss)?;
     }
@@ -547,10 +520,9 @@ fn train_with_status(
         let step_started = Instant::now();
         // One optimizer step = ranks × grad_accum micro-batches; rank r takes micro-batches r·k .. (r+1)·k; the
         // loss is the mean over all their target tokens.
-        let batches: Vec<Batch> =
-            (0..micro_batches_per_step).map(|_| Batch::new(&stream.next_examples(), pad_id)).collect();
-        let targets: usize = batches.iter().map(|b| b.targets).sum();
-        let tokens: usize = batches.iter().map(|b| b.batch * b.len).sum();
+        let batches: Vec<_> = (0..micro_batches_per_step).map(|_| loaded.batch(&stream.next_examples())).collect();
+        let targets: usize = batches.iter().map(MicroBatch::targets).sum();
+        let tokens: usize = batches.iter().map(MicroBatch::tokens).sum();
         let lr = schedule.lr_at(state.step);
         let seed = config.seed ^ (state.step << 16);
         let k = config.grad_accum;
@@ -601,7 +573,7 @@ fn train_with_status(
         if config.eval_steps > 0
             && state.step.is_multiple_of(config.eval_steps)
             && !last
-            && let Some(loss) = eval_loss(&model, &data.eval, config.micro_batch_size, pad_id)
+            && let Some(loss) = eval_loss(&loaded, &model, &data.eval, config.micro_batch_size)
         {
             metrics.eval(state.step, loss)?;
             progress.message(&format!("step {}: eval loss {loss:.4} (perplexity {:.2})", state.step, loss.exp()));
@@ -617,7 +589,7 @@ fn train_with_status(
     save(out, &model, &optimizer, &state, config, &lora)?;
     let adapter_dir = out.join("adapter");
     checkpoint::write_adapter_atomically(&model, &lora, &adapter_dir, &config.model)?;
-    let eval_loss_after = eval_loss(&model, &data.eval, config.micro_batch_size, pad_id);
+    let eval_loss_after = eval_loss(&loaded, &model, &data.eval, config.micro_batch_size);
     if let Some(loss) = eval_loss_after {
         metrics.eval(state.step, loss)?;
     }
@@ -631,7 +603,7 @@ fn train_with_status(
     let sample_after = if config.sample_prompt.is_empty() {
         None
     } else {
-        Some(sample_answer(&loaded, &model, &config.sample_prompt, 64)?)
+        Some(loaded.sample_answer(&model, &config.sample_prompt, 64)?)
     };
     status.file = status.file.with_state(RunState::Finished, ended_early);
     status.write()?;
@@ -651,9 +623,9 @@ fn train_with_status(
     })
 }
 
-fn save(
+fn save<M: TrainModel>(
     out: &Path,
-    model: &LlamaModel,
+    model: &M,
     optimizer: &PagedAdamW<TensorPages>,
     state: &TrainerState,
     config: &TrainConfig,

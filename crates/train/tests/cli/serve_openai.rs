@@ -7,11 +7,10 @@
 //! Needs python3 with venv and pip reaching PyPI (as the SmolLM2 tests do); fails with a clear message
 //! without them.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::Duration;
+use std::process::Command;
+
+use crate::common::{Server, start_serve};
 
 const OPENAI: &str = "openai==3.57.0";
 const KEY: &str = "test-key-123";
@@ -93,55 +92,17 @@ fn generate(prompt: &str, adapter: Option<&Path>, max: usize) -> String {
     text.strip_suffix('\n').expect("generate ends with a newline").to_string()
 }
 
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Starts `qlora serve` on a free loopback port; returns it with its base URL.
+/// Starts `qlora serve` on the tiny model with its two adapters and an API key.
 fn serve(adapter: &Path) -> (Server, String) {
-    let mut child = qlora()
-        .args([
-            "serve",
-            "--quant",
-            "nf4",
-            "--served-name",
-            "tiny",
-            "--port",
-            "0",
-            "--api-key",
-            KEY,
-            "--max-batch",
-            "16",
-        ])
-        .arg("--model")
-        .arg(tiny().join("model-nf4"))
-        .arg("--adapter")
-        .arg(format!("wordnet={}", adapter.display()))
-        .arg("--adapter")
-        .arg(format!("init={}", tiny().join("init-adapter").display()))
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            eprintln!("[serve] {line}");
-            if let Some(addr) = line.split("listening on ").nth(1) {
-                let _ = tx.send(addr.trim_end_matches(')').to_string());
-            }
-        }
-    });
-    let server = Server(child);
-    let addr = rx.recv_timeout(Duration::from_secs(120)).expect("qlora serve printed its address");
-    assert!(addr.starts_with("127.0.0.1:"), "binds loopback by default: {addr}");
-    (server, format!("http://{addr}"))
+    let mut args: Vec<std::ffi::OsString> =
+        ["--quant", "nf4", "--served-name", "tiny", "--api-key", KEY, "--max-batch", "16"]
+            .iter()
+            .map(Into::into)
+            .collect();
+    args.extend(["--model".into(), tiny().join("model-nf4").into()]);
+    args.extend(["--adapter".into(), format!("wordnet={}", adapter.display()).into()]);
+    args.extend(["--adapter".into(), format!("init={}", tiny().join("init-adapter").display()).into()]);
+    start_serve(&args)
 }
 
 const CLIENT: &str = r#"
