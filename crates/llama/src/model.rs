@@ -313,29 +313,11 @@ impl LlamaModel {
     /// the output weight is dense without bias (tied embeddings or a plain lm_head), else through
     /// [`logits`](Self::logits). Gradients flow to the hidden states.
     pub fn nll_sum(&self, hidden: Tensor<3>, labels: Tensor<2, Int>, mask: Tensor<2>) -> Tensor<1> {
-        let [b, t, hd] = hidden.dims();
         let w_t = match &self.lm_head {
             None => Some(self.embed_tokens.clone().transpose()),
-            Some(head) if head.bias.is_none() => match &head.weight {
-                lora::BaseWeight::Dense(w_t) => Some(w_t.clone()),
-                lora::BaseWeight::Quantized(_) => None,
-            },
-            Some(_) => None,
+            Some(head) => head.dense_transposed(),
         };
-        match w_t {
-            Some(w_t) => ops::loss::chunked_nll_sum(
-                hidden.reshape([b * t, hd]),
-                w_t,
-                labels.reshape([b * t]),
-                mask.reshape([b * t]),
-                ops::loss::DEFAULT_CHUNK_ROWS,
-            ),
-            None => {
-                let log_probs = burn::tensor::activation::log_softmax(self.logits(hidden).cast(DType::F32), 2);
-                let picked = log_probs.gather(2, labels.reshape([b, t, 1])).reshape([b, t]);
-                (picked * mask).sum().neg()
-            }
-        }
+        ops::loss::head_nll_sum(hidden, w_t, labels, mask, |h| self.logits(h))
     }
 
     /// Logits `[batch, len, vocab]` for token ids `[batch, len]`.

@@ -51,6 +51,14 @@ impl FrozenLinear {
         y.reshape(out_dims)
     }
 
+    /// `Wᵀ` `[in, out]` when the weight is dense and there is no bias (what a chunked loss can stream through).
+    pub fn dense_transposed(&self) -> Option<Tensor<2>> {
+        match (&self.weight, &self.bias) {
+            (BaseWeight::Dense(w_t), None) => Some(w_t.clone()),
+            _ => None,
+        }
+    }
+
     /// `y + b` for `y [rows, out]` (y itself without a bias).
     pub fn add_bias(&self, y: Tensor<2>) -> Tensor<2> {
         match &self.bias {

@@ -245,6 +245,35 @@ impl<B: Backend + ChunkedNllBackend, C: CheckpointStrategy> ChunkedNllBackend fo
     }
 }
 
+/// The training loss of a language-model head: `Σ mask · −log p(label)` over hidden states `[batch, len,
+/// hidden]` with labels and mask `[batch, len]`. With the head's weight dense and without bias (`w_t`,
+/// `[hidden, vocab]`: a tied embedding or a plain head) through [`chunked_nll_sum`], never holding the
+/// full-vocabulary logits; otherwise through the full log-softmax of `logits(hidden)` (a 4-bit head). The
+/// hidden states must already carry any rescale the head applies. Gradients flow to the hidden states.
+pub fn head_nll_sum(
+    hidden: Tensor<3>,
+    w_t: Option<Tensor<2>>,
+    labels: Tensor<2, Int>,
+    mask: Tensor<2>,
+    logits: impl FnOnce(Tensor<3>) -> Tensor<3>,
+) -> Tensor<1> {
+    let [b, t, d] = hidden.dims();
+    match w_t {
+        Some(w_t) => chunked_nll_sum(
+            hidden.reshape([b * t, d]),
+            w_t,
+            labels.reshape([b * t]),
+            mask.reshape([b * t]),
+            DEFAULT_CHUNK_ROWS,
+        ),
+        None => {
+            let log_probs = burn::tensor::activation::log_softmax(logits(hidden).cast(burn::tensor::DType::F32), 2);
+            let picked = log_probs.gather(2, labels.reshape([b, t, 1])).reshape([b, t]);
+            (picked * mask).sum().neg()
+        }
+    }
+}
+
 /// `Σ mask · nll` over rows: `h [rows, hidden]`, `w_t [hidden, vocab]` (the output weight transposed),
 /// `labels [rows]`, `mask [rows]` (1 where the row counts). Gradients flow to `h` only.
 pub fn chunked_nll_sum(

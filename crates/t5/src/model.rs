@@ -403,34 +403,20 @@ impl T5Model {
     ) -> Tensor<1> {
         let encoded = self.encode(encoder_ids, encoder_padding);
         let hidden = self.decode(decoder_ids, &encoded, encoder_padding, None);
-        let [b, t, d] = hidden.dims();
         let w_t = match &self.lm_head {
             None => Some(self.shared.clone().transpose()),
-            Some(head) if head.bias.is_none() => match &head.weight {
-                lora::BaseWeight::Dense(w_t) => Some(w_t.clone()),
-                lora::BaseWeight::Quantized(_) => None,
-            },
-            Some(_) => None,
+            Some(head) => head.dense_transposed(),
         };
         match w_t {
+            // The chunked loss takes the hidden states as the head sees them: rescaled first.
             Some(w_t) => {
                 let hidden = match self.scale_decoder_outputs {
                     true => hidden.mul_scalar((self.d_model as f64).powf(-0.5)),
                     false => hidden,
                 };
-                ops::loss::chunked_nll_sum(
-                    hidden.reshape([b * t, d]),
-                    w_t,
-                    labels.reshape([b * t]),
-                    mask.reshape([b * t]),
-                    ops::loss::DEFAULT_CHUNK_ROWS,
-                )
+                ops::loss::head_nll_sum(hidden, Some(w_t), labels, mask, |h| h)
             }
-            None => {
-                let log_probs = burn::tensor::activation::log_softmax(self.logits(hidden).cast(DType::F32), 2);
-                let picked = log_probs.gather(2, labels.reshape([b, t, 1])).reshape([b, t]);
-                (picked * mask).sum().neg()
-            }
+            None => ops::loss::head_nll_sum(hidden, None, labels, mask, |h| self.logits(h)),
         }
     }
 

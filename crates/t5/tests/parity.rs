@@ -268,3 +268,35 @@ fn seq2seq_loss_and_every_lora_gradient_match_peft_on_the_nf4_checkpoint() {
     assert_eq!(compared, 2 * adapter.modules.len());
     println!("worst relative LoRA gradient error vs PEFT: {worst:e} over {compared} tensors");
 }
+
+/// `qlora merge` on a T5 checkpoint (`lora::merge` over the HF directory): the PEFT `SEQ_2_SEQ_LM` adapter
+/// folded into the weights gives, without any adapter, PEFT's adapted logits and greedy tokens; and from the
+/// NF4 checkpoint (dequantized, adapter added, written dense) the logits of the 4-bit base with the adapter.
+#[test]
+fn merging_an_adapter_into_a_t5_checkpoint_gives_the_adapted_model() {
+    use lora::merge::{HfBase, MergeOutput, merge};
+    let out = tempfile::tempdir().unwrap();
+    let base = HfBase::open(&fixtures().join("tiny-t5-gated")).unwrap();
+    let report = merge(&base, &fixtures().join("adapter-tiny-t5-gated"), out.path(), &MergeOutput::DenseF32).unwrap();
+    assert_eq!(report.merged_modules, 2 * 7 + 3 * 11);
+    let (_, merged) = load_hf(out.path(), &LoadOptions::default(), &Device::flex()).unwrap();
+    assert!(merged.linears().iter().all(|(_, l)| l.adapter.is_none()));
+    check_outputs(&merged, "tiny-t5-gated-lora.reference.safetensors");
+    check_greedy(&merged, "tiny-t5-gated-lora.reference.safetensors");
+
+    let train = fixtures().join("train");
+    let nf4 = HfBase::open(&train.join("model-nf4")).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    merge(&nf4, &train.join("init-adapter"), out.path(), &MergeOutput::DenseF32).unwrap();
+    let (_, merged) = load_hf(out.path(), &LoadOptions::default(), &Device::flex()).unwrap();
+    let (_, mut adapted) = load_hf(&train.join("model-nf4"), &LoadOptions::default(), &Device::flex()).unwrap();
+    adapted.load_peft_adapter(&train.join("init-adapter")).unwrap();
+    let device = Device::flex();
+    let ids = Tensor::<2, Int>::from_data(TensorData::new(vec![3i64, 4, 9, 11, 15, 1], [1, 6]), &device);
+    let dec = Tensor::<2, Int>::from_data(TensorData::new(vec![0i64, 15, 11, 9], [1, 4]), &device);
+    let ours = values(merged.forward(ids.clone(), dec.clone()));
+    let theirs = values(adapted.forward(ids, dec));
+    let diff = relative_diff(&ours, &theirs);
+    println!("NF4 base + adapter vs the merged dense checkpoint: logits {diff:e} (relative)");
+    assert!(diff < 1e-5, "{diff:e}");
+}
