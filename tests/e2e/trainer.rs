@@ -77,6 +77,15 @@ fn check_trajectory(summary: &trainer::TrainSummary, out: &Path, reference: &Pat
     assert!(worst_norm <= 1e-3);
 }
 
+/// `config`'s model (family `F`) loaded afresh with the adapter in `adapter`, and its held-out loss.
+fn reloaded_eval_loss<F: train::family::Family>(config: &TrainConfig, adapter: &Path) -> (F, f64) {
+    let reload = TrainConfig { init_adapter: Some(adapter.to_path_buf()), ..config.clone() };
+    let (loaded, _) = trainer::load_for_training::<F>(&reload, &trainer::training_device(&reload).unwrap()).unwrap();
+    let data = trainer::prepare_data(&reload, &loaded).unwrap();
+    let loss = trainer::eval_loss(&loaded, loaded.model(), &data.eval, config.micro_batch_size).unwrap();
+    (loaded, loss)
+}
+
 fn t5_fixtures() -> PathBuf {
     fixtures_dir().join("t5/train")
 }
@@ -137,11 +146,7 @@ fn a_t5_finetune_learns_to_reverse_words() {
     );
     assert!(after < 0.7 * before, "held-out loss {before} → {after}");
 
-    let reload = TrainConfig { init_adapter: Some(summary.adapter_dir.clone()), ..config.clone() };
-    let (loaded, _) =
-        trainer::load_for_training::<t5::LoadedT5>(&reload, &trainer::training_device(&reload).unwrap()).unwrap();
-    let data = trainer::prepare_data(&reload, &loaded).unwrap();
-    let again = trainer::eval_loss(&loaded, &loaded.model, &data.eval, config.micro_batch_size).unwrap();
+    let (loaded, again) = reloaded_eval_loss::<t5::LoadedT5>(&config, &summary.adapter_dir);
     assert_eq!(again, after, "reloaded adapter eval loss");
 
     // `qlora eval`'s loss (full logits per row) is the trainer's held-out loss (the chunked loss).
@@ -235,11 +240,7 @@ fn a_short_run_learns_and_its_adapter_reproduces_the_final_eval_loss() {
     );
 
     // Reload the adapter on a fresh model: the same held-out loss, to the bit.
-    let reload = TrainConfig { init_adapter: Some(dir.path().join("adapter")), ..config.clone() };
-    let (loaded, _) =
-        trainer::load_for_training::<llama::LoadedModel>(&reload, &trainer::training_device(&reload).unwrap()).unwrap();
-    let data = trainer::prepare_data(&reload, &loaded).unwrap();
-    let again = trainer::eval_loss(&loaded, &loaded.model, &data.eval, config.micro_batch_size).unwrap();
+    let (_, again) = reloaded_eval_loss::<llama::LoadedModel>(&config, &dir.path().join("adapter"));
     assert_eq!(again, after, "reloaded adapter eval loss");
 
     // The written config reproduces the run's settings.
