@@ -10,7 +10,9 @@
 //! at `max_distance`; the table in the first block of each stack, shared by the rest); cross-attention; ReLU
 //! (v1.0: `wi`, `wo`) or gated-GELU (v1.1 / Flan-T5 / mT5: `wi_0`, `wi_1`, `wo`) feed-forward; the
 //! `d_model^-0.5` rescale before the head of a tied model; KV caches for self- and cross-attention and
-//! greedy generation through them.
+//! generation through them (greedy or sampled, [`generate`]); the training loss of a padded source/target
+//! batch ([`T5Model::nll_sum`], the chunked loss when the head is dense), which `train` drives through the
+//! same trainer as Llama.
 
 mod adapters;
 mod config;
