@@ -1,7 +1,7 @@
 //! What the trainer needs of a model family, so that one training loop serves the decoder-only Llama family
 //! and the encoder–decoder T5 family: [`TrainModel`] (the module: loss of a micro-batch, adapters in and
 //! out) and [`Family`] (the loaded model with its tokenizer: loading as configured, data to examples and
-//! micro-batches, a sample answer). `qlora train` picks the family from `--model` ([`is_seq2seq`]).
+//! micro-batches, a sample answer). `qlora train` picks the family from `--model` ([`crate::seq2seq::is_t5`]).
 //!
 //! | | Llama ([`LoadedModel`]) | T5 ([`LoadedT5`]) |
 //! |---|---|---|
@@ -173,12 +173,6 @@ pub trait Family: Sized + Send + 'static {
     fn batch(&self, examples: &[&Self::Example]) -> <Self::Model as TrainModel>::Batch;
     /// `model`'s greedy answer to `prompt` (the run's before/after sample).
     fn sample_answer(&self, model: &Self::Model, prompt: &str, max_new_tokens: usize) -> Result<String, TrainError>;
-}
-
-/// Whether `spec` names an encoder–decoder checkpoint (an HF directory whose config.json says `t5`/`mt5`).
-pub fn is_seq2seq(spec: &str) -> bool {
-    let path = Path::new(spec);
-    path.is_dir() && t5::is_t5_dir(path)
 }
 
 fn load_options(config: &TrainConfig) -> Result<LoadOptions, TrainError> {

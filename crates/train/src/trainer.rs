@@ -388,7 +388,7 @@ pub fn train(
     progress: &mut dyn Progress,
 ) -> Result<TrainSummary, TrainError> {
     let mut status = None;
-    let result = if crate::family::is_seq2seq(&config.model) {
+    let result = if crate::seq2seq::is_t5(&config.model) {
         train_with_status::<LoadedT5>(config, resume, progress, &mut status)
     } else {
         train_with_status::<LoadedModel>(config, resume, progress, &mut status)
