@@ -1,15 +1,13 @@
 //! LoRA on the model: which linear layers there are (by their Hugging Face module names); attaching fresh
 //! adapters per a [`LoraConfig`] and reading / writing PEFT adapter directories go through `lora::attach`.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 
 use burn::tensor::Device;
-use lora::peft::{PeftAdapter, TaskType, read_peft_adapter};
-use lora::{LoraAdapter, LoraConfig, LoraError, LoraLinear, attach};
+use lora::peft::{PeftAdapter, TaskType};
+use lora::{LoraConfig, LoraError, LoraLinear, SideAdapter, attach};
 
 use crate::LlamaModel;
-use crate::batch::SideAdapter;
 
 const ATTENTION: [&str; 4] = ["q_proj", "k_proj", "v_proj", "o_proj"];
 const MLP: [&str; 3] = ["gate_proj", "up_proj", "down_proj"];
@@ -62,39 +60,8 @@ impl LlamaModel {
     /// Reads a PEFT adapter directory for this model without attaching it (for serving several adapters on
     /// one base, [`crate::batch`]); every module in it must exist with matching shapes.
     pub fn read_side_adapter(&self, dir: &Path) -> Result<(PeftAdapter, SideAdapter), LoraError> {
-        let adapter = read_peft_adapter(dir)?;
         let device = self.device();
-        let scaling = adapter.config.scaling();
-        let linears = self.linears();
-        let index: BTreeMap<&str, usize> =
-            linears.iter().enumerate().map(|(i, (name, _))| (name.as_str(), i)).collect();
-        let mut modules: Vec<Option<LoraAdapter>> = (0..linears.len()).map(|_| None).collect();
-        for (module, stored) in &adapter.modules {
-            let &i = index.get(module.as_str()).ok_or_else(|| {
-                LoraError::Adapter(format!("{}: module `{module}` is not a linear layer of this model", dir.display()))
-            })?;
-            let linear = linears[i].1;
-            let (r, a_in) = (stored.a.1[0], stored.a.1[1]);
-            let (b_out, b_r) = (stored.b.1[0], stored.b.1[1]);
-            if a_in != linear.in_features() || b_out != linear.out_features() || r != b_r {
-                return Err(LoraError::Adapter(format!(
-                    "{}: `{module}` has lora_A {:?} and lora_B {:?}, but the layer is {} in, {} out",
-                    dir.display(),
-                    stored.a.1,
-                    stored.b.1,
-                    linear.in_features(),
-                    linear.out_features()
-                )));
-            }
-            modules[i] = Some(LoraAdapter::from_values(
-                stored.a.clone(),
-                stored.b.clone(),
-                scaling,
-                adapter.config.dropout,
-                &device,
-            ));
-        }
-        Ok((adapter, SideAdapter { modules }))
+        attach::read_side_adapter(self.linears(), dir, &device)
     }
 
     /// Writes the model's adapters as a PEFT adapter directory (`CAUSAL_LM`).

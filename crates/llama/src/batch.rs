@@ -7,21 +7,13 @@
 //! with that adapter attached (the same ops in the same order), so greedy decoding in a batch picks the
 //! tokens `generate` picks alone.
 
-use std::ops::Range;
-
 use burn::tensor::{DType, Int, Tensor, TensorData};
-use lora::LoraAdapter;
+use lora::AdapterGroups;
 
 use crate::model::causal_mask;
 use crate::{KvCache, LlamaError, LlamaModel, Rotary};
 
-/// A LoRA adapter held beside the model instead of inside it: one optional pair per decoder linear, in
-/// [`LlamaModel::linears`] order. Read with [`LlamaModel::read_side_adapter`]; any number of them can
-/// share one base.
-#[derive(Debug)]
-pub struct SideAdapter {
-    pub modules: Vec<Option<LoraAdapter>>,
-}
+pub use lora::SideAdapter;
 
 /// One sequence of a batched step: the tokens after its cached positions (the whole prompt at first, then
 /// one token per step), its cache (grown by the step), and its adapter (`None`: the base alone).
@@ -72,22 +64,8 @@ impl LlamaModel {
                 (cos, sin, causal_mask(start, len, &device))
             })
             .collect();
-        // Consecutive rows with the same adapter form one group.
-        let mut groups: Vec<(Range<usize>, &SideAdapter)> = Vec::new();
-        for (row, span) in rows.iter().zip(&spans) {
-            let Some(adapter) = row.adapter else { continue };
-            match groups.last_mut() {
-                Some((range, last)) if std::ptr::eq(*last, adapter) && range.end == span.start => range.end = span.end,
-                _ => groups.push((span.clone(), adapter)),
-            }
-        }
-        let linear = |x: Tensor<2>, layer: &lora::LoraLinear, module: usize| -> Tensor<2> {
-            let own: Vec<(Range<usize>, &LoraAdapter)> = groups
-                .iter()
-                .filter_map(|(range, adapter)| adapter.modules[module].as_ref().map(|a| (range.clone(), a)))
-                .collect();
-            layer.forward_grouped(x, &own)
-        };
+        let groups = AdapterGroups::new(spans.iter().cloned().zip(rows.iter().map(|row| row.adapter)));
+        let linear = |x: Tensor<2>, layer: &lora::LoraLinear, module: usize| groups.forward(x, layer, module);
 
         let ids: Vec<i64> = rows.iter().flat_map(|r| r.tokens.iter().map(|&t| t as i64)).collect();
         let ids = Tensor::<2, Int>::from_data(TensorData::new(ids, [1, total]), &device);

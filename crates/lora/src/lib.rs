@@ -10,7 +10,8 @@
 //! adapter runs as one op ([`qlora_linear`]). With the `wgpu` or `cuda` feature the ops also run on burn's
 //! CubeCL backend through the `qlora-kernels` kernels (`ops::cube`). What every model family shares sits here
 //! too: frozen tensors by Hugging Face name from a checkpoint ([`weights`]) and LoRA on a model's list of
-//! named linear layers ([`attach`]: fresh adapters, PEFT adapter directories in and out).
+//! named linear layers ([`attach`]: fresh adapters, PEFT adapter directories in and out), and adapters held
+//! beside a shared base for serving ([`side`]).
 
 mod adapter;
 pub mod attach;
@@ -18,10 +19,12 @@ mod frozen;
 pub mod merge;
 pub mod peft;
 pub mod qlora_linear;
+pub mod side;
 pub mod weights;
 
 pub use adapter::{LoraAdapter, LoraConfig, LoraInit, LoraLinear, TargetModules};
 pub use frozen::{BaseWeight, FrozenLinear};
+pub use side::{AdapterGroups, SideAdapter};
 
 /// Errors of LoRA configuration and adapters.
 #[derive(Debug, thiserror::Error)]

@@ -62,7 +62,7 @@ fn main() {
     let tokenizer = loaded.tokenizer.unwrap();
     let stop_ids = tokenizer.stop_ids(&loaded.config.eos_token_ids);
     let served = serve::Served {
-        model: loaded.model,
+        model: serve::ServedModel::Llama(loaded.model),
         tokenizer,
         name: "base".into(),
         adapters: Vec::new(),

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use formats::tokenizer::{ChatMessage, TextTokenizer};
-use llama::generate::SamplingConfig;
+use sampling::SamplingConfig;
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -74,12 +74,27 @@ pub enum Endpoint {
     Completion,
 }
 
+/// How a request's text becomes the model's input, by model family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PromptForm {
+    /// A decoder-only model continues its prompt: messages through the chat template, a completion prompt
+    /// with the tokenizer's special tokens; prompt and completion share the context.
+    Continue,
+    /// An encoder–decoder model answers its encoder input, as `qlora chat` / `qlora generate` give it: the
+    /// conversation rendered by [`data::seq2seq::conversation_source`] (the chat template if the tokenizer
+    /// has one, else one message per line), or the completion prompt's text, then `eos`; the input and the
+    /// answer may each be as long as the context.
+    Source { eos: u32 },
+}
+
 /// What the server knows about the model to check requests against.
 pub struct Limits<'a> {
     pub tokenizer: &'a TextTokenizer,
     /// Model names: the base first, then the adapters in order.
     pub models: &'a [String],
-    /// Positions the model can attend to (prompt + completion).
+    pub form: PromptForm,
+    /// Positions the model can attend to: prompt + completion ([`PromptForm::Continue`]), or each of them
+    /// ([`PromptForm::Source`]).
     pub context: usize,
     pub vocab: usize,
     /// The largest `max_tokens` a request may ask for.
@@ -143,7 +158,13 @@ fn content_text(content: &Value, index: usize) -> Result<String, ApiError> {
 fn completion_prompt(prompt: &Value, limits: &Limits) -> Result<Vec<u32>, ApiError> {
     let bad = |m: &str| ApiError::invalid_param("prompt", "invalid_value", m.to_string());
     let encode = |text: &str| {
-        limits.tokenizer.encode(text, true).map_err(|e| ApiError::invalid(format!("tokenizing the prompt: {e}")))
+        let ids = match limits.form {
+            PromptForm::Continue => limits.tokenizer.encode(text, true).map_err(|e| e.to_string()),
+            PromptForm::Source { eos } => data::seq2seq::encode_with_eos(limits.tokenizer, text, eos, usize::MAX)
+                .map(|(ids, _)| ids)
+                .map_err(|e| e.to_string()),
+        };
+        ids.map_err(|e| ApiError::invalid(format!("tokenizing the prompt: {e}")))
     };
     match prompt {
         Value::String(s) => encode(s),
@@ -198,14 +219,20 @@ pub fn prepare(endpoint: Endpoint, body: &[u8], limits: &Limits, default_seed: u
                 .enumerate()
                 .map(|(i, m)| Ok(ChatMessage::new(m.role.clone(), content_text(&m.content, i)?)))
                 .collect::<Result<Vec<_>, ApiError>>()?;
-            let text = limits
-                .tokenizer
-                .apply_chat_template(&messages, true)
-                .map_err(|e| ApiError::invalid(format!("applying the chat template: {e}")))?;
-            let ids = limits
-                .tokenizer
-                .encode(&text, false)
-                .map_err(|e| ApiError::invalid(format!("tokenizing the messages: {e}")))?;
+            let tokenizer = limits.tokenizer;
+            let ids = match limits.form {
+                PromptForm::Continue => {
+                    let text = tokenizer
+                        .apply_chat_template(&messages, true)
+                        .map_err(|e| ApiError::invalid(format!("applying the chat template: {e}")))?;
+                    tokenizer.encode(&text, false).map_err(|e| e.to_string())
+                }
+                PromptForm::Source { eos } => data::seq2seq::conversation_source(&messages, tokenizer)
+                    .and_then(|text| data::seq2seq::encode_with_eos(tokenizer, &text, eos, usize::MAX))
+                    .map(|(ids, _)| ids)
+                    .map_err(|e| e.to_string()),
+            }
+            .map_err(|e| ApiError::invalid(format!("tokenizing the messages: {e}")))?;
             (common, (adapter, ids))
         }
         Endpoint::Completion => {
@@ -222,23 +249,33 @@ pub fn prepare(endpoint: Endpoint, body: &[u8], limits: &Limits, default_seed: u
     if let Some(&id) = prompt.iter().find(|&&id| id as usize >= limits.vocab) {
         return Err(ApiError::invalid(format!("the tokenizer gave token {id}, outside the model's vocabulary")));
     }
-    if prompt.len() >= limits.context {
-        return Err(ApiError::invalid_param(
-            "messages",
-            "context_length_exceeded",
-            format!(
-                "the prompt has {} tokens; this model's context is {} tokens, which leaves no room for a completion",
-                prompt.len(),
-                limits.context
-            ),
-        ));
-    }
+    let room = match limits.form {
+        PromptForm::Continue if prompt.len() >= limits.context => {
+            return Err(ApiError::invalid_param(
+                "messages",
+                "context_length_exceeded",
+                format!(
+                    "the prompt has {} tokens; this model's context is {} tokens, which leaves no room for a completion",
+                    prompt.len(),
+                    limits.context
+                ),
+            ));
+        }
+        PromptForm::Continue => limits.context - prompt.len(),
+        PromptForm::Source { .. } if prompt.len() > limits.context => {
+            return Err(ApiError::invalid_param(
+                "messages",
+                "context_length_exceeded",
+                format!("the input has {} tokens; this model reads at most {} tokens", prompt.len(), limits.context),
+            ));
+        }
+        PromptForm::Source { .. } => limits.context,
+    };
     if let Some(n) = common.n
         && n != 1
     {
         return Err(ApiError::invalid_param("n", "invalid_value", "only n = 1 is supported"));
     }
-    let room = limits.context - prompt.len();
     let max_tokens = match common.max_completion_tokens.or(common.max_tokens) {
         Some(m) if m < 1 => {
             return Err(ApiError::invalid_param(
@@ -258,11 +295,16 @@ pub fn prepare(endpoint: Endpoint, body: &[u8], limits: &Limits, default_seed: u
             return Err(ApiError::invalid_param(
                 "max_tokens",
                 "context_length_exceeded",
-                format!(
-                    "the prompt ({} tokens) and max_tokens ({m}) exceed the model's context of {} tokens",
-                    prompt.len(),
-                    limits.context
-                ),
+                match limits.form {
+                    PromptForm::Continue => format!(
+                        "the prompt ({} tokens) and max_tokens ({m}) exceed the model's context of {} tokens",
+                        prompt.len(),
+                        limits.context
+                    ),
+                    PromptForm::Source { .. } => {
+                        format!("max_tokens {m} is over the {} tokens this model answers at most", limits.context)
+                    }
+                },
             ));
         }
         Some(m) => m as usize,
@@ -367,7 +409,7 @@ mod tests {
     }
 
     fn limits<'a>(tokenizer: &'a TextTokenizer, models: &'a [String]) -> Limits<'a> {
-        Limits { tokenizer, models, context: 64, vocab: 260, max_tokens_cap: 32 }
+        Limits { tokenizer, models, form: PromptForm::Continue, context: 64, vocab: 260, max_tokens_cap: 32 }
     }
 
     fn check(body: &str) -> Result<Prepared, ApiError> {
@@ -404,6 +446,45 @@ mod tests {
         let p = check(r#"{"model":"base","messages":[{"role":"user","content":[{"type":"text","text":"a"},{"type":"text","text":"b"}]}]}"#).unwrap();
         let text = t.apply_chat_template(&[ChatMessage::new("user", "ab")], true).unwrap();
         assert_eq!(p.prompt, t.encode(&text, false).unwrap());
+    }
+
+    /// An encoder–decoder's input is what `qlora chat` / `qlora generate` give T5 (the conversation one
+    /// message per line without a chat template, or the prompt's text; EOS appended), and the answer may be
+    /// as long as the context whatever the input's length.
+    #[test]
+    fn an_encoder_decoder_reads_its_input_as_qlora_chat_does() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/t5/tiny-t5-gated");
+        let t = TextTokenizer::from_dir(&dir).unwrap();
+        let models = ["t5".to_string()];
+        let limits = Limits {
+            tokenizer: &t,
+            models: &models,
+            form: PromptForm::Source { eos: 1 },
+            context: 64,
+            vocab: 96,
+            max_tokens_cap: 100,
+        };
+        let prepare = |endpoint, body: &str| prepare(endpoint, body.as_bytes(), &limits, 7);
+        let messages =
+            [ChatMessage::new("user", "ab c"), ChatMessage::new("assistant", "c ab"), ChatMessage::new("user", "de f")];
+        let p = prepare(
+            Endpoint::Chat,
+            r#"{"model":"t5","messages":[{"role":"user","content":"ab c"},{"role":"assistant","content":"c ab"},{"role":"user","content":"de f"}]}"#,
+        )
+        .unwrap();
+        let source = data::seq2seq::conversation_source(&messages, &t).unwrap();
+        assert_eq!(source, "ab c\nc ab\nde f");
+        assert_eq!(p.prompt, data::seq2seq::encode_with_eos(&t, &source, 1, usize::MAX).unwrap().0);
+        assert_eq!(p.prompt.last(), Some(&1), "EOS ends the input");
+        assert_eq!(p.sampling.max_new_tokens, 64, "the whole context for the answer");
+        let p = prepare(Endpoint::Completion, r#"{"model":"t5","prompt":"hello","max_tokens":64}"#).unwrap();
+        let mut want = t.encode("hello", false).unwrap();
+        want.push(1);
+        assert_eq!(p.prompt, want);
+        let e = prepare(Endpoint::Completion, r#"{"model":"t5","prompt":"hello","max_tokens":65}"#).unwrap_err();
+        assert_eq!(e.code, Some("context_length_exceeded"));
+        let long = format!(r#"{{"model":"t5","prompt":"{}"}}"#, "word ".repeat(100));
+        assert_eq!(prepare(Endpoint::Completion, &long).unwrap_err().code, Some("context_length_exceeded"));
     }
 
     #[test]

@@ -7,18 +7,21 @@
 //! when it samples a stop token, reaches its `max_tokens`, or its receiver is gone (the client disconnected
 //! or the HTTP side stopped it on a stop string). Tokens go back on the job's own channel as [`Event`]s.
 //!
-//! Sampling is `llama::generate::pick` with a per-sequence seeded generator, step for step what
-//! `llama::generate::generate` does for one sequence, so a sequence's tokens do not depend on its batch.
+//! Sampling is [`sampling::pick`] with a per-sequence seeded generator, step for step what
+//! `llama::generate::generate` (or `t5::generate::generate`) does for one sequence, so a sequence's tokens do
+//! not depend on its batch.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
-use llama::batch::{BatchRow, SideAdapter};
-use llama::generate::{SamplingConfig, pick};
+use llama::batch::BatchRow;
 use llama::{KvCache, LlamaModel};
+use lora::SideAdapter;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
+use sampling::{SamplingConfig, pick};
+use t5::{T5Cache, T5Model};
 use tokio::sync::mpsc;
 
 /// Runs batched forward passes: the model behind the scheduler (a trait so that the scheduler can be
@@ -30,6 +33,11 @@ pub trait Decoder: Send + 'static {
     /// Logits of the last position of each row, after running each row's `tokens` through its cache with its
     /// adapter (`None`: the base).
     fn step(&self, rows: &mut [DecodeRow<'_, Self::Cache>]) -> Result<Vec<Vec<f32>>, String>;
+    /// The tokens the sampler's repetition penalty sees before the first new one: the prompt for a model
+    /// that continues it, the decoder's start token for an encoder–decoder.
+    fn initial_context(&self, prompt: &[u32]) -> Vec<u32> {
+        prompt.to_vec()
+    }
 }
 
 /// One sequence of a step.
@@ -62,10 +70,53 @@ impl Decoder for LlamaDecoder {
             batch.push(BatchRow { tokens: row.tokens, cache: &mut *row.cache, adapter });
         }
         let logits = self.model.forward_batch(&mut batch).map_err(|e| e.to_string())?;
-        let [n, vocab] = logits.dims();
-        let values = logits.into_data().try_into_vec::<f32>().map_err(|e| format!("{e:?}"))?;
-        Ok((0..n).map(|i| values[i * vocab..(i + 1) * vocab].to_vec()).collect())
+        logit_rows(logits)
     }
+}
+
+/// A T5 model with its side adapters (indexed as the server's adapter list). A sequence's first step
+/// brings its encoder input (the prompt); the decoder starts from `decoder_start` and then goes on one token
+/// per step, as `t5::generate::generate` does.
+pub struct T5Decoder {
+    pub model: T5Model,
+    pub adapters: Vec<SideAdapter>,
+    /// `decoder_start_token_id`.
+    pub decoder_start: u32,
+}
+
+impl Decoder for T5Decoder {
+    type Cache = T5Cache;
+
+    fn new_cache(&self) -> T5Cache {
+        self.model.new_cache()
+    }
+
+    fn step(&self, rows: &mut [DecodeRow<'_, T5Cache>]) -> Result<Vec<Vec<f32>>, String> {
+        let start = [self.decoder_start];
+        let mut batch: Vec<t5::batch::BatchRow> = Vec::with_capacity(rows.len());
+        for row in rows.iter_mut() {
+            let adapter = match row.adapter {
+                Some(i) => Some(self.adapters.get(i).ok_or_else(|| format!("no adapter {i}"))?),
+                None => None,
+            };
+            let (source, tokens) =
+                if row.cache.is_empty() { (Some(row.tokens), &start[..]) } else { (None, row.tokens) };
+            batch.push(t5::batch::BatchRow { source, tokens, cache: &mut *row.cache, adapter });
+        }
+        let logits = self.model.forward_batch(&mut batch).map_err(|e| e.to_string())?;
+        logit_rows(logits)
+    }
+
+    fn initial_context(&self, _prompt: &[u32]) -> Vec<u32> {
+        vec![self.decoder_start]
+    }
+}
+
+/// `[rows, vocab]` f32 logits as one vector per row.
+fn logit_rows(logits: burn::tensor::Tensor<2>) -> Result<Vec<Vec<f32>>, String> {
+    let [n, vocab] = logits.dims();
+    let values = logits.into_data().try_into_vec::<f32>().map_err(|e| format!("{e:?}"))?;
+    Ok((0..n).map(|i| values[i * vocab..(i + 1) * vocab].to_vec()).collect())
 }
 
 /// Why a sequence ended (OpenAI's `finish_reason`).
@@ -198,7 +249,7 @@ pub fn run<D: Decoder>(
             let rng = StdRng::seed_from_u64(job.sampling.seed);
             active.push(Sequence {
                 cache: decoder.new_cache(),
-                context: job.prompt.clone(),
+                context: decoder.initial_context(&job.prompt),
                 pending: job.prompt.clone(),
                 generated: 0,
                 rng,

@@ -1,16 +1,17 @@
 //! # serve — the model behind an OpenAI-compatible HTTP API
 //!
-//! Above `llama` and `data` in the stack (… → formats → llama → data → serve → train); the `qlora serve`
-//! command of `train` calls [`serve`]. One base model (4-bit or dense) is loaded once; any number of PEFT
-//! adapters are read beside it ([`llama::batch::SideAdapter`], never merged) and each becomes a model name.
+//! Above `llama`, `t5` and `data` in the stack (… → formats → llama, t5 → data → serve → train); the
+//! `qlora serve` command of `train` calls [`start`]. One base model (4-bit or dense; a decoder-only Llama or
+//! an encoder–decoder T5, [`ServedModel`]) is loaded once; any number of PEFT adapters are read beside it
+//! ([`lora::SideAdapter`], never merged) and each becomes a model name.
 //! axum serves `GET /v1/models`, `POST /v1/chat/completions`, `POST /v1/completions` (OpenAI's request and
 //! response shapes, server-sent events with `data: [DONE]` when `stream` is set) and `GET /health`.
 //!
 //! A scheduler thread owns the model and batches continuously ([`engine`]): every step runs one forward pass
 //! over all active sequences — those of different adapters too, each row with its own LoRA on the shared
 //! base product, each sequence with its own KV cache — new requests join between steps and finished or
-//! abandoned ones leave. Greedy output for a model name is `qlora generate`'s with that adapter, token for
-//! token. Bad requests get one OpenAI-style error JSON ([`error::ApiError`]); bodies, `max_tokens`, stop
+//! abandoned ones leave (a T5 sequence's first step runs the encoder over its prompt). Greedy output for a
+//! model name is `qlora generate`'s with that adapter, token for token. Bad requests get one OpenAI-style error JSON ([`error::ApiError`]); bodies, `max_tokens`, stop
 //! strings and the queue are bounded; the server binds 127.0.0.1 unless told otherwise.
 
 pub mod api;
@@ -22,9 +23,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
+use api::PromptForm;
 use formats::tokenizer::TextTokenizer;
 use llama::LlamaModel;
-use llama::batch::SideAdapter;
+use lora::SideAdapter;
+use t5::T5Model;
 use tokio::sync::mpsc;
 
 pub use error::{ApiError, ServeError};
@@ -67,15 +70,35 @@ impl Default for ServeConfig {
     }
 }
 
+/// The base model, by family.
+pub enum ServedModel {
+    /// A decoder-only model: prompt and completion share the context.
+    Llama(LlamaModel),
+    /// An encoder–decoder: the prompt is the encoder input (ending in `eos`), the answer starts from
+    /// `decoder_start`.
+    T5 { model: T5Model, decoder_start: u32, eos: u32 },
+}
+
+impl ServedModel {
+    fn vocab_size(&self) -> usize {
+        match self {
+            ServedModel::Llama(model) => model.vocab_size,
+            ServedModel::T5 { model, .. } => model.vocab_size,
+        }
+    }
+}
+
 /// The model to serve: the base, its tokenizer, and named adapters read beside it.
 pub struct Served {
-    pub model: LlamaModel,
+    pub model: ServedModel,
     pub tokenizer: TextTokenizer,
     /// The base's model name.
     pub name: String,
-    /// `(name, adapter)` pairs; names must be unique and differ from the base's.
+    /// `(name, adapter)` pairs (read with the model's `read_side_adapter`); names must be unique and differ
+    /// from the base's.
     pub adapters: Vec<(String, SideAdapter)>,
-    /// Positions the model attends to (`max_position_embeddings`).
+    /// Positions the model attends to: `max_position_embeddings` for Llama (prompt + completion); for T5
+    /// the bound on the encoder input and on the answer each (`n_positions`).
     pub context: usize,
     /// Token ids that end a generation.
     pub stop_ids: Vec<u32>,
@@ -130,20 +153,34 @@ pub fn start(served: Served, config: &ServeConfig) -> Result<Running, ServeError
 
     let (jobs, rx) = mpsc::channel(config.max_queue);
     let stats = Arc::new(engine::Stats::default());
-    let vocab = served.model.vocab_size;
-    let decoder =
-        engine::LlamaDecoder { model: served.model, adapters: served.adapters.into_iter().map(|(_, a)| a).collect() };
+    let vocab = served.model.vocab_size();
     let scheduler_config =
         engine::SchedulerConfig { max_batch: config.max_batch, max_prefill_tokens: config.max_prefill_tokens };
     let (stop_ids, scheduler_stats) = (served.stop_ids, stats.clone());
-    let scheduler = std::thread::Builder::new()
-        .name("qlora-scheduler".into())
-        .spawn(move || engine::run(decoder, scheduler_config, stop_ids, rx, scheduler_stats))
-        .map_err(ServeError::Runtime)?;
+    let adapters = served.adapters.into_iter().map(|(_, a)| a).collect();
+    let scheduler = std::thread::Builder::new().name("qlora-scheduler".into());
+    let (form, scheduler) = match served.model {
+        ServedModel::Llama(model) => {
+            let decoder = engine::LlamaDecoder { model, adapters };
+            (
+                PromptForm::Continue,
+                scheduler.spawn(move || engine::run(decoder, scheduler_config, stop_ids, rx, scheduler_stats)),
+            )
+        }
+        ServedModel::T5 { model, decoder_start, eos } => {
+            let decoder = engine::T5Decoder { model, adapters, decoder_start };
+            (
+                PromptForm::Source { eos },
+                scheduler.spawn(move || engine::run(decoder, scheduler_config, stop_ids, rx, scheduler_stats)),
+            )
+        }
+    };
+    let scheduler = scheduler.map_err(ServeError::Runtime)?;
 
     let state = Arc::new(server::AppState {
         tokenizer: Arc::new(served.tokenizer),
         models: names,
+        form,
         context: served.context,
         vocab,
         max_tokens_cap: config.max_tokens_cap,

@@ -26,6 +26,7 @@ pub struct AppState {
     pub tokenizer: Arc<TextTokenizer>,
     /// The base's name first, then each adapter's.
     pub models: Vec<String>,
+    pub form: api::PromptForm,
     pub context: usize,
     pub vocab: usize,
     pub max_tokens_cap: usize,
@@ -157,6 +158,7 @@ async fn complete(
     let limits = Limits {
         tokenizer: &state.tokenizer,
         models: &state.models,
+        form: state.form,
         context: state.context,
         vocab: state.vocab,
         max_tokens_cap: state.max_tokens_cap,

@@ -26,7 +26,7 @@ fn start(config: ServeConfig) -> Running {
     let tokenizer = loaded.tokenizer.unwrap();
     let stop_ids = tokenizer.stop_ids(&loaded.config.eos_token_ids);
     let served = Served {
-        model: loaded.model,
+        model: serve::ServedModel::Llama(loaded.model),
         tokenizer,
         name: "tiny".into(),
         adapters: vec![("tiny-init".into(), adapter)],

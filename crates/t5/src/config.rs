@@ -42,6 +42,10 @@ pub struct T5Config {
     pub relative_attention_num_buckets: usize,
     #[config(default = 128)]
     pub relative_attention_max_distance: usize,
+    /// The input length the model was trained for (config.json's `n_positions`). Relative positions set no
+    /// hard limit; serving bounds encoder inputs and answers by it.
+    #[config(default = 512)]
+    pub n_positions: usize,
     #[config(default = 1e-6)]
     pub layer_norm_epsilon: f64,
     #[config(default = "Activation::Relu")]
@@ -76,6 +80,7 @@ impl T5Config {
             ("num_heads", self.num_heads, 1 << 12),
             ("relative_attention_num_buckets", self.relative_attention_num_buckets, 1 << 16),
             ("relative_attention_max_distance", self.relative_attention_max_distance, 1 << 24),
+            ("n_positions", self.n_positions, 1 << 24),
         ] {
             if v == 0 {
                 return bad(format!("{name} must be positive"));
@@ -183,6 +188,7 @@ impl T5Config {
             num_heads: usize_or("num_heads", 8)?,
             relative_attention_num_buckets: usize_or("relative_attention_num_buckets", 32)?,
             relative_attention_max_distance: usize_or("relative_attention_max_distance", 128)?,
+            n_positions: usize_or("n_positions", 512)?,
             layer_norm_epsilon: match v.get("layer_norm_epsilon") {
                 None | Some(Value::Null) => 1e-6,
                 Some(x) => {
@@ -230,6 +236,7 @@ impl T5Config {
             "num_heads": self.num_heads,
             "relative_attention_num_buckets": self.relative_attention_num_buckets,
             "relative_attention_max_distance": self.relative_attention_max_distance,
+            "n_positions": self.n_positions,
             "layer_norm_epsilon": self.layer_norm_epsilon,
             "feed_forward_proj": if self.gated { format!("gated-{act}") } else { act.to_string() },
             "tie_word_embeddings": self.tie_word_embeddings,
@@ -274,7 +281,11 @@ mod tests {
             (Activation::Gelu, false, false),
             (Activation::Silu, true, true),
         ] {
-            let c = tiny_test_config().with_activation(act).with_gated(gated).with_tie_word_embeddings(tied);
+            let c = tiny_test_config()
+                .with_activation(act)
+                .with_gated(gated)
+                .with_tie_word_embeddings(tied)
+                .with_n_positions(77);
             assert_eq!(T5Config::from_hf_json(&c.to_hf_json(), "t").unwrap(), c);
         }
     }
@@ -292,7 +303,7 @@ mod tests {
         // transformers 5's own save: the explicit rescale flag wins over tie_word_embeddings.
         let v5 = json!({"model_type": "t5", "tie_word_embeddings": true, "scale_decoder_outputs": false});
         assert!(!T5Config::from_hf_json(&v5, "t5").unwrap().tie_word_embeddings);
-        assert_eq!((c.num_decoder_layers, c.relative_attention_max_distance), (6, 128));
+        assert_eq!((c.num_decoder_layers, c.relative_attention_max_distance, c.n_positions), (6, 128, 512));
     }
 
     #[test]

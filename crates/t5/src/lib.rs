@@ -12,9 +12,11 @@
 //! `d_model^-0.5` rescale before the head of a tied model; KV caches for self- and cross-attention and
 //! generation through them (greedy or sampled, [`generate`]); the training loss of a padded source/target
 //! batch ([`T5Model::nll_sum`], the chunked loss when the head is dense), which `train` drives through the
-//! same trainer as Llama.
+//! same trainer as Llama; and several sequences with different adapters in one step for serving
+//! ([`batch`]).
 
 mod adapters;
+pub mod batch;
 mod config;
 mod error;
 pub mod generate;

@@ -103,7 +103,8 @@ pub struct Attention {
 pub type KeyValues = (Tensor<4>, Tensor<4>);
 
 impl Attention {
-    fn heads(&self, x: Tensor<3>) -> Tensor<4> {
+    /// `[batch, len, heads·d_kv]` → `[batch, heads, len, d_kv]`.
+    pub fn heads(&self, x: Tensor<3>) -> Tensor<4> {
         let [b, t, _] = x.dims();
         x.reshape([b, t, self.num_heads, self.d_kv]).swap_dims(1, 2)
     }
@@ -117,15 +118,20 @@ impl Attention {
     /// the additive f32 `bias` `[1 or batch, 1 or heads, q_len or 1, k_len]` (position bias and masks);
     /// `[batch, q_len, d_model]`. Scores, bias and softmax in f32.
     pub fn forward(&self, x: Tensor<3>, kv: KeyValues, bias: &Tensor<4>) -> Tensor<3> {
-        let [b, t, _] = x.dims();
         let q = self.heads(self.q.forward(x));
+        self.o.forward(self.attend(q, kv, bias))
+    }
+
+    /// The attention itself, between the projections: queries `q` `[batch, heads, q_len, d_kv]` over `kv`
+    /// with the additive f32 `bias` → `[batch, q_len, heads·d_kv]`.
+    pub fn attend(&self, q: Tensor<4>, kv: KeyValues, bias: &Tensor<4>) -> Tensor<3> {
+        let [b, _, t, _] = q.dims();
         let (k, v) = kv;
         let scores = q.matmul(k.swap_dims(2, 3));
         let dtype = scores.dtype();
         let scores = scores.cast(DType::F32) + bias.clone();
         let weights = softmax(scores, 3).cast(dtype);
-        let out = weights.matmul(v).swap_dims(1, 2).reshape([b, t, self.num_heads * self.d_kv]);
-        self.o.forward(out)
+        weights.matmul(v).swap_dims(1, 2).reshape([b, t, self.num_heads * self.d_kv])
     }
 }
 
@@ -157,12 +163,17 @@ pub fn activate(x: Tensor<3>, activation: Activation) -> Tensor<3> {
 
 impl FeedForward {
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let h = activate(self.wi_0.forward(x.clone()), self.activation);
-        let h = match &self.wi_1 {
-            Some(wi_1) => h * wi_1.forward(x),
+        let gate = self.wi_1.as_ref().map(|wi_1| wi_1.forward(x.clone()));
+        self.wo.forward(self.hidden(self.wi_0.forward(x), gate))
+    }
+
+    /// What `wo` sees: `act(wi_0(x))`, times `wi_1(x)` when gated.
+    pub fn hidden(&self, wi_0: Tensor<3>, wi_1: Option<Tensor<3>>) -> Tensor<3> {
+        let h = activate(wi_0, self.activation);
+        match wi_1 {
+            Some(gate) => h * gate,
             None => h,
-        };
-        self.wo.forward(h)
+        }
     }
 }
 
@@ -219,7 +230,7 @@ impl DecoderLayer {
 
 /// transformers clamps f16 hidden states after each sub-layer when one became infinite, to the largest
 /// finite f16 less 1000; clamping to that bound always changes only values at or beyond it.
-fn clamp_f16(x: Tensor<3>) -> Tensor<3> {
+pub(crate) fn clamp_f16(x: Tensor<3>) -> Tensor<3> {
     if x.dtype() != DType::F16 {
         return x;
     }
@@ -232,9 +243,9 @@ fn clamp_f16(x: Tensor<3>) -> Tensor<3> {
 /// cross-attention (the encoder output's, computed once).
 #[derive(Debug, Default, Clone)]
 pub struct T5Cache {
-    self_kv: Vec<Option<KeyValues>>,
-    cross_kv: Vec<Option<KeyValues>>,
-    len: usize,
+    pub(crate) self_kv: Vec<Option<KeyValues>>,
+    pub(crate) cross_kv: Vec<Option<KeyValues>>,
+    pub(crate) len: usize,
 }
 
 impl T5Cache {
@@ -287,13 +298,30 @@ impl T5Model {
         self.shared.device()
     }
 
+    /// The encoder's self-attention bias `[1, heads, len, len]` (position bias only).
+    pub fn encoder_bias(&self, len: usize) -> Tensor<4> {
+        let position = self.encoder[0].self_attention.relative_attention_bias.as_ref().expect("layer 0 bias");
+        position.forward(0, len, len)
+    }
+
+    /// The decoder's self-attention bias `[1, heads, len, start + len]` for `len` positions after `start`
+    /// cached ones: position bias, and f32's lowest value on keys after the query (causal).
+    pub fn decoder_bias(&self, start: usize, len: usize) -> Tensor<4> {
+        let total = start + len;
+        let position = self.decoder[0].self_attention.relative_attention_bias.as_ref().expect("layer 0 bias");
+        let causal: Vec<bool> = (0..len).flat_map(|i| (0..total).map(move |j| j > start + i)).collect();
+        let causal = Tensor::<2, Bool>::from_data(TensorData::new(causal, [len, total]), &self.device());
+        let heads = position.table.dims()[1];
+        let causal = causal.reshape([1, 1, len, total]).expand([1, heads, len, total]);
+        position.forward(start, len, total).mask_fill(causal, f32::MIN)
+    }
+
     /// The encoder output `[batch, len, d_model]` (after its final norm) for `ids` `[batch, len]`;
     /// `padding` `[batch, len]` marks padded positions (true), which no position attends to.
     pub fn encode(&self, ids: Tensor<2, Int>, padding: Option<&Tensor<2, Bool>>) -> Tensor<3> {
         let [_, t] = ids.dims();
         let mut x = burn::tensor::module::embedding(self.shared.clone(), ids);
-        let bias =
-            self.encoder[0].self_attention.relative_attention_bias.as_ref().expect("layer 0 bias").forward(0, t, t);
+        let bias = self.encoder_bias(t);
         let bias = match padding {
             Some(mask) => bias + padding_bias(mask),
             None => bias,
@@ -319,12 +347,7 @@ impl T5Model {
         let start = cache.as_ref().map_or(0, |c| c.len);
         let total = start + t;
         let device = self.device();
-        let position = self.decoder[0].self_attention.relative_attention_bias.as_ref().expect("layer 0 bias");
-        let causal: Vec<bool> = (0..t).flat_map(|i| (0..total).map(move |j| j > start + i)).collect();
-        let causal = Tensor::<2, Bool>::from_data(TensorData::new(causal, [t, total]), &device);
-        let heads = position.table.dims()[1];
-        let causal = causal.reshape([1, 1, t, total]).expand([1, heads, t, total]);
-        let self_bias = position.forward(start, t, total).mask_fill(causal, f32::MIN);
+        let self_bias = self.decoder_bias(start, t);
         let cross_bias = match encoder_padding {
             Some(mask) => padding_bias(mask),
             None => Tensor::<4>::zeros([1, 1, 1, s], &device),

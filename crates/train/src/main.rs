@@ -248,7 +248,8 @@ impl ModelArgs {
 
 #[derive(Args)]
 struct ServeArgs {
-    /// The base: an HF directory, a bitsandbytes 4-bit checkpoint, a .gguf file, a hub id, or `smollm2`.
+    /// The base: an HF directory (Llama family or T5), a bitsandbytes 4-bit checkpoint, a .gguf file, a hub
+    /// id, or `smollm2`.
     #[arg(long, default_value = "smollm2")]
     model: String,
     /// Quantize the linear weights on load (a bitsandbytes checkpoint is 4-bit already).
@@ -300,32 +301,40 @@ impl ServeArgs {
             adapter: None,
             device: self.device,
         };
-        let loaded = model_args.load()?;
-        let mut adapters = Vec::new();
-        for spec in &self.adapters {
-            let (name, dir) =
-                spec.split_once('=').with_context(|| format!("--adapter {spec}: expected NAME=PEFT_DIR"))?;
-            let (peft, side) = loaded
-                .model
-                .read_side_adapter(std::path::Path::new(dir))
-                .with_context(|| format!("--adapter {spec}"))?;
-            eprintln!("adapter {name}: {dir} ({} modules, r = {})", peft.modules.len(), peft.config.r);
-            adapters.push((name.to_string(), side));
-        }
+        let adapter_specs: Vec<(&str, &std::path::Path)> = self
+            .adapters
+            .iter()
+            .map(|spec| {
+                let (name, dir) =
+                    spec.split_once('=').with_context(|| format!("--adapter {spec}: expected NAME=PEFT_DIR"))?;
+                Ok((name, std::path::Path::new(dir)))
+            })
+            .collect::<anyhow::Result<_>>()?;
+        let adapters;
+        let (model, tokenizer, context, stop_ids) = if train::seq2seq::is_t5(&self.model) {
+            let loaded = model_args.load_t5()?;
+            adapters = side_adapters(&adapter_specs, |dir| loaded.model.read_side_adapter(dir))?;
+            let tokenizer = loaded.tokenizer.context("serving needs the model's tokenizer (tokenizer.json)")?;
+            let c = &loaded.config;
+            let stop_ids = vec![c.eos_token_id];
+            let model = serve::ServedModel::T5 {
+                model: loaded.model,
+                decoder_start: c.decoder_start_token_id,
+                eos: c.eos_token_id,
+            };
+            (model, tokenizer, c.n_positions, stop_ids)
+        } else {
+            let loaded = model_args.load()?;
+            adapters = side_adapters(&adapter_specs, |dir| loaded.model.read_side_adapter(dir))?;
+            let tokenizer = loaded.tokenizer.context("serving needs the model's tokenizer (tokenizer.json)")?;
+            let stop_ids = tokenizer.stop_ids(&loaded.config.eos_token_ids);
+            (serve::ServedModel::Llama(loaded.model), tokenizer, loaded.config.max_position_embeddings, stop_ids)
+        };
         let name = self.served_name.clone().unwrap_or_else(|| {
             let trimmed = self.model.trim_end_matches('/');
             std::path::Path::new(trimmed).file_name().map_or(trimmed.to_string(), |f| f.to_string_lossy().into_owned())
         });
-        let tokenizer = loaded.tokenizer.context("serving needs the model's tokenizer (tokenizer.json)")?;
-        let stop_ids = tokenizer.stop_ids(&loaded.config.eos_token_ids);
-        let served = serve::Served {
-            model: loaded.model,
-            tokenizer,
-            name: name.clone(),
-            adapters,
-            context: loaded.config.max_position_embeddings,
-            stop_ids,
-        };
+        let served = serve::Served { model, tokenizer, name: name.clone(), adapters, context, stop_ids };
         let config = serve::ServeConfig {
             host: self.host,
             port: self.port,
@@ -339,6 +348,21 @@ impl ServeArgs {
         running.wait()?;
         Ok(())
     }
+}
+
+/// Each `(name, dir)` PEFT adapter read beside the base by `read` (the model's `read_side_adapter`).
+fn side_adapters(
+    specs: &[(&str, &std::path::Path)],
+    read: impl Fn(&std::path::Path) -> Result<(lora::peft::PeftAdapter, lora::SideAdapter), lora::LoraError>,
+) -> anyhow::Result<Vec<(String, lora::SideAdapter)>> {
+    specs
+        .iter()
+        .map(|&(name, dir)| {
+            let (peft, adapter) = read(dir).with_context(|| format!("--adapter {name}={}", dir.display()))?;
+            eprintln!("adapter {name}: {} ({} modules, r = {})", dir.display(), peft.modules.len(), peft.config.r);
+            Ok((name.to_string(), adapter))
+        })
+        .collect()
 }
 
 #[derive(Args)]

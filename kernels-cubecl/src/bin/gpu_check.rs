@@ -16,7 +16,7 @@ use cubecl::prelude::*;
 use cubecl::server::Handle;
 use nf4::QuantType;
 use qlora_kernels::check::{Rng, poison};
-use qlora_kernels::dequant::{DeviceDense, dequantize, dequantize_into};
+use qlora_kernels::dequant::{DequantStores, DeviceDense, dequantize, dequantize_into, dequantize_into_with};
 use qlora_kernels::matmul::{Product, fused_matmul_into, gemv_into, reference_product};
 use qlora_kernels::quantize::quantize;
 use qlora_kernels::{DeviceKind, DeviceWeight4bit, FloatDtype, client_for, upload_as};
@@ -87,9 +87,12 @@ fn check_dequant(
     let w = rng.normals(rows * cols, 0.02);
     let q = nf4::quantize(&w, bs, qt, dq)?;
     let weight = DeviceWeight4bit::upload(client, &q, [rows, cols])?;
-    for dtype in [FloatDtype::F32, FloatDtype::Bf16, FloatDtype::F16] {
+    for (dtype, stores) in [FloatDtype::F32, FloatDtype::Bf16, FloatDtype::F16]
+        .into_iter()
+        .flat_map(|d| [(d, DequantStores::Word), (d, DequantStores::Wide)])
+    {
         let out = poison(client, q.numel.div_ceil(2) * 2 * dtype.size_in_bytes());
-        dequantize_into(client, &weight, dtype, &out)?;
+        dequantize_into_with(client, &weight, dtype, &out, stores)?;
         let dense = DeviceDense { handle: out, numel: q.numel, dtype };
         let mismatches = match dtype {
             FloatDtype::F32 => {
@@ -106,7 +109,7 @@ fn check_dequant(
                 dense.to_bits16(client)?.iter().zip(&want).filter(|(a, b)| a != b).count()
             }
         };
-        checks.record(mismatches == 0, format!("dequantize {rows}×{cols} bs {bs} {qt:?} dq={dq} → {dtype:?}: {mismatches} of {} elements differ from the CPU reference (bit-exact required)", q.numel));
+        checks.record(mismatches == 0, format!("dequantize {rows}×{cols} bs {bs} {qt:?} dq={dq} → {dtype:?} ({stores:?} stores): {mismatches} of {} elements differ from the CPU reference (bit-exact required)", q.numel));
     }
     Ok(())
 }
@@ -323,8 +326,8 @@ fn main() -> Result<()> {
     let copy_gbs = 2.0 * copy_bytes as f64 / copy_s / 1e9;
     writeln!(bench, "device copy (1 GiB read + 1 GiB write): {copy_gbs:.0} GB/s")?;
     writeln!(bench)?;
-    writeln!(bench, "| weight [out×in] | dequantize NF4+DQ → bf16 | GB/s | % of copy |")?;
-    writeln!(bench, "|---|---|---|---|")?;
+    writeln!(bench, "| weight [out×in] | stores | dequantize NF4+DQ → bf16 | GB/s | % of copy |")?;
+    writeln!(bench, "|---|---|---|---|---|")?;
     let shapes = [(4096usize, 4096usize), (11008, 4096), (4096, 11008)];
     let mut weights = vec![];
     // A Llama-2-70B MLP weight as well: large enough that per-launch overhead vanishes.
@@ -333,10 +336,15 @@ fn main() -> Result<()> {
         let q = nf4::quantize(&w, 64, QuantType::Nf4, true)?;
         let weight = DeviceWeight4bit::upload(&client, &q, [rows, cols])?;
         let out = client.empty(rows * cols * 2);
-        let s = time_it(&client, 50, || Ok(dequantize_into(&client, &weight, FloatDtype::Bf16, &out)?))?;
-        let bytes = (rows * cols) as f64 * (0.5 + 2.0) + (rows * cols / 64) as f64;
-        let gbs = bytes / s / 1e9;
-        writeln!(bench, "| {rows}×{cols} | {:.1} µs | {gbs:.0} | {:.0}% |", s * 1e6, 100.0 * gbs / copy_gbs)?;
+        // Both kernels: 4-byte stores (one per unit per 2 values) and 16-byte stores (8 values).
+        for stores in [DequantStores::Word, DequantStores::Wide] {
+            let s =
+                time_it(&client, 50, || Ok(dequantize_into_with(&client, &weight, FloatDtype::Bf16, &out, stores)?))?;
+            let bytes = (rows * cols) as f64 * (0.5 + 2.0) + (rows * cols / 64) as f64;
+            let gbs = bytes / s / 1e9;
+            let pct = 100.0 * gbs / copy_gbs;
+            writeln!(bench, "| {rows}×{cols} | {stores:?} | {:.1} µs | {gbs:.0} | {pct:.0}% |", s * 1e6)?;
+        }
         if rows * cols <= 11008 * 4096 {
             weights.push((rows, cols, weight));
         }

@@ -1,7 +1,9 @@
-//! What several modules share: `qlora serve` started on a free loopback port and stopped when dropped.
+//! What several modules share: `qlora serve` started on a free loopback port and stopped when dropped; the
+//! official `openai` Python client in a venv.
 
 use std::ffi::OsString;
 use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
@@ -48,4 +50,36 @@ pub fn start_serve(args: &[OsString]) -> (Server, String) {
     let addr = rx.recv_timeout(Duration::from_secs(300)).expect("qlora serve printed its address");
     assert!(addr.starts_with("127.0.0.1:"), "binds loopback by default: {addr}");
     (server, format!("http://{addr}"))
+}
+
+/// The `openai` package the client tests pin.
+const OPENAI: &str = "openai==3.57.0";
+
+/// A venv with the pinned `openai` package: its python.
+pub fn openai_python() -> PathBuf {
+    let venv = formats::source::cache_dir().join("openai-venv");
+    let python = venv.join("bin/python");
+    let has_openai = |python: &Path| {
+        Command::new(python)
+            .args(["-c", &format!("import openai, sys; sys.exit(openai.__version__ != '{}')", &OPENAI[8..])])
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if has_openai(&python) {
+        return python;
+    }
+    std::fs::create_dir_all(venv.parent().unwrap()).unwrap();
+    let status = Command::new("python3").args(["-m", "venv"]).arg(&venv).status();
+    assert!(
+        status.as_ref().is_ok_and(|s| s.success()),
+        "this test needs `python3 -m venv` (Debian: apt-get install python3-venv) to install the openai client: {status:?}"
+    );
+    let status = Command::new(&python).args(["-m", "pip", "install", "-q", OPENAI]).status();
+    assert!(
+        status.as_ref().is_ok_and(|s| s.success()),
+        "pip could not install {OPENAI} from PyPI into {}: {status:?}",
+        venv.display()
+    );
+    assert!(has_openai(&python), "{OPENAI} installed but does not import");
+    python
 }

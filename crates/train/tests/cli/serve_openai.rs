@@ -10,9 +10,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::common::{Server, start_serve};
+use crate::common::{Server, openai_python, start_serve};
 
-const OPENAI: &str = "openai==3.57.0";
 const KEY: &str = "test-key-123";
 
 fn tiny() -> PathBuf {
@@ -21,35 +20,6 @@ fn tiny() -> PathBuf {
 
 fn qlora() -> Command {
     Command::new(env!("CARGO_BIN_EXE_qlora"))
-}
-
-/// A venv with the pinned `openai` package: its python.
-fn openai_python() -> PathBuf {
-    let venv = formats::source::cache_dir().join("openai-venv");
-    let python = venv.join("bin/python");
-    let has_openai = |python: &Path| {
-        Command::new(python)
-            .args(["-c", &format!("import openai, sys; sys.exit(openai.__version__ != '{}')", &OPENAI[8..])])
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    if has_openai(&python) {
-        return python;
-    }
-    std::fs::create_dir_all(venv.parent().unwrap()).unwrap();
-    let status = Command::new("python3").args(["-m", "venv"]).arg(&venv).status();
-    assert!(
-        status.as_ref().is_ok_and(|s| s.success()),
-        "this test needs `python3 -m venv` (Debian: apt-get install python3-venv) to install the openai client: {status:?}"
-    );
-    let status = Command::new(&python).args(["-m", "pip", "install", "-q", OPENAI]).status();
-    assert!(
-        status.as_ref().is_ok_and(|s| s.success()),
-        "pip could not install {OPENAI} from PyPI into {}: {status:?}",
-        venv.display()
-    );
-    assert!(has_openai(&python), "{OPENAI} installed but does not import");
-    python
 }
 
 /// Trains a small adapter on the tiny model (so that it changes the greedy output).

@@ -1,6 +1,7 @@
 //! `qlora forward` and `qlora generate` with a T5 model (fixtures: `tests/fixtures/t5`, made by
 //! `xtask/fixtures/make_t5_fixtures.py` with transformers 5.24): the logits file equals transformers' logits,
-//! the generated text equals transformers' greedy answer for the same prompt.
+//! the generated text equals transformers' greedy answer for the same prompt; `qlora train`, `qlora chat` and
+//! `qlora serve` take a T5 model.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -152,4 +153,98 @@ fn sampled_generation_and_chat() {
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
     assert_eq!(stdout.matches("\n> ").count(), 3, "two replies, then /exit at the third prompt:\n{stdout}");
+}
+
+/// `qlora generate` on the gated fixture, 4-bit on load: the printed text.
+fn generate_text(prompt: &str, adapter: Option<&Path>, max: usize) -> String {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_qlora"));
+    cmd.args(["generate", "--quant", "nf4", "--max-new-tokens", &max.to_string(), "--prompt", prompt, "--model"])
+        .arg(fixtures().join("tiny-t5-gated"));
+    if let Some(dir) = adapter {
+        cmd.arg("--adapter").arg(dir);
+    }
+    let output = cmd.output().unwrap();
+    assert!(output.status.success(), "qlora generate: {}", String::from_utf8_lossy(&output.stderr));
+    let text = String::from_utf8(output.stdout).unwrap();
+    text.strip_suffix('\n').expect("generate ends with a newline").to_string()
+}
+
+const T5_CLIENT: &str = r#"
+import concurrent.futures, json, sys, urllib.request
+import openai
+
+base_url, expected = sys.argv[1], json.loads(sys.argv[2])
+client = openai.OpenAI(base_url=base_url + "/v1", api_key="none", max_retries=0, timeout=300)
+assert [m.id for m in client.models.list().data] == ["t5", "reverse"]
+n = expected["max_tokens"]
+
+def chat(model, prompt, **kw):
+    return client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],
+                                          temperature=0, max_tokens=n, **kw)
+
+for case in expected["cases"]:
+    r = chat(case["model"], case["prompt"])
+    assert r.choices[0].message.content == case["text"], (case, r.choices[0].message.content)
+    streamed = "".join(c.choices[0].delta.content or "" for c in chat(case["model"], case["prompt"], stream=True)
+                       if c.choices)
+    assert streamed == case["text"], (case, streamed)
+    c = client.completions.create(model=case["model"], prompt=case["prompt"], max_tokens=n, temperature=0)
+    assert c.choices[0].text == case["text"], (case, c.choices[0].text)
+    print("equal to qlora generate (chat, streamed, completion):", case["model"], repr(case["text"]), flush=True)
+
+jobs = [(m, c["prompt"]) for c in expected["cases"] for m in ("t5", "reverse")] * 4
+single = {j: chat(*j).choices[0].message.content for j in set(jobs)}
+with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
+    answers = list(pool.map(lambda j: chat(*j).choices[0].message.content, jobs))
+assert all(a == single[j] for j, a in zip(jobs, answers)), (jobs, answers)
+print(len(jobs), "concurrent answers equal to their one-by-one answers", flush=True)
+
+try:
+    chat("t5", "word " * 600)
+    raise AssertionError("an input over n_positions was accepted")
+except openai.BadRequestError as e:
+    assert e.body.get("code") == "context_length_exceeded", e.body
+with urllib.request.urlopen(base_url + "/health") as r:
+    health = json.loads(r.read())
+assert health["active"] == 0 and health["max_batch_seen"] > 1, health
+print("CLIENT OK", health)
+"#;
+
+/// `qlora serve` with a T5 model and an adapter beside it, driven by the `openai` client: chat, streamed
+/// chat and completions each give `qlora generate`'s greedy text for the same prompt and adapter, concurrent
+/// requests of both models (batched together) the one-by-one answers, an input over `n_positions` a
+/// `context_length_exceeded` error.
+#[test]
+fn serve_t5_to_the_openai_client() {
+    let python = crate::common::openai_python();
+    let adapter = fixtures().join("adapter-tiny-t5-gated");
+    let max_tokens = 8;
+    let mut cases = Vec::new();
+    for prompt in ["the cat sat", "reverse: red dog"] {
+        let (base, adapted) =
+            (generate_text(prompt, None, max_tokens), generate_text(prompt, Some(&adapter), max_tokens));
+        assert_ne!(base, adapted, "the adapter changes the greedy answer to {prompt:?}");
+        cases.push(serde_json::json!({"model": "t5", "prompt": prompt, "text": base}));
+        cases.push(serde_json::json!({"model": "reverse", "prompt": prompt, "text": adapted}));
+    }
+    let expected = serde_json::json!({"max_tokens": max_tokens, "cases": cases});
+    let args: Vec<std::ffi::OsString> = vec![
+        "--quant".into(),
+        "nf4".into(),
+        "--served-name".into(),
+        "t5".into(),
+        "--model".into(),
+        fixtures().join("tiny-t5-gated").into(),
+        "--adapter".into(),
+        format!("reverse={}", adapter.display()).into(),
+    ];
+    let (mut server, url) = crate::common::start_serve(&args);
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("client.py");
+    std::fs::write(&script, T5_CLIENT).unwrap();
+    let output = Command::new(&python).arg(&script).arg(&url).arg(expected.to_string()).output().unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    println!("{stdout}");
+    assert!(output.status.success() && stdout.contains("CLIENT OK"), "the openai client failed:\n{stdout}\n{stderr}");
+    assert!(server.0.try_wait().unwrap().is_none(), "the server is still running");
 }
