@@ -39,6 +39,36 @@ const TILE_ELEMS: usize = 2048;
 /// The most absmax blocks a tile touches (blocksize ≥ 32, tiles need not start on a block).
 const TILE_BLOCKS: usize = TILE_ELEMS / 32 + 1;
 
+/// The tables of the tile starting at `CUBE_POS · TILE_ELEMS`, in shared memory: the code book, and the
+/// decoded absmax of every block the tile touches (block `first + i` at `scales[i]`), each decoded once.
+#[cube]
+fn load_tile_tables(
+    book: &mut Shared<[f32]>,
+    scales: &mut Shared<[f32]>,
+    absmax: &[u32],
+    nested_absmax: &[f32],
+    nested_code: &[f32],
+    codebook: &[f32],
+    numel: usize,
+    offset: f32,
+    #[comptime] blocksize: usize,
+    #[comptime] double_quant: bool,
+) {
+    let unit = UNIT_POS as usize;
+    let first_block = CUBE_POS * TILE_ELEMS / blocksize;
+    let blocks = numel.div_ceil(blocksize);
+    if unit < 16 {
+        book[unit] = codebook[unit];
+    }
+    if unit < TILE_BLOCKS {
+        let block = first_block + unit;
+        if block < blocks {
+            scales[unit] = block_absmax(block, absmax, nested_absmax, nested_code, offset, double_quant);
+        }
+    }
+    sync_cube();
+}
+
 #[cube(launch_unchecked)]
 fn dequantize_4bit_tiled_kernel(
     packed: &[u32],
@@ -58,17 +88,18 @@ fn dequantize_4bit_tiled_kernel(
     let unit = UNIT_POS as usize;
     let tile_start = CUBE_POS * TILE_ELEMS;
     let first_block = tile_start / blocksize;
-    let blocks = numel.div_ceil(blocksize);
-    if unit < 16 {
-        book[unit] = codebook[unit];
-    }
-    if unit < TILE_BLOCKS {
-        let block = first_block + unit;
-        if block < blocks {
-            scales[unit] = block_absmax(block, absmax, nested_absmax, nested_code, offset, double_quant);
-        }
-    }
-    sync_cube();
+    load_tile_tables(
+        &mut book,
+        &mut scales,
+        absmax,
+        nested_absmax,
+        nested_code,
+        codebook,
+        numel,
+        offset,
+        blocksize,
+        double_quant,
+    );
     if comptime![dtype == 0] {
         #[unroll]
         for k in 0..8usize {
@@ -120,17 +151,18 @@ fn dequantize_4bit_wide_kernel(
     let unit = UNIT_POS as usize;
     let tile_start = CUBE_POS * TILE_ELEMS;
     let first_block = tile_start / blocksize;
-    let blocks = numel.div_ceil(blocksize);
-    if unit < 16 {
-        book[unit] = codebook[unit];
-    }
-    if unit < TILE_BLOCKS {
-        let block = first_block + unit;
-        if block < blocks {
-            scales[unit] = block_absmax(block, absmax, nested_absmax, nested_code, offset, double_quant);
-        }
-    }
-    sync_cube();
+    load_tile_tables(
+        &mut book,
+        &mut scales,
+        absmax,
+        nested_absmax,
+        nested_code,
+        codebook,
+        numel,
+        offset,
+        blocksize,
+        double_quant,
+    );
     let word = tile_start / 8 + unit;
     let first = word * 8;
     if first < numel {

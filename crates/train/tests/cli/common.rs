@@ -83,3 +83,16 @@ pub fn openai_python() -> PathBuf {
     assert!(has_openai(&python), "{OPENAI} installed but does not import");
     python
 }
+
+/// `qlora generate ARGS --max-new-tokens MAX --prompt PROMPT [--adapter DIR]`, greedy: the printed text.
+pub fn generate_greedy(args: &[OsString], prompt: &str, adapter: Option<&Path>, max: usize) -> String {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_qlora"));
+    cmd.arg("generate").args(args).args(["--max-new-tokens", &max.to_string(), "--prompt", prompt]);
+    if let Some(dir) = adapter {
+        cmd.arg("--adapter").arg(dir);
+    }
+    let output = cmd.output().unwrap();
+    assert!(output.status.success(), "qlora generate: {}", String::from_utf8_lossy(&output.stderr));
+    let text = String::from_utf8(output.stdout).unwrap();
+    text.strip_suffix('\n').expect("generate ends with a newline").to_string()
+}

@@ -38,28 +38,10 @@ fn train_adapter(out: &Path) -> PathBuf {
     out.join("adapter")
 }
 
-/// `qlora generate --chat` greedy: the printed text.
+/// `qlora generate --chat` greedy on the tiny model, 4-bit on load: the printed text.
 fn generate(prompt: &str, adapter: Option<&Path>, max: usize) -> String {
-    let mut cmd = qlora();
-    cmd.args([
-        "generate",
-        "--quant",
-        "nf4",
-        "--chat",
-        "--max-new-tokens",
-        &max.to_string(),
-        "--prompt",
-        prompt,
-        "--model",
-    ])
-    .arg(tiny().join("model-nf4"));
-    if let Some(dir) = adapter {
-        cmd.arg("--adapter").arg(dir);
-    }
-    let output = cmd.output().unwrap();
-    assert!(output.status.success(), "qlora generate: {}", String::from_utf8_lossy(&output.stderr));
-    let text = String::from_utf8(output.stdout).unwrap();
-    text.strip_suffix('\n').expect("generate ends with a newline").to_string()
+    let args = ["--quant".into(), "nf4".into(), "--chat".into(), "--model".into(), tiny().join("model-nf4").into()];
+    crate::common::generate_greedy(&args, prompt, adapter, max)
 }
 
 /// Starts `qlora serve` on the tiny model with its two adapters and an API key.

@@ -157,16 +157,8 @@ fn sampled_generation_and_chat() {
 
 /// `qlora generate` on the gated fixture, 4-bit on load: the printed text.
 fn generate_text(prompt: &str, adapter: Option<&Path>, max: usize) -> String {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_qlora"));
-    cmd.args(["generate", "--quant", "nf4", "--max-new-tokens", &max.to_string(), "--prompt", prompt, "--model"])
-        .arg(fixtures().join("tiny-t5-gated"));
-    if let Some(dir) = adapter {
-        cmd.arg("--adapter").arg(dir);
-    }
-    let output = cmd.output().unwrap();
-    assert!(output.status.success(), "qlora generate: {}", String::from_utf8_lossy(&output.stderr));
-    let text = String::from_utf8(output.stdout).unwrap();
-    text.strip_suffix('\n').expect("generate ends with a newline").to_string()
+    let args = ["--quant".into(), "nf4".into(), "--model".into(), fixtures().join("tiny-t5-gated").into()];
+    crate::common::generate_greedy(&args, prompt, adapter, max)
 }
 
 const T5_CLIENT: &str = r#"
