@@ -11,8 +11,9 @@
 //! over all active sequences — those of different adapters too, each row with its own LoRA on the shared
 //! base product, each sequence with its own KV cache — new requests join between steps and finished or
 //! abandoned ones leave (a T5 sequence's first step runs the encoder over its prompt). Greedy output for a
-//! model name is `qlora generate`'s with that adapter, token for token. Bad requests get one OpenAI-style error JSON ([`error::ApiError`]); bodies, `max_tokens`, stop
-//! strings and the queue are bounded; the server binds 127.0.0.1 unless told otherwise.
+//! model name is `qlora generate`'s with that adapter, token for token. Bad requests get one OpenAI-style
+//! error JSON ([`error::ApiError`]); bodies, `max_tokens`, stop strings and the queue are bounded; the server
+//! binds 127.0.0.1 unless told otherwise.
 
 pub mod api;
 pub mod engine;
